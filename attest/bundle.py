@@ -1,0 +1,67 @@
+"""The attestation bundle: a folder holding the chain, the public key(s) and every file the
+chain's statements name as subjects, at the same relative paths as in the run directory.
+
+Reading a received bundle goes through `safe_file`, which refuses absolute paths, `..`,
+symlinks anywhere on the path and files above a size bound: a verifier never follows a path
+out of the bundle.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from attest.chain import read_chain
+
+CHAIN_NAME = "chain.jsonl"
+KEYS_DIR = "keys"
+CONFIG_NAME = "config/run.yaml"
+MAX_FILE_BYTES = 1 << 40  # 1 TiB: a bound, not a quota
+
+
+class BundlePathError(ValueError):
+    """A name in the bundle points outside it, through a symlink, or at something not a file."""
+
+
+def safe_file(root: Path, name: str, max_bytes: int = MAX_FILE_BYTES) -> Path:
+    """Resolve `name` (a bundle-relative POSIX path) to a regular file inside `root`."""
+    parts = name.split("/")
+    if not name or "\\" in name or "\0" in name or any(part in ("..", ".", "") for part in parts):
+        raise BundlePathError(f"{name!r}: path leaves the bundle or is not a plain relative path")
+    cur = root
+    for part in parts:
+        cur = cur / part
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{name}: not in the bundle") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise BundlePathError(f"{name!r}: symlinks are refused in a bundle")
+    if not stat.S_ISREG(st.st_mode):
+        raise BundlePathError(f"{name!r}: not a regular file")
+    if st.st_size > max_bytes:
+        raise BundlePathError(f"{name!r}: {st.st_size} bytes exceeds the {max_bytes}-byte bound")
+    return cur
+
+
+def make_bundle(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], include_data: bool = True) -> Path:
+    """Copy the chain, public keys, resolved config and every subject file into `out_dir`."""
+    run, out = Path(run_dir), Path(out_dir)
+    entries, _ = read_chain(run / CHAIN_NAME)
+    names = {CHAIN_NAME, CONFIG_NAME}
+    names |= {f"{KEYS_DIR}/{p.name}" for p in (run / KEYS_DIR).glob("*.pub.pem")}
+    for e in entries:
+        for s in e.statement.get("subject", []):
+            # shards can be large; their manifests (also subjects) always travel
+            if include_data or not (e.kind == "data-shard" and s["name"].endswith(".parquet")):
+                names.add(s["name"])
+    if out.exists():
+        shutil.rmtree(out)
+    for name in sorted(names):
+        src = safe_file(run, name)
+        dst = out / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+    return out

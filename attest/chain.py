@@ -1,0 +1,116 @@
+"""The append-only, hash-linked chain (`chain.jsonl`): one signed Sigstore bundle per line.
+
+Each statement's predicate carries the chain's `run_id`, its `sequence` (0, 1, 2 ...) and
+`previous`, the sha256 of the previous line's bytes (without the newline), so removing,
+inserting or reordering lines breaks the links. Appends are a single write of one whole line
+followed by fsync; a reader stops at a torn final line (no trailing newline) and reports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from attest.dsse import EnvelopeError, open_bundle, sign_statement
+from attest.signing import Signer
+from attest.statements import build_statement
+
+# A chain line above this size is refused by the reader (a statement is a few KB to a few MB).
+MAX_LINE_BYTES = 64 << 20
+
+
+class ChainError(ValueError):
+    """The chain file is unreadable or not well formed; the message names file and line."""
+
+
+@dataclass
+class Entry:
+    lineno: int  # 1-based line number in the file
+    raw: bytes  # the line without its newline
+    bundle: dict[str, Any]
+    payload: bytes
+    signatures: list[tuple[str, bytes]]
+    statement: dict[str, Any]
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.raw).hexdigest()
+
+    @property
+    def predicate(self) -> dict[str, Any]:
+        p = self.statement.get("predicate")
+        return p if isinstance(p, dict) else {}
+
+    @property
+    def kind(self) -> str:
+        return str(self.predicate.get("kind", ""))
+
+
+def read_chain(path: str | os.PathLike[str]) -> tuple[list[Entry], bool]:
+    """Parse every whole line. Returns (entries, torn_tail). Raises ChainError on a malformed line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ChainError(f"{path}: cannot read chain ({e.strerror})") from None
+    lines = data.split(b"\n")
+    torn = lines[-1] != b""
+    lines = lines[:-1]  # the empty string after the last newline, or the torn tail
+    entries = []
+    for i, raw in enumerate(lines, start=1):
+        if len(raw) > MAX_LINE_BYTES:
+            raise ChainError(f"{path}:{i}: line of {len(raw)} bytes exceeds the {MAX_LINE_BYTES}-byte limit")
+        try:
+            bundle = json.loads(raw)
+            payload, sigs, st = open_bundle(bundle)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ChainError(f"{path}:{i}: line is not JSON") from None
+        except EnvelopeError as e:
+            raise ChainError(f"{path}:{i}: {e}") from None
+        entries.append(Entry(i, raw, bundle, payload, sigs, st))
+    return entries, torn
+
+
+class ChainWriter:
+    """Appends signed statements to a chain file; one writer (rank 0) at a time."""
+
+    def __init__(self, path: str | os.PathLike[str], signer: Signer, run_id: str) -> None:
+        self.path = Path(path)
+        self.signer = signer
+        self.run_id = run_id
+        self.sequence = 0
+        self.previous: str | None = None
+        if self.path.exists():
+            entries, torn = read_chain(self.path)
+            if torn:
+                raise ChainError(f"{self.path}: ends in a torn line; run `kai-attest verify` on it first")
+            if entries:
+                last = entries[-1]
+                if last.predicate.get("run_id") != run_id:
+                    raise ChainError(
+                        f"{self.path}: belongs to run {last.predicate.get('run_id')!r}, not {run_id!r}"
+                    )
+                self.sequence = int(last.predicate["sequence"]) + 1
+                self.previous = last.digest
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, kind: str, subjects: list[dict[str, Any]], predicate: dict[str, Any]) -> dict[str, Any]:
+        pred = {**predicate, "run_id": self.run_id, "sequence": self.sequence, "previous": self.previous}
+        statement = build_statement(kind, subjects, pred)
+        line = json.dumps(sign_statement(statement, self.signer), sort_keys=True, separators=(",", ":")).encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(line + b"\n")
+            while view:  # os.write may write less than asked
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.previous = hashlib.sha256(line).hexdigest()
+        self.sequence += 1
+        return statement

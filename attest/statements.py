@@ -1,0 +1,85 @@
+"""The chain's statement kinds: in-toto Statement v1 with one predicate type per kind.
+
+Every predicate carries `kind`, `run_id`, `sequence` and `previous` (sha256 of the previous chain
+line), added by the chain writer. The fields each kind must carry are listed in `REQUIRED`; the
+full meaning of each is documented in docs/bundle-format.md, which must match this file.
+Subjects name files by their path relative to the run directory (= the bundle root).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_PREFIX = "https://kai-train.dev/provenance/"
+
+# kind -> predicate fields the writer must supply (beyond kind/run_id/sequence/previous).
+REQUIRED: dict[str, tuple[str, ...]] = {
+    # A data shard: its manifest (source, licence, rows, schema, derived_from ...).
+    "data-shard": ("manifest",),
+    # The tokenizer model file and the parameters it was trained with.
+    "tokenizer": ("trainer", "params", "trained_on"),
+    # The resolved training config, code digest, library versions, hardware.
+    "run": ("config", "code_digest", "versions", "hardware"),
+    # Initial weights: the recipe that re-creates them and their canonical digest.
+    "genesis": ("recipe", "weights_root", "tensors"),
+    # A checkpoint: step, canonical digest, data consumed since the previous one, metrics.
+    "checkpoint": ("step", "weights_root", "parent_root", "data_consumed", "metrics"),
+    # The released weights: the last checkpoint, by canonical digest.
+    "release": ("step", "weights_root"),
+}
+CHAIN_FIELDS = ("kind", "run_id", "sequence", "previous")
+
+
+def predicate_type(kind: str) -> str:
+    return f"{PREDICATE_PREFIX}{kind}/v1"
+
+
+def kind_of(predicate_type_uri: str) -> str | None:
+    if not predicate_type_uri.startswith(PREDICATE_PREFIX) or not predicate_type_uri.endswith("/v1"):
+        return None
+    kind = predicate_type_uri[len(PREDICATE_PREFIX) : -len("/v1")]
+    return kind if kind in REQUIRED else None
+
+
+def subject(name: str, sha256: str) -> dict[str, Any]:
+    return {"name": name, "digest": {"sha256": sha256}}
+
+
+def build_statement(kind: str, subjects: list[dict[str, Any]], predicate: dict[str, Any]) -> dict[str, Any]:
+    if kind not in REQUIRED:
+        raise ValueError(f"unknown statement kind {kind!r}")
+    missing = [f for f in REQUIRED[kind] if f not in predicate]
+    if missing:
+        raise ValueError(f"{kind} statement is missing predicate fields {missing}")
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": subjects,
+        "predicateType": predicate_type(kind),
+        "predicate": {"kind": kind, **predicate},
+    }
+
+
+def validate_statement(st: dict[str, Any]) -> str | None:
+    """Return a problem description, or None when the statement has the right shape."""
+    if st.get("_type") != STATEMENT_TYPE:
+        return f"_type is {st.get('_type')!r}, not in-toto Statement v1"
+    kind = kind_of(str(st.get("predicateType", "")))
+    if kind is None:
+        return f"unknown predicateType {str(st.get('predicateType'))[:100]!r}"
+    pred = st.get("predicate")
+    if not isinstance(pred, dict) or pred.get("kind") != kind:
+        return "predicate missing or its kind does not match predicateType"
+    missing = [f for f in REQUIRED[kind] + CHAIN_FIELDS if f not in pred]
+    if missing:
+        return f"{kind} predicate is missing fields {missing}"
+    subs = st.get("subject")
+    if not isinstance(subs, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("digest"), dict)
+        and isinstance(s["digest"].get("sha256"), str)
+        for s in subs
+    ):
+        return "subject must be a list of {name, digest: {sha256}}"
+    if not isinstance(pred.get("sequence"), int) or not isinstance(pred.get("previous"), (str, type(None))):
+        return "sequence must be an integer and previous a digest or null"
+    return None

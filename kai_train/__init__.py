@@ -1,0 +1,1 @@
+"""kai-train: train multimodal foundation models from freshly initialized weights, with provenance."""

@@ -1,0 +1,410 @@
+"""The multimodal language model: a Llama-style text decoder fed by a ViT image encoder and a
+log-mel speech encoder.
+
+Each encoder turns its input into a fixed number of decoder-width vectors that are prepended to
+the text embeddings: `[image prefix] + [audio prefix] + [text]`, one causal sequence. A sample that
+lacks a modality gets a learned "absent" vector in every row of that prefix instead, so every
+sample in a batch has the same length and no padding masks are needed.
+
+This file knows nothing of DeepSpeed, ranks, initialization recipes or provenance: construction
+gives PyTorch's default init, and `kai_train.init.apply_init` overwrites every parameter with the
+seeded recipe. Parameter names are part of the provenance format (genesis tensors are derived from
+them), so renaming a module changes every digest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyperparameters. Defaults equal conf/model/tiny.yaml (the config is where
+    defaults live; these only let unit tests write `ModelConfig()`)."""
+
+    # text decoder
+    vocab_size: int = 512
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_hidden: int = 172
+    max_seq_len: int = 128  # text tokens only; the modality prefix comes on top
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    # image encoder
+    image_size: int = 32
+    image_channels: int = 3
+    patch_size: int = 8
+    vision_dim: int = 64
+    vision_layers: int = 1
+    vision_heads: int = 4
+    # speech encoder
+    sample_rate: int = 16000
+    n_fft: int = 400
+    hop_length: int = 160
+    n_mels: int = 40
+    audio_samples: int = 8000
+    speech_dim: int = 64
+    speech_layers: int = 1
+    speech_heads: int = 4
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.dim % self.n_heads == 0, "dim must be divisible by n_heads"),
+            ((self.dim // self.n_heads) % 2 == 0, "head dim (dim / n_heads) must be even for RoPE"),
+            (self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"),
+            (self.image_size % self.patch_size == 0, "image_size must be divisible by patch_size"),
+            (self.vision_dim % self.vision_heads == 0, "vision_dim must be divisible by vision_heads"),
+            (self.speech_dim % self.speech_heads == 0, "speech_dim must be divisible by speech_heads"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"ModelConfig: {msg}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """Build from a plain mapping (e.g. OmegaConf.to_container of conf/model/*.yaml).
+
+        Unknown keys are an error rather than ignored: a misspelt field would otherwise silently
+        train the default architecture.
+        """
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key not in known:
+                raise ValueError(f"ModelConfig: unknown key {key!r} (known: {', '.join(known)})")
+            ftype = known[key].type  # a string: annotations are postponed
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"ModelConfig: {key!r} must be a number, got {value!r}")
+            if ftype == "int":
+                if value != int(value):
+                    raise ValueError(f"ModelConfig: {key!r} must be an integer, got {value!r}")
+                value = int(value)
+            else:
+                value = float(value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def n_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def n_audio_frames(self) -> int:
+        return 1 + self.audio_samples // self.hop_length  # torch.stft with center=True
+
+    @property
+    def n_audio_tokens(self) -> int:
+        n = self.n_audio_frames
+        for _ in range(2):  # two Conv1d(kernel=3, stride=2, padding=1)
+            n = (n + 2 - 3) // 2 + 1
+        return n
+
+
+def _swiglu_hidden(width: int) -> int:
+    """Encoder MLP width: the Llama 8/3 rule rounded up to a multiple of 4 (the decoder's own width
+    is a config field; encoder widths are derived so the config stays small)."""
+    return 4 * math.ceil(8 * width / 3 / 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in float32: the mean of squares under bf16 loses too many bits.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_cache(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (length, head_dim // 2), in float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x (B, H, T, hd) by position; computed in float32."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, T, hd/2) each
+    cos, sin = cos.float(), sin.float()  # (T, hd/2), broadcast over B, H
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query K/V heads and optional RoPE."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, causal: bool):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.causal = n_heads, n_kv_heads, causal
+        self.head_dim = dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if cos is not None and sin is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:
+            # Expand K/V to all query heads; sdpa's enable_gqa needs torch >= 2.5.
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, nh, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down (residual output)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, shared by the decoder (causal, RoPE) and encoders (neither)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden: int, eps: float, causal: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(dim, eps)
+        self.attn = Attention(dim, n_heads, n_kv_heads, causal)
+        self.mlp_norm = RMSNorm(dim, eps)
+        self.mlp = SwiGLU(dim, hidden)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def _projector(width: int, dim: int) -> nn.Sequential:
+    """Encoder width -> decoder width, as in LLaVA-1.5 (Linear, GELU, Linear)."""
+    return nn.Sequential(nn.Linear(width, dim), nn.GELU(), nn.Linear(dim, dim))
+
+
+# ---------------------------------------------------------------------------------------------
+# encoders
+
+
+class VisionEncoder(nn.Module):
+    """ViT: (B, C, H, W) in [0, 1] -> (B, n_image_tokens, dim)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.vision_dim
+        # A Linear over flattened patches equals a stride-p Conv2d and keeps init rules uniform.
+        self.patch_embed = nn.Linear(cfg.image_channels * cfg.patch_size**2, w)
+        self.pos_emb = nn.Parameter(torch.zeros(cfg.n_image_tokens, w))
+        self.layers = nn.ModuleList(
+            Block(w, cfg.vision_heads, cfg.vision_heads, _swiglu_hidden(w), cfg.norm_eps, causal=False)
+            for _ in range(cfg.vision_layers)
+        )
+        self.norm = RMSNorm(w, cfg.norm_eps)
+        self.proj = _projector(w, cfg.dim)
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = images.shape
+        c, p = self.cfg, self.cfg.patch_size
+        if (C, H, W) != (c.image_channels, c.image_size, c.image_size):
+            raise ValueError(
+                f"images must be (B, {c.image_channels}, {c.image_size}, {c.image_size}), "
+                f"got {tuple(images.shape)}"
+            )
+        x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, nh, nw, C, p, p)
+        return x.reshape(B, (H // p) * (W // p), C * p * p)  # (B, N, C*p*p), row-major patches
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patchify(images.to(self.patch_embed.weight.dtype))
+        x = self.patch_embed(x) + self.pos_emb  # (B, N, vision_dim)
+        for layer in self.layers:
+            x = layer(x)
+        return self.proj(self.norm(x))  # (B, N, dim)
+
+
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
+    """HTK-scale triangular mel filters, (n_fft // 2 + 1, n_mels), unnormalized, 0 Hz to Nyquist.
+
+    Same construction as torchaudio.functional.melscale_fbanks(mel_scale="htk", norm=None).
+    """
+
+    def hz_to_mel(f: np.ndarray) -> np.ndarray:
+        return 2595.0 * np.log10(1.0 + f / 700.0)
+
+    def mel_to_hz(m: np.ndarray) -> np.ndarray:
+        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+
+    bin_hz = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)  # (F,)
+    mel_pts = np.linspace(hz_to_mel(np.float64(0.0)), hz_to_mel(np.float64(sample_rate / 2)), n_mels + 2)
+    hz_pts = mel_to_hz(mel_pts)  # (n_mels + 2,) filter edges and centres
+    widths = np.diff(hz_pts)  # (n_mels + 1,)
+    slopes = hz_pts[None, :] - bin_hz[:, None]  # (F, n_mels + 2)
+    down = -slopes[:, :-2] / widths[:-1]  # rising edge, (F, n_mels)
+    up = slopes[:, 2:] / widths[1:]  # falling edge
+    return np.maximum(0.0, np.minimum(down, up))
+
+
+class SpeechEncoder(nn.Module):
+    """Log-mel front end + 2x stride-2 Conv1d + transformer: (B, S) -> (B, n_audio_tokens, dim)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.speech_dim
+        # Fixed DSP constants: derived from the config, so not weights and not in state_dict.
+        self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
+        fb = mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels)
+        self.register_buffer("mel_fb", torch.tensor(fb, dtype=torch.float32), persistent=False)
+        self.conv1 = nn.Conv1d(cfg.n_mels, w, kernel_size=3, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(w, w, kernel_size=3, stride=2, padding=1)
+        self.pos_emb = nn.Parameter(torch.zeros(cfg.n_audio_tokens, w))
+        self.layers = nn.ModuleList(
+            Block(w, cfg.speech_heads, cfg.speech_heads, _swiglu_hidden(w), cfg.norm_eps, causal=False)
+            for _ in range(cfg.speech_layers)
+        )
+        self.norm = RMSNorm(w, cfg.norm_eps)
+        self.proj = _projector(w, cfg.dim)
+
+    def log_mel(self, audio: torch.Tensor) -> torch.Tensor:
+        """(B, S) waveform -> (B, n_mels, n_frames) log-mel, always in float32.
+
+        stft has no bf16 kernel and the log of small powers needs the range, so autocast is off
+        and buffers are upcast (a module-wide .bfloat16() also casts these buffers).
+        """
+        if audio.shape[1:] != (self.cfg.audio_samples,):
+            raise ValueError(f"audio must be (B, {self.cfg.audio_samples}), got {tuple(audio.shape)}")
+        with torch.autocast(device_type=audio.device.type, enabled=False):
+            spec = torch.stft(
+                audio.float(), self.cfg.n_fft, self.cfg.hop_length,
+                window=self.window.float(), center=True, return_complex=True,
+            )  # (B, F, frames)
+            mel = torch.einsum("fm,bft->bmt", self.mel_fb.float(), spec.abs().pow(2))
+            return torch.log(mel + 1e-6)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        x = self.log_mel(audio).to(self.conv1.weight.dtype)  # (B, n_mels, frames)
+        x = F.gelu(self.conv1(x))
+        x = F.gelu(self.conv2(x))  # (B, speech_dim, n_audio_tokens)
+        x = x.transpose(1, 2) + self.pos_emb  # (B, n_audio_tokens, speech_dim)
+        for layer in self.layers:
+            x = layer(x)
+        return self.proj(self.norm(x))  # (B, n_audio_tokens, dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoder and full model
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, rope_len: int):
+        super().__init__()
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(
+            Block(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden, cfg.norm_eps, causal=True)
+            for _ in range(cfg.n_layers)
+        )
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # untied from tok_emb
+        cos, sin = rope_cache(cfg.dim // cfg.n_heads, rope_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, h: torch.Tensor, n_prefix: int, grad_checkpointing: bool = False) -> torch.Tensor:
+        """h (B, L, dim) embedded sequence -> logits (B, L - n_prefix, vocab) for the text rows."""
+        L = h.shape[1]
+        cos, sin = self.rope_cos[:L], self.rope_sin[:L]
+        for layer in self.layers:
+            if grad_checkpointing:
+                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin)
+        # Prefix rows predict nothing, so skip their norm and (vocab-sized) head.
+        return self.lm_head(self.norm(h[:, n_prefix:]))
+
+
+class MultimodalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg)
+        self.speech = SpeechEncoder(cfg)
+        self.text = TextDecoder(cfg, rope_len=cfg.max_seq_len + self.prefix_len)
+        self.absent_image = nn.Parameter(torch.zeros(cfg.dim))
+        self.absent_audio = nn.Parameter(torch.zeros(cfg.dim))
+        self.grad_checkpointing = False  # set by the trainer; recompute decoder blocks in backward
+
+    @property
+    def prefix_len(self) -> int:
+        """Rows before the first text position: image tokens then audio tokens."""
+        return self.cfg.n_image_tokens + self.cfg.n_audio_tokens
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @staticmethod
+    def _prefix(
+        encoder: nn.Module, x: torch.Tensor | None, present: torch.Tensor | None,
+        absent: torch.Tensor, n: int, B: int, what: str,
+    ) -> torch.Tensor:
+        """(B, n, dim): encoder output where present, the absent vector in every row elsewhere."""
+        fill = absent.view(1, 1, -1).expand(B, n, -1)
+        if x is None:
+            if present is not None and bool(present.any()):
+                raise ValueError(f"has_{what} marks samples as having {what} but {what} input is None")
+            return fill
+        feats = encoder(x)  # (B, n, dim)
+        if present is None:
+            return feats
+        return torch.where(present.view(B, 1, 1).to(torch.bool), feats, fill.to(feats.dtype))
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        images: torch.Tensor | None = None,
+        audio: torch.Tensor | None = None,
+        has_image: torch.Tensor | None = None,
+        has_audio: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab) at the text positions (prefix rows dropped)."""
+        B, T = tokens.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"{T} text tokens exceed max_seq_len={self.cfg.max_seq_len}")
+        h_text = self.text.tok_emb(tokens)  # (B, T, dim)
+        img = self._prefix(self.vision, images, has_image, self.absent_image,
+                           self.cfg.n_image_tokens, B, "image")
+        aud = self._prefix(self.speech, audio, has_audio, self.absent_audio,
+                           self.cfg.n_audio_tokens, B, "audio")
+        h = torch.cat([img.to(h_text.dtype), aud.to(h_text.dtype), h_text], dim=1)  # (B, P + T, dim)
+        return self.text(h, self.prefix_len, self.grad_checkpointing)

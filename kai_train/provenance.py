@@ -1,0 +1,106 @@
+"""Provenance hooks of a training run (rank 0 only): run, genesis, checkpoint and release
+statements appended to the run's chain.
+
+The trainer calls these at the points where the facts exist; this module turns them into signed
+statements and knows nothing of DeepSpeed. Weights are written as safetensors under
+`checkpoints/step-NNNNNN/model.safetensors` so that subjects are bundle-relative paths.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attest.chain import ChainWriter
+from attest.digest import merkle_root, sha256_file, tree_digest
+from attest.signing import PemSigner
+from attest.statements import subject
+from kai_train.weights import save_weights, state_dict_leaves
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CODE_DIRS = ("attest", "data_pipelines", "kai_train", "conf")
+LIBRARIES = ("torch", "deepspeed", "numpy", "pyarrow", "sentencepiece", "safetensors", "hydra-core", "cryptography")
+
+
+def weights_name(step: int) -> str:
+    return f"checkpoints/step-{step:06d}/model.safetensors"
+
+
+def code_digest() -> str:
+    """Digest of the training code and configs this run executes."""
+    files = {
+        str(p.relative_to(REPO_ROOT)): p
+        for d in CODE_DIRS
+        for p in (REPO_ROOT / d).rglob("*")
+        if p.is_file() and p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts
+    }
+    return tree_digest(files)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = "absent"
+    return out
+
+
+def hardware(world_size: int) -> dict[str, Any]:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"machine": platform.machine(), "cpu_count": os.cpu_count(), "gpu": gpu, "world_size": world_size}
+
+
+class Provenance:
+    def __init__(self, run_dir: Path, key_path: Path, run_id: str) -> None:
+        self.run_dir = run_dir
+        self.chain = ChainWriter(run_dir / "chain.jsonl", PemSigner.from_file(key_path), run_id)
+        self.last_root: str | None = None
+        self.last_step = 0
+
+    def _weights_subject(self, step: int, sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, str]]:
+        name = weights_name(step)
+        (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        save_weights(sd, self.run_dir / name)
+        return subject(name, sha256_file(self.run_dir / name)), state_dict_leaves(sd)
+
+    def record_run(self, config: dict[str, Any], config_file: str, world_size: int) -> None:
+        self.chain.append(
+            "run",
+            [subject(config_file, sha256_file(self.run_dir / config_file))],
+            {"config": config, "code_digest": code_digest(), "versions": library_versions(), "hardware": hardware(world_size)},
+        )
+
+    def record_genesis(self, sd: Mapping[str, torch.Tensor], recipe: dict[str, Any], tensors: dict[str, Any]) -> str:
+        sub, leaves = self._weights_subject(0, sd)
+        root = merkle_root(leaves)
+        self.chain.append("genesis", [sub], {"recipe": recipe, "weights_root": root, "tensors": tensors})
+        self.last_root = root
+        return root
+
+    def record_checkpoint(
+        self, step: int, sd: Mapping[str, torch.Tensor], data_consumed: dict[str, Any], metrics: dict[str, float]
+    ) -> str:
+        sub, leaves = self._weights_subject(step, sd)
+        root = merkle_root(leaves)
+        self.chain.append(
+            "checkpoint",
+            [sub],
+            {"step": step, "weights_root": root, "parent_root": self.last_root, "data_consumed": data_consumed, "metrics": metrics},
+        )
+        self.last_root, self.last_step = root, step
+        return root
+
+    def record_release(self) -> None:
+        name = weights_name(self.last_step)
+        self.chain.append(
+            "release", [subject(name, sha256_file(self.run_dir / name))], {"step": self.last_step, "weights_root": self.last_root}
+        )

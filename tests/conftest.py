@@ -1,0 +1,83 @@
+"""Shared fixtures: a real demo run (kai-data + torchrun with 2 CPU ranks + DeepSpeed), built once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attest.chain import read_chain
+
+REPO = Path(__file__).resolve().parent.parent
+# Small but real: the demo corpus, 2 ranks, a few steps, two checkpoints.
+TRAIN_ARGS = ["train.steps=4", "train.ckpt_every=2", "train.micro_batch=4", "train.log_every=1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, DS_ACCELERATOR="cpu", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=REPO, env=env(), text=True, capture_output=True, timeout=timeout)
+
+
+def kai_attest(*args: str) -> subprocess.CompletedProcess[str]:
+    return run([sys.executable, "-m", "attest.cli", *args])
+
+
+def kai_data(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    return run([sys.executable, "-m", "data_pipelines.build", f"run_dir={run_dir}", *overrides])
+
+
+def torchrun(run_dir: Path, nproc: int, *overrides: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port()), "-m", "kai_train.train", f"run_dir={run_dir}", *overrides]
+    return run(cmd)
+
+
+def must(p: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert p.returncode == 0, f"exit {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}"
+    return p
+
+
+def prepared_data(tmp: Path, template: Path | None = None) -> Path:
+    """A run dir with a key, shards and tokenizer (copied from `template` when given)."""
+    if template is not None:
+        shutil.copytree(template, tmp, ignore=shutil.ignore_patterns("checkpoints", "ds", "bundle", "config"))
+        # keep the data statements (and the key) but none of the training ones
+        entries, _ = read_chain(tmp / "chain.jsonl")
+        keep = [e.raw + b"\n" for e in entries if e.kind in ("data-shard", "tokenizer")]
+        assert len(keep) == len(entries) or entries[len(keep)].kind not in ("data-shard", "tokenizer")
+        (tmp / "chain.jsonl").write_bytes(b"".join(keep))
+        return tmp
+    must(kai_attest("keygen", str(tmp / "keys")))
+    must(kai_data(tmp))
+    return tmp
+
+
+@pytest.fixture(scope="session")
+def data_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Key + demo shards + tokenizer, signed into a chain; no training yet."""
+    return prepared_data(tmp_path_factory.mktemp("data") / "run")
+
+
+@pytest.fixture(scope="session")
+def demo_run(data_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo trained on 2 CPU ranks with DeepSpeed ZeRO-2, bundled."""
+    run_dir = prepared_data(tmp_path_factory.mktemp("demo") / "run", data_run)
+    must(torchrun(run_dir, 2, "deepspeed=zero2", *TRAIN_ARGS))
+    must(kai_attest("bundle", str(run_dir)))
+    return run_dir
