@@ -33,10 +33,15 @@ def canonical_json(obj: Any) -> bytes:
 
 def sign_statement(statement: dict[str, Any], signer: Signer) -> dict[str, Any]:
     payload = canonical_json(statement)
+    if hasattr(signer, "sign_statement"):  # keyless: Fulcio certificate + Rekor entry
+        return signer.sign_statement(payload)
     sig = signer.sign(pae(PAYLOAD_TYPE, payload))
+    material: dict[str, Any] = {"publicKey": {"hint": signer.keyid}, "tlogEntries": []}
+    if hasattr(signer, "timestamp_verification_data"):  # RFC 3161 timestamp over the signature
+        material["timestampVerificationData"] = signer.timestamp_verification_data(sig)
     return {
         "mediaType": BUNDLE_MEDIA_TYPE,
-        "verificationMaterial": {"publicKey": {"hint": signer.keyid}, "tlogEntries": []},
+        "verificationMaterial": material,
         "dsseEnvelope": {
             "payload": base64.b64encode(payload).decode(),
             "payloadType": PAYLOAD_TYPE,

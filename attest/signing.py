@@ -2,7 +2,9 @@
 
 A `Signer` has a `keyid` and signs bytes; a `Verifier` checks a signature for a keyid. The PEM
 back-end (ECDSA P-256 with SHA-256, the default for air-gapped clusters) lives here; the keyid is
-the sha256 of the DER SubjectPublicKeyInfo, the same hint OpenSSF model-signing writes.
+the sha256 of the DER SubjectPublicKeyInfo. The other back-ends keep the same interface and the
+same signature format: `attest.pkcs11` (a key in an HSM token), `attest.keyless` (Sigstore
+Fulcio + Rekor, networked clusters only); `attest.signers.make_signer` picks one from config.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ PUBLIC_KEY_NAME = "signing-key.pub.pem"
 
 class KeyError_(ValueError):
     """A key file is missing or unusable; the message names the file."""
+
+
+class SignerError(ValueError):
+    """A signing back-end cannot be set up or cannot sign; one line naming the back-end and problem."""
 
 
 class Signer(Protocol):

@@ -281,6 +281,38 @@ def check_genesis(ctx: Context) -> Iterator[Finding]:
     yield Finding("genesis", True, ctx.where(g), detail=f"{len(leaves)} tensors re-derived from seed {recipe.get('seed')}")
 
 
+def check_oms(ctx: Context) -> Iterator[Finding]:
+    """Each checkpoint folder's OpenSSF model-signing signature lists exactly its files, is signed by a
+    trusted key, and names the same weights file digest as the chain."""
+    from attest.oms import OmsError, cross_check, read_oms
+
+    n = bad = 0
+    for e in ctx.entries:
+        subs = {s.get("name", ""): s.get("digest", {}).get("sha256") for s in e.statement.get("subject", [])}
+        for name in (k for k in subs if k.endswith("/model.sig")):
+            try:
+                sig = safe_file(ctx.root, name)
+            except (FileNotFoundError, BundlePathError):
+                continue  # subject-digest reports the missing or unsafe file
+            n += 1
+            folder = name.rsplit("/", 1)[0]
+            for f in cross_check(sig, sig.parent, ctx.trusted, where=name):
+                if not f.ok:
+                    bad += 1
+                    yield Finding(f.check, False, f.file.replace(str(ctx.root) + "/", ""), f.expected, f.found, f.detail)
+            try:
+                oms_digests = read_oms(sig).resources
+            except OmsError:
+                continue
+            for rel, digest in oms_digests.items():
+                chain_digest = subs.get(f"{folder}/{rel}")
+                if chain_digest is not None and chain_digest != digest:
+                    bad += 1
+                    yield Finding("oms-signature", False, f"{folder}/{rel}", f"sha256 {_short(chain_digest)} (chain)", f"sha256 {_short(digest)} (OMS)")
+    if n and not bad:
+        yield Finding("oms-signature", True, "", detail=f"{n} checkpoint folders match their model-signing signatures")
+
+
 CHECKS: list[Callable[[Context], Iterator[Finding]]] = [
     check_statements,
     check_signatures,
@@ -289,6 +321,7 @@ CHECKS: list[Callable[[Context], Iterator[Finding]]] = [
     check_order,
     check_subjects,
     check_weights,
+    check_oms,
     check_genesis,
 ]
 

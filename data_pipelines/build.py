@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from attest.chain import ChainWriter
 from attest.digest import sha256_file
-from attest.signing import PemSigner
+from attest.signers import ensure_public_key, make_signer
+from attest.signing import PUBLIC_KEY_NAME
 from attest.statements import subject
 from data_pipelines import demo_corpus, shards, tokenizer
 
@@ -53,7 +54,9 @@ def build(cfg: DictConfig) -> None:
     for src, path in sources:
         if not path.exists():
             raise SourceError(f"source {src['name']!r}: path {path} does not exist")
-    chain = ChainWriter(run_dir / "chain.jsonl", PemSigner.from_file(cfg.attest.key), cfg.run_id)
+    signer = make_signer(OmegaConf.to_container(cfg.attest, resolve=True))  # type: ignore[arg-type]
+    ensure_public_key(signer, run_dir / "keys" / PUBLIC_KEY_NAME)
+    chain = ChainWriter(run_dir / "chain.jsonl", signer, cfg.run_id)
     out_dir = Path(cfg.out_dir)
     written: list[Path] = []
     for src, path in sources:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -24,8 +28,9 @@ def backend() -> str:
     return "nccl"
 
 
-def ds_config(zero: dict[str, Any], train: dict[str, Any], world_size: int) -> dict[str, Any]:
+def ds_config(zero: dict[str, Any], train: dict[str, Any], world_size: int, load_universal: bool = False) -> dict[str, Any]:
     cfg = {
+        "checkpoint": {"load_universal": load_universal},
         "train_micro_batch_size_per_gpu": train["micro_batch"],
         "gradient_accumulation_steps": train["grad_accum"],
         "train_batch_size": train["micro_batch"] * train["grad_accum"] * world_size,
@@ -47,23 +52,36 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_lambda(warmup: int, total: int, min_ratio: float = 0.1):
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float, decay_frac: float) -> Callable[[int], float]:
+    """LR multiplier per optimizer step: linear warmup, then `cosine` to `min_ratio`, or `wsd`
+    (warmup-stable-decay: flat at 1, then linear to `min_ratio` over the last `decay_frac` of steps)."""
+    if schedule not in ("cosine", "wsd"):
+        raise ValueError(f"train.schedule must be cosine or wsd, got {schedule!r}")
+    decay_start = total - int(decay_frac * total)
+
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if schedule == "wsd":
+            if step < decay_start:
+                return 1.0
+            return 1.0 - (1.0 - min_ratio) * (step - decay_start) / max(1, total - decay_start)
         t = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
     return f
 
 
-def build_engine(model: nn.Module, zero: dict[str, Any], train: dict[str, Any], world_size: int):
+def build_engine(model: nn.Module, zero: dict[str, Any], train: dict[str, Any], world_size: int,
+                 load_universal: bool = False):
     opt = torch.optim.AdamW(
         param_groups(model, train["weight_decay"]), lr=train["lr"], betas=tuple(train["betas"]), eps=1e-8
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train["warmup"], train["steps"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(train["schedule"], train["warmup"], train["steps"], train["min_lr_ratio"], train["decay_frac"])
+    )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, config=ds_config(zero, train, world_size)
+        model=model, optimizer=opt, lr_scheduler=sched, config=ds_config(zero, train, world_size, load_universal)
     )
     return engine
 
@@ -79,3 +97,34 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     if dist.get_rank() != 0:
         return None
     return {n: p.detach().to("cpu", torch.float32).clone() for n, p in module.named_parameters()}
+
+
+def client_state(step: int, position: int) -> dict[str, Any]:
+    """What each DeepSpeed checkpoint carries besides engine state. The universal-checkpoint info
+    lets `ds_to_universal` convert it when a run resumes on another world size."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    return {"step": step, "position": position,
+            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+
+
+def saved_world_size(tag_dir: Path) -> int:
+    """Data-parallel world size a ZeRO checkpoint was saved with (one optimizer shard per rank)."""
+    return len(list(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+
+
+def prepare_universal(ds_dir: Path, tag: str) -> str:
+    """Convert `tag` to a universal checkpoint (rank 0, once) and return the tag to load."""
+    out = f"{tag}-universal"
+    if dist.get_rank() == 0 and not (ds_dir / out).is_dir():
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+               "--input_folder", str(ds_dir / tag), "--output_folder", str(ds_dir / out), "--num_extract_workers", "1"]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"{ds_dir / tag}: conversion to a universal checkpoint failed:\n{p.stderr[-2000:]}")
+    dist.barrier()
+    return out

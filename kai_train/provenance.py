@@ -20,7 +20,8 @@ import torch
 
 from attest.chain import ChainWriter
 from attest.digest import merkle_root, sha256_file, tree_digest
-from attest.signing import PemSigner
+from attest.oms import sign_checkpoint_dir
+from attest.signing import Signer
 from attest.statements import subject
 from kai_train.weights import save_weights, state_dict_leaves
 
@@ -60,17 +61,23 @@ def hardware(world_size: int) -> dict[str, Any]:
 
 
 class Provenance:
-    def __init__(self, run_dir: Path, key_path: Path, run_id: str) -> None:
+    def __init__(self, run_dir: Path, signer: Signer, run_id: str, oms: bool = True) -> None:
         self.run_dir = run_dir
-        self.chain = ChainWriter(run_dir / "chain.jsonl", PemSigner.from_file(key_path), run_id)
+        self.chain = ChainWriter(run_dir / "chain.jsonl", signer, run_id)
+        # OpenSSF model-signing signature in each checkpoint folder (key back-ends; keyless has its own bundle)
+        self.oms = oms and not hasattr(signer, "sign_statement")
         self.last_root: str | None = None
         self.last_step = 0
 
-    def _weights_subject(self, step: int, sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, str]]:
+    def _weights_subjects(self, step: int, sd: Mapping[str, torch.Tensor]) -> tuple[list[dict[str, Any]], dict[str, str]]:
         name = weights_name(step)
         (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         save_weights(sd, self.run_dir / name)
-        return subject(name, sha256_file(self.run_dir / name)), state_dict_leaves(sd)
+        subjects = [subject(name, sha256_file(self.run_dir / name))]
+        if self.oms:
+            sig = sign_checkpoint_dir((self.run_dir / name).parent, self.chain.signer)
+            subjects.append(subject(str(sig.relative_to(self.run_dir)), sha256_file(sig)))
+        return subjects, state_dict_leaves(sd)
 
     def record_run(self, config: dict[str, Any], config_file: str, world_size: int) -> None:
         self.chain.append(
@@ -80,20 +87,20 @@ class Provenance:
         )
 
     def record_genesis(self, sd: Mapping[str, torch.Tensor], recipe: dict[str, Any], tensors: dict[str, Any]) -> str:
-        sub, leaves = self._weights_subject(0, sd)
+        subs, leaves = self._weights_subjects(0, sd)
         root = merkle_root(leaves)
-        self.chain.append("genesis", [sub], {"recipe": recipe, "weights_root": root, "tensors": tensors})
+        self.chain.append("genesis", subs, {"recipe": recipe, "weights_root": root, "tensors": tensors})
         self.last_root = root
         return root
 
     def record_checkpoint(
         self, step: int, sd: Mapping[str, torch.Tensor], data_consumed: dict[str, Any], metrics: dict[str, float]
     ) -> str:
-        sub, leaves = self._weights_subject(step, sd)
+        subs, leaves = self._weights_subjects(step, sd)
         root = merkle_root(leaves)
         self.chain.append(
             "checkpoint",
-            [sub],
+            subs,
             {"step": step, "weights_root": root, "parent_root": self.last_root, "data_consumed": data_consumed, "metrics": metrics},
         )
         self.last_root, self.last_step = root, step

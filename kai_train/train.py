@@ -1,14 +1,16 @@
 """`python -m kai_train.train` (also `kai-train`): the Hydra app run under torchrun.
 
-setup (config, distributed, data) → genesis (seeded init, recorded before step 1) → fit
-(DeepSpeed steps, a signed checkpoint statement every `train.ckpt_every` steps) → release.
-Provenance is written by rank 0 only; every rank takes part in the collectives.
+setup (config, distributed, data, resume point) → genesis (seeded init, recorded before step 1)
+→ fit (DeepSpeed steps; held-out eval; a signed checkpoint statement every `train.ckpt_every`
+steps) → release and export. Provenance is written by rank 0 only; every rank takes part in the
+collectives. `resume=auto` (the default) continues from the last whole checkpoint in the chain,
+data position included; a fresh run_dir starts at genesis.
 """
 
 from __future__ import annotations
 
 import os
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +28,22 @@ def log(msg: str) -> None:
         print(f"[kai-train] {msg}", flush=True)
 
 
+def fail(msg: str) -> None:
+    print(f"kai-train: error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def shard_paths(run_dir: Path, data_dir: str) -> list[Path]:
     paths = sorted((run_dir / data_dir).glob("*.parquet"))
     if not paths:
-        raise SystemExit(f"kai-train: error: no *.parquet shards in {run_dir / data_dir} (run kai-data first)")
+        fail(f"no *.parquet shards in {run_dir / data_dir} (run kai-data first)")
     return paths
 
 
 def loss_fn(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
     # next-token loss over text positions; the image/audio prefix only conditions
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1), ignore_index=pad_id
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(), tokens[:, 1:].reshape(-1), ignore_index=pad_id
     )
 
 
@@ -44,13 +51,17 @@ def fit(cfg: DictConfig) -> None:
     import deepspeed
 
     from attest.digest import sha256_file
-    from data_pipelines.sampler import DistributedSampler
+    from data_pipelines.sampler import rows_at
     from kai_train import engine as eng
     from kai_train import genesis
     from kai_train.data import ShardDataset
+    from kai_train.evaluate import held_out_loss, split_rows
+    from kai_train.export import export
     from kai_train.init import build_genesis_model
     from kai_train.model import ModelConfig
     from kai_train.provenance import Provenance
+    from kai_train.resume import ResumeError, ds_tag, find_resume_point
+    from kai_train.tracking import Tracker
     from kai_train.weights import state_dict_leaves
 
     deepspeed.init_distributed(dist_backend=eng.backend())
@@ -62,63 +73,121 @@ def fit(cfg: DictConfig) -> None:
 
     shards = shard_paths(run_dir, cfg.data_dir)
     data = ShardDataset(shards, run_dir / cfg.tokenizer, train["text_len"])
+    train_ids, eval_ids = split_rows(len(data), train["holdout_every"])
     mcfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))  # type: ignore[arg-type]
     if data.sp.vocab_size() > mcfg.vocab_size:
-        raise SystemExit(f"kai-train: error: tokenizer has {data.sp.vocab_size()} pieces, model.vocab_size is {mcfg.vocab_size}")
+        fail(f"tokenizer has {data.sp.vocab_size()} pieces, model.vocab_size is {mcfg.vocab_size}")
+
+    if cfg.resume not in ("auto", "never"):
+        fail(f"resume must be auto or never, got {cfg.resume!r}")
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box[0] = find_resume_point(run_dir)
+        except ResumeError as e:
+            fail(str(e))
+        if box[0] is not None and cfg.resume == "never":
+            fail(f"{run_dir / 'chain.jsonl'} already holds a genesis; use resume=auto or a new run_dir")
+    dist.broadcast_object_list(box, src=0)
+    resume = box[0]
 
     # Genesis: the same weights on every rank, whatever the world size or ZeRO stage.
     model, rules = build_genesis_model(mcfg, cfg.seed)
     model.grad_checkpointing = bool(train["activation_checkpointing"])
     prov = None
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     if rank == 0:
-        prov = Provenance(run_dir, Path(cfg.attest.key), cfg.run_id)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        resolved["data_shards"] = [{"name": str(p.relative_to(run_dir)), "sha256": sha256_file(p)} for p in shards]
-        (run_dir / "config").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config/run.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-        prov.record_run(resolved, "config/run.yaml", world)
-        sd0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-        root = prov.record_genesis(sd0, genesis.recipe(mcfg, cfg.seed), genesis.tensor_table(sd0, state_dict_leaves(sd0), rules))
-        log(f"genesis {root[:16]}… ({model.num_params():,} parameters, seed {cfg.seed})")
+        from attest.signers import ensure_public_key, make_signer
+        from attest.signing import PUBLIC_KEY_NAME
 
-    engine = eng.build_engine(model, OmegaConf.to_container(cfg.deepspeed, resolve=True), train, world)
-    micro = train["micro_batch"]
-    sampler = DistributedSampler(len(data), world, rank, cfg.seed, micro)
-    steps, accum = train["steps"], train["grad_accum"]
-    micro_step = 0
-    last_ckpt_micro = 0
-    t0, tokens_seen = time.time(), 0
-    for step in range(1, steps + 1):
-        losses = []
+        try:
+            signer = make_signer(OmegaConf.to_container(cfg.attest, resolve=True))  # type: ignore[arg-type]
+            ensure_public_key(signer, run_dir / "keys" / PUBLIC_KEY_NAME)
+        except ValueError as e:  # SignerError / KeyError_: one line naming the key or token
+            fail(str(e))
+        prov = Provenance(run_dir, signer, cfg.run_id)
+        sd0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+        if resume is None:
+            resolved["data_shards"] = [{"name": str(p.relative_to(run_dir)), "sha256": sha256_file(p)} for p in shards]
+            (run_dir / "config").mkdir(parents=True, exist_ok=True)
+            (run_dir / "config/run.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+            prov.record_run(resolved, "config/run.yaml", world)
+            tensors = genesis.tensor_table(sd0, state_dict_leaves(sd0), rules)
+            root = prov.record_genesis(sd0, genesis.recipe(mcfg, cfg.seed), tensors)
+            log(f"genesis {root[:16]}… ({model.num_params():,} parameters, seed {cfg.seed})")
+        else:
+            from attest.digest import merkle_root
+
+            if merkle_root(state_dict_leaves(sd0)) != resume.genesis_root:
+                fail("this config's genesis differs from the chain's (seed or model changed); use a new run_dir")
+            prov.last_root, prov.last_step = resume.weights_root, resume.step
+        del sd0
+
+    tag, universal = (resume.tag if resume else None), False
+    if tag is not None and eng.saved_world_size(run_dir / "ds" / tag) != world:
+        tag, universal = eng.prepare_universal(run_dir / "ds", tag), True  # resuming on another world size
+    engine = eng.build_engine(model, OmegaConf.to_container(cfg.deepspeed, resolve=True), train, world, universal)
+    start, position = 0, 0
+    if resume is not None and tag is not None:
+        engine.load_checkpoint(str(run_dir / "ds"), tag=tag, load_module_strict=True)
+        start, position = resume.step, resume.position
+        log(f"resumed at step {start} (sampler position {position}, world size {world}"
+            + (", from a universal checkpoint)" if universal else ")"))
+    tracker = Tracker(OmegaConf.to_container(cfg.wandb, resolve=True), run_dir, cfg.run_id, resolved,
+                      train["steps"], start) if rank == 0 else None
+
+    micro, accum, steps = train["micro_batch"], train["grad_accum"], train["steps"]
+    seg_start, last_eval = position, {}
+    for step in range(start + 1, steps + 1):
+        losses, tokens = [], 0
         for _ in range(accum):
-            b = data.batch(sampler.rows(micro_step), mcfg.image_size, mcfg.audio_samples)
+            lo = position + rank * micro
+            ids = [train_ids[i] for i in rows_at(cfg.seed, len(train_ids), lo, lo + micro)]
+            b = data.batch(ids, mcfg.image_size, mcfg.audio_samples)
             logits = engine(b["tokens"], b["images"], b["audio"], b["has_image"], b["has_audio"])
             loss = loss_fn(logits, b["tokens"], data.pad_id)
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach())
-            tokens_seen += int((b["tokens"] != data.pad_id).sum()) * world
-            micro_step += 1
+            tokens += int((b["tokens"] != data.pad_id).sum()) * world
+            position += micro * world
         mean = torch.stack(losses).mean()
         dist.all_reduce(mean)
-        mean = float(mean) / world
-        if step % train["log_every"] == 0 or step == 1:
-            rate = tokens_seen / max(time.time() - t0, 1e-9)
-            log(f"step {step}/{steps} loss {mean:.4f} lr {engine.get_lr()[0]:.2e} {rate:,.0f} tok/s")
+        metrics = {"loss": float(mean) / world, "lr": float(engine.get_lr()[0])}
+        if tracker:
+            tracker.step(step, tokens, metrics, train["log_every"])
+        if eval_ids and train["eval_every"] and (step % train["eval_every"] == 0 or step == steps):
+            last_eval = held_out_loss(engine, data, eval_ids, micro, train["eval_batches"], mcfg.image_size, mcfg.audio_samples)
+            if tracker:
+                tracker.log(step, {f"eval/{k}": v for k, v in last_eval.items()},
+                            "eval step %d: %s" % (step, "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items())))
         if step % train["ckpt_every"] == 0 or step == steps:
             sd = eng.full_state_dict(engine)
-            engine.save_checkpoint(str(run_dir / "ds"), tag=f"step-{step:06d}", client_state={"step": step, "micro_step": micro_step})
+            engine.save_checkpoint(str(run_dir / "ds"), tag=ds_tag(step), client_state=eng.client_state(step, position))
             if prov is not None:
                 consumed = {
                     "shards": [str(p.relative_to(run_dir)) for p in shards],
-                    "sampler": {"seed": cfg.seed, "num_rows": len(data), "world_size": world, "micro_batch": micro,
-                                **sampler.rows_for_steps(last_ckpt_micro, micro_step)},
+                    "holdout_every": train["holdout_every"],
+                    "sampler": {"seed": cfg.seed, "num_rows": len(train_ids), "world_size": world, "micro_batch": micro,
+                                "epoch_start": seg_start // len(train_ids), "epoch_end": max(seg_start, position - 1) // len(train_ids),
+                                "position_start": seg_start, "position_end": position},
                 }
-                root = prov.record_checkpoint(step, sd, consumed, {"loss": mean, "lr": float(engine.get_lr()[0])})
-                log(f"checkpoint step {step} {root[:16]}…")
-            last_ckpt_micro = micro_step
-    if prov is not None:
+                m = {**metrics, **{f"eval_{k}": v for k, v in last_eval.items()}, "wandb_run": tracker.run_id if tracker else None}
+                root = prov.record_checkpoint(step, sd, consumed, m)
+                if tracker:
+                    tracker.log(step, {}, f"checkpoint step {step} {root[:16]}…")
+            seg_start = position
+        if train["stop_at"] is not None and step >= train["stop_at"]:
+            log(f"stopping at step {step} (train.stop_at); continue with resume=auto")
+            if tracker:
+                tracker.finish({})
+            dist.barrier()
+            return
+    if prov is not None and tracker is not None:
         prov.record_release()
+        out = export(run_dir)
+        tracker.log(steps, {}, f"release step {steps} {prov.last_root[:16]}…; export at {out}")
+        tracker.finish({"chain_head": prov.chain.previous, "weights_root": prov.last_root})
     dist.barrier()
 
 

@@ -15,7 +15,7 @@ from attest.chain import read_chain
 
 REPO = Path(__file__).resolve().parent.parent
 # Small but real: the demo corpus, 2 ranks, a few steps, two checkpoints.
-TRAIN_ARGS = ["train.steps=4", "train.ckpt_every=2", "train.micro_batch=4", "train.log_every=1"]
+TRAIN_ARGS = ["train.steps=4", "train.ckpt_every=2", "train.micro_batch=4", "train.log_every=1", "train.eval_every=2"]
 
 
 def free_port() -> int:

@@ -11,6 +11,7 @@ import pytest
 
 from attest.chain import ChainWriter, read_chain
 from attest.digest import sha256_file
+from attest.oms import sign_checkpoint_dir
 from attest.signing import PemSigner, keygen
 from attest.statements import CHAIN_FIELDS
 from conftest import kai_attest
@@ -107,6 +108,7 @@ def test_insider_swaps_genesis_for_another_seed_and_resigns_everything(demo_run:
     sd = {n: p.detach() for n, p in model.named_parameters()}
     wfile = bundle / "checkpoints/step-000000/model.safetensors"
     save_weights(sd, wfile)
+    sig = sign_checkpoint_dir(wfile.parent, demo_run / "keys/signing-key.pem")  # the insider re-signs OMS too
     leaves = state_dict_leaves(sd)
     from attest.digest import merkle_root
 
@@ -117,6 +119,7 @@ def test_insider_swaps_genesis_for_another_seed_and_resigns_everything(demo_run:
             p = st["predicate"]
             if p["kind"] == "genesis":
                 st["subject"][0]["digest"]["sha256"] = sha256_file(wfile)
+                st["subject"][1]["digest"]["sha256"] = sha256_file(sig)
                 p["weights_root"] = root
                 for n, t in p["tensors"].items():
                     t["digest"] = leaves[n]

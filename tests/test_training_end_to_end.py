@@ -63,7 +63,7 @@ def test_genesis_digest_is_the_same_for_any_rank_count_and_zero_stage(
     nproc: int, zero: str, demo_run: Path, data_run: Path, tmp_path: Path
 ) -> None:
     run_dir = prepared_data(tmp_path / "run", data_run)
-    must(torchrun(run_dir, nproc, f"deepspeed={zero}", "train.steps=1", "train.ckpt_every=1", "train.micro_batch=4"))
+    must(torchrun(run_dir, nproc, f"deepspeed={zero}", "train.steps=1", "train.ckpt_every=1", "train.micro_batch=4", "wandb.mode=disabled"))
     assert entries_of(run_dir, "genesis")[0]["weights_root"] == entries_of(demo_run, "genesis")[0]["weights_root"]
     # and the run verifies end to end, checkpoint gathered from ZeRO shards included
     must(kai_attest("bundle", str(run_dir)))

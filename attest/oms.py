@@ -1,0 +1,239 @@
+"""OpenSSF model-signing (OMS v1.0) signatures for checkpoint folders.
+
+Each checkpoint folder (`checkpoints/step-NNNNNN/`) can carry `model.sig`: a Sigstore bundle whose
+DSSE payload is an in-toto statement with predicate `https://model_signing/signature/v1.0`. It
+lists every file of the folder with its sha256 (`resources`, sorted by name) and, as the single
+subject, ROOT = sha256 over the concatenated resource digests. The upstream tool verifies it:
+
+    model_signing verify key --public_key signing-key.pub.pem --signature DIR/model.sig DIR
+
+So a checkpoint can be checked by tools that know nothing of kai-train; the chain's own statements
+still carry the canonical weight digest, and `cross_check` ties the two together.
+
+Signing uses the model_signing package (imported lazily; not in the evaluator's light install):
+with a PEM key file, its public `use_elliptic_key_signer` API; with any other `attest` signer
+(a PKCS#11 token), the same bundle built around our `Signer.sign`. Reading and cross-checking are
+plain JSON and hashlib, so the light install can do them. Note the OMS key hint is sha256 of the
+public key's PEM text (upstream's choice), not our DER keyid.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from attest.digest import sha256_file
+from attest.dsse import PAYLOAD_TYPE, pae
+from attest.signing import PublicKeyVerifier, Signer, SignerError
+
+SIGNATURE_NAME = "model.sig"
+PREDICATE_TYPE = "https://model_signing/signature/v1.0"
+MAX_SIG_BYTES = 64 << 20  # a files-mode manifest is ~150 bytes per file
+IGNORED_BY_DEFAULT = (".git", ".gitattributes", ".github", ".gitignore")  # upstream's ignore_git_paths
+
+
+class OmsError(ValueError):
+    """An OMS signature is unreadable or not a v1.0 files-mode signature; names the file."""
+
+
+@dataclass
+class OmsManifest:
+    name: str  # the subject name: the model folder's base name
+    root: str  # sha256 over the concatenated resource digests
+    resources: dict[str, str]  # file path (POSIX, relative to the folder) -> sha256 hex
+    serialization: dict[str, Any]
+
+
+@dataclass
+class OmsFinding:
+    """Shaped like attest.verify.Finding: `Finding(**dataclasses.asdict(f))`."""
+
+    check: str
+    ok: bool
+    file: str = ""
+    expected: str = ""
+    found: str = ""
+    detail: str = ""
+
+
+def sign_checkpoint_dir(checkpoint_dir: Path, key: Path | Signer, sig_name: str = SIGNATURE_NAME) -> Path:
+    """Sign every file of `checkpoint_dir` into `checkpoint_dir/sig_name` (replaced atomically).
+
+    `key` is a PEM private key file (ECDSA P-256, as `kai-attest keygen` writes) or a Signer."""
+    try:
+        from model_signing import hashing, signing
+    except ImportError:
+        raise SignerError("oms: model-signing is not installed (pip install model-signing)") from None
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise OmsError(f"{checkpoint_dir}: not a checkpoint folder")
+    hashing_cfg = hashing.Config().set_ignored_paths(paths=[sig_name], ignore_git_paths=True)
+    # Written outside the folder, then moved in: a crash never leaves a half signature (or a
+    # temporary file that a later signing would hash) inside the folder.
+    tmp = checkpoint_dir.parent / f".{checkpoint_dir.name}.{sig_name}.tmp"
+    try:
+        if isinstance(key, (str, os.PathLike)):
+            signing.Config().use_elliptic_key_signer(private_key=Path(key)).set_hashing_config(hashing_cfg).sign(
+                checkpoint_dir, tmp)
+        else:
+            from model_signing._signing import signing as ms_payload
+
+            _AttestOmsSigner(key).sign(ms_payload.Payload(hashing_cfg.hash(checkpoint_dir))).write(tmp)
+    except (OSError, ValueError) as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, SignerError):
+            raise
+        raise SignerError(f"oms: cannot sign {checkpoint_dir} ({type(e).__name__}: {e})") from None
+    out = checkpoint_dir / sig_name
+    os.replace(tmp, out)
+    return out
+
+
+def _AttestOmsSigner(signer: Signer) -> Any:  # noqa: N802 - a class built on first use (lazy import)
+    """An upstream OMS signer that signs with an `attest` Signer, mirroring its EC key signer."""
+    from google.protobuf import json_format
+    from model_signing._signing import sign_sigstore_pb as sigstore_pb
+    from model_signing._signing import signing as ms_signing
+    from sigstore_models import intoto as intoto_pb
+    from sigstore_models.bundle import v1 as bundle_pb
+    from sigstore_models.common import v1 as common_pb
+
+    class AttestOmsSigner(sigstore_pb.Signer):
+        def sign(self, payload: Any) -> Any:
+            raw = json_format.MessageToJson(payload.statement.pb).encode("utf-8")
+            sig = intoto_pb.Signature(sig=base64.b64encode(signer.sign(sigstore_pb.pae(raw))), keyid="")
+            envelope = intoto_pb.Envelope(payload=base64.b64encode(raw),
+                                          payload_type=ms_signing._IN_TOTO_JSON_PAYLOAD_TYPE, signatures=[sig])
+            hint = hashlib.sha256(signer.public_pem()).hexdigest()
+            material = bundle_pb.VerificationMaterial(public_key=common_pb.PublicKeyIdentifier(hint=hint),
+                                                      tlog_entries=[])
+            return sigstore_pb.Signature(bundle_pb.Bundle(media_type=sigstore_pb._BUNDLE_MEDIA_TYPE,
+                                                          verification_material=material, dsse_envelope=envelope))
+
+    return AttestOmsSigner()
+
+
+def _load(sig_path: Path) -> tuple[bytes, list[bytes], dict[str, Any]]:
+    """(payload, signatures, statement) of an OMS bundle; shape checks only."""
+    try:
+        if sig_path.stat().st_size > MAX_SIG_BYTES:
+            raise OmsError(f"{sig_path}: larger than {MAX_SIG_BYTES} bytes")
+        bundle = json.loads(sig_path.read_bytes())
+        env = bundle["dsseEnvelope"]
+        if env["payloadType"] != PAYLOAD_TYPE:
+            raise OmsError(f"{sig_path}: payloadType {env['payloadType']!r} is not in-toto")
+        payload = base64.b64decode(env["payload"], validate=True)
+        sigs = [base64.b64decode(s["sig"], validate=True) for s in env["signatures"]]
+        statement = json.loads(payload)
+    except OSError as e:
+        raise OmsError(f"{sig_path}: cannot read ({e.strerror})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise OmsError(f"{sig_path}: not a Sigstore bundle with a DSSE envelope ({type(e).__name__}: {e})") from None
+    if not isinstance(statement, dict):
+        raise OmsError(f"{sig_path}: DSSE payload is not a JSON object")
+    return payload, sigs, statement
+
+
+def read_oms(sig_path: Path) -> OmsManifest:
+    """The subject and resources of an OMS v1.0 signature (files or shards serialization)."""
+    sig_path = Path(sig_path)
+    _, _, st = _load(sig_path)
+    try:
+        if st.get("predicateType") != PREDICATE_TYPE:
+            raise OmsError(f"{sig_path}: predicateType {st.get('predicateType')!r}, expected {PREDICATE_TYPE}")
+        (subject,) = st["subject"]
+        pred = st["predicate"]
+        resources = {}
+        for r in pred["resources"]:
+            if r["algorithm"] != "sha256":
+                raise OmsError(f"{sig_path}: resource {r['name']} hashed with {r['algorithm']}, not sha256")
+            resources[str(r["name"])] = str(r["digest"])
+        return OmsManifest(str(subject["name"]), str(subject["digest"]["sha256"]), resources,
+                           dict(pred["serialization"]))
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, OmsError):
+            raise
+        raise OmsError(f"{sig_path}: not an OMS v1.0 statement ({type(e).__name__}: {e})") from None
+
+
+def oms_root(sig_path: Path) -> str:
+    """The OMS subject digest: the checkpoint folder's ID in other documents."""
+    return read_oms(sig_path).root
+
+
+def _folder_files(checkpoint_dir: Path, ignored: set[str]) -> tuple[dict[str, Path], list[str]]:
+    """Regular files under the folder by POSIX relative name, and anything else found (symlinks...)."""
+    files, odd = {}, []
+    for p in sorted(checkpoint_dir.rglob("*")):
+        rel = p.relative_to(checkpoint_dir).as_posix()
+        if rel.split("/")[0] in ignored or rel in ignored:
+            continue
+        if p.is_symlink():
+            odd.append(rel)
+        elif p.is_file():
+            files[rel] = p
+    return files, odd
+
+
+def cross_check(oms_sig: Path, checkpoint_dir: Path, trusted: list[PublicKeyVerifier] | None = None,
+                where: str | None = None) -> list[OmsFinding]:
+    """Check an OMS signature against the folder's files: every listed file present with that sha256,
+    no unlisted file, ROOT = sha256(concatenated digests); with `trusted`, a valid signature by one
+    of those keys. Returns failures, or one passing finding. Never raises on bad content."""
+    oms_sig, checkpoint_dir = Path(oms_sig), Path(checkpoint_dir)
+    label, check = where or str(oms_sig), "oms-signature"
+    try:
+        payload, sigs, _ = _load(oms_sig)
+        m = read_oms(oms_sig)
+    except OmsError as e:
+        return [OmsFinding(check, False, label, "an OMS v1.0 signature", str(e).removeprefix(f"{oms_sig}: "))]
+    out: list[OmsFinding] = []
+    ser = m.serialization
+    if ser.get("method") != "files" or ser.get("hash_type") != "sha256" or ser.get("allow_symlinks"):
+        out.append(OmsFinding(check, False, label, "files serialization, sha256, no symlinks",
+                              f"method {ser.get('method')}, hash_type {ser.get('hash_type')}, "
+                              f"allow_symlinks {ser.get('allow_symlinks')}"))
+    ignore = {str(p) for p in ser.get("ignore_paths") or []}
+    # A signer may exclude only its own signature file and upstream's git paths; anything else
+    # would let a file sit in the folder unsigned.
+    extra_ignores = sorted(ignore - {oms_sig.name, *IGNORED_BY_DEFAULT})
+    if extra_ignores:
+        out.append(OmsFinding(check, False, label, f"ignore_paths within {oms_sig.name} and git paths",
+                              ", ".join(extra_ignores)))
+    root = hashlib.sha256(b"".join(bytes.fromhex(d) for _, d in sorted(m.resources.items()))).hexdigest() \
+        if all(_is_hex(d) for d in m.resources.values()) else "not hex"
+    if root != m.root:
+        out.append(OmsFinding(check, False, label, f"subject digest {root}", m.root))
+    files, odd = _folder_files(checkpoint_dir, ignore | {oms_sig.name, *IGNORED_BY_DEFAULT})
+    for rel in odd:
+        out.append(OmsFinding(check, False, f"{checkpoint_dir}/{rel}", "a regular file", "a symlink"))
+    for rel in sorted(set(m.resources) - set(files)):
+        out.append(OmsFinding(check, False, f"{checkpoint_dir}/{rel}", f"sha256 {m.resources[rel]}", "no such file"))
+    for rel in sorted(set(files) - set(m.resources)):
+        out.append(OmsFinding(check, False, f"{checkpoint_dir}/{rel}", "no file the signature does not list",
+                              "an unsigned file"))
+    for rel in sorted(set(files) & set(m.resources)):
+        got = sha256_file(files[rel])
+        if got != m.resources[rel]:
+            out.append(OmsFinding(check, False, f"{checkpoint_dir}/{rel}", f"sha256 {m.resources[rel]}", got))
+    if trusted is not None:
+        msg = pae(PAYLOAD_TYPE, payload)
+        if not any(k.verify(msg, s) for k in trusted for s in sigs):
+            out.append(OmsFinding(check, False, label, "a signature by " + ",".join(k.keyid[:16] for k in trusted),
+                                  "no valid signature"))
+    if not out:
+        out.append(OmsFinding(check, True, label, detail=f"{len(m.resources)} files, root {m.root[:16]}…"))
+    return out
+
+
+def _is_hex(s: str) -> bool:
+    try:
+        bytes.fromhex(s)
+        return len(s) == 64
+    except ValueError:
+        return False

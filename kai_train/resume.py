@@ -1,0 +1,70 @@
+"""Where a run resumes: the last checkpoint that is both in the chain and saved by DeepSpeed.
+
+The chain is the source of truth: a checkpoint counts once its statement is appended (after the
+DeepSpeed save and the weights file), so a crash at any moment leaves the last whole checkpoint
+to resume from, and the chain continues without a gap or a duplicate. A torn final line (an
+interrupted append) is moved aside to `chain.jsonl.torn` before appending resumes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from attest.chain import read_chain
+
+
+class ResumeError(RuntimeError):
+    """The run directory cannot be resumed; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    step: int  # optimizer steps done
+    position: int  # global sampler position reached
+    weights_root: str  # canonical digest of the weights at `step`
+    genesis_root: str
+    tag: str | None  # DeepSpeed checkpoint tag, None when resuming from genesis (no step done)
+
+
+def ds_tag(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def set_aside_torn_tail(chain: Path) -> bool:
+    """Move an interrupted final append out of the chain file. Returns True if there was one."""
+    data = chain.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    cut = data.rfind(b"\n") + 1
+    with open(chain.with_name(chain.name + ".torn"), "ab") as f:
+        f.write(data[cut:] + b"\n")
+    with open(chain, "r+b") as f:
+        f.truncate(cut)
+        os.fsync(f.fileno())
+    return True
+
+
+def find_resume_point(run_dir: Path) -> ResumePoint | None:
+    """None for a fresh run (no genesis in the chain yet)."""
+    chain = run_dir / "chain.jsonl"
+    if not chain.exists():
+        return None
+    set_aside_torn_tail(chain)
+    entries, _ = read_chain(chain)
+    kinds = [e.kind for e in entries]
+    if "genesis" not in kinds:
+        return None
+    if "release" in kinds:
+        raise ResumeError(f"{chain}: the run was already released; start a new run_dir to train further")
+    genesis = entries[kinds.index("genesis")].predicate
+    ckpts = [e.predicate for e in entries if e.kind == "checkpoint"]
+    if not ckpts:
+        return ResumePoint(0, 0, genesis["weights_root"], genesis["weights_root"], None)
+    last = ckpts[-1]
+    tag = ds_tag(int(last["step"]))
+    if not (run_dir / "ds" / tag).is_dir():
+        raise ResumeError(f"{run_dir / 'ds' / tag}: DeepSpeed checkpoint of the last chain checkpoint is missing")
+    return ResumePoint(int(last["step"]), int(last["data_consumed"]["sampler"]["position_end"]),
+                       last["weights_root"], genesis["weights_root"], tag)

@@ -1,0 +1,78 @@
+"""Rank-0 progress and experiment tracking: a rich progress bar (tokens/s, loss, ETA) on a
+terminal, plain log lines otherwise, and wandb.
+
+wandb runs `offline` by default (it writes under RUN_DIR/wandb and needs no network; sync later
+with `wandb sync`). `online` needs WANDB_API_KEY and network and fails fast with one line when
+either is missing; `disabled` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+class Tracker:
+    def __init__(self, wandb_cfg: dict[str, Any], run_dir: Path, run_id: str, config: dict[str, Any],
+                 total_steps: int, start_step: int) -> None:
+        self.total, self.start = total_steps, start_step
+        self.t0 = time.time()
+        self.tokens = 0
+        self.run = None
+        mode = wandb_cfg.get("mode", "offline")
+        if mode not in ("offline", "online", "disabled"):
+            raise TrackingError(f"wandb.mode must be offline, online or disabled, got {mode!r}")
+        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+            raise TrackingError("wandb.mode=online needs WANDB_API_KEY and network access; use wandb.mode=offline "
+                                "(default) and `wandb sync RUN_DIR/wandb` later")
+        if mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(project=wandb_cfg.get("project", "kai-train"), name=run_id, id=f"{run_id}",
+                                  dir=str(run_dir), mode=mode, config=config, resume="allow")
+        self.bar = None
+        if sys.stdout.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self.task = self.bar.add_task("train", total=total_steps, completed=start_step, info="")
+            self.bar.start()
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    def step(self, step: int, tokens: int, metrics: dict[str, float], log_every: int) -> None:
+        self.tokens += tokens
+        rate = self.tokens / max(time.time() - self.t0, 1e-9)
+        metrics = {**metrics, "tokens_per_s": rate}
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+        info = f"loss {metrics['loss']:.4f}  {rate:,.0f} tok/s"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        elif step % log_every == 0 or step == self.start + 1:
+            print(f"[kai-train] step {step}/{self.total} {info}  lr {metrics['lr']:.2e}", flush=True)
+
+    def log(self, step: int, metrics: dict[str, float], message: str) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+        if self.bar is not None:
+            self.bar.console.print(f"[kai-train] {message}")
+        else:
+            print(f"[kai-train] {message}", flush=True)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        if self.run is not None:
+            self.run.summary.update(summary)
+            self.run.finish()
