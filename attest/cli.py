@@ -28,8 +28,44 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay_arg(v: str) -> int | str:
+    if v == "all":
+        return "all"
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--replay takes a number of segments or 'all', not {v!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("--replay takes a non-negative number of segments")
+    return n
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
-    report = verify_bundle(args.bundle, args.trust)
+    # Imported here so that `kai-attest keygen` never pays for numpy.
+    from attest.archive import ArchiveError, opened_bundle
+    from attest.policy import Policy, PolicyError, load_policy
+
+    try:
+        policy = load_policy(args.policy) if args.policy else Policy()
+        with opened_bundle(args.bundle, policy.limits["max_bundle_bytes"], policy.limits["max_archive_members"]) as root:
+            report = verify_bundle(root, args.trust, policy, replay=args.replay, replay_seed=args.replay_seed)
+            report.bundle = args.bundle
+    except (PolicyError, ArchiveError) as e:
+        print(f"kai-attest: error: {e}", file=sys.stderr)
+        return 2
+    except (BundleUnreadable, ChainError, KeyError_, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - hostile input must never end in a traceback
+        print(f"kai-attest: error: internal error while verifying {args.bundle} ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
+    if args.report:
+        from attest.report import write_html
+
+        try:
+            write_html(report, args.report)
+        except OSError as e:
+            print(f"kai-attest: error: cannot write {args.report} ({e.strerror})", file=sys.stderr)
+            return 2
     if args.json:
         print(report.to_json())
     else:
@@ -37,8 +73,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             print(f.line())
         for n in report.notes:
             print(f"note  {n}")
-        failed = sum(not f.ok for f in report.findings)
-        print(f"verdict: {'PASS' if report.ok else f'FAIL ({failed} finding(s))'}  {report.bundle}")
+        print(report.verdict_line())
     return 0 if report.ok else 1
 
 
@@ -53,13 +88,59 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="output folder (default RUN_DIR/bundle)")
     b.add_argument("--no-data", action="store_true", help="leave shard files out (manifests stay)")
     b.set_defaults(func=_cmd_bundle)
-    v = sub.add_parser("verify", help="verify a bundle offline")
-    v.add_argument("bundle")
+    v = sub.add_parser("verify", help="verify a bundle offline (docs/evaluators-guide.md)",
+                       description="Verify a bundle folder, .tar or .tar.gz offline. Exit 0: every check holds; "
+                       "1: a check failed (one FAIL line each: check, file, expected, found); 2: usage error or "
+                       "unreadable input.")
+    v.add_argument("bundle", help="bundle folder, or a .tar / .tar.gz of one (extracted safely to a temp folder)")
     v.add_argument("--trust", action="append", default=[], metavar="PUBKEY.pem",
-                   help="public key(s) to trust (default: the key in the bundle, with a note)")
+                   help="public key(s) to trust (default: the key in the bundle: integrity only)")
+    v.add_argument("--policy", metavar="FILE", help="the evaluator's policy, JSON (docs/policy.example.json)")
+    v.add_argument("--replay", type=_replay_arg, metavar="N|all",
+                   help="replay N randomly chosen checkpoint segments, or all of them")
+    v.add_argument("--replay-seed", type=int, metavar="S", help="seed of the segment choice (default: fresh randomness)")
+    v.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=_cmd_verify)
+    _add_lineage_parser(sub)
     return p
+
+
+def _cmd_lineage(args: argparse.Namespace) -> int:
+    # Imported here: scipy is needed by this command only.
+    from attest.lineage import LineageInputError, lineage
+    from attest.lineage_report import write_html
+
+    given = {"alpha": args.alpha, "null_draws": args.null_draws, "seed": args.seed}
+    opts = {k: v for k, v in given.items() if v is not None}  # unset: the defaults in attest/lineage.py
+    try:
+        report = lineage(args.candidate, args.reference, **opts)
+        if args.report:
+            write_html(report, args.report)
+    except (LineageInputError, OSError) as e:
+        print(f"kai-attest: error: {e}", file=sys.stderr)
+        return 2
+    print(report.to_json() if args.json else "\n".join(report.lines()))
+    return 1 if report.dependent else 0
+
+
+def _add_lineage_parser(sub: argparse._SubParsersAction) -> None:
+    ln = sub.add_parser(
+        "lineage", help="test each component for independence from reference models (docs/lineage.md)",
+        description="Per-component independence test (matched |correlation|, residual-stream permutation "
+        "null, Bonferroni). Exit 0: completed, no component dependent on a reference; 1: completed, at "
+        "least one component dependent on a reference (the positive control does not count); 2: usage "
+        "error or unreadable input.")
+    ln.add_argument("candidate", help="safetensors file, folder of them, or a bundle (its release is tested, "
+                    "its genesis is the positive control)")
+    ln.add_argument("--reference", nargs="+", action="extend", required=True, metavar="REF",
+                    help="reference model(s): safetensors files, folders or bundles")
+    ln.add_argument("--json", action="store_true", help="print the results as JSON")
+    ln.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report")
+    ln.add_argument("--alpha", type=float, help="family-wise level before Bonferroni (default 1e-3)")
+    ln.add_argument("--null-draws", type=int, help="residual-stream permutations in the null (default 99)")
+    ln.add_argument("--seed", type=int, help="seed of the null draws (default 0)")
+    ln.set_defaults(func=_cmd_lineage)
 
 
 def main(argv: list[str] | None = None) -> int:

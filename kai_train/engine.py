@@ -128,3 +128,54 @@ def prepare_universal(ds_dir: Path, tag: str) -> str:
             raise RuntimeError(f"{ds_dir / tag}: conversion to a universal checkpoint failed:\n{p.stderr[-2000:]}")
     dist.barrier()
     return out
+
+
+def full_optimizer_state(engine) -> tuple[dict[str, torch.Tensor] | None, int]:
+    """Consolidated AdamW moments (`exp_avg/<name>`, `exp_avg_sq/<name>`, fp32 CPU) on rank 0 and the
+    optimizer step count. Collective: every rank calls it. This is what a replay starts from."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    _link_optimizer_state(engine)
+    out: dict[str, torch.Tensor] = {}
+    for name, p in engine.module.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = safe_get_full_optimizer_state(p, key)
+            if dist.get_rank() == 0:
+                out[f"{key}/{name}"] = t.detach().to("cpu", torch.float32).clone()
+    steps = {int(s["step"]) for s in engine.optimizer.optimizer.state.values() if "step" in s}
+    if len(steps) > 1:
+        raise RuntimeError(f"optimizer parameter groups disagree on the step count: {sorted(steps)}")
+    return (out if dist.get_rank() == 0 else None), (steps.pop() if steps else 0)
+
+
+def load_full_optimizer_state(engine, state: dict[str, torch.Tensor], step: int) -> None:
+    """Inverse of `full_optimizer_state`: scatter consolidated moments into the ZeRO partitions."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    # A fresh engine has no AdamW state yet (torch creates it at the first step): create it as
+    # torch would, with the recorded step count, then fill the moments partition by partition.
+    for flat in _fp32_partitions(engine):
+        engine.optimizer.optimizer.state[flat] = {
+            "step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+    _link_optimizer_state(engine)
+    for name, p in engine.module.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(p, state[f"{key}/{name}"], key)
+
+
+def _fp32_partitions(engine) -> list[torch.Tensor]:
+    """This rank's flat fp32 master partitions, one per parameter group (ZeRO 1/2 and 3 name them differently)."""
+    z = engine.optimizer
+    flats = getattr(z, "single_partition_of_fp32_groups", None) or getattr(z, "fp32_partitioned_groups_flat", None)
+    if flats is None:
+        raise RuntimeError(f"unsupported DeepSpeed optimizer wrapper {type(z).__name__}")
+    return list(flats)
+
+
+def _link_optimizer_state(engine) -> None:
+    """ZeRO 1/2 link each parameter to its optimizer-state fragments once, after the first group's
+    step, so groups stepped later (our no-decay group) stay unlinked. Link them all again."""
+    z = engine.optimizer
+    if hasattr(z, "_hp_optimizer_states_linked"):
+        z._hp_optimizer_states_linked = False
+        z._lazy_init_hp_params_optimizer_state()

@@ -34,6 +34,10 @@ def weights_name(step: int) -> str:
     return f"checkpoints/step-{step:06d}/model.safetensors"
 
 
+def optimizer_name(step: int) -> str:
+    return f"checkpoints/step-{step:06d}/optimizer.safetensors"
+
+
 def code_digest() -> str:
     """Digest of the training code and configs this run executes."""
     files = {
@@ -69,11 +73,17 @@ class Provenance:
         self.last_root: str | None = None
         self.last_step = 0
 
-    def _weights_subjects(self, step: int, sd: Mapping[str, torch.Tensor]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    def _weights_subjects(
+        self, step: int, sd: Mapping[str, torch.Tensor], optimizer: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[list[dict[str, Any]], dict[str, str]]:
         name = weights_name(step)
         (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         save_weights(sd, self.run_dir / name)
         subjects = [subject(name, sha256_file(self.run_dir / name))]
+        if optimizer is not None:  # consolidated AdamW moments: what a replay of the next segment starts from
+            opt = optimizer_name(step)
+            save_weights(optimizer, self.run_dir / opt)
+            subjects.append(subject(opt, sha256_file(self.run_dir / opt)))
         if self.oms:
             sig = sign_checkpoint_dir((self.run_dir / name).parent, self.chain.signer)
             subjects.append(subject(str(sig.relative_to(self.run_dir)), sha256_file(sig)))
@@ -83,7 +93,8 @@ class Provenance:
         self.chain.append(
             "run",
             [subject(config_file, sha256_file(self.run_dir / config_file))],
-            {"config": config, "code_digest": code_digest(), "versions": library_versions(), "hardware": hardware(world_size)},
+            {"config": config, "code_digest": code_digest(), "versions": library_versions(), "hardware": hardware(world_size),
+             "replay_plugin": "kai_train.replay"},
         )
 
     def record_genesis(self, sd: Mapping[str, torch.Tensor], recipe: dict[str, Any], tensors: dict[str, Any]) -> str:
@@ -94,15 +105,16 @@ class Provenance:
         return root
 
     def record_checkpoint(
-        self, step: int, sd: Mapping[str, torch.Tensor], data_consumed: dict[str, Any], metrics: dict[str, float]
+        self, step: int, sd: Mapping[str, torch.Tensor], data_consumed: dict[str, Any], metrics: dict[str, float],
+        optimizer: Mapping[str, torch.Tensor] | None = None, optimizer_step: int | None = None,
     ) -> str:
-        subs, leaves = self._weights_subjects(step, sd)
+        subs, leaves = self._weights_subjects(step, sd, optimizer)
         root = merkle_root(leaves)
-        self.chain.append(
-            "checkpoint",
-            subs,
-            {"step": step, "weights_root": root, "parent_root": self.last_root, "data_consumed": data_consumed, "metrics": metrics},
-        )
+        pred = {"step": step, "weights_root": root, "parent_root": self.last_root, "data_consumed": data_consumed,
+                "metrics": metrics}
+        if optimizer is not None:
+            pred["optimizer"] = {"file": optimizer_name(step), "step": optimizer_step, "root": merkle_root(state_dict_leaves(optimizer))}
+        self.chain.append("checkpoint", subs, pred)
         self.last_root, self.last_step = root, step
         return root
 

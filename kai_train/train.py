@@ -17,7 +17,6 @@ from typing import Any
 import hydra
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -40,18 +39,10 @@ def shard_paths(run_dir: Path, data_dir: str) -> list[Path]:
     return paths
 
 
-def loss_fn(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
-    # next-token loss over text positions; the image/audio prefix only conditions
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(), tokens[:, 1:].reshape(-1), ignore_index=pad_id
-    )
-
-
 def fit(cfg: DictConfig) -> None:
     import deepspeed
 
     from attest.digest import sha256_file
-    from data_pipelines.sampler import rows_at
     from kai_train import engine as eng
     from kai_train import genesis
     from kai_train.data import ShardDataset
@@ -61,6 +52,7 @@ def fit(cfg: DictConfig) -> None:
     from kai_train.model import ModelConfig
     from kai_train.provenance import Provenance
     from kai_train.resume import ResumeError, ds_tag, find_resume_point
+    from kai_train.step import train_step
     from kai_train.tracking import Tracker
     from kai_train.weights import state_dict_leaves
 
@@ -139,18 +131,8 @@ def fit(cfg: DictConfig) -> None:
     micro, accum, steps = train["micro_batch"], train["grad_accum"], train["steps"]
     seg_start, last_eval = position, {}
     for step in range(start + 1, steps + 1):
-        losses, tokens = [], 0
-        for _ in range(accum):
-            lo = position + rank * micro
-            ids = [train_ids[i] for i in rows_at(cfg.seed, len(train_ids), lo, lo + micro)]
-            b = data.batch(ids, mcfg.image_size, mcfg.audio_samples)
-            logits = engine(b["tokens"], b["images"], b["audio"], b["has_image"], b["has_audio"])
-            loss = loss_fn(logits, b["tokens"], data.pad_id)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach())
-            tokens += int((b["tokens"] != data.pad_id).sum()) * world
-            position += micro * world
+        losses, tokens, position = train_step(engine, data, train_ids, cfg.seed, position, rank, world, micro, accum,
+                                              mcfg.image_size, mcfg.audio_samples)
         mean = torch.stack(losses).mean()
         dist.all_reduce(mean)
         metrics = {"loss": float(mean) / world, "lr": float(engine.get_lr()[0])}
@@ -163,6 +145,7 @@ def fit(cfg: DictConfig) -> None:
                             "eval step %d: %s" % (step, "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items())))
         if step % train["ckpt_every"] == 0 or step == steps:
             sd = eng.full_state_dict(engine)
+            opt_sd, opt_step = eng.full_optimizer_state(engine) if cfg.attest.optimizer_state else (None, None)
             engine.save_checkpoint(str(run_dir / "ds"), tag=ds_tag(step), client_state=eng.client_state(step, position))
             if prov is not None:
                 consumed = {
@@ -173,7 +156,7 @@ def fit(cfg: DictConfig) -> None:
                                 "position_start": seg_start, "position_end": position},
                 }
                 m = {**metrics, **{f"eval_{k}": v for k, v in last_eval.items()}, "wandb_run": tracker.run_id if tracker else None}
-                root = prov.record_checkpoint(step, sd, consumed, m)
+                root = prov.record_checkpoint(step, sd, consumed, m, opt_sd, opt_step)
                 if tracker:
                     tracker.log(step, {}, f"checkpoint step {step} {root[:16]}…")
             seg_start = position

@@ -108,3 +108,52 @@ def test_schedules_warm_up_then_decay_to_min_ratio() -> None:
     assert wsd(90) == pytest.approx(0.55) and wsd(100) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="cosine or wsd"):
         lr_lambda("linear", 1, 10, 0.1, 0.2)
+
+
+@pytest.mark.slow
+def test_replay_of_every_segment_reproduces_the_chain_bit_exactly(demo_run: Path) -> None:
+    p = must(kai_attest("verify", str(demo_run / "bundle"), "--replay", "all", "--json"))
+    import json
+
+    replays = [f for f in json.loads(p.stdout)["findings"] if f["check"] == "replay"]
+    assert len(replays) == 2 and all(f["ok"] and not f["skipped"] for f in replays), replays
+
+
+@pytest.mark.slow
+def test_replay_catches_a_checkpoint_swapped_for_weights_of_another_run(demo_run: Path, data_run: Path, tmp_path: Path) -> None:
+    """An insider replaces the middle checkpoint's weights by those of a run on other data (same
+    genesis, plausible update size) and re-signs everything: replay of that segment differs."""
+    import shutil
+
+    from attest.chain import ChainWriter
+    from attest.signing import PemSigner
+    from attest.statements import CHAIN_FIELDS
+    from attest.digest import sha256_file
+    from attest.oms import sign_checkpoint_dir
+
+    other = prepared_data(tmp_path / "other", data_run)
+    must(torchrun(other, 2, "deepspeed=zero2", *TRAIN_ARGS, *QUIET, "seed=1234", "train.holdout_every=7"))
+    b = Path(shutil.copytree(demo_run / "bundle", tmp_path / "bundle"))
+    src = other / "checkpoints/step-000002"
+    dst = b / "checkpoints/step-000002"
+    for f in ("model.safetensors", "optimizer.safetensors"):
+        shutil.copy2(src / f, dst / f)
+    sign_checkpoint_dir(dst, demo_run / "keys/signing-key.pem")
+    entries, _ = read_chain(b / "chain.jsonl")
+    other_ckpt = next(e.predicate for e in read_chain(other / "chain.jsonl")[0] if e.kind == "checkpoint")
+    (b / "chain.jsonl").unlink()
+    w = ChainWriter(b / "chain.jsonl", PemSigner.from_file(demo_run / "keys/signing-key.pem"), entries[0].predicate["run_id"])
+    for e in entries:
+        st, pred = e.statement, {k: v for k, v in e.predicate.items() if k not in CHAIN_FIELDS}
+        if e.kind == "checkpoint" and pred["step"] == 2:
+            pred["weights_root"], pred["optimizer"] = other_ckpt["weights_root"], other_ckpt["optimizer"]
+        if e.kind == "checkpoint" and pred["step"] == 4:
+            pred["parent_root"] = other_ckpt["weights_root"]
+        for s in st["subject"]:
+            if s["name"].startswith("checkpoints/step-000002/"):
+                s["digest"]["sha256"] = sha256_file(b / s["name"])
+        w.append(e.kind, st["subject"], pred)
+    p = kai_attest("verify", str(b), "--replay", "all")
+    assert p.returncode == 1, p.stdout
+    failed = {line.split()[1] for line in p.stdout.splitlines() if line.startswith("FAIL")}
+    assert "replay" in failed, p.stdout

@@ -58,7 +58,7 @@ def test_json_report_lists_every_check(demo_run: Path) -> None:
     assert {f["check"] for f in report["findings"]} >= {"signature", "chain-sequence", "genesis", "weights-digest"}
 
 
-@pytest.mark.parametrize("nproc,zero", [(1, "zero1"), (2, "zero1"), (2, "zero3")])
+@pytest.mark.parametrize("nproc,zero", [(1, "zero1"), (2, "zero1"), (2, "zero3"), (2, "zero3_offload")])
 def test_genesis_digest_is_the_same_for_any_rank_count_and_zero_stage(
     nproc: int, zero: str, demo_run: Path, data_run: Path, tmp_path: Path
 ) -> None:

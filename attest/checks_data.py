@@ -1,0 +1,129 @@
+"""Verifier checks on the training data: lineage (every shard used is declared with that digest,
+manifests agree with their statements, `derived_from` closes back to declared shards) and
+licences (SPDX id, collection method and synthetic generator, judged against the policy)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from attest.chain import Entry
+from attest.findings import (
+    UNREADABLE,
+    Context,
+    Finding,
+    as_dict,
+    as_list,
+    shard_subjects,
+    short,
+    subjects_of,
+)
+
+MAX_MANIFEST_BYTES = 16 << 20
+SYNTHETIC_MARKERS = ("synthetic", "generated", "distill", "teacher")
+NO_GENERATOR = ("", "none", "unknown", "n/a", "na", "null", "undisclosed")
+
+
+def _read_json(ctx: Context, name: str) -> Any:
+    p = ctx.files.path(name)
+    if p.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ValueError(f"larger than {MAX_MANIFEST_BYTES} bytes")
+    return json.loads(p.read_bytes())
+
+
+def check_data_lineage(ctx: Context) -> Iterator[Finding]:
+    """Every shard used (by the tokenizer, the run config, a checkpoint) is declared with that digest;
+    each shard's manifest file says what its statement says; `derived_from` closes back to shards
+    declared earlier."""
+    declared = shard_subjects(ctx)
+    bad = 0
+    shards = 0
+    for i, e in enumerate(ctx.entries):
+        if e.kind != "data-shard":
+            continue
+        shards += 1
+        manifest = as_dict(e.predicate.get("manifest"))
+        subs = subjects_of(e)
+        parquet = [s for s in subs if s["name"].endswith(".parquet")]
+        mfiles = [s["name"] for s in subs if s["name"].endswith(".json")]
+        if parquet and manifest.get("sha256") != parquet[0]["sha256"]:
+            bad += 1
+            yield Finding("data-lineage", False, parquet[0]["name"], f"manifest sha256 {short(parquet[0]['sha256'])} (the subject)",
+                          short(manifest.get("sha256")))
+        for m in mfiles:
+            try:
+                on_disk = _read_json(ctx, m)
+            except UNREADABLE:
+                continue  # subject-digest reports it
+            if on_disk != manifest:
+                bad += 1
+                yield Finding("data-lineage", False, m, "the manifest the statement records", "a different manifest file")
+        for j, src in enumerate(as_list(manifest.get("derived_from"))):
+            want = as_dict(src).get("sha256")
+            earlier = [n for n, (k, d) in declared.items() if k < i and d == want]
+            if not earlier:
+                bad += 1
+                yield Finding("data-lineage", False, ctx.where(e), f"derived_from[{j}] a shard declared earlier",
+                              f"{as_dict(src).get('path')} sha256 {short(want)} is not one")
+    uses: list[tuple[Entry, str, Any]] = []
+    for e in ctx.entries:
+        if e.kind == "tokenizer":
+            uses += [(e, as_dict(t).get("name"), as_dict(t).get("sha256")) for t in as_list(e.predicate.get("trained_on"))]
+        elif e.kind == "checkpoint":
+            uses += [(e, n, None) for n in as_list(as_dict(e.predicate.get("data_consumed")).get("shards"))]
+        elif e.kind == "run":
+            uses += [(e, as_dict(t).get("name"), as_dict(t).get("sha256")) for t in as_list(ctx.run_config.get("data_shards"))]
+    missing: dict[str, Entry] = {}
+    for e, name, sha in uses:
+        if not isinstance(name, str) or name not in declared:
+            missing.setdefault(str(name), e)
+        elif sha is not None and sha != declared[name][1]:
+            bad += 1
+            yield Finding("data-lineage", False, ctx.where(e), f"{name} sha256 {short(declared[name][1])} (declared)", f"sha256 {short(sha)}")
+    for name, e in missing.items():
+        bad += 1
+        yield Finding("data-lineage", False, ctx.where(e), f"{name} declared by a data-shard statement", f"undeclared (used by the {e.kind})")
+    if not bad:
+        yield Finding("data-lineage", True, "", detail=f"{shards} shards declared; every shard used is declared; lineage closes")
+
+
+def _is_synthetic(source: dict[str, Any]) -> bool:
+    return any(m in str(source.get("collection", "")).lower() for m in SYNTHETIC_MARKERS)
+
+
+def check_data_licence(ctx: Context) -> Iterator[Finding]:
+    """Every shard's source names an SPDX licence and a collection method that the policy allows;
+    synthetic sources disclose their generator when the policy requires it."""
+    pol = ctx.policy
+    table: list[dict[str, Any]] = []
+    bad = 0
+    for e in ctx.of_kind("data-shard"):
+        m = as_dict(e.predicate.get("manifest"))
+        src = as_dict(m.get("source"))
+        name = next((s["name"] for s in subjects_of(e) if s["name"].endswith(".parquet")), ctx.where(e))
+        lic, coll, gen = src.get("license"), src.get("collection"), src.get("generator")
+        table.append({"shard": name, "source": str(src.get("name")), "license": str(lic), "collection": str(coll),
+                      "rows": m.get("rows") if isinstance(m.get("rows"), int) else 0, "generator": gen,
+                      "modality_counts": as_dict(m.get("modality_counts"))})
+        if not isinstance(lic, str) or not lic.strip():
+            bad += 1
+            yield Finding("data-licence", False, name, "an SPDX licence id", repr(lic))
+        elif pol.allowed_licenses is not None and lic not in pol.allowed_licenses:
+            bad += 1
+            yield Finding("data-licence", False, name, f"a licence in {pol.allowed_licenses} (policy)", lic)
+        if pol.allowed_collection_methods is not None and coll not in pol.allowed_collection_methods:
+            bad += 1
+            yield Finding("data-licence", False, name, f"a collection method in {pol.allowed_collection_methods} (policy)", repr(coll))
+        if pol.synthetic_requires_generator and _is_synthetic(src) and (
+                not isinstance(gen, str) or gen.strip().lower() in NO_GENERATOR):
+            bad += 1
+            yield Finding("data-licence", False, name, "a disclosed generator for synthetic data (policy)", repr(gen))
+    ctx.facts["data"] = table
+    if not bad:
+        lics: dict[str, int] = {}
+        for r in table:
+            lics[r["license"]] = lics.get(r["license"], 0) + 1
+        judged = "allowed by the policy" if pol.allowed_licenses is not None else "not judged: no licence policy"
+        yield Finding("data-licence", True, "", detail=f"{len(table)} shards: " +
+                      ", ".join(f"{k} ×{v}" for k, v in sorted(lics.items())) + f" ({judged})")

@@ -1,0 +1,125 @@
+"""Verifier checks on files: every subject's sha256, every weight set's canonical digest, and each
+checkpoint folder's OpenSSF model-signing signature (with the policy's pinned hash settings)."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from attest.bundle import BundlePathError
+from attest.digest import merkle_root
+from attest.findings import (
+    UNREADABLE,
+    Context,
+    Finding,
+    short,
+    skipped,
+    subjects_of,
+    weights_files,
+)
+
+
+def check_subjects(ctx: Context) -> Iterator[Finding]:
+    """Every subject file in the bundle has the digest its statement records."""
+    checked = absent = bad = 0
+    for e in ctx.entries:
+        for s in subjects_of(e):
+            name, want = s["name"], s["sha256"]
+            try:
+                got = ctx.files.sha256(name)
+            except FileNotFoundError:
+                if e.kind == "data-shard" and name.endswith(".parquet"):
+                    absent += 1  # shards may travel separately; their manifests are checked
+                    continue
+                bad += 1
+                yield Finding("subject-digest", False, name, f"sha256 {short(want)}", "file missing from the bundle")
+                continue
+            except (BundlePathError, OSError) as ex:
+                bad += 1
+                yield Finding("subject-digest", False, name, "a regular file inside the bundle", str(ex))
+                continue
+            checked += 1
+            if not hmac.compare_digest(str(want).encode(), got.encode()):
+                bad += 1
+                yield Finding("subject-digest", False, name, f"sha256 {short(want)}", f"sha256 {short(got)}")
+    if absent:
+        ctx.notes.append(f"{absent} data shard file(s) not in the bundle: their digests were not checked")
+    if not bad:
+        yield Finding("subject-digest", True, "", detail=f"{checked} files match")
+
+
+def check_weights(ctx: Context) -> Iterator[Finding]:
+    """The canonical digest of each genesis/checkpoint/release weights file equals the recorded root."""
+    n = bad = 0
+    for e in ctx.entries:
+        if e.kind not in ("genesis", "checkpoint", "release"):
+            continue
+        files = weights_files(e)
+        try:
+            root = merkle_root(ctx.files.leaves(files)) if files else None
+        except UNREADABLE as ex:
+            bad += 1
+            yield Finding("weights-digest", False, ",".join(files), "readable safetensors", str(ex))
+            continue
+        n += 1
+        want = e.predicate.get("weights_root")
+        if root != want:
+            bad += 1
+            yield Finding("weights-digest", False, ",".join(files) or ctx.where(e), f"root {short(want)}", f"root {short(root)}")
+    if not bad:
+        yield Finding("weights-digest", True, "", detail=f"{n} weight sets match their canonical digest")
+
+
+@contextmanager
+def _oms_hashes_from(ctx: Context) -> Iterator[None]:
+    """Let oms.cross_check reuse the digests already computed (it names files by path)."""
+    from attest import oms
+
+    original = oms.sha256_file
+    oms.sha256_file = ctx.files.sha256_of_path
+    try:
+        yield
+    finally:
+        oms.sha256_file = original
+
+
+def check_oms(ctx: Context) -> Iterator[Finding]:
+    """Each checkpoint folder's OpenSSF model-signing signature lists exactly its files, is signed by a
+    trusted key, names the same weights file digest as the chain, and uses the policy's hash settings."""
+    from attest.oms import OmsError, cross_check, read_oms
+
+    n = bad = 0
+    for e in ctx.entries:
+        subs = {s["name"]: s["sha256"] for s in subjects_of(e)}
+        for name in (k for k in subs if k.endswith("/model.sig")):
+            try:
+                sig = ctx.files.path(name)
+            except (FileNotFoundError, BundlePathError):
+                continue  # subject-digest reports the missing or unsafe file
+            n += 1
+            folder = name.rsplit("/", 1)[0]
+            with _oms_hashes_from(ctx):
+                found = cross_check(sig, sig.parent, ctx.trusted, where=name)
+            for f in found:
+                if not f.ok:
+                    bad += 1
+                    yield Finding(f.check, False, f.file.replace(str(ctx.root) + "/", ""), f.expected, f.found, f.detail)
+            try:
+                manifest = read_oms(sig)
+            except OmsError:
+                continue
+            for key, want in ctx.policy.oms.items():
+                if manifest.serialization.get(key) != want:
+                    bad += 1
+                    yield Finding("oms-signature", False, name, f"serialization {key} {want!r} (policy)",
+                                  repr(manifest.serialization.get(key)))
+            for rel, digest in manifest.resources.items():
+                chain_digest = subs.get(f"{folder}/{rel}")
+                if chain_digest is not None and chain_digest != digest:
+                    bad += 1
+                    yield Finding("oms-signature", False, f"{folder}/{rel}", f"sha256 {short(chain_digest)} (chain)", f"sha256 {short(digest)} (OMS)")
+    if not n:
+        yield skipped("oms-signature", "", "no checkpoint folder carries a model.sig")
+    elif not bad:
+        yield Finding("oms-signature", True, "", detail=f"{n} checkpoint folders match their model-signing signatures")

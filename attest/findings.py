@@ -1,0 +1,129 @@
+"""What every verifier check works with: the `Context` (the bundle, its chain, the trusted keys,
+the policy, cached file digests) and the `Finding` each check returns, plus small helpers that read
+hostile JSON defensively (a check never raises on bad content: it reports it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from attest.bundle import CHAIN_NAME, BundlePathError
+from attest.chain import Entry
+from attest.digest import DigestError
+from attest.policy import Policy
+from attest.signing import PublicKeyVerifier
+from attest.verify_cache import FileDigests
+
+# What reading a hostile file may raise; a check turns these into findings. RecursionError: JSON
+# nested deeper than the parser's stack (a header or manifest of "[[[[…").
+UNREADABLE = (FileNotFoundError, BundlePathError, DigestError, OSError, ValueError, RecursionError)
+
+
+class BundleUnreadable(Exception):
+    """The bundle cannot be read at all (exit 2)."""
+
+
+@dataclass
+class Finding:
+    check: str
+    ok: bool
+    file: str = ""
+    expected: str = ""
+    found: str = ""
+    detail: str = ""
+    skipped: bool = False
+
+    def line(self) -> str:
+        if self.ok:
+            return f"ok    {self.check:<17} {self.file} {self.detail}".rstrip()
+        if self.skipped:
+            return f"SKIP  {self.check:<17} {self.file}: {self.detail}"
+        return f"FAIL  {self.check:<17} {self.file}: expected {self.expected}, found {self.found}" + (
+            f" ({self.detail})" if self.detail else ""
+        )
+
+
+def skipped(check: str, file: str, why: str) -> Finding:
+    return Finding(check, False, file, detail=why, skipped=True)
+
+
+@dataclass
+class Context:
+    root: Path
+    entries: list[Entry]
+    trusted: list[PublicKeyVerifier]
+    trusted_from_bundle: bool
+    torn_tail: bool
+    notes: list[str] = field(default_factory=list)
+    policy: Policy = field(default_factory=Policy)
+    replay: int | str | None = None  # --replay: None (not asked), a count N, or "all"
+    replay_seed: int | None = None  # --replay-seed: which segments; None = fresh randomness
+    facts: dict[str, Any] = field(default_factory=dict)  # what checks measured: --json, --report
+    files: FileDigests = field(init=False)
+    failed: set[str] = field(default_factory=set)  # checks that failed so far (for dependent checks)
+
+    def __post_init__(self) -> None:
+        self.files = FileDigests(self.root, self.policy.limits["max_file_bytes"])
+        self._by_kind: dict[str, list[Entry]] | None = None
+        self._shards: dict[str, tuple[int, str | None]] | None = None
+
+    def where(self, e: Entry) -> str:
+        return f"{CHAIN_NAME}:{e.lineno}"
+
+    @property
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.entries]
+
+    def of_kind(self, kind: str) -> list[Entry]:
+        if self._by_kind is None:  # the chain does not change while it is verified
+            self._by_kind = {}
+            for e in self.entries:
+                self._by_kind.setdefault(e.kind, []).append(e)
+        return list(self._by_kind.get(kind, ()))
+
+    @property
+    def run_config(self) -> dict[str, Any]:
+        runs = self.of_kind("run")
+        cfg = runs[0].predicate.get("config") if runs else None
+        return cfg if isinstance(cfg, dict) else {}
+
+
+def short(d: Any) -> str:
+    d = "null" if d is None else str(d)
+    return d[:16] + "…" if len(d) > 16 else d
+
+
+def as_dict(x: Any) -> dict[str, Any]:
+    return x if isinstance(x, dict) else {}
+
+
+def as_list(x: Any) -> list[Any]:
+    return x if isinstance(x, list) else []
+
+
+def weights_files(e: Entry) -> list[str]:
+    """The model weights a statement names: its .safetensors subjects, less optimizer state
+    (`optimizer*.safetensors`, the AdamW moments a replay starts from)."""
+    return [s["name"] for s in subjects_of(e)
+            if s["name"].endswith(".safetensors") and not s["name"].rsplit("/", 1)[-1].startswith("optimizer")]
+
+
+def subjects_of(e: Entry) -> list[dict[str, Any]]:
+    """Subjects shaped {name: str, sha256: str|None}; statement-format reports malformed ones."""
+    out = []
+    for s in as_list(e.statement.get("subject")):
+        if isinstance(s, dict) and isinstance(s.get("name"), str):
+            out.append({"name": s["name"], "sha256": as_dict(s.get("digest")).get("sha256")})
+    return out
+
+
+def shard_subjects(ctx: Context) -> dict[str, tuple[int, str | None]]:
+    """Every subject name of every data-shard statement -> (chain index, sha256), first declaration."""
+    if ctx._shards is None:
+        ctx._shards = {}
+        for i, e in enumerate(ctx.entries):
+            if e.kind == "data-shard":
+                for s in subjects_of(e):
+                    ctx._shards.setdefault(s["name"], (i, s["sha256"]))
+    return ctx._shards

@@ -1,0 +1,156 @@
+"""The evaluator's verification policy (`kai-attest verify --policy FILE`).
+
+A policy says what the evaluator accepts, independently of anything the bundle claims: which
+keys (or keyless identities) may sign, which hash settings an OMS signature must use, which data
+licences and collection methods are allowed, which checks must run, and size limits on what the
+verifier reads. The schema is documented in docs/evaluators-guide.md; docs/policy.example.json
+is a complete example.
+
+JSON is the format. A `.yaml`/`.yml` file is read too when PyYAML happens to be installed (it is
+not a dependency of the evaluator's light install). Unknown keys are refused, so a typo in a
+policy never silently weakens it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MAX_POLICY_BYTES = 1 << 20
+KEYID = re.compile(r"^(sha256:)?([0-9a-f]{64})$")
+
+# Limits applied when the policy sets none. Bounds, not quotas: they stop a hostile bundle from
+# making the verifier read without end, and fit models of a few hundred billion parameters.
+DEFAULT_LIMITS = {
+    "max_bundle_bytes": 4 << 40,  # everything under the bundle folder
+    "max_file_bytes": 1 << 40,  # one file
+    "max_chain_bytes": 1 << 30,  # chain.jsonl
+    "max_archive_members": 1_000_000,  # files in a bundle .tar / .tar.gz
+}
+
+# Checks whose "skipped" always fails the verdict: the ones that apply to every bundle kai-train
+# writes. replay, timestamps, oms-signature (absent for keyless runs) ... are opt-in: a policy
+# lists them in `required_checks` (added to these) to make a skip a failure.
+DEFAULT_REQUIRED = ("statement-format", "signature", "chain-sequence", "chain-link", "statement-order",
+                    "subject-digest", "weights-digest", "genesis")
+
+KNOWN_KEYS = {"policy_version", "keys", "sigstore_identities", "oms", "allowed_licenses",
+              "allowed_collection_methods", "synthetic_requires_generator", "required_checks", "limits",
+              "description"}
+OMS_KEYS = {"hash_type", "method", "allow_symlinks"}
+
+
+class PolicyError(ValueError):
+    """The policy file is unreadable or invalid; the message names the file and the field (exit 2)."""
+
+
+@dataclass
+class SigstoreIdentity:
+    identity: str  # the certificate's SAN (an e-mail, a workflow URI)
+    issuer: str  # the OIDC issuer URL
+
+
+@dataclass
+class Policy:
+    source: str = ""
+    key_files: list[Path] = field(default_factory=list)  # PEM public keys
+    keyids: list[str] = field(default_factory=list)  # hex sha256 of the DER public key
+    sigstore_identities: list[SigstoreIdentity] = field(default_factory=list)
+    oms: dict[str, Any] = field(default_factory=dict)  # pinned serialization settings
+    allowed_licenses: list[str] | None = None  # SPDX ids; None = not judged
+    allowed_collection_methods: list[str] | None = None
+    synthetic_requires_generator: bool = False
+    required_checks: list[str] | None = None  # added to DEFAULT_REQUIRED
+    limits: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
+
+    @property
+    def pins_keys(self) -> bool:
+        return bool(self.key_files or self.keyids)
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return DEFAULT_REQUIRED + tuple(c for c in self.required_checks or [] if c not in DEFAULT_REQUIRED)
+
+
+def _str_list(raw: dict[str, Any], key: str, where: str) -> list[str] | None:
+    v = raw.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise PolicyError(f"{where}: `{key}` must be a list of non-empty strings")
+    return list(v)
+
+
+def parse_policy(raw: Any, where: str = "policy", base: Path | None = None) -> Policy:
+    """Validate a decoded policy document. Relative key paths are taken from `base`."""
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{where}: a policy is a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - KNOWN_KEYS)
+    if unknown:
+        raise PolicyError(f"{where}: unknown field(s) {unknown} (known: {sorted(KNOWN_KEYS)})")
+    if raw.get("policy_version", 1) != 1:
+        raise PolicyError(f"{where}: policy_version {raw.get('policy_version')!r}; this verifier reads 1")
+    p = Policy(source=where)
+    for k in _str_list(raw, "keys", where) or []:
+        m = KEYID.match(k.lower())
+        if m:
+            p.keyids.append(m.group(2))
+        else:
+            path = Path(k)
+            p.key_files.append(path if path.is_absolute() or base is None else base / path)
+    for i, ident in enumerate(raw.get("sigstore_identities") or []):
+        if not isinstance(ident, dict) or set(ident) != {"identity", "issuer"} or not all(
+                isinstance(v, str) and v for v in ident.values()):
+            raise PolicyError(f"{where}: sigstore_identities[{i}] must be {{identity, issuer}} (non-empty strings)")
+        p.sigstore_identities.append(SigstoreIdentity(ident["identity"], ident["issuer"]))
+    oms = raw.get("oms") or {}
+    if not isinstance(oms, dict) or set(oms) - OMS_KEYS:
+        raise PolicyError(f"{where}: `oms` pins only {sorted(OMS_KEYS)}")
+    p.oms = dict(oms)
+    p.allowed_licenses = _str_list(raw, "allowed_licenses", where)
+    p.allowed_collection_methods = _str_list(raw, "allowed_collection_methods", where)
+    srg = raw.get("synthetic_requires_generator", False)
+    if not isinstance(srg, bool):
+        raise PolicyError(f"{where}: synthetic_requires_generator must be true or false")
+    p.synthetic_requires_generator = srg
+    p.required_checks = _str_list(raw, "required_checks", where)
+    limits = raw.get("limits") or {}
+    if not isinstance(limits, dict):
+        raise PolicyError(f"{where}: `limits` must be an object")
+    for k, v in limits.items():
+        if k not in DEFAULT_LIMITS:
+            raise PolicyError(f"{where}: unknown limit {k!r} (known: {sorted(DEFAULT_LIMITS)})")
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise PolicyError(f"{where}: limits.{k} must be a positive integer")
+        p.limits[k] = v
+    return p
+
+
+def load_policy(path: str | Path) -> Policy:
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_POLICY_BYTES:
+            raise PolicyError(f"{path}: policy larger than {MAX_POLICY_BYTES} bytes")
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PolicyError(f"{path}: cannot read policy ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise PolicyError(f"{path}: policy is not UTF-8 text") from None
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise PolicyError(f"{path}: YAML policies need PyYAML (pip install pyyaml); or write it as JSON") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise PolicyError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    else:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PolicyError(f"{path}: not valid JSON ({e})") from None
+    return parse_policy(raw, str(path), path.parent)

@@ -1,0 +1,227 @@
+"""How big a preset is and how much memory it needs per GPU under each ZeRO stage.
+
+`python -m kai_train.sizing [--world-size N]` prints, for every `conf/model/*.yaml`, the parameter
+count per component and the GiB per GPU for ZeRO 1, 2, 3 and 3 with the optimizer offloaded.
+
+Parameter counts come from `kai_train.init.tensor_specs` (the model built on the meta device), so
+they are exact and cost no memory. Memory follows the ZeRO paper's accounting (Rajbhandari et al.
+2020) for mixed-precision Adam with Ψ parameters over N data-parallel ranks:
+
+    params (bf16) 2Ψ, grads (bf16) 2Ψ, optimizer (fp32 master + Adam m + v) 12Ψ
+    stage 1 shards the optimizer states (/N), stage 2 also the grads, stage 3 also the params;
+    offload keeps the (sharded) optimizer states in CPU memory instead of on the GPU.
+
+Activations are a rough estimate (see `activation_bytes`), not a measurement: it assumes a
+memory-efficient attention kernel (no s×s score matrix) and ignores DeepSpeed's communication
+buckets, the CUDA context and allocator fragmentation, which add a few GiB per GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+from pathlib import Path
+
+from kai_train.init import tensor_specs
+from kai_train.model import ModelConfig, _swiglu_hidden
+
+CONF_MODEL = Path(__file__).resolve().parent.parent / "conf" / "model"
+GiB = 1024**3
+OPTIMIZER_BYTES = 12  # fp32 master weights + Adam m + Adam v, per parameter
+# kai_train.train builds the float32 genesis model on the CPU of every rank before DeepSpeed
+# shards it: host memory per rank at start (rank 0 briefly twice that, for the genesis digest).
+GENESIS_HOST_BYTES = 4
+
+# Top-level parameter name -> component. The "absent" vectors stand in for a missing modality,
+# so they are counted with that modality's encoder.
+COMPONENT_OF = {"text": "text", "vision": "vision", "absent_image": "vision",
+                "speech": "speech", "absent_audio": "speech"}
+COMPONENTS = ("text", "vision", "speech")
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters per component ('text', 'vision', 'speech') and their 'total'."""
+    return dict(_param_counts(tuple(sorted(cfg.to_dict().items()))))
+
+
+@functools.lru_cache(maxsize=64)
+def _param_counts(fields: tuple[tuple[str, float], ...]) -> tuple[tuple[str, int], ...]:
+    # Cached by field values: building even a meta model takes ~0.1 s for the large presets.
+    counts = dict.fromkeys(COMPONENTS, 0)
+    for name, shape, _ in tensor_specs(ModelConfig(**dict(fields))):
+        counts[COMPONENT_OF[name.split(".")[0]]] += math.prod(shape)
+    counts["total"] = sum(counts.values())
+    return tuple(counts.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# activations
+
+
+def _block_bytes(rows: int, width: int, kv_width: int, hidden: int, a: int) -> int:
+    """Bytes one transformer block keeps for backward, for `rows` positions of one sample.
+
+    a = bytes per activation element (2 for bf16). Counted per position:
+      2 RMSNorms:   fp32 normalized copy + cast output            2 (4 + a) w
+      attention:    q, k, v, k/v repeated to all heads, sdpa out  a (4 w + 2 kv)
+      RoPE:         fp32 copies of q and k                        4 (w + kv)
+      SwiGLU:       w1 out, silu out, w3 out, their product       4 a hidden
+    """
+    per_row = 2 * (4 + a) * width + a * (4 * width + 2 * kv_width) + 4 * (width + kv_width) + 4 * a * hidden
+    return rows * per_row
+
+
+def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, checkpointing: bool,
+                     dtype_bytes: int = 2) -> int:
+    """Rough activation memory of one micro batch (per GPU; ZeRO does not shard activations).
+
+    With checkpointing the decoder keeps only each block's input and recomputes one block at a
+    time in backward (kai_train.model.TextDecoder); the encoders are never checkpointed.
+    """
+    a = dtype_bytes
+    rows = cfg.n_image_tokens + cfg.n_audio_tokens + seq_len  # decoder sequence: prefix + text
+    kv = cfg.n_kv_heads * (cfg.dim // cfg.n_heads)
+    block = _block_bytes(rows, cfg.dim, kv, cfg.ffn_hidden, a)
+    decoder = (cfg.n_layers * a * rows * cfg.dim + block) if checkpointing else cfg.n_layers * block
+    logits = 2 * a * seq_len * cfg.vocab_size  # logits + log-softmax kept by cross-entropy
+    vw, sw = cfg.vision_dim, cfg.speech_dim
+    vision = cfg.vision_layers * _block_bytes(cfg.n_image_tokens, vw, vw, _swiglu_hidden(vw), a)
+    speech = cfg.speech_layers * _block_bytes(cfg.n_audio_tokens, sw, sw, _swiglu_hidden(sw), a)
+    speech += 4 * cfg.n_mels * cfg.n_audio_frames + 2 * a * sw * cfg.n_audio_tokens * 2  # log-mel, convs
+    return micro_batch * (decoder + logits + vision + speech + a * rows * cfg.dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# model states under ZeRO
+
+
+def memory_per_gpu(cfg: ModelConfig, world_size: int, zero_stage: int, offload: bool = False,
+                   dtype_bytes: int = 2, micro_batch: int = 1, seq_len: int | None = None,
+                   activation_checkpointing: bool = True) -> dict[str, int]:
+    """Bytes per GPU (and per rank in CPU memory when offloading) for one training rank.
+
+    Keys: params, grads, optimizer (the GPU-resident parts), activations, gpu_total, and
+    cpu_offload (the optimizer states held in host memory by this rank, 0 without offload).
+    """
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0..3, got {zero_stage}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if offload and zero_stage == 0:
+        raise ValueError("optimizer offload needs ZeRO stage 1, 2 or 3")
+    psi = param_counts(cfg)["total"]
+    n = world_size
+    params = dtype_bytes * psi / (n if zero_stage >= 3 else 1)
+    grads = dtype_bytes * psi / (n if zero_stage >= 2 else 1)
+    optimizer = OPTIMIZER_BYTES * psi / (n if zero_stage >= 1 else 1)
+    cpu = optimizer if offload else 0.0
+    if offload:
+        optimizer = 0.0
+    acts = activation_bytes(cfg, micro_batch, cfg.max_seq_len if seq_len is None else seq_len,
+                            activation_checkpointing, dtype_bytes)
+    out = {"params": params, "grads": grads, "optimizer": optimizer, "activations": acts, "cpu_offload": cpu}
+    out["gpu_total"] = params + grads + optimizer + acts
+    return {k: int(round(v)) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs (for MFU in bench/train_throughput.py)
+
+
+def flops_per_sample(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs (forward + backward = 3 x forward) for one sample of `seq_len` text tokens.
+
+    Matmul FLOPs: 6 x (weights) x (positions they apply to) — the decoder blocks see the image and
+    audio prefix too, the LM head only the text positions, each encoder its own tokens. Attention:
+    12 x layers x width x positions^2 (the PaLM convention, causal masking not discounted).
+    Embedding lookups, norms and the log-mel front end are left out.
+    """
+    n_img, n_aud = cfg.n_image_tokens, cfg.n_audio_tokens
+    rows_dec = n_img + n_aud + seq_len
+    conv1_rows = (cfg.n_audio_frames + 2 - 3) // 2 + 1
+    total = 0
+    for name, shape, _ in tensor_specs(cfg):
+        if len(shape) < 2 or name.endswith(("tok_emb.weight", "pos_emb")):
+            continue
+        if name.startswith("text.lm_head"):
+            rows = seq_len
+        elif name.startswith("text."):
+            rows = rows_dec
+        elif name.startswith("vision."):
+            rows = n_img
+        elif name.startswith("speech.conv1"):
+            rows = conv1_rows
+        else:  # speech.*
+            rows = n_aud
+        total += 6 * math.prod(shape) * rows
+    total += 12 * cfg.n_layers * cfg.dim * rows_dec**2
+    total += 12 * cfg.vision_layers * cfg.vision_dim * n_img**2
+    total += 12 * cfg.speech_layers * cfg.speech_dim * n_aud**2
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# presets and the CLI
+
+
+def load_preset(name_or_path: str | Path) -> ModelConfig:
+    """A model preset by name (conf/model/NAME.yaml) or by path to a YAML file."""
+    from omegaconf import OmegaConf
+
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONF_MODEL / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(p.stem for p in sorted(CONF_MODEL.glob("*.yaml")))
+        raise SystemExit(f"kai-sizing: error: no model preset {str(name_or_path)!r} ({path}); known: {known}")
+    return ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))  # type: ignore[arg-type]
+
+
+def presets() -> dict[str, ModelConfig]:
+    """Every conf/model/*.yaml, smallest first."""
+    cfgs = {p.stem: load_preset(p) for p in CONF_MODEL.glob("*.yaml")}
+    return dict(sorted(cfgs.items(), key=lambda kv: param_counts(kv[1])["total"]))
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def table(world_size: int, micro_batch: int, checkpointing: bool, seq_len: int | None = None) -> str:
+    """The Markdown table `python -m kai_train.sizing` prints."""
+    head = ["preset", "text", "vision", "speech", "total", "seq", "act GiB",
+            "ZeRO-1", "ZeRO-2", "ZeRO-3", "ZeRO-3+offload", "offload CPU GiB/rank", "genesis CPU GiB/rank"]
+    rows = [head, ["---"] * len(head)]
+    for name, cfg in presets().items():
+        c = param_counts(cfg)
+        seq = min(seq_len, cfg.max_seq_len) if seq_len else cfg.max_seq_len
+        mem = {k: memory_per_gpu(cfg, world_size, stage, off, micro_batch=micro_batch, seq_len=seq,
+                                 activation_checkpointing=checkpointing)
+               for k, (stage, off) in {"z1": (1, False), "z2": (2, False), "z3": (3, False), "z3o": (3, True)}.items()}
+        gib = {k: f"{m['gpu_total'] / GiB:.1f}" for k, m in mem.items()}
+        rows.append([name, *(_fmt_params(c[k]) for k in (*COMPONENTS, "total")), str(seq),
+                     f"{mem['z1']['activations'] / GiB:.1f}", gib["z1"], gib["z2"], gib["z3"], gib["z3o"],
+                     f"{mem['z3o']['cpu_offload'] / GiB:.1f}", f"{GENESIS_HOST_BYTES * c['total'] / GiB:.1f}"])
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m kai_train.sizing", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--world-size", type=int, default=8, help="data-parallel ranks (GPUs in all) [8]")
+    ap.add_argument("--micro-batch", type=int, default=1, help="samples per GPU per micro step [1]")
+    ap.add_argument("--seq-len", type=int, default=None, help="text tokens per sample [each preset's max_seq_len]")
+    ap.add_argument("--no-activation-checkpointing", dest="checkpointing", action="store_false",
+                    help="estimate activations without recomputation (train.activation_checkpointing=false)")
+    args = ap.parse_args(argv)
+    if args.world_size < 1 or args.micro_batch < 1:
+        ap.error("--world-size and --micro-batch must be >= 1")
+    print(f"GiB per GPU: bf16 params and grads, fp32 Adam states; world size {args.world_size}, "
+          f"micro batch {args.micro_batch}, activation checkpointing {'on' if args.checkpointing else 'off'}; "
+          "add ~2-4 GiB for DeepSpeed buffers and the CUDA context. Host memory: the offloaded optimizer "
+          "shard, and at start the fp32 genesis model on every rank.\n")
+    print(table(args.world_size, args.micro_batch, args.checkpointing, args.seq_len))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""The lineage test (`kai-attest lineage`): calibrated per-component independence verdicts.
+
+Every model here is built with kai_train (seeded genesis) and trained briefly on CPU; nothing is
+downloaded. Trained models are made once per module and saved as safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from attest.chain import ChainWriter
+from attest.cli import main as cli_main
+from attest.digest import safetensors_root, sha256_file
+from attest.lineage import ComponentResult, LineageReport, Weights, lineage, open_weights
+from attest.lineage_names import map_names
+from attest.lineage_report import render_html
+from attest.signing import PemSigner
+from attest.statements import subject
+from kai_train.init import build_genesis_model
+from kai_train.model import ModelConfig, MultimodalLM
+
+REPO = Path(__file__).resolve().parent.parent
+CFG = ModelConfig()  # the tiny preset: dim 64, 2 decoder layers, MLP width 172, 1 vision and 1 speech layer
+DRAWS = 49  # null draws per test run (the CLI default is 99); enough for p_perm to reach its floor 0.02
+STEPS, LR = 40, 3e-3  # enough AdamW steps that weights move well away from init (corr to genesis ~0.6-0.7)
+
+
+def _batch(g: torch.Generator, B: int = 8, T: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Arithmetic token sequences (learnable), random images and audio."""
+    start = torch.randint(0, CFG.vocab_size, (B, 1), generator=g)
+    step = torch.randint(1, 7, (B, 1), generator=g)
+    tokens = (start + step * torch.arange(T + 1)) % CFG.vocab_size
+    images = torch.rand(B, CFG.image_channels, CFG.image_size, CFG.image_size, generator=g)
+    audio = torch.randn(B, CFG.audio_samples, generator=g) * 0.1
+    return tokens, images, audio
+
+
+def _train(model: MultimodalLM, data_seed: int, steps: int = STEPS) -> MultimodalLM:
+    g = torch.Generator().manual_seed(data_seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    for _ in range(steps):
+        tokens, images, audio = _batch(g)
+        logits = model(tokens[:, :-1], images, audio)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def _state(model: MultimodalLM) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def _save(sd: dict[str, torch.Tensor], path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+def disguise(sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Output-preserving transforms of every block: MLP hidden units permuted (w1/w3 rows, w2 columns)
+    and rescaled (w3 row by c, w2 column by 1/c); attention heads permuted (kv heads with their query
+    groups, wo columns alike) and q/k rescaled (q by s, k by 1/s)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {k: v.clone() for k, v in sd.items()}
+    stacks = [("text", CFG.n_layers, CFG.n_heads, CFG.n_kv_heads),
+              ("vision", CFG.vision_layers, CFG.vision_heads, CFG.vision_heads),
+              ("speech", CFG.speech_layers, CFG.speech_heads, CFG.speech_heads)]
+    for stack, layers, heads, kv in stacks:
+        for i in range(layers):
+            p = f"{stack}.layers.{i}."
+            w1, w3, w2 = (out[p + f"mlp.{w}.weight"] for w in ("w1", "w3", "w2"))
+            perm = torch.randperm(w1.shape[0], generator=g)
+            c = 0.5 + 1.5 * torch.rand(w1.shape[0], generator=g)
+            out[p + "mlp.w1.weight"], out[p + "mlp.w3.weight"] = w1[perm], w3[perm] * c[:, None]
+            out[p + "mlp.w2.weight"] = w2[:, perm] / c[None, :]
+            wq, wk, wv, wo = (out[p + f"attn.{w}.weight"] for w in ("wq", "wk", "wv", "wo"))
+            hd, rep = wq.shape[0] // heads, heads // kv
+            kv_perm = torch.randperm(kv, generator=g)
+            q_heads = [int(kv_perm[h // rep]) * rep + h % rep for h in range(heads)]
+            q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in q_heads])
+            kv_rows = torch.cat([torch.arange(int(j) * hd, (int(j) + 1) * hd) for j in kv_perm])
+            out[p + "attn.wq.weight"], out[p + "attn.wk.weight"] = wq[q_rows] * 2.0, wk[kv_rows] / 2.0
+            out[p + "attn.wv.weight"], out[p + "attn.wo.weight"] = wv[kv_rows], wo[:, q_rows]
+    return out
+
+
+def add_noise(sd: dict[str, torch.Tensor], rel: float, seed: int) -> dict[str, torch.Tensor]:
+    """Gaussian noise of `rel` times each matrix's own std (the Llama3-V disguise)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + rel * v.std() * torch.randn(v.shape, generator=g) if v.ndim >= 2 else v for k, v in sd.items()}
+
+
+def llama_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text decoder renamed to the Hugging Face Llama layout (vision/speech dropped)."""
+    table = {"attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
+             "attn.wo": "self_attn.o_proj", "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj",
+             "mlp.w2": "mlp.down_proj", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    out = {"model.embed_tokens.weight": sd["text.tok_emb.weight"], "lm_head.weight": sd["text.lm_head.weight"],
+           "model.norm.weight": sd["text.norm.weight"]}
+    for k, v in sd.items():
+        m = re.fullmatch(r"text\.layers\.(\d+)\.(.+)\.weight", k)
+        if m:
+            out[f"model.layers.{m[1]}.{table[m[2]]}.weight"] = v
+    return out
+
+
+@dataclass
+class Zoo:
+    genesis: Path  # seed 11 at init
+    base: list[Path]  # seeds 11, 12, 13, each trained on its own data
+    finetuned: Path  # base[0] trained further on other data
+    vision_copy: Path  # base[1] with base[0]'s image encoder pasted in, then trained further
+    disguised: Path  # base[0] permuted, rescaled and noised
+    base_state: dict[str, torch.Tensor]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
+    d = tmp_path_factory.mktemp("lineage")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is as fast, and immune to a busy machine
+    try:
+        return _make_zoo(d)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _make_zoo(d: Path) -> Zoo:
+    torch.manual_seed(0)
+    base, states = [], []
+    genesis = None
+    for k, seed in enumerate((11, 12, 13)):
+        model, _ = build_genesis_model(CFG, seed)
+        if k == 0:
+            genesis = _save(_state(model), d / "genesis.safetensors")
+        states.append(_state(_train(model, data_seed=100 + seed)))
+        base.append(_save(states[-1], d / f"base{seed}.safetensors"))
+    model = MultimodalLM(CFG)
+    model.load_state_dict(states[0])
+    finetuned = _save(_state(_train(model, data_seed=999)), d / "finetuned.safetensors")
+    model.load_state_dict({**states[1], **{k: v for k, v in states[0].items() if k.startswith("vision.")}})
+    vision_copy = _save(_state(_train(model, data_seed=777, steps=20)), d / "vision_copy.safetensors")
+    disguised = _save(add_noise(disguise(states[0], seed=5), rel=0.5, seed=6), d / "disguised.safetensors")
+    assert genesis is not None
+    return Zoo(genesis, base, finetuned, vision_copy, disguised, states[0])
+
+
+def _by_component(report: LineageReport, control: bool = False) -> dict[str, ComponentResult]:
+    return {r.component: r for r in report.results if r.control == control}
+
+
+def _comparable(report: LineageReport) -> list[ComponentResult]:
+    return [r for r in report.results if r.verdict != "not comparable"]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_independently_trained_models_are_never_flagged_over_three_seed_pairs(zoo: Zoo) -> None:
+    pvalues = []
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        report = lineage(zoo.base[a], [zoo.base[b]], null_draws=DRAWS)
+        rows = _comparable(report)
+        assert len(rows) == 14, [r.line() for r in report.results]  # every component of the tiny model
+        assert report.dependent == [], [r.line() for r in report.dependent]
+        pvalues += [r.p_value for r in rows]
+    # Calibrated, not merely conservative: p-values of unrelated pairs spread over (0, 1).
+    assert min(pvalues) > 1e-3 and 0.2 < float(np.median(pvalues)) < 0.8, sorted(pvalues)
+
+
+def test_fine_tuned_model_is_dependent_on_its_base_with_tiny_p(zoo: Zoo) -> None:
+    report = lineage(zoo.finetuned, [zoo.base[0]], null_draws=DRAWS)
+    rows = _comparable(report)
+    assert len(rows) == 14
+    for r in rows:
+        assert r.verdict == "dependent" and r.p_value < 1e-6, r.line()
+    assert _by_component(report)["text.block.0"].p_value < 1e-30
+
+
+def test_permuted_rescaled_and_noised_copy_is_still_dependent(zoo: Zoo) -> None:
+    # The disguise preserves the function exactly (before noise): an adversary loses nothing by it.
+    g = torch.Generator().manual_seed(1)
+    tokens, images, audio = _batch(g, B=2, T=16)
+    model = MultimodalLM(CFG).eval()
+    with torch.no_grad():
+        model.load_state_dict(zoo.base_state)
+        want = model(tokens, images, audio)
+        model.load_state_dict(disguise(zoo.base_state, seed=5))
+        got = model(tokens, images, audio)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    report = lineage(zoo.disguised, [zoo.base[0]], null_draws=DRAWS)
+    res = _by_component(report)
+    for comp in ("text.block.0", "text.block.1", "vision.block.0", "speech.block.0"):
+        assert res[comp].verdict == "dependent" and res[comp].p_value < 1e-6, res[comp].line()
+
+
+def test_copied_image_encoder_is_dependent_for_the_vision_components_only(zoo: Zoo) -> None:
+    report = lineage(zoo.vision_copy, [zoo.base[0]], null_draws=DRAWS)
+    res = _by_component(report)
+    for comp in ("vision.embed", "vision.block.0", "vision.projector"):
+        assert res[comp].verdict == "dependent" and res[comp].p_value < 1e-6, res[comp].line()
+    for comp, r in res.items():
+        if not comp.startswith("vision."):
+            assert r.verdict == "independent", r.line()
+    # and against the model it was pasted into, the opposite picture
+    other = _by_component(lineage(zoo.vision_copy, [zoo.base[1]], null_draws=DRAWS))
+    assert other["text.block.0"].verdict == "dependent" and other["vision.block.0"].verdict == "independent"
+
+
+def test_norm_gains_initialised_at_one_are_not_flagged_by_themselves(zoo: Zoo) -> None:
+    # Trained, unrelated: raw cosine of the gains is ~1 (the Solar/GLM trap), the centred test says no.
+    res = _by_component(lineage(zoo.base[0], [zoo.base[1]], null_draws=DRAWS))
+    for comp in ("text.norm", "vision.norm", "speech.norm"):
+        r = res[comp]
+        assert r.norm_only and r.raw_cosine > 0.99 and r.verdict == "independent", r.line()
+    # Untrained, unrelated: every gain is exactly 1, so there is nothing to compare.
+    d = zoo.genesis.parent
+    g2 = _save(_state(build_genesis_model(CFG, 12)[0]), d / "genesis12.safetensors")
+    report = lineage(zoo.genesis, [g2], null_draws=DRAWS)
+    res = _by_component(report)
+    for comp in ("text.norm", "vision.norm", "speech.norm"):
+        assert res[comp].verdict == "not comparable" and "constant" in res[comp].reason, res[comp].line()
+    assert report.dependent == [], [r.line() for r in report.dependent]
+
+
+def _bundle(root: Path, genesis: Path, release: Path) -> Path:
+    """A minimal bundle: a signed chain with genesis and release statements, and their weights."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    names = {"checkpoints/step-000000/model.safetensors": genesis,
+             f"checkpoints/step-{STEPS:06d}/model.safetensors": release}
+    for name, src in names.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(src.read_bytes())
+    chain = ChainWriter(root / "chain.jsonl", PemSigner(ec.generate_private_key(ec.SECP256R1())), "lineage-test")
+    (gname, _), (rname, _) = names.items()
+    for kind, name, pred in (("genesis", gname, {"recipe": {}, "tensors": {}}), ("release", rname, {"step": STEPS})):
+        chain.append(kind, [subject(name, sha256_file(root / name))],
+                     {**pred, "weights_root": safetensors_root([root / name])})
+    return root
+
+
+def test_bundle_release_is_dependent_on_its_own_genesis_and_not_on_a_stranger(zoo: Zoo, tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path / "bundle", zoo.genesis, zoo.base[0])
+    report = lineage(bundle, [zoo.base[1]], null_draws=DRAWS)
+    control = [r for r in report.results if r.control and r.verdict != "not comparable"]
+    assert len(control) == 11  # the three norm components are constant in the genesis
+    for r in control:
+        assert r.verdict == "dependent" and r.p_value < 1e-6, r.line()
+    assert report.control_failed == [] and report.dependent == []
+
+
+def test_llama_layout_maps_onto_the_same_components_and_lists_what_it_cannot_map(zoo: Zoo, tmp_path: Path) -> None:
+    sd = llama_names(zoo.base_state)
+    sd["model.rotary_emb.inv_freq"] = torch.ones(8)
+    sd["model.layers.0.mystery.weight"] = torch.ones(4, 4)
+    hf = _save(sd, tmp_path / "llama.safetensors")
+    mapped = map_names(open_weights(hf).shapes())
+    assert set(mapped.components) == {"text.embed", "text.block.0", "text.block.1", "text.lm_head", "text.norm"}
+    assert set(mapped.components["text.block.1"]) == {"attn.q", "attn.k", "attn.v", "attn.o",
+                                                      "mlp.gate", "mlp.up", "mlp.down"}
+    unmatched = sorted(u.split()[0] for u in mapped.unmatched)
+    assert unmatched == ["model.layers.0.mystery.weight", "model.rotary_emb.inv_freq"]
+
+    report = lineage(zoo.finetuned, [hf], null_draws=DRAWS)
+    res = _by_component(report)
+    for comp in ("text.embed", "text.block.0", "text.block.1", "text.lm_head", "text.norm"):
+        assert res[comp].verdict == "dependent", res[comp].line()
+    absent = res["vision.block.0"]
+    assert absent.verdict == "not comparable" and "absent in the reference" in absent.reason
+    assert any("mystery" in u for u in report.unmatched["llama.safetensors"])
+
+
+def test_fused_qkv_vision_layout_is_split_and_compared(zoo: Zoo, tmp_path: Path) -> None:
+    # Qwen2-VL style: visual.blocks.N.attn.qkv (q, k, v stacked) and gate/up/down projections.
+    s, p = zoo.base_state, "vision.layers.0."
+    sd = {"visual.blocks.0.attn.qkv.weight": torch.cat([s[p + f"attn.{w}.weight"] for w in ("wq", "wk", "wv")]),
+          "visual.blocks.0.attn.proj.weight": s[p + "attn.wo.weight"],
+          "visual.blocks.0.mlp.gate_proj.weight": s[p + "mlp.w1.weight"],
+          "visual.blocks.0.mlp.up_proj.weight": s[p + "mlp.w3.weight"],
+          "visual.blocks.0.mlp.down_proj.weight": s[p + "mlp.w2.weight"]}
+    qwen = _save(sd, tmp_path / "qwen_visual.safetensors")
+    r = _by_component(lineage(zoo.disguised, [qwen], null_draws=DRAWS))["vision.block.0"]
+    assert r.verdict == "dependent" and sorted(r.roles) == ["attn.k", "attn.o", "attn.q", "attn.v",
+                                                             "mlp.down", "mlp.gate", "mlp.up"], r.line()
+
+
+def test_bf16_and_f16_weights_are_read_without_torch_as_torch_reads_them(zoo: Zoo, tmp_path: Path) -> None:
+    w = zoo.base_state["text.layers.0.mlp.w1.weight"]
+    for dtype in (torch.bfloat16, torch.float16):
+        path = _save({"x": w.to(dtype)}, tmp_path / f"{dtype}.safetensors")
+        got = Weights("x", open_weights(path).tensors).array("x")
+        np.testing.assert_array_equal(got, w.to(dtype).float().numpy())
+
+
+def test_cli_lineage_json_report_and_exit_codes(zoo: Zoo, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # dependent -> exit 1; JSON on stdout; the HTML page is self-contained
+    html_path = tmp_path / "lineage.html"
+    rc = cli_main(["lineage", str(zoo.finetuned), "--reference", str(zoo.base[0]), "--json",
+                   "--null-draws", "19", "--report", str(html_path)])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 1 and out["dependent_components"] and out["null_draws"] == 19
+    page = html_path.read_text()
+    assert "<script" not in page and not re.search(r"(src|href)=", page)
+    svg = re.search(r"<svg.*?</svg>", page, re.S)
+    assert svg and ET.fromstring(svg.group(0)).tag.endswith("svg")
+    # independent -> exit 0, as a real subprocess through `python -m attest.cli`
+    p = subprocess.run([sys.executable, "-m", "attest.cli", "lineage", str(zoo.base[0]), "--reference",
+                        str(zoo.base[2]), "--null-draws", "19"], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "verdict: no component dependent" in p.stdout
+    # unreadable input -> exit 2 and one line naming the file
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    rc = cli_main(["lineage", str(zoo.base[0]), "--reference", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and str(bad) in err
+
+
+def test_html_report_renders_every_row(zoo: Zoo) -> None:
+    report = lineage(zoo.vision_copy, [zoo.base[0], zoo.base[1]], null_draws=19)
+    page = render_html(report)
+    assert page.count("<tr class=") == len(report.results) == 28
+    assert "vision.block.0" in page and "absence of evidence" in page
+
+
+def test_lineage_never_imports_torch() -> None:
+    # (Blocking torch with sys.modules['torch'] = None would trip scipy's own array-API probe.)
+    code = ("import sys, attest.cli, attest.lineage, attest.lineage_names, attest.lineage_report\n"
+            "print('ok' if 'torch' not in sys.modules else 'torch was imported')")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr

@@ -1,0 +1,264 @@
+"""More tampered bundles (with tests/test_tamper.py: the tamper suite). Most are insider attacks:
+the real key, every statement re-signed, every digest and link made consistent; each must still
+fail with the right check named. The verifier runs in-process (main()), so torch loads once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from attest.chain import ChainWriter, read_chain
+from attest.cli import main
+from attest.digest import merkle_root, sha256_file
+from attest.oms import sign_checkpoint_dir
+from attest.signing import PemSigner
+from attest.statements import CHAIN_FIELDS
+
+pytestmark = pytest.mark.slow
+
+ALLOWED = {"allowed_licenses": ["CC0-1.0", "CC-BY-4.0"], "allowed_collection_methods": ["synthetic", "licensed"],
+           "synthetic_requires_generator": True}
+
+
+@pytest.fixture
+def bundle(demo_run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(demo_run / "bundle", tmp_path / "bundle"))
+
+
+@pytest.fixture
+def key(demo_run: Path) -> Path:
+    return demo_run / "keys/signing-key.pem"
+
+
+def verify(capsys: pytest.CaptureFixture[str], b: Path, *extra: str) -> tuple[int, str]:
+    rc = main(["verify", str(b), "--trust", str(b / "keys/signing-key.pub.pem"), *extra])
+    return rc, capsys.readouterr().out
+
+
+def failed_checks(capsys: pytest.CaptureFixture[str], b: Path, *extra: str) -> tuple[set[str], str]:
+    rc, out = verify(capsys, b, *extra)
+    assert rc == 1, f"expected exit 1, got {rc}\n{out}"
+    return {line.split()[1] for line in out.splitlines() if line.startswith("FAIL")}, out
+
+
+def resign(b: Path, key: Path, mutate: Callable[[list[dict]], None]) -> None:
+    """Rewrite the whole chain consistently with the real key after `mutate` edits the statements."""
+    entries, _ = read_chain(b / "chain.jsonl")
+    statements = [e.statement for e in entries]
+    mutate(statements)
+    run_id = statements[0]["predicate"]["run_id"]
+    (b / "chain.jsonl").unlink()
+    w = ChainWriter(b / "chain.jsonl", PemSigner.from_file(key), run_id)
+    for st in statements:
+        w.append(st["predicate"]["kind"], st["subject"], {k: v for k, v in st["predicate"].items() if k not in CHAIN_FIELDS})
+
+
+def of_kind(statements: list[dict], kind: str) -> list[dict]:
+    return [s for s in statements if s["predicate"]["kind"] == kind]
+
+
+def set_subject(st: dict, name: str, b: Path) -> None:
+    for s in st["subject"]:
+        if s["name"] == name:
+            s["digest"]["sha256"] = sha256_file(b / name)
+
+
+def replace_weights(b: Path, key: Path, step: int, sd: dict) -> str:
+    """Write `sd` as the weights of checkpoint `step`, re-sign its OMS signature; returns the new root."""
+    from kai_train.weights import save_weights, state_dict_leaves
+
+    folder = b / f"checkpoints/step-{step:06d}"
+    save_weights(sd, folder / "model.safetensors")
+    sign_checkpoint_dir(folder, key)
+    return merkle_root(state_dict_leaves(sd))
+
+
+def load(b: Path, step: int) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(b / f"checkpoints/step-{step:06d}/model.safetensors"))
+
+
+def test_insider_borrows_a_trained_vision_encoder_for_genesis_and_genesis_names_its_tensors(bundle, key, capsys) -> None:
+    """The Naver case: one component of W0 comes from a trained model; the rest is the honest init."""
+    from kai_train.weights import state_dict_leaves
+
+    w0, borrowed = load(bundle, 0), load(bundle, 4)
+    vision = sorted(n for n in w0 if n.startswith("vision."))
+    sd = {**w0, **{n: borrowed[n] for n in vision}}
+    root = replace_weights(bundle, key, 0, sd)
+    leaves = state_dict_leaves(sd)
+
+    def borrow(sts: list[dict]) -> None:
+        (g,) = of_kind(sts, "genesis")
+        for name in ("checkpoints/step-000000/model.safetensors", "checkpoints/step-000000/model.sig"):
+            set_subject(g, name, bundle)
+        g["predicate"]["weights_root"] = root
+        for n, t in g["predicate"]["tensors"].items():
+            t["digest"] = leaves[n]
+        of_kind(sts, "checkpoint")[0]["predicate"]["parent_root"] = root
+
+    resign(bundle, key, borrow)
+    failed, out = failed_checks(capsys, bundle)
+    assert failed == {"genesis"}, out
+    line = next(x for x in out.splitlines() if x.startswith("FAIL  genesis"))
+    assert f"{len(vision)} of {len(w0)} tensors differ: vision.* {len(vision)} tensors" in line, line
+    assert "text." not in line and "speech." not in line
+
+
+def test_insider_swaps_weights_at_a_middle_checkpoint_and_trajectory_flags_the_jump(bundle, key, capsys) -> None:
+    from kai_train.init import build_genesis_model
+    from kai_train.model import ModelConfig
+
+    entries, _ = read_chain(bundle / "chain.jsonl")
+    cfg = next(e for e in entries if e.kind == "genesis").predicate["recipe"]["model"]
+    foreign, _ = build_genesis_model(ModelConfig.from_dict(cfg), seed=4321)
+    root = replace_weights(bundle, key, 2, {n: p.detach() for n, p in foreign.named_parameters()})
+
+    def swap(sts: list[dict]) -> None:
+        first, second = of_kind(sts, "checkpoint")
+        for name in ("checkpoints/step-000002/model.safetensors", "checkpoints/step-000002/model.sig"):
+            set_subject(first, name, bundle)
+        first["predicate"]["weights_root"] = root
+        second["predicate"]["parent_root"] = root
+
+    resign(bundle, key, swap)
+    failed, out = failed_checks(capsys, bundle)
+    assert failed == {"trajectory"}, out
+    flagged = [x for x in out.splitlines() if x.startswith("FAIL  trajectory")]
+    assert len(flagged) == 2 and all("moved more than any step could" in x for x in flagged), out
+
+
+def test_shard_file_swapped_after_declaration_fails_subject_digest(bundle, capsys) -> None:
+    shutil.copy(bundle / "data/shards/text-00000.parquet", bundle / "data/shards/text-00001.parquet")
+    failed, out = failed_checks(capsys, bundle)
+    assert failed == {"subject-digest"} and "text-00001.parquet" in out
+
+
+def test_segment_removed_and_chain_resigned_fails_statement_order(bundle, key, capsys) -> None:
+    def drop(sts: list[dict]) -> None:
+        first, second = of_kind(sts, "checkpoint")
+        second["predicate"]["parent_root"] = first["predicate"]["parent_root"]
+        sts.remove(first)
+
+    resign(bundle, key, drop)
+    failed, out = failed_checks(capsys, bundle)
+    assert failed == {"statement-order"}, out
+    assert "sampler range starting at 0" in out
+
+
+@pytest.mark.slow
+def test_learning_rate_in_the_run_config_differs_from_the_one_used(bundle, key, capsys) -> None:
+    cfg_file = bundle / "config/run.yaml"
+    cfg_file.write_text(cfg_file.read_text().replace("  lr: 0.003\n", "  lr: 0.0031\n"))
+
+    def relr(sts: list[dict]) -> None:
+        (run,) = of_kind(sts, "run")
+        run["predicate"]["config"]["train"]["lr"] = 0.0031
+        set_subject(run, "config/run.yaml", bundle)
+
+    resign(bundle, key, relr)
+    failed, out = failed_checks(capsys, bundle, "--replay", "all")
+    assert "replay" in failed, out
+
+
+def _edit_manifest(b: Path, key: Path, shard: str, edit: Callable[[dict], None]) -> None:
+    """Change a shard's manifest consistently: statement, manifest file and its subject digest."""
+    mname = f"data/shards/{shard}.manifest.json"
+
+    def mutate(sts: list[dict]) -> None:
+        st = next(s for s in of_kind(sts, "data-shard") if any(x["name"] == mname for x in s["subject"]))
+        edit(st["predicate"]["manifest"])
+        (b / mname).write_text(json.dumps(st["predicate"]["manifest"], indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        set_subject(st, mname, b)
+
+    resign(b, key, mutate)
+
+
+def test_licence_not_allowed_by_the_policy_fails_data_licence(bundle, key, tmp_path, capsys) -> None:
+    _edit_manifest(bundle, key, "text-00001", lambda m: m["source"].update(license="LicenseRef-scraped-web"))
+    assert verify(capsys, bundle)[0] == 0  # without a policy a licence is listed, not judged
+    (tmp_path / "policy.json").write_text(json.dumps(ALLOWED))
+    failed, out = failed_checks(capsys, bundle, "--policy", str(tmp_path / "policy.json"))
+    assert failed == {"data-licence"} and "LicenseRef-scraped-web" in out
+
+
+def test_synthetic_source_without_generator_fails_data_licence_under_policy(bundle, key, tmp_path, capsys) -> None:
+    _edit_manifest(bundle, key, "images-00000", lambda m: m["source"].update(generator=""))
+    (tmp_path / "policy.json").write_text(json.dumps(ALLOWED))
+    failed, out = failed_checks(capsys, bundle, "--policy", str(tmp_path / "policy.json"))
+    assert failed == {"data-licence"} and "images-00000.parquet" in out and "generator" in out
+
+
+def test_manifest_file_that_disagrees_with_its_statement_fails_data_lineage(bundle, key, capsys) -> None:
+    mname = "data/shards/audio-00000.manifest.json"
+    m = json.loads((bundle / mname).read_text())
+    m["source"]["license"] = "CC-BY-NC-4.0"
+    (bundle / mname).write_text(json.dumps(m))
+
+    def redigest(sts: list[dict]) -> None:
+        for st in of_kind(sts, "data-shard"):
+            set_subject(st, mname, bundle)
+
+    resign(bundle, key, redigest)
+    failed, out = failed_checks(capsys, bundle)
+    assert failed == {"data-lineage"} and mname in out
+
+
+def test_checkpoint_consuming_an_undeclared_shard_fails_data_lineage(bundle, key, capsys) -> None:
+    resign(bundle, key, lambda sts: of_kind(sts, "checkpoint")[-1]["predicate"]["data_consumed"]["shards"].append(
+        "data/shards/private-00000.parquet"))
+    failed, out = failed_checks(capsys, bundle)
+    assert failed == {"data-lineage"} and "private-00000.parquet" in out
+
+
+def test_tokenizer_trained_on_an_undeclared_shard_fails_data_lineage(bundle, key, capsys) -> None:
+    resign(bundle, key, lambda sts: of_kind(sts, "tokenizer")[0]["predicate"]["trained_on"].append(
+        {"name": "data/shards/web-00000.parquet", "sha256": "ab" * 32}))
+    failed, out = failed_checks(capsys, bundle)
+    assert failed == {"data-lineage"} and "web-00000.parquet" in out
+
+
+def test_release_naming_a_different_step_fails_release(bundle, key, capsys) -> None:
+    def older(sts: list[dict]) -> None:
+        first = of_kind(sts, "checkpoint")[0]
+        (rel,) = of_kind(sts, "release")
+        rel["predicate"].update(step=first["predicate"]["step"], weights_root=first["predicate"]["weights_root"])
+        rel["subject"] = [s for s in first["subject"] if s["name"].endswith(".safetensors")]
+
+    resign(bundle, key, older)
+    failed, out = failed_checks(capsys, bundle)
+    assert "release" in failed, out
+    assert "step 4 (the last checkpoint)" in out
+
+
+def test_export_that_is_not_the_last_checkpoint_fails_release(bundle, capsys) -> None:
+    (bundle / "export").mkdir()
+    shutil.copy(bundle / "checkpoints/step-000002/model.safetensors", bundle / "export/model.safetensors")
+    failed, out = failed_checks(capsys, bundle)
+    assert failed == {"release"} and "export/model.safetensors" in out
+
+
+def test_subject_naming_a_path_outside_the_bundle_is_refused(bundle, key, capsys) -> None:
+    def traverse(sts: list[dict]) -> None:
+        of_kind(sts, "tokenizer")[0]["subject"].append({"name": "../../keys/signing-key.pem", "digest": {"sha256": "00" * 32}})
+
+    resign(bundle, key, traverse)
+    failed, out = failed_checks(capsys, bundle)
+    assert failed == {"subject-digest"} and "leaves the bundle" in out
+
+
+def test_hidden_prefix_before_genesis_fails_statement_order(bundle, key, capsys) -> None:
+    """The first checkpoint claims its data started mid-stream: training happened before the chain."""
+    def prefix(sts: list[dict]) -> None:
+        for c in of_kind(sts, "checkpoint"):
+            c["predicate"]["data_consumed"]["sampler"]["position_start"] += 160
+            c["predicate"]["data_consumed"]["sampler"]["position_end"] += 160
+
+    resign(bundle, key, prefix)
+    failed, out = failed_checks(capsys, bundle)
+    assert failed == {"statement-order"}, out
