@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attest import failpoints
 from attest.dsse import EnvelopeError, open_bundle, sign_statement
 from attest.signing import Signer
 from attest.statements import build_statement
@@ -106,11 +107,15 @@ class ChainWriter:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             view = memoryview(line + b"\n")
+            if os.environ.get("KAI_FAILPOINT", "").startswith("chain-append-torn"):
+                os.write(fd, view[: len(view) // 2])  # half a line reaches the disk, then the process dies
+                failpoints.reached("chain-append-torn")
             while view:  # os.write may write less than asked
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
+        failpoints.reached("chain-appended")
         self.previous = hashlib.sha256(line).hexdigest()
         self.sequence += 1
         return statement

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 from attest.bundle import BundlePathError
 from attest.digest import merkle_root
@@ -71,19 +70,6 @@ def check_weights(ctx: Context) -> Iterator[Finding]:
         yield Finding("weights-digest", True, "", detail=f"{n} weight sets match their canonical digest")
 
 
-@contextmanager
-def _oms_hashes_from(ctx: Context) -> Iterator[None]:
-    """Let oms.cross_check reuse the digests already computed (it names files by path)."""
-    from attest import oms
-
-    original = oms.sha256_file
-    oms.sha256_file = ctx.files.sha256_of_path
-    try:
-        yield
-    finally:
-        oms.sha256_file = original
-
-
 def check_oms(ctx: Context) -> Iterator[Finding]:
     """Each checkpoint folder's OpenSSF model-signing signature lists exactly its files, is signed by a
     trusted key, names the same weights file digest as the chain, and uses the policy's hash settings."""
@@ -99,8 +85,7 @@ def check_oms(ctx: Context) -> Iterator[Finding]:
                 continue  # subject-digest reports the missing or unsafe file
             n += 1
             folder = name.rsplit("/", 1)[0]
-            with _oms_hashes_from(ctx):
-                found = cross_check(sig, sig.parent, ctx.trusted, where=name)
+            found = cross_check(sig, sig.parent, ctx.trusted, where=name, sha256=ctx.files.sha256_of_path)
             for f in found:
                 if not f.ok:
                     bad += 1

@@ -25,10 +25,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from attest.digest import sha256_file
 from attest.dsse import PAYLOAD_TYPE, pae
+from attest.findings import Finding
 from attest.signing import PublicKeyVerifier, Signer, SignerError
 
 SIGNATURE_NAME = "model.sig"
@@ -47,18 +49,6 @@ class OmsManifest:
     root: str  # sha256 over the concatenated resource digests
     resources: dict[str, str]  # file path (POSIX, relative to the folder) -> sha256 hex
     serialization: dict[str, Any]
-
-
-@dataclass
-class OmsFinding:
-    """Shaped like attest.verify.Finding: `Finding(**dataclasses.asdict(f))`."""
-
-    check: str
-    ok: bool
-    file: str = ""
-    expected: str = ""
-    found: str = ""
-    detail: str = ""
 
 
 def sign_checkpoint_dir(checkpoint_dir: Path, key: Path | Signer, sig_name: str = SIGNATURE_NAME) -> Path:
@@ -181,7 +171,7 @@ def _folder_files(checkpoint_dir: Path, ignored: set[str]) -> tuple[dict[str, Pa
 
 
 def cross_check(oms_sig: Path, checkpoint_dir: Path, trusted: list[PublicKeyVerifier] | None = None,
-                where: str | None = None) -> list[OmsFinding]:
+                where: str | None = None, sha256: Callable[[Path], str] = sha256_file) -> list[Finding]:
     """Check an OMS signature against the folder's files: every listed file present with that sha256,
     no unlisted file, ROOT = sha256(concatenated digests); with `trusted`, a valid signature by one
     of those keys. Returns failures, or one passing finding. Never raises on bad content."""
@@ -191,11 +181,11 @@ def cross_check(oms_sig: Path, checkpoint_dir: Path, trusted: list[PublicKeyVeri
         payload, sigs, _ = _load(oms_sig)
         m = read_oms(oms_sig)
     except OmsError as e:
-        return [OmsFinding(check, False, label, "an OMS v1.0 signature", str(e).removeprefix(f"{oms_sig}: "))]
-    out: list[OmsFinding] = []
+        return [Finding(check, False, label, "an OMS v1.0 signature", str(e).removeprefix(f"{oms_sig}: "))]
+    out: list[Finding] = []
     ser = m.serialization
     if ser.get("method") != "files" or ser.get("hash_type") != "sha256" or ser.get("allow_symlinks"):
-        out.append(OmsFinding(check, False, label, "files serialization, sha256, no symlinks",
+        out.append(Finding(check, False, label, "files serialization, sha256, no symlinks",
                               f"method {ser.get('method')}, hash_type {ser.get('hash_type')}, "
                               f"allow_symlinks {ser.get('allow_symlinks')}"))
     ignore = {str(p) for p in ser.get("ignore_paths") or []}
@@ -203,31 +193,31 @@ def cross_check(oms_sig: Path, checkpoint_dir: Path, trusted: list[PublicKeyVeri
     # would let a file sit in the folder unsigned.
     extra_ignores = sorted(ignore - {oms_sig.name, *IGNORED_BY_DEFAULT})
     if extra_ignores:
-        out.append(OmsFinding(check, False, label, f"ignore_paths within {oms_sig.name} and git paths",
+        out.append(Finding(check, False, label, f"ignore_paths within {oms_sig.name} and git paths",
                               ", ".join(extra_ignores)))
     root = hashlib.sha256(b"".join(bytes.fromhex(d) for _, d in sorted(m.resources.items()))).hexdigest() \
         if all(_is_hex(d) for d in m.resources.values()) else "not hex"
     if root != m.root:
-        out.append(OmsFinding(check, False, label, f"subject digest {root}", m.root))
+        out.append(Finding(check, False, label, f"subject digest {root}", m.root))
     files, odd = _folder_files(checkpoint_dir, ignore | {oms_sig.name, *IGNORED_BY_DEFAULT})
     for rel in odd:
-        out.append(OmsFinding(check, False, f"{checkpoint_dir}/{rel}", "a regular file", "a symlink"))
+        out.append(Finding(check, False, f"{checkpoint_dir}/{rel}", "a regular file", "a symlink"))
     for rel in sorted(set(m.resources) - set(files)):
-        out.append(OmsFinding(check, False, f"{checkpoint_dir}/{rel}", f"sha256 {m.resources[rel]}", "no such file"))
+        out.append(Finding(check, False, f"{checkpoint_dir}/{rel}", f"sha256 {m.resources[rel]}", "no such file"))
     for rel in sorted(set(files) - set(m.resources)):
-        out.append(OmsFinding(check, False, f"{checkpoint_dir}/{rel}", "no file the signature does not list",
+        out.append(Finding(check, False, f"{checkpoint_dir}/{rel}", "no file the signature does not list",
                               "an unsigned file"))
     for rel in sorted(set(files) & set(m.resources)):
-        got = sha256_file(files[rel])
+        got = sha256(files[rel])
         if got != m.resources[rel]:
-            out.append(OmsFinding(check, False, f"{checkpoint_dir}/{rel}", f"sha256 {m.resources[rel]}", got))
+            out.append(Finding(check, False, f"{checkpoint_dir}/{rel}", f"sha256 {m.resources[rel]}", got))
     if trusted is not None:
         msg = pae(PAYLOAD_TYPE, payload)
         if not any(k.verify(msg, s) for k in trusted for s in sigs):
-            out.append(OmsFinding(check, False, label, "a signature by " + ",".join(k.keyid[:16] for k in trusted),
+            out.append(Finding(check, False, label, "a signature by " + ",".join(k.keyid[:16] for k in trusted),
                                   "no valid signature"))
     if not out:
-        out.append(OmsFinding(check, True, label, detail=f"{len(m.resources)} files, root {m.root[:16]}…"))
+        out.append(Finding(check, True, label, detail=f"{len(m.resources)} files, root {m.root[:16]}…"))
     return out
 
 

@@ -8,8 +8,10 @@ statements and knows nothing of DeepSpeed. Weights are written as safetensors un
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
+import time
 import sys
 from collections.abc import Mapping
 from importlib import metadata
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 
+from attest import failpoints
 from attest.chain import ChainWriter
 from attest.digest import merkle_root, sha256_file, tree_digest
 from attest.oms import sign_checkpoint_dir
@@ -64,6 +67,20 @@ def hardware(world_size: int) -> dict[str, Any]:
     return {"machine": platform.machine(), "cpu_count": os.cpu_count(), "gpu": gpu, "world_size": world_size}
 
 
+def _timed(method):
+    """Add the method's wall time to `self.seconds`."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    return wrapper
+
+
 class Provenance:
     def __init__(self, run_dir: Path, signer: Signer, run_id: str, oms: bool = True) -> None:
         self.run_dir = run_dir
@@ -72,23 +89,31 @@ class Provenance:
         self.oms = oms and not hasattr(signer, "sign_statement")
         self.last_root: str | None = None
         self.last_step = 0
+        self.seconds = 0.0  # wall time spent here: saving, hashing, signing (the provenance overhead)
 
     def _weights_subjects(
         self, step: int, sd: Mapping[str, torch.Tensor], optimizer: Mapping[str, torch.Tensor] | None = None
     ) -> tuple[list[dict[str, Any]], dict[str, str]]:
         name = weights_name(step)
         (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        folder = (self.run_dir / name).parent
+        for stale in folder.glob(".*.tmp"):  # left by a write a crash interrupted; not part of the checkpoint
+            stale.unlink()
         save_weights(sd, self.run_dir / name)
+        failpoints.reached("weights-saved")
         subjects = [subject(name, sha256_file(self.run_dir / name))]
         if optimizer is not None:  # consolidated AdamW moments: what a replay of the next segment starts from
             opt = optimizer_name(step)
             save_weights(optimizer, self.run_dir / opt)
             subjects.append(subject(opt, sha256_file(self.run_dir / opt)))
         if self.oms:
-            sig = sign_checkpoint_dir((self.run_dir / name).parent, self.chain.signer)
+            failpoints.reached("before-oms")
+            sig = sign_checkpoint_dir(folder, self.chain.signer)
+            failpoints.reached("oms-signed")
             subjects.append(subject(str(sig.relative_to(self.run_dir)), sha256_file(sig)))
         return subjects, state_dict_leaves(sd)
 
+    @_timed
     def record_run(self, config: dict[str, Any], config_file: str, world_size: int) -> None:
         self.chain.append(
             "run",
@@ -97,6 +122,7 @@ class Provenance:
              "replay_plugin": "kai_train.replay"},
         )
 
+    @_timed
     def record_genesis(self, sd: Mapping[str, torch.Tensor], recipe: dict[str, Any], tensors: dict[str, Any]) -> str:
         subs, leaves = self._weights_subjects(0, sd)
         root = merkle_root(leaves)
@@ -104,6 +130,7 @@ class Provenance:
         self.last_root = root
         return root
 
+    @_timed
     def record_checkpoint(
         self, step: int, sd: Mapping[str, torch.Tensor], data_consumed: dict[str, Any], metrics: dict[str, float],
         optimizer: Mapping[str, torch.Tensor] | None = None, optimizer_step: int | None = None,
@@ -118,6 +145,7 @@ class Provenance:
         self.last_root, self.last_step = root, step
         return root
 
+    @_timed
     def record_release(self) -> None:
         name = weights_name(self.last_step)
         self.chain.append(

@@ -68,3 +68,13 @@ def find_resume_point(run_dir: Path) -> ResumePoint | None:
         raise ResumeError(f"{run_dir / 'ds' / tag}: DeepSpeed checkpoint of the last chain checkpoint is missing")
     return ResumePoint(int(last["step"]), int(last["data_consumed"]["sampler"]["position_end"]),
                        last["weights_root"], genesis["weights_root"], tag)
+
+
+def recorded_run_config(run_dir: Path) -> dict | None:
+    """The config of a run statement already in the chain (a start that died before its genesis)."""
+    chain = run_dir / "chain.jsonl"
+    if not chain.exists():
+        return None
+    entries, _ = read_chain(chain)
+    runs = [e.predicate for e in entries if e.kind == "run"]
+    return runs[-1]["config"] if runs else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,13 @@ def fit(cfg: DictConfig) -> None:
     from kai_train.init import build_genesis_model
     from kai_train.model import ModelConfig
     from kai_train.provenance import Provenance
-    from kai_train.resume import ResumeError, ds_tag, find_resume_point
+    from attest import failpoints
+    from kai_train.resume import ResumeError, ds_tag, find_resume_point, recorded_run_config
     from kai_train.step import train_step
     from kai_train.tracking import Tracker
     from kai_train.weights import state_dict_leaves
 
+    t_start = time.time()
     deepspeed.init_distributed(dist_backend=eng.backend())
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = Path(cfg.run_dir)
@@ -101,9 +104,13 @@ def fit(cfg: DictConfig) -> None:
         sd0 = {n: p.detach().clone() for n, p in model.named_parameters()}
         if resume is None:
             resolved["data_shards"] = [{"name": str(p.relative_to(run_dir)), "sha256": sha256_file(p)} for p in shards]
-            (run_dir / "config").mkdir(parents=True, exist_ok=True)
-            (run_dir / "config/run.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-            prov.record_run(resolved, "config/run.yaml", world)
+            earlier = recorded_run_config(run_dir)  # a start that died before its genesis was recorded
+            if earlier is None:
+                (run_dir / "config").mkdir(parents=True, exist_ok=True)
+                (run_dir / "config/run.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+                prov.record_run(resolved, "config/run.yaml", world)
+            elif earlier != resolved:
+                fail(f"{run_dir / 'chain.jsonl'} records a run with another config; use the same config or a new run_dir")
             tensors = genesis.tensor_table(sd0, state_dict_leaves(sd0), rules)
             root = prov.record_genesis(sd0, genesis.recipe(mcfg, cfg.seed), tensors)
             log(f"genesis {root[:16]}… ({model.num_params():,} parameters, seed {cfg.seed})")
@@ -138,6 +145,7 @@ def fit(cfg: DictConfig) -> None:
         metrics = {"loss": float(mean) / world, "lr": float(engine.get_lr()[0])}
         if tracker:
             tracker.step(step, tokens, metrics, train["log_every"])
+        failpoints.reached("step-done")
         if eval_ids and train["eval_every"] and (step % train["eval_every"] == 0 or step == steps):
             last_eval = held_out_loss(engine, data, eval_ids, micro, train["eval_batches"], mcfg.image_size, mcfg.audio_samples)
             if tracker:
@@ -145,8 +153,10 @@ def fit(cfg: DictConfig) -> None:
                             "eval step %d: %s" % (step, "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items())))
         if step % train["ckpt_every"] == 0 or step == steps:
             sd = eng.full_state_dict(engine)
+            failpoints.reached("gathered")
             opt_sd, opt_step = eng.full_optimizer_state(engine) if cfg.attest.optimizer_state else (None, None)
             engine.save_checkpoint(str(run_dir / "ds"), tag=ds_tag(step), client_state=eng.client_state(step, position))
+            failpoints.reached("ds-saved")
             if prov is not None:
                 consumed = {
                     "shards": [str(p.relative_to(run_dir)) for p in shards],
@@ -168,8 +178,11 @@ def fit(cfg: DictConfig) -> None:
             return
     if prov is not None and tracker is not None:
         prov.record_release()
+        failpoints.reached("release-recorded")
         out = export(run_dir)
         tracker.log(steps, {}, f"release step {steps} {prov.last_root[:16]}…; export at {out}")
+        wall = time.time() - t_start
+        tracker.log(steps, {}, f"provenance {prov.seconds:.2f} s of {wall:.2f} s wall ({100 * prov.seconds / wall:.2f}%)")
         tracker.finish({"chain_head": prov.chain.previous, "weights_root": prov.last_root})
     dist.barrier()
 

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from attest.chain import read_chain
+from collections.abc import Callable
+
+from attest.chain import ChainWriter, read_chain
+from attest.signing import PemSigner
+from attest.statements import CHAIN_FIELDS
 
 REPO = Path(__file__).resolve().parent.parent
 # Small but real: the demo corpus, 2 ranks, a few steps, two checkpoints.
@@ -81,3 +85,15 @@ def demo_run(data_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     must(torchrun(run_dir, 2, "deepspeed=zero2", *TRAIN_ARGS))
     must(kai_attest("bundle", str(run_dir)))
     return run_dir
+
+
+def resign(b: Path, key: Path, mutate: Callable[[list[dict]], None]) -> None:
+    """An insider with the real key: rewrite the whole chain consistently after `mutate` edits the statements."""
+    entries, _ = read_chain(b / "chain.jsonl")
+    statements = [e.statement for e in entries]
+    mutate(statements)
+    run_id = statements[0]["predicate"]["run_id"]
+    (b / "chain.jsonl").unlink()
+    w = ChainWriter(b / "chain.jsonl", PemSigner.from_file(key), run_id)
+    for st in statements:
+        w.append(st["predicate"]["kind"], st["subject"], {k: v for k, v in st["predicate"].items() if k not in CHAIN_FIELDS})

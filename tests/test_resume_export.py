@@ -125,34 +125,30 @@ def test_replay_catches_a_checkpoint_swapped_for_weights_of_another_run(demo_run
     genesis, plausible update size) and re-signs everything: replay of that segment differs."""
     import shutil
 
-    from attest.chain import ChainWriter
-    from attest.signing import PemSigner
-    from attest.statements import CHAIN_FIELDS
     from attest.digest import sha256_file
     from attest.oms import sign_checkpoint_dir
+    from conftest import resign
 
     other = prepared_data(tmp_path / "other", data_run)
-    must(torchrun(other, 2, "deepspeed=zero2", *TRAIN_ARGS, *QUIET, "seed=1234", "train.holdout_every=7"))
+    must(torchrun(other, 2, "deepspeed=zero2", *TRAIN_ARGS, *QUIET, "train.holdout_every=7"))
     b = Path(shutil.copytree(demo_run / "bundle", tmp_path / "bundle"))
-    src = other / "checkpoints/step-000002"
     dst = b / "checkpoints/step-000002"
     for f in ("model.safetensors", "optimizer.safetensors"):
-        shutil.copy2(src / f, dst / f)
+        shutil.copy2(other / "checkpoints/step-000002" / f, dst / f)
     sign_checkpoint_dir(dst, demo_run / "keys/signing-key.pem")
-    entries, _ = read_chain(b / "chain.jsonl")
-    other_ckpt = next(e.predicate for e in read_chain(other / "chain.jsonl")[0] if e.kind == "checkpoint")
-    (b / "chain.jsonl").unlink()
-    w = ChainWriter(b / "chain.jsonl", PemSigner.from_file(demo_run / "keys/signing-key.pem"), entries[0].predicate["run_id"])
-    for e in entries:
-        st, pred = e.statement, {k: v for k, v in e.predicate.items() if k not in CHAIN_FIELDS}
-        if e.kind == "checkpoint" and pred["step"] == 2:
-            pred["weights_root"], pred["optimizer"] = other_ckpt["weights_root"], other_ckpt["optimizer"]
-        if e.kind == "checkpoint" and pred["step"] == 4:
-            pred["parent_root"] = other_ckpt["weights_root"]
-        for s in st["subject"]:
-            if s["name"].startswith("checkpoints/step-000002/"):
-                s["digest"]["sha256"] = sha256_file(b / s["name"])
-        w.append(e.kind, st["subject"], pred)
+    swapped = next(e.predicate for e in read_chain(other / "chain.jsonl")[0] if e.kind == "checkpoint")
+
+    def swap(statements: list[dict]) -> None:
+        for st in statements:
+            pred = st["predicate"]
+            if pred["kind"] == "checkpoint" and pred["step"] == 2:
+                pred["weights_root"], pred["optimizer"] = swapped["weights_root"], swapped["optimizer"]
+                for s in st["subject"]:
+                    s["digest"]["sha256"] = sha256_file(b / s["name"])
+            if pred["kind"] == "checkpoint" and pred["step"] == 4:
+                pred["parent_root"] = swapped["weights_root"]
+
+    resign(b, demo_run / "keys/signing-key.pem", swap)
     p = kai_attest("verify", str(b), "--replay", "all")
     assert p.returncode == 1, p.stdout
     failed = {line.split()[1] for line in p.stdout.splitlines() if line.startswith("FAIL")}

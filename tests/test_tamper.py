@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from attest.chain import ChainWriter, read_chain
+from attest.chain import read_chain
 from attest.digest import sha256_file
 from attest.oms import sign_checkpoint_dir
 from attest.signing import PemSigner, keygen
-from attest.statements import CHAIN_FIELDS
-from conftest import kai_attest
+from conftest import kai_attest, resign
 from kai_train.init import build_genesis_model
 from kai_train.model import ModelConfig
 from kai_train.weights import save_weights, state_dict_leaves
@@ -39,19 +37,6 @@ def failed_checks(b: Path, *extra: str) -> set[str]:
     p = kai_attest("verify", str(b), *extra)
     assert p.returncode == 1, f"expected exit 1, got {p.returncode}\n{p.stdout}\n{p.stderr}"
     return {line.split()[1] for line in p.stdout.splitlines() if line.startswith("FAIL")}
-
-
-def resign(b: Path, key: Path, mutate: Callable[[list[dict]], None]) -> None:
-    """Rewrite the whole chain consistently with the real key after `mutate` edits the statements."""
-    entries, _ = read_chain(b / "chain.jsonl")
-    statements = [e.statement for e in entries]
-    mutate(statements)
-    run_id = statements[0]["predicate"]["run_id"]
-    (b / "chain.jsonl").unlink()
-    w = ChainWriter(b / "chain.jsonl", PemSigner.from_file(key), run_id)
-    for st in statements:
-        pred = {k: v for k, v in st["predicate"].items() if k not in CHAIN_FIELDS}
-        w.append(st["predicate"]["kind"], st["subject"], pred)
 
 
 def test_flipped_byte_in_a_checkpoint_fails_subject_and_weights_digest(bundle: Path) -> None:

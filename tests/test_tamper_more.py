@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from attest.chain import ChainWriter, read_chain
+from attest.chain import read_chain
 from attest.cli import main
 from attest.digest import merkle_root, sha256_file
 from attest.oms import sign_checkpoint_dir
-from attest.signing import PemSigner
-from attest.statements import CHAIN_FIELDS
+from conftest import resign
 
 pytestmark = pytest.mark.slow
 
@@ -43,18 +42,6 @@ def failed_checks(capsys: pytest.CaptureFixture[str], b: Path, *extra: str) -> t
     rc, out = verify(capsys, b, *extra)
     assert rc == 1, f"expected exit 1, got {rc}\n{out}"
     return {line.split()[1] for line in out.splitlines() if line.startswith("FAIL")}, out
-
-
-def resign(b: Path, key: Path, mutate: Callable[[list[dict]], None]) -> None:
-    """Rewrite the whole chain consistently with the real key after `mutate` edits the statements."""
-    entries, _ = read_chain(b / "chain.jsonl")
-    statements = [e.statement for e in entries]
-    mutate(statements)
-    run_id = statements[0]["predicate"]["run_id"]
-    (b / "chain.jsonl").unlink()
-    w = ChainWriter(b / "chain.jsonl", PemSigner.from_file(key), run_id)
-    for st in statements:
-        w.append(st["predicate"]["kind"], st["subject"], {k: v for k, v in st["predicate"].items() if k not in CHAIN_FIELDS})
 
 
 def of_kind(statements: list[dict], kind: str) -> list[dict]:

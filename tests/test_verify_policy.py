@@ -402,6 +402,9 @@ def test_archive_limits_on_members_and_bytes(tmp_path: Path) -> None:
 
 def test_replay_is_a_skip_until_a_replayer_is_registered(bundle, monkeypatch: pytest.MonkeyPatch) -> None:
     root, _ = bundle
+    assert verify.DEFAULT_REPLAY_PLUGIN in verify.REPLAYERS  # kai_train.replay registers on import
+    assert [f.skipped for f in verify.verify_bundle(root).findings if f.check == "replay"] == [True]  # not asked
+    monkeypatch.delitem(verify.REPLAYERS, verify.DEFAULT_REPLAY_PLUGIN)
     r = verify.verify_bundle(root, replay="all")
     (f,) = [f for f in r.findings if f.check == "replay"]
     assert f.skipped and "replay not run" in f.detail and verify.DEFAULT_REPLAY_PLUGIN in f.detail
@@ -421,8 +424,11 @@ def test_replay_is_a_skip_until_a_replayer_is_registered(bundle, monkeypatch: py
     assert a.facts["replay_requested"]["seed"] == 5 == b.facts["replay_requested"]["seed"]
 
 
-def test_replay_argument_accepts_a_count_or_all(bundle, capsys) -> None:
+def test_replay_argument_accepts_a_count_or_all(bundle, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     root, _ = bundle
+    # the synthetic bundle has no real training to replay: a replayer that reproduces every segment
+    monkeypatch.setitem(verify.REPLAYERS, verify.DEFAULT_REPLAY_PLUGIN,
+                        lambda ctx, segs: [verify.Finding("replay", True, f"step {e.predicate['step']}") for e in segs])
     assert cli(capsys, str(root), "--replay", "all", "--replay-seed", "3")[0] == 0
     assert cli(capsys, str(root), "--replay", "2")[0] == 0
     with pytest.raises(SystemExit) as e:
