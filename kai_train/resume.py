@@ -78,3 +78,23 @@ def recorded_run_config(run_dir: Path) -> dict | None:
     entries, _ = read_chain(chain)
     runs = [e.predicate for e in entries if e.kind == "run"]
     return runs[-1]["config"] if runs else None
+
+
+# Config keys a resumed run may change: where it stops, how it resumes, how it is tracked.
+MAY_DIFFER = {"resume", "train.stop_at", "wandb"}
+
+
+def config_difference(recorded: dict, current: dict, prefix: str = "") -> str | None:
+    """The first config key (dotted) whose value differs, ignoring MAY_DIFFER; None when equal.
+    A resumed run trains with the recorded config, so the chain's statement stays true."""
+    for key in sorted(set(recorded) | set(current)):
+        path = f"{prefix}{key}"
+        if path in MAY_DIFFER:
+            continue
+        a, b = recorded.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if (sub := config_difference(a, b, f"{path}.")) is not None:
+                return sub
+        elif a != b:
+            return path
+    return None

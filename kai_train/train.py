@@ -53,7 +53,7 @@ def fit(cfg: DictConfig) -> None:
     from kai_train.model import ModelConfig
     from kai_train.provenance import Provenance
     from attest import failpoints
-    from kai_train.resume import ResumeError, ds_tag, find_resume_point, recorded_run_config
+    from kai_train.resume import ResumeError, config_difference, ds_tag, find_resume_point, recorded_run_config
     from kai_train.step import train_step
     from kai_train.tracking import Tracker
     from kai_train.weights import state_dict_leaves
@@ -102,15 +102,16 @@ def fit(cfg: DictConfig) -> None:
             fail(str(e))
         prov = Provenance(run_dir, signer, cfg.run_id)
         sd0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+        resolved["data_shards"] = [{"name": str(p.relative_to(run_dir)), "sha256": sha256_file(p)} for p in shards]
+        earlier = recorded_run_config(run_dir)  # a resumed run, or a start that died before its genesis
+        if earlier is not None and (key := config_difference(earlier, resolved)):
+            fail(f"{run_dir / 'chain.jsonl'}: config key {key} differs from the run statement's; "
+                 "resume with the recorded config or use a new run_dir")
         if resume is None:
-            resolved["data_shards"] = [{"name": str(p.relative_to(run_dir)), "sha256": sha256_file(p)} for p in shards]
-            earlier = recorded_run_config(run_dir)  # a start that died before its genesis was recorded
             if earlier is None:
                 (run_dir / "config").mkdir(parents=True, exist_ok=True)
                 (run_dir / "config/run.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
                 prov.record_run(resolved, "config/run.yaml", world)
-            elif earlier != resolved:
-                fail(f"{run_dir / 'chain.jsonl'} records a run with another config; use the same config or a new run_dir")
             tensors = genesis.tensor_table(sd0, state_dict_leaves(sd0), rules)
             root = prov.record_genesis(sd0, genesis.recipe(mcfg, cfg.seed), tensors)
             log(f"genesis {root[:16]}… ({model.num_params():,} parameters, seed {cfg.seed})")

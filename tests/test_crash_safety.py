@@ -84,3 +84,12 @@ def test_kill_at_every_phase_then_verify_and_resume_gives_the_uninterrupted_resu
     # the export the last kill prevented is made on demand
     must(run([sys.executable, "-m", "kai_train.export", str(crashed)]))
     assert (crashed / "export/model.safetensors").exists()
+
+
+def test_resume_with_another_learning_rate_is_refused(data_run: Path, tmp_path: Path) -> None:
+    from conftest import torchrun
+
+    run_dir = prepared_data(tmp_path / "run", data_run)
+    must(torchrun(run_dir, 1, *ARGS, "train.stop_at=1"))
+    p = torchrun(run_dir, 1, *ARGS, "train.lr=0.01")
+    assert p.returncode != 0 and "config key train.lr differs" in p.stderr, p.stderr[-2000:]

@@ -153,3 +153,12 @@ def test_replay_catches_a_checkpoint_swapped_for_weights_of_another_run(demo_run
     assert p.returncode == 1, p.stdout
     failed = {line.split()[1] for line in p.stdout.splitlines() if line.startswith("FAIL")}
     assert "replay" in failed, p.stdout
+
+
+def test_config_difference_names_the_changed_key_and_ignores_stop_and_tracking() -> None:
+    from kai_train.resume import config_difference
+
+    rec = {"seed": 1, "train": {"lr": 3e-3, "stop_at": 2}, "wandb": {"mode": "offline"}, "resume": "auto"}
+    assert config_difference(rec, {**rec, "train": {"lr": 3e-3, "stop_at": None}, "wandb": {"mode": "disabled"}}) is None
+    assert config_difference(rec, {**rec, "train": {"lr": 1e-3, "stop_at": 2}}) == "train.lr"
+    assert config_difference(rec, {**rec, "extra": 1}) == "extra"
