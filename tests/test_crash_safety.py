@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from attest.chain import read_chain
-from conftest import env, kai_attest, must, prepared_data, run, sys
+from conftest import env, free_port, kai_attest, must, prepared_data, run, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -39,9 +40,6 @@ def train(run_dir: Path, failpoint: str | None) -> int:
         e["KAI_FAILPOINT"] = failpoint
     else:
         e.pop("KAI_FAILPOINT", None)
-    from conftest import free_port
-    import subprocess
-
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "kai_train.train", f"run_dir={run_dir}", "deepspeed=zero2", *ARGS]
     return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent).returncode
@@ -87,8 +85,6 @@ def test_kill_at_every_phase_then_verify_and_resume_gives_the_uninterrupted_resu
 
 
 def test_resume_with_another_learning_rate_is_refused(data_run: Path, tmp_path: Path) -> None:
-    from conftest import torchrun
-
     run_dir = prepared_data(tmp_path / "run", data_run)
     must(torchrun(run_dir, 1, *ARGS, "train.stop_at=1"))
     p = torchrun(run_dir, 1, *ARGS, "train.lr=0.01")
