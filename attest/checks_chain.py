@@ -34,8 +34,30 @@ def check_statements(ctx: Context) -> Iterator[Finding]:
         if problem:
             bad += 1
             yield Finding("statement-format", False, ctx.where(e), "a valid kai-train statement", problem)
+    moved = _environment_changes(ctx)
+    if moved:
+        ctx.notes.append(f"checkpoints at steps {moved} ran with other library versions or hardware than the run "
+                         "statement records (a run resumed elsewhere): replay those segments with their versions")
     if not bad:
         yield Finding("statement-format", True, CHAIN_NAME, detail=f"{len(ctx.entries)} statements")
+
+
+def _environment_changes(ctx: Context) -> list[Any]:
+    """Steps of checkpoints whose recorded `environment` differs from the run statement's
+    versions and hardware (world size aside: sampler ranges record that)."""
+    runs = ctx.of_kind("run")
+    if not runs:
+        return []
+    run = runs[0].predicate
+    want = (run.get("versions"), {k: v for k, v in as_dict(run.get("hardware")).items() if k != "world_size"})
+    out = []
+    for e in ctx.of_kind("checkpoint"):
+        env = as_dict(e.predicate.get("environment"))
+        if env:
+            got = (env.get("versions"), {k: v for k, v in as_dict(env.get("hardware")).items() if k != "world_size"})
+            if got != want:
+                out.append(e.predicate.get("step"))
+    return out
 
 
 def _signed_by(e: Entry, trusted: list[PublicKeyVerifier]) -> bool:

@@ -7,6 +7,8 @@ in OpenSSF model-signing's resource list). A verifier can re-derive and check on
 
 Everything here works on bytes: safetensors files are parsed by hand (an 8-byte header length, a
 JSON header, raw data), so computing a checkpoint's canonical digest needs no torch.
+`hash_safetensors` gives a weights file's sha256 and its tensor leaves in one streamed read; the
+trainer and the verifier both use it.
 """
 
 from __future__ import annotations
@@ -14,16 +16,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CHUNK = 1 << 20
 LEAF_DOMAIN = b"kai-tensor/v1\n"
 ROOT_DOMAIN = b"kai-weights/v1\n"
 # A safetensors header above this size is refused (the format itself caps it at 100 MB).
 MAX_SAFETENSORS_HEADER = 100_000_000
+# From this file size on, the file sha256 of a one-pass hash runs on a second core (hashlib
+# releases the GIL); below it a thread costs more than it saves.
+PARALLEL_BYTES = 32 << 20
 
 
 class DigestError(ValueError):
@@ -136,6 +144,73 @@ def safetensors_leaves(paths: Iterable[str | os.PathLike[str]]) -> dict[str, str
 
 def safetensors_root(paths: Iterable[str | os.PathLike[str]]) -> str:
     return merkle_root(safetensors_leaves(paths))
+
+
+class _BackgroundSha256:
+    """A sha256 fed from a bounded queue by its own thread: the file hash of a large file runs on a
+    second core while the reading thread computes the tensor leaves. Memory: 16 chunks at most."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+        self._t = threading.Thread(target=self._run, name="kai-sha256", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while (chunk := self._q.get()) is not None:
+            self._h.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._q.put(chunk)
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._h.hexdigest()
+
+    def close(self) -> None:
+        if self._t.is_alive():
+            self._q.put(None)
+            self._t.join()
+
+
+def hash_safetensors(path: str | os.PathLike[str]) -> tuple[str, dict[str, str]]:
+    """(file sha256, tensor leaves) of a safetensors file in one sequential read, memory bounded by
+    a few chunks. Files whose tensors overlap (never written by a real writer) take two plain
+    passes. DigestError names the file and the problem."""
+    path = Path(path)
+    index = sorted(read_safetensors_index(path), key=lambda e: (e.start, e.end))
+    if any(a.end > b.start for a, b in zip(index, index[1:])):
+        return sha256_file(path), safetensors_leaves([path])
+    if len({e.name for e in index}) != len(index):
+        raise DigestError(f"{path}: a tensor name appears twice")
+    fh: Any = _BackgroundSha256() if path.stat().st_size >= PARALLEL_BYTES else hashlib.sha256()
+    leaves: dict[str, str] = {}
+    try:
+        with open(path, "rb") as f:
+            pos = 0
+
+            def copy_to(end: int, h: Any) -> None:
+                nonlocal pos
+                while pos < end:
+                    chunk = f.read(min(CHUNK, end - pos))
+                    if not chunk:
+                        raise DigestError(f"{path}: truncated tensor data")
+                    fh.update(chunk)
+                    if h is not None:
+                        h.update(chunk)
+                    pos += len(chunk)
+
+            for e in index:
+                copy_to(e.start, None)  # header and any padding
+                h = hashlib.sha256(_leaf_header(e.name, e.dtype, e.shape))
+                copy_to(e.end, h)
+                leaves[e.name] = h.hexdigest()
+            while chunk := f.read(CHUNK):  # trailing bytes, if any
+                fh.update(chunk)
+    finally:
+        if isinstance(fh, _BackgroundSha256):
+            fh.close()
+    return fh.hexdigest(), leaves
 
 
 def tree_digest(files: dict[str, str | os.PathLike[str]]) -> str:

@@ -25,7 +25,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from attest.digest import sha256_file
@@ -51,10 +51,13 @@ class OmsManifest:
     serialization: dict[str, Any]
 
 
-def sign_checkpoint_dir(checkpoint_dir: Path, key: Path | Signer, sig_name: str = SIGNATURE_NAME) -> Path:
+def sign_checkpoint_dir(checkpoint_dir: Path, key: Path | Signer, sig_name: str = SIGNATURE_NAME,
+                        known: Mapping[str, str] | None = None) -> Path:
     """Sign every file of `checkpoint_dir` into `checkpoint_dir/sig_name` (replaced atomically).
 
-    `key` is a PEM private key file (ECDSA P-256, as `kai-attest keygen` writes) or a Signer."""
+    `key` is a PEM private key file (ECDSA P-256, as `kai-attest keygen` writes) or a Signer.
+    `known` maps file names (relative to the folder) to the sha256 the caller has just computed
+    for them (the trainer's one-pass hash): those files are not read again; the others are."""
     try:
         from model_signing import hashing, signing
     except ImportError:
@@ -63,6 +66,8 @@ def sign_checkpoint_dir(checkpoint_dir: Path, key: Path | Signer, sig_name: str 
     if not checkpoint_dir.is_dir():
         raise OmsError(f"{checkpoint_dir}: not a checkpoint folder")
     hashing_cfg = hashing.Config().set_ignored_paths(paths=[sig_name], ignore_git_paths=True)
+    if known:
+        _reuse_digests(hashing_cfg, checkpoint_dir, known)
     # Written outside the folder, then moved in: a crash never leaves a half signature (or a
     # temporary file that a later signing would hash) inside the folder.
     tmp = checkpoint_dir.parent / f".{checkpoint_dir.name}.{sig_name}.tmp"
@@ -82,6 +87,25 @@ def sign_checkpoint_dir(checkpoint_dir: Path, key: Path | Signer, sig_name: str 
     out = checkpoint_dir / sig_name
     os.replace(tmp, out)
     return out
+
+
+def _reuse_digests(hashing_cfg: Any, checkpoint_dir: Path, known: Mapping[str, str]) -> None:
+    """Make upstream's files serialization (sha256, 1 MiB chunks) take the digests in `known`
+    instead of reading those files; traversal, ignore rules and the manifest stay upstream's."""
+    from model_signing._hashing import hashing as ms_hashing
+    from model_signing._hashing import io as ms_io
+    from model_signing._hashing import memory as ms_memory
+    from model_signing._serialization import file as ms_file
+
+    by_path = {(checkpoint_dir / name).resolve(): bytes.fromhex(digest) for name, digest in known.items()}
+
+    class KnownOrHashed(ms_io.SimpleFileHasher):
+        def compute(self) -> Any:
+            digest = by_path.get(Path(self._file).resolve())
+            return ms_hashing.Digest(self.digest_name, digest) if digest is not None else super().compute()
+
+    hashing_cfg._serializer = ms_file.Serializer(lambda path: KnownOrHashed(path, ms_memory.SHA256()),
+                                                 allow_symlinks=False)
 
 
 def _AttestOmsSigner(signer: Signer) -> Any:  # noqa: N802 - a class built on first use (lazy import)

@@ -8,6 +8,8 @@ Subjects name files by their path relative to the run directory (= the bundle ro
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -23,12 +25,14 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "run": ("config", "code_digest", "versions", "hardware"),
     # Initial weights: the recipe that re-creates them and their canonical digest.
     "genesis": ("recipe", "weights_root", "tensors"),
-    # A checkpoint: step, canonical digest, data consumed since the previous one, metrics.
+    # A checkpoint: step, canonical digest, data consumed since the previous one, metrics; optional
+    # (checked when present): optimizer, rng_state, environment (see checkpoint_extras).
     "checkpoint": ("step", "weights_root", "parent_root", "data_consumed", "metrics"),
     # The released weights: the last checkpoint, by canonical digest.
     "release": ("step", "weights_root"),
 }
 CHAIN_FIELDS = ("kind", "run_id", "sequence", "previous")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def predicate_type(kind: str) -> str:
@@ -82,4 +86,33 @@ def validate_statement(st: dict[str, Any]) -> str | None:
         return "subject must be a list of {name, digest: {sha256}}"
     if not isinstance(pred.get("sequence"), int) or not isinstance(pred.get("previous"), (str, type(None))):
         return "sequence must be an integer and previous a digest or null"
+    return checkpoint_extras(pred) if kind == "checkpoint" else None
+
+
+def checkpoint_extras(pred: dict[str, Any]) -> str | None:
+    """Shape of the optional checkpoint fields (`metrics.grad_norm`, `rng_state`, `environment`);
+    statements written before they existed lack them, which is fine."""
+    metrics = pred.get("metrics")
+    if isinstance(metrics, dict) and "grad_norm" in metrics:
+        g = metrics["grad_norm"]
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0):
+            return f"metrics.grad_norm must be a finite number >= 0 or null, found {str(g)[:40]!r}"
+    if "rng_state" in pred:
+        rng = pred["rng_state"]
+        sources = rng.get("sources") if isinstance(rng, dict) else None
+        ranks = rng.get("ranks") if isinstance(rng, dict) else None
+        if not (isinstance(sources, list) and sources and all(isinstance(x, str) for x in sources)
+                and isinstance(ranks, list) and ranks and all(isinstance(x, str) and _HEX64.fullmatch(x) for x in ranks)):
+            return "rng_state must be {sources: [names], ranks: [a sha256 hex per rank]}"
+        consumed = pred.get("data_consumed")
+        sampler = consumed.get("sampler") if isinstance(consumed, dict) else None
+        world = sampler.get("world_size") if isinstance(sampler, dict) else None
+        if isinstance(world, int) and len(ranks) != world:
+            return f"rng_state has {len(ranks)} rank digests, data_consumed.sampler.world_size is {world}"
+    if "environment" in pred:
+        env = pred["environment"]
+        versions = env.get("versions") if isinstance(env, dict) else None
+        if not (isinstance(versions, dict) and all(isinstance(v, str) for v in versions.values())
+                and isinstance(env.get("hardware"), dict)):
+            return "environment must be {versions: {library: version}, hardware: {...}}"
     return None

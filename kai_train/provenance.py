@@ -4,33 +4,57 @@ statements appended to the run's chain.
 The trainer calls these at the points where the facts exist; this module turns them into signed
 statements and knows nothing of DeepSpeed. Weights are written as safetensors under
 `checkpoints/step-NNNNNN/model.safetensors` so that subjects are bundle-relative paths.
+
+Checkpoints are recorded off the training critical path: `record_checkpoint` writes the files
+(atomically, fsynced) and returns; a background thread then hashes each file in one streamed pass
+(file sha256 and tensor leaves), signs the folder in the OpenSSF model-signing format with those
+digests and appends the statement. It takes one checkpoint at a time, in the order they were
+written, so statements keep their order and each `parent_root` is the root recorded before it.
+Run, genesis and release statements wait for it first. A worker error stops it; the next call
+raises it as a ProvenanceError.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import hashlib
+import json
 import os
 import platform
-import time
+import queue
+import random
 import sys
+import threading
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from attest import failpoints
 from attest.chain import ChainWriter
-from attest.digest import merkle_root, sha256_file, tree_digest
+from attest.digest import hash_safetensors, merkle_root, sha256_file, tree_digest
 from attest.oms import sign_checkpoint_dir
 from attest.signing import Signer
 from attest.statements import subject
-from kai_train.weights import save_weights, state_dict_leaves
+from kai_train.genesis import tensor_table
+from kai_train.weights import save_weights
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CODE_DIRS = ("attest", "data_pipelines", "kai_train", "conf")
 LIBRARIES = ("torch", "deepspeed", "numpy", "pyarrow", "sentencepiece", "safetensors", "hydra-core", "cryptography")
+# Checkpoints written but not yet recorded before `record_checkpoint` waits for the worker.
+PENDING = 2
+RNG_DOMAIN = b"kai-rng/v1\n"
+
+
+class ProvenanceError(RuntimeError):
+    """Recording a statement failed; the message names the checkpoint and the problem."""
 
 
 def weights_name(step: int) -> str:
@@ -67,8 +91,31 @@ def hardware(world_size: int) -> dict[str, Any]:
     return {"machine": platform.machine(), "cpu_count": os.cpu_count(), "gpu": gpu, "world_size": world_size}
 
 
-def _timed(method):
-    """Add the method's wall time to `self.seconds`."""
+@functools.cache
+def environment(world_size: int) -> dict[str, Any]:
+    """Library versions and hardware of this process, recorded with each checkpoint (a run may be
+    resumed elsewhere)."""
+    return {"versions": library_versions(), "hardware": hardware(world_size)}
+
+
+def rng_state_digest() -> tuple[list[str], str]:
+    """(sources, sha256) of this process's RNG states: torch CPU, CUDA (when initialized), numpy's
+    and Python's global generators: everything a training step could draw from."""
+    parts: list[tuple[str, bytes]] = [("torch_cpu", torch.get_rng_state().numpy().tobytes())]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        parts.append(("torch_cuda", b"".join(s.numpy().tobytes() for s in torch.cuda.get_rng_state_all())))
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    parts.append(("numpy", json.dumps([name, int(pos), int(has_gauss), float(gauss)]).encode() + keys.tobytes()))
+    parts.append(("python", json.dumps(random.getstate()).encode()))
+    h = hashlib.sha256(RNG_DOMAIN)
+    for src, data in parts:
+        h.update(f"{src}\t{len(data)}\n".encode())
+        h.update(data)
+    return [src for src, _ in parts], h.hexdigest()
+
+
+def _blocking(method):
+    """Add the method's wall time to `self.blocked`: time the training loop spends here."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -76,45 +123,74 @@ def _timed(method):
         try:
             return method(self, *args, **kwargs)
         finally:
-            self.seconds += time.perf_counter() - t0
+            self.blocked += time.perf_counter() - t0
 
     return wrapper
 
 
+@dataclass
+class _Checkpoint:
+    step: int
+    predicate: dict[str, Any]  # everything but the roots, which the worker computes
+    optimizer: bool  # an optimizer file was written
+    optimizer_step: int | None
+
+
 class Provenance:
-    def __init__(self, run_dir: Path, signer: Signer, run_id: str, oms: bool = True) -> None:
+    def __init__(self, run_dir: Path, signer: Signer, run_id: str, oms: bool = True, background: bool = True) -> None:
         self.run_dir = run_dir
+        self.background = background
         self.chain = ChainWriter(run_dir / "chain.jsonl", signer, run_id)
         # OpenSSF model-signing signature in each checkpoint folder (key back-ends; keyless has its own bundle)
         self.oms = oms and not hasattr(signer, "sign_statement")
         self.last_root: str | None = None
         self.last_step = 0
-        self.seconds = 0.0  # wall time spent here: saving, hashing, signing (the provenance overhead)
+        self.blocked = 0.0  # seconds the training loop spent here: writing files, waiting for the worker
+        self.checkpoint_blocked: list[float] = []  # of which, per record_checkpoint call
+        self.worker_seconds = 0.0  # seconds spent hashing, signing and appending checkpoints
+        self._recorded: collections.deque[tuple[int, str]] = collections.deque()
+        self._error: ProvenanceError | None = None
+        self._jobs: queue.Queue[_Checkpoint | None] = queue.Queue(maxsize=PENDING)
+        self._worker: threading.Thread | None = None
+        if background:
+            self._worker = threading.Thread(target=self._work, name="kai-provenance", daemon=True)
+            self._worker.start()
 
-    def _weights_subjects(
-        self, step: int, sd: Mapping[str, torch.Tensor], optimizer: Mapping[str, torch.Tensor] | None = None
-    ) -> tuple[list[dict[str, Any]], dict[str, str]]:
-        name = weights_name(step)
-        (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        folder = (self.run_dir / name).parent
-        for stale in folder.glob(".*.tmp"):  # left by a write a crash interrupted; not part of the checkpoint
-            stale.unlink()
-        save_weights(sd, self.run_dir / name)
-        failpoints.reached("weights-saved")
-        subjects = [subject(name, sha256_file(self.run_dir / name))]
-        if optimizer is not None:  # consolidated AdamW moments: what a replay of the next segment starts from
-            opt = optimizer_name(step)
-            save_weights(optimizer, self.run_dir / opt)
-            subjects.append(subject(opt, sha256_file(self.run_dir / opt)))
-        if self.oms:
-            failpoints.reached("before-oms")
-            sig = sign_checkpoint_dir(folder, self.chain.signer)
-            failpoints.reached("oms-signed")
-            subjects.append(subject(str(sig.relative_to(self.run_dir)), sha256_file(sig)))
-        return subjects, state_dict_leaves(sd)
+    # --- the training loop's side -------------------------------------------------------------
 
-    @_timed
+    def check(self) -> None:
+        """Raise the worker's error, if it had one."""
+        if self._error is not None:
+            raise self._error
+
+    def recorded(self) -> list[tuple[int, str]]:
+        """(step, root) of the checkpoints recorded since the last call."""
+        out = []
+        while self._recorded:
+            out.append(self._recorded.popleft())
+        return out
+
+    def _wait(self) -> None:
+        if self._worker is not None:
+            self._jobs.join()
+        self.check()
+
+    @_blocking
+    def flush(self) -> None:
+        """Wait until every checkpoint handed over is in the chain; raise a worker error."""
+        self._wait()
+
+    def close(self) -> None:
+        """Flush, then stop the worker."""
+        self.flush()
+        if self._worker is not None:
+            self._jobs.put(None)
+            self._worker.join()
+            self._worker = None
+
+    @_blocking
     def record_run(self, config: dict[str, Any], config_file: str, world_size: int) -> None:
+        self._wait()
         self.chain.append(
             "run",
             [subject(config_file, sha256_file(self.run_dir / config_file))],
@@ -122,32 +198,95 @@ class Provenance:
              "replay_plugin": "kai_train.replay"},
         )
 
-    @_timed
-    def record_genesis(self, sd: Mapping[str, torch.Tensor], recipe: dict[str, Any], tensors: dict[str, Any]) -> str:
-        subs, leaves = self._weights_subjects(0, sd)
+    @_blocking
+    def record_genesis(self, sd: Mapping[str, torch.Tensor], recipe: dict[str, Any], rules: dict[str, str]) -> str:
+        """Written, hashed and recorded before step 1 (not in the background)."""
+        self._wait()
+        self._write(0, sd, None)
+        subs, leaves, _ = self._hash_and_sign(0, False)
         root = merkle_root(leaves)
-        self.chain.append("genesis", subs, {"recipe": recipe, "weights_root": root, "tensors": tensors})
+        self.chain.append("genesis", subs, {"recipe": recipe, "weights_root": root, "tensors": tensor_table(sd, leaves, rules)})
         self.last_root = root
         return root
 
-    @_timed
+    @_blocking
     def record_checkpoint(
-        self, step: int, sd: Mapping[str, torch.Tensor], data_consumed: dict[str, Any], metrics: dict[str, float],
+        self, step: int, sd: Mapping[str, torch.Tensor], data_consumed: dict[str, Any], metrics: dict[str, Any],
         optimizer: Mapping[str, torch.Tensor] | None = None, optimizer_step: int | None = None,
-    ) -> str:
-        subs, leaves = self._weights_subjects(step, sd, optimizer)
-        root = merkle_root(leaves)
-        pred = {"step": step, "weights_root": root, "parent_root": self.last_root, "data_consumed": data_consumed,
-                "metrics": metrics}
-        if optimizer is not None:
-            pred["optimizer"] = {"file": optimizer_name(step), "step": optimizer_step, "root": merkle_root(state_dict_leaves(optimizer))}
-        self.chain.append("checkpoint", subs, pred)
-        self.last_root, self.last_step = root, step
-        return root
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Write the checkpoint's files, then hand hashing, signing and the append to the worker
+        (waiting only while PENDING earlier checkpoints are still unrecorded)."""
+        t0 = time.perf_counter()
+        self.check()
+        self._write(step, sd, optimizer)
+        pred = {"step": step, "data_consumed": data_consumed, "metrics": metrics, **(extra or {})}
+        job = _Checkpoint(step, pred, optimizer is not None, optimizer_step)
+        if self._worker is None:
+            self._record_checkpoint(job)
+        else:
+            self._jobs.put(job)
+        self.checkpoint_blocked.append(time.perf_counter() - t0)
 
-    @_timed
+    @_blocking
     def record_release(self) -> None:
+        self._wait()
         name = weights_name(self.last_step)
         self.chain.append(
             "release", [subject(name, sha256_file(self.run_dir / name))], {"step": self.last_step, "weights_root": self.last_root}
         )
+
+    # --- files and the worker's side -----------------------------------------------------------
+
+    def _write(self, step: int, sd: Mapping[str, torch.Tensor], optimizer: Mapping[str, torch.Tensor] | None) -> None:
+        folder = (self.run_dir / weights_name(step)).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".*.tmp"):  # left by a write a crash interrupted; not part of the checkpoint
+            stale.unlink()
+        save_weights(sd, self.run_dir / weights_name(step))
+        failpoints.reached("weights-saved")
+        if optimizer is not None:  # consolidated AdamW moments: what a replay of the next segment starts from
+            save_weights(optimizer, self.run_dir / optimizer_name(step))
+
+    def _hash_and_sign(self, step: int, with_optimizer: bool) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, str] | None]:
+        """Subjects, weight leaves and optimizer leaves of a written checkpoint folder: each file is
+        read once; the OMS signature reuses those sha256s."""
+        names = [weights_name(step)] + ([optimizer_name(step)] if with_optimizer else [])
+        digests, leaves = {}, []
+        for name in names:
+            sha, lv = hash_safetensors(self.run_dir / name)
+            digests[name] = sha
+            leaves.append(lv)
+        failpoints.reached("checkpoint-hashed")
+        subjects = [subject(name, sha) for name, sha in digests.items()]
+        if self.oms:
+            folder = (self.run_dir / weights_name(step)).parent
+            failpoints.reached("before-oms")
+            known = {name.rsplit("/", 1)[1]: sha for name, sha in digests.items()}
+            sig = sign_checkpoint_dir(folder, self.chain.signer, known=known)
+            failpoints.reached("oms-signed")
+            subjects.append(subject(str(sig.relative_to(self.run_dir)), sha256_file(sig)))
+        return subjects, leaves[0], (leaves[1] if with_optimizer else None)
+
+    def _record_checkpoint(self, job: _Checkpoint) -> None:
+        t0 = time.perf_counter()
+        subs, leaves, opt_leaves = self._hash_and_sign(job.step, job.optimizer)
+        root = merkle_root(leaves)
+        pred = {**job.predicate, "weights_root": root, "parent_root": self.last_root}
+        if opt_leaves is not None:
+            pred["optimizer"] = {"file": optimizer_name(job.step), "step": job.optimizer_step, "root": merkle_root(opt_leaves)}
+        self.chain.append("checkpoint", subs, pred)
+        self.last_root, self.last_step = root, job.step
+        self._recorded.append((job.step, root))
+        self.worker_seconds += time.perf_counter() - t0
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                if self._error is None:  # after a failure nothing more is appended: parent_root would lie
+                    self._record_checkpoint(job)
+            except Exception as e:  # noqa: BLE001 - any failure must reach the training loop
+                self._error = ProvenanceError(f"checkpoint at step {job.step} not recorded: {type(e).__name__}: {e}")
+            finally:
+                self._jobs.task_done()
+        self._jobs.task_done()

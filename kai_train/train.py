@@ -9,6 +9,7 @@ data position included; a fresh run_dir starts at genesis.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -47,14 +48,11 @@ def fit(cfg: DictConfig) -> None:
     from kai_train import engine as eng
     from kai_train import genesis
     from kai_train.data import ShardDataset
-    from kai_train.evaluate import held_out_loss, split_rows
-    from kai_train.export import export
+    from kai_train.evaluate import split_rows
     from kai_train.init import build_genesis_model
     from kai_train.model import ModelConfig
-    from kai_train.provenance import Provenance
-    from attest import failpoints
-    from kai_train.resume import ResumeError, config_difference, ds_tag, find_resume_point, recorded_run_config
-    from kai_train.step import train_step
+    from kai_train.provenance import Provenance, ProvenanceError
+    from kai_train.resume import ResumeError, config_difference, find_resume_point, recorded_run_config
     from kai_train.tracking import Tracker
     from kai_train.weights import state_dict_leaves
 
@@ -67,7 +65,10 @@ def fit(cfg: DictConfig) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     shards = shard_paths(run_dir, cfg.data_dir)
-    data = ShardDataset(shards, run_dir / cfg.tokenizer, train["text_len"])
+    try:
+        data = ShardDataset(shards, run_dir / cfg.tokenizer, train["text_len"])
+    except ValueError as e:
+        fail(str(e))
     train_ids, eval_ids = split_rows(len(data), train["holdout_every"])
     mcfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))  # type: ignore[arg-type]
     if data.sp.vocab_size() > mcfg.vocab_size:
@@ -100,7 +101,7 @@ def fit(cfg: DictConfig) -> None:
             ensure_public_key(signer, run_dir / "keys" / PUBLIC_KEY_NAME)
         except ValueError as e:  # SignerError / KeyError_: one line naming the key or token
             fail(str(e))
-        prov = Provenance(run_dir, signer, cfg.run_id)
+        prov = Provenance(run_dir, signer, cfg.run_id, background=bool(cfg.attest.get("background", True)))
         sd0 = {n: p.detach().clone() for n, p in model.named_parameters()}
         resolved["data_shards"] = [{"name": str(p.relative_to(run_dir)), "sha256": sha256_file(p)} for p in shards]
         earlier = recorded_run_config(run_dir)  # a resumed run, or a start that died before its genesis
@@ -112,8 +113,7 @@ def fit(cfg: DictConfig) -> None:
                 (run_dir / "config").mkdir(parents=True, exist_ok=True)
                 (run_dir / "config/run.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
                 prov.record_run(resolved, "config/run.yaml", world)
-            tensors = genesis.tensor_table(sd0, state_dict_leaves(sd0), rules)
-            root = prov.record_genesis(sd0, genesis.recipe(mcfg, cfg.seed), tensors)
+            root = prov.record_genesis(sd0, genesis.recipe(mcfg, cfg.seed), rules)
             log(f"genesis {root[:16]}… ({model.num_params():,} parameters, seed {cfg.seed})")
         else:
             from attest.digest import merkle_root
@@ -136,6 +136,26 @@ def fit(cfg: DictConfig) -> None:
     tracker = Tracker(OmegaConf.to_container(cfg.wandb, resolve=True), run_dir, cfg.run_id, resolved,
                       train["steps"], start) if rank == 0 else None
 
+    try:
+        train_loop(cfg, train, engine, data, shards, train_ids, eval_ids, mcfg, run_dir, prov, tracker, start, position,
+                   t_start)
+    except ProvenanceError as e:  # the background worker failed: nothing more may be recorded
+        fail(str(e))
+    dist.barrier()
+
+
+def train_loop(cfg: DictConfig, train: dict[str, Any], engine, data, shards: list[Path], train_ids: list[int],
+               eval_ids: list[int], mcfg, run_dir: Path, prov, tracker, start: int, position: int, t_start: float) -> None:
+    """Steps `start+1 … train.steps`, a checkpoint every `train.ckpt_every`, then release and export."""
+    from attest import failpoints
+    from kai_train import engine as eng
+    from kai_train.evaluate import held_out_loss
+    from kai_train.export import export
+    from kai_train.provenance import environment, rng_state_digest
+    from kai_train.resume import ds_tag
+    from kai_train.step import train_step
+
+    rank, world = dist.get_rank(), dist.get_world_size()
     micro, accum, steps = train["micro_batch"], train["grad_accum"], train["steps"]
     seg_start, last_eval = position, {}
     for step in range(start + 1, steps + 1):
@@ -146,6 +166,9 @@ def fit(cfg: DictConfig) -> None:
         metrics = {"loss": float(mean) / world, "lr": float(engine.get_lr()[0])}
         if tracker:
             tracker.step(step, tokens, metrics, train["log_every"])
+        if prov is not None:
+            prov.check()
+            log_recorded(prov, tracker, step)
         failpoints.reached("step-done")
         if eval_ids and train["eval_every"] and (step % train["eval_every"] == 0 or step == steps):
             last_eval = held_out_loss(engine, data, eval_ids, micro, train["eval_batches"], mcfg.image_size, mcfg.audio_samples)
@@ -153,6 +176,10 @@ def fit(cfg: DictConfig) -> None:
                 tracker.log(step, {f"eval/{k}": v for k, v in last_eval.items()},
                             "eval step %d: %s" % (step, "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items())))
         if step % train["ckpt_every"] == 0 or step == steps:
+            grad_norm = grad_norm_of(engine)
+            sources, rng = rng_state_digest()
+            rngs: list[Any] | None = [None] * world if rank == 0 else None
+            dist.gather_object(rng, rngs, dst=0)
             sd = eng.full_state_dict(engine)
             failpoints.reached("gathered")
             opt_sd, opt_step = eng.full_optimizer_state(engine) if cfg.attest.optimizer_state else (None, None)
@@ -166,26 +193,48 @@ def fit(cfg: DictConfig) -> None:
                                 "epoch_start": seg_start // len(train_ids), "epoch_end": max(seg_start, position - 1) // len(train_ids),
                                 "position_start": seg_start, "position_end": position},
                 }
-                m = {**metrics, **{f"eval_{k}": v for k, v in last_eval.items()}, "wandb_run": tracker.run_id if tracker else None}
-                root = prov.record_checkpoint(step, sd, consumed, m, opt_sd, opt_step)
-                if tracker:
-                    tracker.log(step, {}, f"checkpoint step {step} {root[:16]}…")
+                m = {**metrics, "grad_norm": grad_norm, **{f"eval_{k}": v for k, v in last_eval.items()},
+                     "wandb_run": tracker.run_id if tracker else None}
+                extra = {"rng_state": {"sources": sources, "ranks": rngs}, "environment": environment(world)}
+                prov.record_checkpoint(step, sd, consumed, m, opt_sd, opt_step, extra)
+            del sd, opt_sd
             seg_start = position
         if train["stop_at"] is not None and step >= train["stop_at"]:
             log(f"stopping at step {step} (train.stop_at); continue with resume=auto")
+            if prov is not None:
+                prov.close()
+                log_recorded(prov, tracker, step)
             if tracker:
                 tracker.finish({})
-            dist.barrier()
             return
     if prov is not None and tracker is not None:
         prov.record_release()
+        log_recorded(prov, tracker, steps)
         failpoints.reached("release-recorded")
+        prov.close()
         out = export(run_dir)
         tracker.log(steps, {}, f"release step {steps} {prov.last_root[:16]}…; export at {out}")
         wall = time.time() - t_start
-        tracker.log(steps, {}, f"provenance {prov.seconds:.2f} s of {wall:.2f} s wall ({100 * prov.seconds / wall:.2f}%)")
+        per = sum(prov.checkpoint_blocked) / max(1, len(prov.checkpoint_blocked))
+        tracker.log(steps, {}, f"provenance {prov.blocked:.2f} s of {wall:.2f} s wall ({100 * prov.blocked / wall:.2f}%) "
+                               f"in the training loop, {per:.3f} s per checkpoint; hashing and signing checkpoints "
+                               f"{prov.worker_seconds:.2f} s ({'background' if prov.background else 'inline'})")
         tracker.finish({"chain_head": prov.chain.previous, "weights_root": prov.last_root})
-    dist.barrier()
+
+
+def log_recorded(prov, tracker, step: int) -> None:
+    for s, root in prov.recorded():
+        if tracker:
+            tracker.log(step, {}, f"checkpoint step {s} recorded {root[:16]}…")
+
+
+def grad_norm_of(engine) -> float | None:
+    """The global gradient norm of the last optimizer step (before clipping), as DeepSpeed computed it."""
+    g = engine.get_global_grad_norm()
+    if g is None:
+        return None
+    g = float(g)
+    return g if math.isfinite(g) else None
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base=None)

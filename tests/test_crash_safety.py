@@ -1,5 +1,7 @@
 """kill -9 at many moments of a run: each time the chain verifies up to its last whole entry, and
-`resume=auto` finishes the run with weights bit-identical to a run that was never killed."""
+`resume=auto` finishes the run with weights bit-identical to a run that was never killed. The
+kills at `checkpoint-hashed`, `before-oms`, `oms-signed` and `chain-append-torn` land in the
+background worker that records checkpoints while training goes on."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ KILLS = [
     ("ds-saved", 1),           # DeepSpeed checkpoint saved, no statement
     ("before-oms", 1),         # weights file written, OMS signature not
     ("oms-signed", 1),         # OMS signature written, statement not
+    ("checkpoint-hashed", 1),  # in the background worker, training already past the checkpoint
     ("chain-append-torn", 1),  # half a checkpoint statement reached the disk
     ("step-done", 2),          # mid-segment after a resume
     ("release-recorded", 1),   # released, export not yet written

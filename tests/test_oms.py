@@ -101,3 +101,18 @@ def test_unreadable_signature_is_a_finding_not_an_exception(tmp_path: Path) -> N
     (tmp_path / "model.sig").write_text("{not json")
     (bad,) = cross_check(tmp_path / "model.sig", tmp_path)
     assert not bad.ok and bad.expected == "an OMS v1.0 signature"
+
+
+def test_digests_the_caller_computed_are_signed_instead_of_read_again(tmp_path: Path) -> None:
+    ckpt = tmp_path / "step-000002"
+    ckpt.mkdir()
+    save_weights({"w": torch.ones(8)}, ckpt / "model.safetensors")
+    (ckpt / "notes.txt").write_text("hashed by upstream")
+    priv, pub = keygen(tmp_path / "keys")
+    sig = sign_checkpoint_dir(ckpt, priv, known={"model.safetensors": sha256_file(ckpt / "model.safetensors")})
+    assert upstream_verify(ckpt, sig, pub).returncode == 0
+    assert read_oms(sig).resources["notes.txt"] == sha256_file(ckpt / "notes.txt")
+    sig = sign_checkpoint_dir(ckpt, priv, known={"model.safetensors": "00" * 32})  # taken as given, not re-read
+    assert read_oms(sig).resources["model.safetensors"] == "00" * 32
+    (bad,) = cross_check(sig, ckpt)
+    assert not bad.ok and bad.file.endswith("model.safetensors")

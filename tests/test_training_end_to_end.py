@@ -46,6 +46,13 @@ def test_checkpoint_records_the_sampler_range_each_segment_consumed(demo_run: Pa
     assert ranges == [(0, 16), (16, 32)]
 
 
+def test_checkpoint_records_grad_norm_rng_state_and_environment(demo_run: Path) -> None:
+    for c in entries_of(demo_run, "checkpoint"):
+        assert c["metrics"]["grad_norm"] > 0
+        assert c["rng_state"]["sources"][0] == "torch_cpu" and len(c["rng_state"]["ranks"]) == 2
+        assert c["environment"]["hardware"]["world_size"] == 2 and c["environment"]["versions"]["deepspeed"] != "absent"
+
+
 def test_loss_falls_over_the_run(demo_run: Path) -> None:
     losses = [c["metrics"]["loss"] for c in entries_of(demo_run, "checkpoint")]
     assert losses[-1] < losses[0]
