@@ -76,6 +76,20 @@ def read_chain(path: str | os.PathLike[str]) -> tuple[list[Entry], bool]:
     return entries, torn
 
 
+def set_aside_torn_tail(chain: Path) -> bool:
+    """Move an interrupted final append out of the chain file. Returns True if there was one."""
+    data = chain.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    cut = data.rfind(b"\n") + 1
+    with open(chain.with_name(chain.name + ".torn"), "ab") as f:
+        f.write(data[cut:] + b"\n")
+    with open(chain, "r+b") as f:
+        f.truncate(cut)
+        os.fsync(f.fileno())
+    return True
+
+
 class ChainWriter:
     """Appends signed statements to a chain file; one writer (rank 0) at a time."""
 

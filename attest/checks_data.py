@@ -37,6 +37,7 @@ def check_data_lineage(ctx: Context) -> Iterator[Finding]:
     each shard's manifest file says what its statement says; `derived_from` closes back to shards
     declared earlier."""
     declared = shard_subjects(ctx)
+    sources: dict[Any, Any] = {}  # shard sha256 → its manifest's source block
     bad = 0
     shards = 0
     for i, e in enumerate(ctx.entries):
@@ -66,6 +67,13 @@ def check_data_lineage(ctx: Context) -> Iterator[Finding]:
                 bad += 1
                 yield Finding("data-lineage", False, ctx.where(e), f"derived_from[{j}] a shard declared earlier",
                               f"{as_dict(src).get('path')} sha256 {short(want)} is not one")
+            elif (parent := sources.get(want)) is not None and parent != manifest.get("source"):
+                # a stage never changes where data came from: a different source block is a relabelled licence
+                bad += 1
+                yield Finding("data-lineage", False, ctx.where(e),
+                              f"the source of derived_from[{j}] ({earlier[0]}): {_source_brief(parent)}",
+                              _source_brief(as_dict(manifest.get("source"))))
+        sources.setdefault(manifest.get("sha256"), manifest.get("source"))
     uses: list[tuple[Entry, str, Any]] = []
     for e in ctx.entries:
         if e.kind == "tokenizer":
@@ -84,8 +92,56 @@ def check_data_lineage(ctx: Context) -> Iterator[Finding]:
     for name, e in missing.items():
         bad += 1
         yield Finding("data-lineage", False, ctx.where(e), f"{name} declared by a data-shard statement", f"undeclared (used by the {e.kind})")
+    for finding in _accounting(ctx):
+        bad += 1
+        yield finding
     if not bad:
-        yield Finding("data-lineage", True, "", detail=f"{shards} shards declared; every shard used is declared; lineage closes")
+        staged = any(as_dict(e.predicate.get("manifest")).get("stage") == "ingest" for e in ctx.of_kind("data-shard"))
+        yield Finding("data-lineage", True, "", detail=f"{shards} shards declared; every shard used is declared; lineage closes"
+                      + ("; every raw item is kept, dropped or removed exactly once" if staged else ""))
+
+
+def _int(x: Any) -> int | None:
+    return x if isinstance(x, int) and not isinstance(x, bool) else None
+
+
+def _accounting(ctx: Context) -> Iterator[Finding]:
+    """Staged builds (manifests with `stage`): per source, the ingest shards' raw `positions` tile
+    [0, n) and each holds rows + dropped = its span; dedup rows + removed = ingest rows."""
+    ingest: dict[str, list[tuple[Entry, dict[str, Any]]]] = {}
+    dedup_total: dict[str, int] = {}
+    for e in ctx.of_kind("data-shard"):
+        m = as_dict(e.predicate.get("manifest"))
+        src = str(as_dict(m.get("source")).get("name"))
+        counts = sum(v for v in as_dict(m.get("counts")).values() if _int(v) is not None)
+        rows = _int(m.get("rows")) or 0
+        if m.get("stage") == "ingest":
+            ingest.setdefault(src, []).append((e, m))
+        elif m.get("stage") == "dedup":
+            dedup_total[src] = dedup_total.get(src, 0) + rows + counts
+    for src, shards in ingest.items():
+        end = 0
+        kept = 0
+        for e, m in shards:
+            pos = as_list(m.get("positions"))
+            lo, hi = (_int(pos[0]), _int(pos[1])) if len(pos) == 2 else (None, None)
+            rows = _int(m.get("rows")) or 0
+            dropped = sum(v for v in as_dict(m.get("counts")).values() if _int(v) is not None)
+            kept += rows
+            if lo != end or hi is None or hi - lo != rows + dropped:
+                yield Finding("data-lineage", False, ctx.where(e),
+                              f"source {src!r}: raw positions starting at {end}, spanning rows + dropped = {rows + dropped}",
+                              f"positions {pos}")
+                break
+            end = hi
+        if src in dedup_total and dedup_total[src] != kept:
+            yield Finding("data-lineage", False, ctx.where(shards[-1][0]),
+                          f"source {src!r}: dedup rows + removed = the {kept} ingested rows", f"{dedup_total[src]}")
+
+
+def _source_brief(source: Any) -> str:
+    src = as_dict(source)
+    return f"{src.get('name')!s} ({src.get('license')!s}, {src.get('collection')!s})"
 
 
 def _is_synthetic(source: dict[str, Any]) -> bool:

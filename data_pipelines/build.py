@@ -1,13 +1,17 @@
-"""`kai-data`: the Hydra app that turns declared sources into attested shards and a tokenizer.
+"""`kai-data`: the Hydra app that turns declared sources into attested training shards.
 
-Sources are validated before any work (every provenance field present, path exists); then each
-source is ingested into Parquet shards with manifests, the tokenizer is trained on the shards,
-and a signed `data-shard` statement per shard and a `tokenizer` statement are appended to the
-run's chain. Paths in statements are relative to `run_dir`, the future bundle root.
+    kai-data --config-dir DIR data=NAME out_dir=OUT
+
+Every source in `data.sources` is validated before any work (data_pipelines.sources). Then the
+stages run in order (data_pipelines.stages): ingest → dedup → tokenizer → pack, each shard and the
+tokenizer signed into `OUT/chain.jsonl` as it is written. Running the same command again after a
+crash continues where the chain ends. Paths in statements are relative to `out_dir`, the future
+bundle root; training reads `out_dir/data/shards`.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -16,72 +20,84 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from attest.chain import ChainWriter
+from attest.chain import ChainError, ChainWriter, set_aside_torn_tail
 from attest.digest import sha256_file
 from attest.signers import ensure_public_key, make_signer
 from attest.signing import PUBLIC_KEY_NAME
 from attest.statements import subject
-from data_pipelines import demo_corpus, shards, tokenizer
+from data_pipelines import demo_corpus, stages, tokenizer
+from data_pipelines.dedup import DedupConfig
+from data_pipelines.sources import Normalize, SourceError, check_sources
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+STAGE_KEYS = ("shards", "normalize", "dedup", "tokenizer", "pack")
 
 
-class SourceError(ValueError):
-    """A declared source is incomplete or points nowhere."""
-
-
-def check_sources(sources: list[dict[str, Any]], run_dir: Path) -> list[tuple[dict[str, Any], Path]]:
-    out = []
-    for i, src in enumerate(sources):
-        name = src.get("name", f"#{i}")
-        for key in ("name", "kind", "path", *shards.SOURCE_KEYS):
-            if src.get(key) in (None, ""):
-                raise SourceError(f"source {name!r}: missing required field {key!r}")
-        if src["kind"] not in shards.READERS:
-            raise SourceError(f"source {name!r}: unknown kind {src['kind']!r} (known: {sorted(shards.READERS)})")
-        path = Path(src["path"]) if Path(src["path"]).is_absolute() else run_dir / src["path"]
-        out.append((src, path))
-    return out
+def tokenizer_stage(b: stages.Build, inputs: list[str], prefix: Path, cfg: dict[str, Any]) -> Path:
+    """Train the tokenizer on the declared sample of `inputs`, or reuse the one the chain records."""
+    trained_on = [{"name": n, "sha256": b.recorded[n]["sha256"]} for n in inputs]
+    sample = {"every": cfg["every"], "max_sentences": cfg["max_sentences"]}
+    rec = b.tokenizer
+    if rec is not None:
+        path = b.root / rec["subject"]["name"]
+        same = (rec["trained_on"] == trained_on and rec["params"].get("vocab_size") == cfg["vocab_size"]
+                and rec["params"].get("sample") == sample)
+        if not same:
+            raise stages.ResumeConflict(f"{b.chain.path}: records a tokenizer trained on other shards or parameters; "
+                                        "use the recorded config or a new out_dir")
+        if not path.is_file() or sha256_file(path) != rec["subject"]["digest"]["sha256"]:
+            raise stages.ResumeConflict(f"{path}: missing or not the tokenizer the chain records")
+        return path
+    model, params = tokenizer.train_tokenizer([b.input_path(n) for n in inputs], prefix, cfg["vocab_size"],
+                                              cfg["max_sentences"], cfg["every"])
+    b.chain.append("tokenizer", [subject(str(model.relative_to(b.root)), sha256_file(model))],
+                   {"trainer": f"sentencepiece {metadata.version('sentencepiece')}", "params": params,
+                    "trained_on": trained_on})
+    b.log(f"[kai-data] tokenizer {model.relative_to(b.root)} ({params['sentences']} sentences)")
+    return model
 
 
 def build(cfg: DictConfig) -> None:
-    run_dir = Path(cfg.run_dir)
+    out = Path(cfg.out_dir)
+    if Path(cfg.run_dir) != out:
+        raise ValueError(f"run_dir={cfg.run_dir} differs from out_dir={out}: set out_dir only (run_dir follows it)")
     data: dict[str, Any] = OmegaConf.to_container(cfg.data, resolve=True)  # type: ignore[assignment]
-    sources = check_sources(data["sources"], run_dir)
+    base = Path(data.get("base_dir") or os.getcwd())
     if data.get("generate") == "demo":
-        demo_corpus.make_demo_corpus(run_dir / "raw", seed=data["seed"], n_text=data["n_text"],
+        demo_corpus.make_demo_corpus(base / "raw", seed=data["seed"], n_text=data["n_text"],
                                      n_image=data["n_image"], n_audio=data["n_audio"])
-    for src, path in sources:
-        if not path.exists():
-            raise SourceError(f"source {src['name']!r}: path {path} does not exist")
+    sources = check_sources(data.get("sources") or [], base)
+    # a data file may set any stage parameter for its corpus; it takes precedence over the defaults
+    params = {k: {**OmegaConf.to_container(cfg[k], resolve=True), **(data.get(k) or {})} for k in STAGE_KEYS}
+    norm = Normalize(**params["normalize"])
+    dedup_cfg = DedupConfig(**params["dedup"])
+
     signer = make_signer(OmegaConf.to_container(cfg.attest, resolve=True))  # type: ignore[arg-type]
-    ensure_public_key(signer, run_dir / "keys" / PUBLIC_KEY_NAME)
-    chain = ChainWriter(run_dir / "chain.jsonl", signer, cfg.run_id)
-    out_dir = Path(cfg.out_dir)
-    written: list[Path] = []
-    for src, path in sources:
-        for shard, manifest in shards.write_shards(shards.read_source(src["kind"], path), out_dir, src["name"],
-                                                   data["rows_per_shard"], src):
-            man = shards.manifest_path(shard)
-            chain.append("data-shard",
-                         [subject(str(shard.relative_to(run_dir)), manifest["sha256"]),
-                          subject(str(man.relative_to(run_dir)), sha256_file(man))],
-                         {"manifest": manifest})
-            written.append(shard)
-            print(f"[kai-data] {shard.relative_to(run_dir)}: {manifest['rows']} rows from {src['name']} ({src['license']})")
-    model, params = tokenizer.train_tokenizer(written, Path(cfg.tokenizer_prefix), data["vocab_size"],
-                                              data.get("tokenizer_sentences"))
-    chain.append("tokenizer", [subject(str(model.relative_to(run_dir)), sha256_file(model))],
-                 {"trainer": f"sentencepiece {metadata.version('sentencepiece')}", "params": params,
-                  "trained_on": [{"name": str(p.relative_to(run_dir)), "sha256": sha256_file(p)} for p in written]})
-    print(f"[kai-data] tokenizer {model.relative_to(run_dir)} ({params.get('sentences')} sentences)")
+    ensure_public_key(signer, out / "keys" / PUBLIC_KEY_NAME)
+    chain_path = out / "chain.jsonl"
+    if chain_path.exists() and set_aside_torn_tail(chain_path):
+        print(f"[kai-data] {chain_path}: set aside an interrupted final line (in chain.jsonl.torn)")
+    b = stages.Build(out, ChainWriter(chain_path, signer, cfg.run_id), params["shards"]["rows"], params["shards"]["max_mb"])
+
+    ingested = {s.name: stages.ingest(b, s, norm) for s in sources}
+    deduped = stages.dedup(b, sources, ingested, dedup_cfg)
+    model = tokenizer_stage(b, [n for s in sources for n in deduped[s.name]], Path(cfg.tokenizer_prefix),
+                            params["tokenizer"])
+    packed = stages.pack(b, sources, deduped, tokenizer.load_tokenizer(model), params["pack"]["seq_len"],
+                         {"name": str(model.relative_to(out)), "sha256": sha256_file(model)})
+    for s in sources:
+        removed = sum(sum(b.recorded[n]["counts"].values()) for n in deduped[s.name])
+        dropped = sum(sum(b.recorded[n]["counts"].values()) for n in ingested[s.name])
+        rows = sum(b.recorded[n]["rows"] for n in packed[s.name])
+        print(f"[kai-data] {s.name}: {dropped} dropped at ingest, {removed} duplicates removed, "
+              f"{rows} packed rows in {len(packed[s.name])} shards")
 
 
 @hydra.main(config_path=CONF_DIR, config_name="kai_data", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         build(cfg)
-    except (SourceError, ValueError) as e:
+    except (SourceError, ChainError, ValueError, OSError) as e:
         print(f"kai-data: error: {e}", file=sys.stderr)
         sys.exit(1)
 

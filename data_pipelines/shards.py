@@ -1,49 +1,41 @@
-"""Raw sources → deterministic Parquet shards, each with a JSON manifest.
+"""Deterministic Parquet shards, each with a JSON manifest: the unit the provenance chain names.
 
-A shard is what the provenance chain points at, so its bytes must be a pure function of its rows:
-the schema is fixed (no inferred types, no pandas metadata), row groups and compression are fixed,
-and files are written atomically (temp file + os.replace) so a crash never leaves a half-written
-shard next to a manifest that describes a complete one.
+A shard's bytes are a pure function of its rows: the schema is fixed (no inferred types, no pandas
+metadata), row groups and compression are fixed, and files are written atomically (temp file +
+os.replace) so a crash never leaves a half-written shard next to a manifest describing a whole one.
 
-Shard rows (one schema for every modality, so a mixed shard stays one table):
+Record shards (the ingest and dedup stages; one schema for every modality):
 
-    id        string         unique within a build, e.g. "image-img_00001"
+    id        string         unique within a build, e.g. "images-cat.png"
     modality  string         "text" | "image" | "audio"
-    text      string         the sentence, caption or transcript
-    image     binary?        PNG bytes, 32x32 RGB (null unless modality == "image")
-    audio     list<float32>? 8000 samples in [-1, 1] at 16 kHz (null unless modality == "audio")
+    text      string         the document, caption or transcript (normalized)
+    image     binary?        PNG bytes at the configured size (null unless modality == "image")
+    audio     list<float32>? mono samples in [-1, 1] at the configured rate (null unless "audio")
 
-Each `prefix-00000.parquet` gets a `prefix-00000.manifest.json` (format kai-data-shard/v1,
-documented by `MANIFEST_KEYS` and `SOURCE_KEYS` below): sha256, size, row and modality counts,
-schema, and where the data came from under which licence and consent.
+Packed shards (the pack stage, what training reads) are described in data_pipelines.pack.
 
-Readers cover the Hugging Face folder conventions the demo corpus uses (jsonl text, imagefolder,
-audiofolder) with PIL/numpy/stdlib only; a real collection adds a reader here.
+Each `x/NAME-00000.parquet` gets `x/NAME-00000.manifest.json` (format kai-data-shard/v1: the keys
+in MANIFEST_KEYS, the `source` block in SOURCE_KEYS, plus the stage's fields; see docs/data.md).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import wave
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from itertools import islice
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from attest.digest import sha256_file
 
 MANIFEST_FORMAT = "kai-data-shard/v1"
-IMAGE_SIZE = 32
-SAMPLE_RATE = 16_000
-AUDIO_SAMPLES = 8_000
+ROW_GROUP_ROWS = 1024           # a row group is cut at whichever bound comes first
+ROW_GROUP_BYTES = 8 * 2**20
 MODALITIES = ("text", "image", "audio")
 
 SCHEMA = pa.schema([
@@ -61,101 +53,11 @@ PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 3
                                    "write_statistics": True, "data_page_version": "2.0"}
 
 
-# --- readers -------------------------------------------------------------------------------------
-
-def _read_metadata(folder: Path) -> list[dict[str, Any]]:
-    """metadata.jsonl rows of an HF image/audio folder; files without a row are ignored."""
-    meta = folder / "metadata.jsonl"
-    rows = []
-    with open(meta, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows.append({"file_name": str(row["file_name"]), "text": str(row["text"])})
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{meta}:{lineno}: expected {{\"file_name\", \"text\"}}: {e}") from e
-    return rows
-
-
-def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
-    for file in files:
-        with open(file, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{file}:{lineno}: expected {{\"text\": ...}}: {e}") from e
-                yield {"id": f"text-{file.stem}-{lineno:06d}", "modality": "text", "text": str(text),
-                       "image": None, "audio": None}
-
-
-def png_32x32(data_or_path: bytes | Path) -> bytes:
-    """Decode any PIL-readable image, convert to RGB 32x32 and re-encode as PNG."""
-    src = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path
-    with Image.open(src) as img:
-        img = img.convert("RGB")
-        if img.size != (IMAGE_SIZE, IMAGE_SIZE):
-            img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _read_imagefolder(path: Path) -> Iterator[dict[str, Any]]:
-    for row in _read_metadata(path):
-        yield {"id": f"image-{Path(row['file_name']).stem}", "modality": "image", "text": row["text"],
-               "image": png_32x32(path / row["file_name"]), "audio": None}
-
-
-def wav_to_samples(path: Path) -> np.ndarray:
-    """float32 mono samples of a PCM WAV at 16 kHz, zero-padded or trimmed to 8000 samples."""
-    with wave.open(str(path), "rb") as w:
-        width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
-        raw = w.readframes(w.getnframes())
-    if rate != SAMPLE_RATE:
-        # Resampling would need a filter design choice; refuse rather than silently alias.
-        raise ValueError(f"{path}: sample rate {rate} Hz, expected {SAMPLE_RATE} Hz")
-    if width == 1:  # 8-bit WAV is unsigned
-        x = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif width in (2, 4):
-        dtype = "<i2" if width == 2 else "<i4"
-        x = np.frombuffer(raw, dtype=dtype).astype(np.float32) / float(2 ** (8 * width - 1))
-    else:
-        raise ValueError(f"{path}: unsupported sample width {width} bytes")
-    x = x.reshape(-1, channels).mean(axis=1, dtype=np.float32)
-    out = np.zeros(AUDIO_SAMPLES, dtype=np.float32)
-    out[: min(len(x), AUDIO_SAMPLES)] = x[:AUDIO_SAMPLES]
-    return out
-
-
-def _read_audiofolder(path: Path) -> Iterator[dict[str, Any]]:
-    for row in _read_metadata(path):
-        yield {"id": f"audio-{Path(row['file_name']).stem}", "modality": "audio", "text": row["text"],
-               "image": None, "audio": wav_to_samples(path / row["file_name"])}
-
-
-READERS: dict[str, Callable[[Path], Iterator[dict[str, Any]]]] = {
-    "jsonl": _read_jsonl,
-    "imagefolder": _read_imagefolder,
-    "audiofolder": _read_audiofolder,
-}
-
-
-def read_source(kind: str, path: Path) -> Iterator[dict[str, Any]]:
-    """Rows (dicts with the SCHEMA columns) of one raw source; `kind` is a READERS key."""
-    if kind not in READERS:
-        raise ValueError(f"unknown source kind {kind!r}; known: {sorted(READERS)}")
-    return READERS[kind](Path(path))
-
-
 # --- writing -------------------------------------------------------------------------------------
 
-def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
+def records_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Normalized records (SCHEMA columns) as a table; checks modality and media columns agree."""
+    _validate(rows)
     audio = [None if r.get("audio") is None else np.asarray(r["audio"], dtype=np.float32) for r in rows]
     columns = {
         "id": pa.array([r["id"] for r in rows], pa.string()),
@@ -175,8 +77,6 @@ def _validate(rows: list[dict[str, Any]]) -> None:
             raise ValueError(f"row {r['id']!r}: image bytes must be set exactly for image rows")
         if (r.get("audio") is not None) != (r["modality"] == "audio"):
             raise ValueError(f"row {r['id']!r}: audio samples must be set exactly for audio rows")
-        if r["modality"] == "audio" and len(r["audio"]) != AUDIO_SAMPLES:
-            raise ValueError(f"row {r['id']!r}: {len(r['audio'])} audio samples, expected {AUDIO_SAMPLES}")
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -188,9 +88,9 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def schema_description() -> list[dict[str, Any]]:
-    """The shard schema as JSON data, as recorded in manifests."""
-    return [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in SCHEMA]
+def schema_description(schema: pa.Schema = SCHEMA) -> list[dict[str, Any]]:
+    """A shard schema as JSON data, as recorded in manifests."""
+    return [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]
 
 
 def source_record(source: Mapping[str, Any]) -> dict[str, Any]:
@@ -202,43 +102,64 @@ def source_record(source: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps({k: source[k] for k in SOURCE_KEYS}))
 
 
-def write_shards(records: Iterable[dict[str, Any]], out_dir: Path, prefix: str, rows_per_shard: int,
-                 source: Mapping[str, Any], derived_from: list[dict[str, Any]] | None = None,
-                 ) -> list[tuple[Path, dict[str, Any]]]:
-    """Write `prefix-00000.parquet`, ... plus manifests; returns [(shard path, manifest)] in order.
+class ShardFile:
+    """One shard written a row group at a time (bounded memory), then closed into place with its manifest.
 
-    `derived_from` lists the artifacts (e.g. {"path", "sha256"}) the rows were computed from; the
-    demo's rows come straight from raw sources, so it is empty.
+    Rows go to a temp file beside `path`; `close` moves it to `path` and writes the manifest, each
+    step atomic, so a crash leaves either nothing or a whole shard. `abandon` removes the temp file.
     """
-    if rows_per_shard < 1:
-        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    src = source_record(source)
-    results: list[tuple[Path, dict[str, Any]]] = []
-    it = iter(records)
-    while rows := list(islice(it, rows_per_shard)):
-        _validate(rows)
-        table = _to_table(rows)
-        shard = out_dir / f"{prefix}-{len(results):05d}.parquet"
-        _atomic_write(shard, lambda p: pq.write_table(table, p, row_group_size=rows_per_shard,
-                                                      **PARQUET_OPTIONS))
-        counts = Counter(r["modality"] for r in rows)
+
+    def __init__(self, path: Path, schema: pa.Schema, source: Mapping[str, Any]) -> None:
+        self.path, self.schema = Path(path), schema
+        self.source = source_record(source)  # refuse before writing anything
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.writer = pq.ParquetWriter(self.tmp, schema, **PARQUET_OPTIONS)
+        self.rows = 0
+        self.modalities: Counter[str] = Counter()
+
+    def write(self, table: pa.Table) -> None:
+        """Append `table` as one row group (callers keep groups to ROW_GROUP_ROWS / ROW_GROUP_BYTES)."""
+        self.writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        self.rows += table.num_rows
+        self.modalities.update(table.column("modality").to_pylist())
+
+    def close(self, derived_from: list[dict[str, Any]], extra: Mapping[str, Any]) -> dict[str, Any]:
+        """Finish the file and its manifest; returns the manifest.
+
+        `derived_from` lists the shards ({"path", "sha256"}) the rows were computed from; `extra`
+        holds the stage's own fields (stage, params, counts, positions, tokens).
+        """
+        self.writer.close()
+        os.replace(self.tmp, self.path)
         manifest = {
             "kind": MANIFEST_FORMAT,
-            "shard": shard.name,
-            "sha256": sha256_file(shard),
-            "bytes": shard.stat().st_size,
-            "rows": len(rows),
-            "schema": schema_description(),
-            "modality_counts": {m: counts.get(m, 0) for m in MODALITIES},
-            "source": src,
-            "derived_from": list(derived_from or []),
+            "shard": self.path.name,
+            "sha256": sha256_file(self.path),
+            "bytes": self.path.stat().st_size,
+            "rows": self.rows,
+            "schema": schema_description(self.schema),
+            "modality_counts": {m: self.modalities.get(m, 0) for m in MODALITIES},
+            "source": self.source,
+            "derived_from": list(derived_from),
+            **extra,
         }
         text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-        _atomic_write(manifest_path(shard), lambda p: p.write_text(text, encoding="utf-8"))
-        results.append((shard, manifest))
-    return results
+        _atomic_write(manifest_path(self.path), lambda p: p.write_text(text, encoding="utf-8"))
+        return manifest
+
+    def abandon(self) -> None:
+        self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_shard(table: pa.Table, path: Path, source: Mapping[str, Any], derived_from: list[dict[str, Any]],
+                extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Write a whole table as one shard (row groups of ROW_GROUP_ROWS) with its manifest."""
+    shard = ShardFile(path, table.schema, source)
+    for batch in table.to_batches(max_chunksize=ROW_GROUP_ROWS):
+        shard.write(pa.Table.from_batches([batch], schema=table.schema))
+    return shard.close(derived_from, extra)
 
 
 def manifest_path(shard: Path) -> Path:

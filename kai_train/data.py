@@ -1,8 +1,11 @@
-"""Training batches from attested Parquet shards: rows by id, tokenized and decoded.
+"""Training batches from attested Parquet shards: rows by id, decoded into tensors.
 
 The row ids come from `data_pipelines.sampler`; this module only turns ids into tensors. Shards
 are read with pyarrow in the order given (the run records that order and each shard's digest),
 so row id i means the same row on every rank and in every replay.
+
+Packed shards (data_pipelines.pack: a `tokens` column of exactly text_len ids) are used as they
+are; record shards (a `text` column) are tokenized here as `<bos> text <eos>`, cut and padded.
 """
 
 from __future__ import annotations
@@ -22,9 +25,18 @@ class ShardDataset:
     def __init__(self, shard_paths: list[Path], tokenizer_path: Path, text_len: int) -> None:
         if not shard_paths:
             raise ValueError("no data shards given")
-        table = pa.concat_tables([pq.read_table(p) for p in shard_paths])
+        tables = [pq.read_table(p) for p in shard_paths]
+        kinds = {"tokens" in t.schema.names for t in tables}
+        if len(kinds) > 1:
+            raise ValueError(f"shards {[str(p) for p in shard_paths]} mix packed and record shards")
+        self.packed = kinds.pop()
+        for path, t in zip(shard_paths, tables):
+            if self.packed and t.num_rows and (n := len(t.column("tokens")[0])) != text_len:
+                raise ValueError(f"{path}: packed rows hold {n} tokens, but train.text_len is {text_len}")
+        table = pa.concat_tables([t.select(["modality", "tokens" if self.packed else "text", "image", "audio"])
+                                  for t in tables])
         self.modality = table.column("modality").to_pylist()
-        self.text = table.column("text").to_pylist()
+        self.text = table.column("tokens" if self.packed else "text").to_pylist()
         self.image = table.column("image").to_pylist()
         self.audio = table.column("audio")
         self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
@@ -35,6 +47,8 @@ class ShardDataset:
         return len(self.modality)
 
     def tokens(self, i: int) -> list[int]:
+        if self.packed:
+            return self.text[i]
         ids = [self.sp.bos_id(), *self.sp.encode(self.text[i]), self.sp.eos_id()][: self.text_len]
         return ids + [self.pad_id] * (self.text_len - len(ids))
 

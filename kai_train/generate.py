@@ -34,6 +34,11 @@ def generate(model: MultimodalLM, sp: spm.SentencePieceProcessor, prompt: str, i
              audio: torch.Tensor | None = None, max_new_tokens: int = 16) -> list[int]:
     """Greedy continuation; returns the new token ids (stops at eos)."""
     ids = [sp.bos_id(), *sp.encode(prompt)]
+    # packed training rows put the media placeholder first (data_pipelines.pack); do the same when the
+    # tokenizer has it (tokenizers built before placeholders existed do not)
+    for media, piece in ((image, "<image>"), (audio, "<audio>")):
+        if media is not None and (pid := sp.piece_to_id(piece)) != sp.unk_id():
+            ids.insert(0, pid)
     new: list[int] = []
     for _ in range(max_new_tokens):
         if len(ids) >= model.cfg.max_seq_len:
@@ -65,9 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         img = Image.open(a.image).convert("RGB").resize((cfg.image_size, cfg.image_size))
         image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     if a.audio:
-        from data_pipelines.shards import wav_to_samples
+        from data_pipelines.sources import audio_samples
 
-        audio = torch.from_numpy(wav_to_samples(a.audio)[: cfg.audio_samples].astype(np.float32))[None]
+        samples = audio_samples(a.audio, cfg.sample_rate, cfg.audio_samples)
+        if samples is None:
+            print(f"generate: error: {a.audio}: not a readable audio file", file=sys.stderr)
+            return 1
+        audio = torch.from_numpy(samples)[None]
     out = generate(model, sp, a.prompt, image, audio, a.max_new_tokens)
     print(a.prompt + sp.decode(out))
     return 0

@@ -2,17 +2,19 @@
 
 The chain is the source of truth: a checkpoint counts once its statement is appended (after the
 DeepSpeed save and the weights file), so a crash at any moment leaves the last whole checkpoint
-to resume from, and the chain continues without a gap or a duplicate. A torn final line (an
-interrupted append) is moved aside to `chain.jsonl.torn` before appending resumes.
+to resume from, and the chain continues without a gap or a duplicate. Checkpoint folders that
+training wrote while the background worker had not yet recorded them (`ds/step-N`,
+`checkpoints/step-N`) are no resume point: the resumed run trains those steps again and rewrites
+them. A torn final line (an interrupted append) is moved aside to `chain.jsonl.torn` before
+appending resumes.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from attest.chain import read_chain
+from attest.chain import read_chain, set_aside_torn_tail
 
 
 class ResumeError(RuntimeError):
@@ -30,20 +32,6 @@ class ResumePoint:
 
 def ds_tag(step: int) -> str:
     return f"step-{step:06d}"
-
-
-def set_aside_torn_tail(chain: Path) -> bool:
-    """Move an interrupted final append out of the chain file. Returns True if there was one."""
-    data = chain.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return False
-    cut = data.rfind(b"\n") + 1
-    with open(chain.with_name(chain.name + ".torn"), "ab") as f:
-        f.write(data[cut:] + b"\n")
-    with open(chain, "r+b") as f:
-        f.truncate(cut)
-        os.fsync(f.fileno())
-    return True
 
 
 def find_resume_point(run_dir: Path) -> ResumePoint | None:
@@ -80,8 +68,9 @@ def recorded_run_config(run_dir: Path) -> dict | None:
     return runs[-1]["config"] if runs else None
 
 
-# Config keys a resumed run may change: where it stops, how it resumes, how it is tracked.
-MAY_DIFFER = {"resume", "train.stop_at", "wandb"}
+# Config keys a resumed run may change: where it stops, how it resumes, how it is tracked, and
+# whether checkpoints are hashed in the background (the statements are the same either way).
+MAY_DIFFER = {"resume", "train.stop_at", "wandb", "attest.background"}
 
 
 def config_difference(recorded: dict, current: dict, prefix: str = "") -> str | None:

@@ -12,7 +12,7 @@ rm -rf "$RUN_DIR"
 echo "== 1/5 signing key"
 kai-attest keygen "$RUN_DIR/keys"
 echo "== 2/5 data: demo corpus → Parquet shards with manifests → sentencepiece tokenizer"
-kai-data run_dir="$RUN_DIR" run_id=demo
+kai-data out_dir="$RUN_DIR" run_id=demo
 echo "== 3/5 training: torchrun --nproc_per_node $NPROC, DeepSpeed $ZERO"
 torchrun --nproc_per_node "$NPROC" -m kai_train.train run_dir="$RUN_DIR" run_id=demo deepspeed="$ZERO" "$@"
 echo "== 4/5 bundle"

@@ -97,7 +97,8 @@ def make_bundle(root: Path, key_dir: Path | None = None, *, steps: tuple[int, ..
         derived = [{"path": shards[0][0], "sha256": shards[0][1]}] if i else []
         manifest = {"kind": "kai-data-shard/v1", "shard": Path(shard).name, "sha256": sha, "bytes": 20, "rows": 100 + 50 * i,
                     "schema": [], "modality_counts": {"text": 100 + 50 * i, "image": 0, "audio": 0},
-                    "source": {"name": src, "origin": "test", "license": licence, "collection": collection,
+                    # one source: beta is a later stage of alpha, and a stage keeps the source block
+                    "source": {"name": "corpus", "origin": "test", "license": licence, "collection": collection,
                                "collected": "2026-01-01/2026-01-02", "consent": "n/a", "pii": "none", "generator": generator},
                     "derived_from": derived}
         mname = shard.replace(".parquet", ".manifest.json")

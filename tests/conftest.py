@@ -34,8 +34,10 @@ def env() -> dict[str, str]:
     return e
 
 
-def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=REPO, env=env(), text=True, capture_output=True, timeout=timeout)
+def run(cmd: list[str], timeout: int = 600, extra_env: dict[str, str] | None = None,
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, text=True, capture_output=True,
+                          timeout=timeout)
 
 
 def kai_attest(*args: str) -> subprocess.CompletedProcess[str]:
@@ -43,7 +45,7 @@ def kai_attest(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def kai_data(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
-    return run([sys.executable, "-m", "data_pipelines.build", f"run_dir={run_dir}", *overrides])
+    return run([sys.executable, "-m", "data_pipelines.build", f"out_dir={run_dir}", *overrides])
 
 
 def torchrun(run_dir: Path, nproc: int, *overrides: str) -> subprocess.CompletedProcess[str]:

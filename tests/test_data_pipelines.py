@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from PIL import Image
 from attest.digest import sha256_file
 from data_pipelines import shards
 from data_pipelines.demo_corpus import make_demo_corpus
+from data_pipelines.sources import Normalize, check_sources, iter_records
 from data_pipelines.sampler import DistributedSampler, epoch_order, rows_at
 from data_pipelines.tokenizer import load_tokenizer, train_tokenizer
 
@@ -34,11 +36,14 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 def _build_shards(corpus: dict[str, Path], out_dir: Path) -> list[tuple[Path, dict]]:
-    """All three sources into one shard stream, 16 rows per shard, so shards mix modalities."""
-    def records():
-        for name, kind in KINDS.items():
-            yield from shards.read_source(kind, corpus[name])
-    return shards.write_shards(records(), out_dir, "demo", rows_per_shard=16, source=SOURCE)
+    """All three sources into one record stream, 16 rows per shard, so shards mix modalities."""
+    specs = [{**SOURCE, "name": name, "path": str(corpus[name]), "format": fmt} for name, fmt in KINDS.items()]
+    records = [r for src in check_sources(specs, out_dir) for _, r in iter_records(src, Normalize(), Counter())]
+    out = []
+    for i in range(0, len(records), 16):
+        path = out_dir / f"demo-{i // 16:05d}.parquet"
+        out.append((path, shards.write_shard(shards.records_table(records[i:i + 16]), path, SOURCE, [], {})))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -155,10 +160,12 @@ def test_load_manifest_names_the_file_on_bad_json_or_missing_keys(
         shards.load_manifest(bad)
 
 
-def test_write_shards_refuses_a_source_without_licence_or_consent(tmp_path: Path) -> None:
+def test_write_shard_refuses_a_source_without_licence_or_consent(tmp_path: Path) -> None:
     rows = [{"id": "t", "modality": "text", "text": "hi", "image": None, "audio": None}]
-    with pytest.raises(ValueError, match="license"):
-        shards.write_shards(rows, tmp_path, "x", 4, {k: v for k, v in SOURCE.items() if k != "license"})
+    for key in ("license", "consent"):
+        with pytest.raises(ValueError, match=key):
+            shards.write_shard(shards.records_table(rows), tmp_path / "x-00000.parquet",
+                               {k: v for k, v in SOURCE.items() if k != key}, [], {})
     assert not list(tmp_path.iterdir())
 
 
@@ -166,7 +173,7 @@ def test_demo_config_sources_name_a_reader_and_every_provenance_field() -> None:
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf/data/demo.yaml"))
-    assert {s["name"]: s["kind"] for s in cfg["sources"]} == KINDS
+    assert {s["name"]: s["format"] for s in cfg["sources"]} == KINDS
     for source in cfg["sources"]:
         assert shards.source_record(source)["license"] == "CC0-1.0"
 
@@ -183,6 +190,7 @@ def test_tokenizer_training_is_byte_identical_and_round_trips_korean(
     sp = load_tokenizer(model_a)
     assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2, 3)
     # Seen Korean, unseen Hangul (byte fallback) and English all decode back to the input.
+    assert [sp.piece_to_id(t) for t in ("<image>", "<audio>")] == [4, 5]  # the packing placeholders
     for text in ["빨간 원이 있어요.", "오늘은 날씨가 맑아요.", "훈민정음 뷁", "The red circle is small."]:
         ids = sp.encode(text)
         assert sp.unk_id() not in ids

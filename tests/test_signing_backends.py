@@ -178,7 +178,7 @@ def _kai_data_uses_make_signer() -> bool:
 @pytest.mark.skipif(not _kai_data_uses_make_signer(), reason="data_pipelines/build.py does not use make_signer yet")
 def test_kai_data_with_attest_pkcs11_signs_the_whole_data_chain_with_the_hsm(token: str, tmp_path: Path) -> None:
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO), KAI_PKCS11_PIN="1234")
-    p = subprocess.run([sys.executable, "-m", "data_pipelines.build", f"run_dir={tmp_path}", "attest=pkcs11",
+    p = subprocess.run([sys.executable, "-m", "data_pipelines.build", f"out_dir={tmp_path}", "attest=pkcs11",
                         f"attest.uri='{token}'"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     pub = tmp_path / "keys" / "signing-key.pub.pem"

@@ -153,21 +153,24 @@ def test_learning_rate_in_the_run_config_differs_from_the_one_used(bundle, key, 
     assert "replay" in failed, out
 
 
-def _edit_manifest(b: Path, key: Path, shard: str, edit: Callable[[dict], None]) -> None:
-    """Change a shard's manifest consistently: statement, manifest file and its subject digest."""
-    mname = f"data/shards/{shard}.manifest.json"
-
+def _edit_manifest(b: Path, key: Path, source: str, edit: Callable[[dict], None]) -> None:
+    """Change the manifests of every shard of `source`, in every stage, consistently: statements,
+    manifest files and their subject digests (an insider lying about a source from the start)."""
     def mutate(sts: list[dict]) -> None:
-        st = next(s for s in of_kind(sts, "data-shard") if any(x["name"] == mname for x in s["subject"]))
-        edit(st["predicate"]["manifest"])
-        (b / mname).write_text(json.dumps(st["predicate"]["manifest"], indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-        set_subject(st, mname, b)
+        for st in of_kind(sts, "data-shard"):
+            if st["predicate"]["manifest"]["source"]["name"] != source:
+                continue
+            mname = next(x["name"] for x in st["subject"] if x["name"].endswith(".manifest.json"))
+            edit(st["predicate"]["manifest"])
+            (b / mname).write_text(json.dumps(st["predicate"]["manifest"], indent=2, sort_keys=True,
+                                              ensure_ascii=False) + "\n")
+            set_subject(st, mname, b)
 
     resign(b, key, mutate)
 
 
 def test_licence_not_allowed_by_the_policy_fails_data_licence(bundle, key, tmp_path, capsys) -> None:
-    _edit_manifest(bundle, key, "text-00001", lambda m: m["source"].update(license="LicenseRef-scraped-web"))
+    _edit_manifest(bundle, key, "text", lambda m: m["source"].update(license="LicenseRef-scraped-web"))
     assert verify(capsys, bundle)[0] == 0  # without a policy a licence is listed, not judged
     (tmp_path / "policy.json").write_text(json.dumps(ALLOWED))
     failed, out = failed_checks(capsys, bundle, "--policy", str(tmp_path / "policy.json"))
@@ -175,10 +178,27 @@ def test_licence_not_allowed_by_the_policy_fails_data_licence(bundle, key, tmp_p
 
 
 def test_synthetic_source_without_generator_fails_data_licence_under_policy(bundle, key, tmp_path, capsys) -> None:
-    _edit_manifest(bundle, key, "images-00000", lambda m: m["source"].update(generator=""))
+    _edit_manifest(bundle, key, "images", lambda m: m["source"].update(generator=""))
     (tmp_path / "policy.json").write_text(json.dumps(ALLOWED))
     failed, out = failed_checks(capsys, bundle, "--policy", str(tmp_path / "policy.json"))
     assert failed == {"data-licence"} and "images-00000.parquet" in out and "generator" in out
+
+
+def test_training_shard_relabelled_with_another_licence_than_its_parents_fails_data_lineage(bundle, key, capsys) -> None:
+    # The ingest and dedup shards say what the source really is; the insider relabels only the packed
+    # shards that training read, re-signing everything: the lineage walk exposes it.
+    def relabel(sts: list[dict]) -> None:
+        for st in of_kind(sts, "data-shard"):
+            m = st["predicate"]["manifest"]
+            if m["stage"] == "pack" and m["source"]["name"] == "text":
+                m["source"]["license"] = "CC0-1.0-relabelled"
+                mname = next(x["name"] for x in st["subject"] if x["name"].endswith(".manifest.json"))
+                (bundle / mname).write_text(json.dumps(m, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+                set_subject(st, mname, bundle)
+
+    resign(bundle, key, relabel)
+    failed, out = failed_checks(capsys, bundle)
+    assert failed == {"data-lineage"} and "CC0-1.0-relabelled" in out and "data/dedup/text-00000.parquet" in out
 
 
 def test_manifest_file_that_disagrees_with_its_statement_fails_data_lineage(bundle, key, capsys) -> None:
@@ -249,3 +269,19 @@ def test_hidden_prefix_before_genesis_fails_statement_order(bundle, key, capsys)
     resign(bundle, key, prefix)
     failed, out = failed_checks(capsys, bundle)
     assert failed == {"statement-order"}, out
+
+
+def test_ingest_shard_hiding_raw_items_fails_data_lineage(bundle, key, capsys) -> None:
+    # An insider shrinks an ingest shard's raw range, as if items between two shards never existed.
+    def shrink(sts: list[dict]) -> None:
+        st = next(s for s in of_kind(sts, "data-shard") if s["predicate"]["manifest"]["shard"] == "text-00001.parquet"
+                  and s["predicate"]["manifest"]["stage"] == "ingest")
+        m = st["predicate"]["manifest"]
+        m["positions"][0] += 3
+        mname = next(x["name"] for x in st["subject"] if x["name"].endswith(".manifest.json"))
+        (bundle / mname).write_text(json.dumps(m, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        set_subject(st, mname, bundle)
+
+    resign(bundle, key, shrink)
+    failed, out = failed_checks(capsys, bundle)
+    assert failed == {"data-lineage"} and "source 'text': raw positions starting at 64" in out
