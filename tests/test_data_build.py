@@ -243,3 +243,15 @@ def test_a_rerun_with_other_dedup_parameters_is_refused_not_mixed(built, tmp_pat
     assert p.returncode == 1
     assert "recorded with params" in p.stderr.strip().splitlines()[-1]
     assert (out / "chain.jsonl").read_bytes() == chain
+
+
+def test_training_refuses_packed_rows_of_another_length_naming_the_shard(built) -> None:
+    from kai_train.data import ShardDataset
+
+    _, _, out, _ = built
+    packed = sorted((out / "data/shards").glob("*.parquet"))
+    with pytest.raises(ValueError, match=r"images-00000\.parquet: packed rows hold 32 tokens, but train\.text_len is 48"):
+        ShardDataset(packed, out / "tokenizer/tokenizer.model", 48)
+    data = ShardDataset(packed, out / "tokenizer/tokenizer.model", 32)
+    assert len(data) == sum(pq.ParquetFile(p).metadata.num_rows for p in packed)
+    assert data.tokens(0) == pq.read_table(packed[0]).column("tokens")[0].as_py()
