@@ -4,11 +4,13 @@
   already seen is removed, whatever its modality or source;
 - near (text records only): MinHash over character k-shingles of the case-folded text, indexed
   in a MinHash LSH (`datasketch`); a candidate the index returns is a duplicate when the estimated
-  Jaccard similarity with it is at least `threshold`.
+  Jaccard similarity with it is at least `threshold`. Shingles are hashed with a vectorized
+  polynomial (SHINGLE_HASH); signatures are datasketch's affine32 MinHash of those hashes,
+  computed as one array operation (checked equal to datasketch's own in tests).
 
 The first occurrence in stream order is kept, so the outcome is a pure function of the record
 order and the config. State lives in memory: a 32-byte key per record, plus `num_perm` 32-bit
-hash values and the LSH bands per text record (about 1 KiB at `num_perm=128`).
+hash values and the LSH band entries per text record (bench/data_ingest.py --dedup measures it).
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from typing import Any
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
+from datasketch.minhash import _fmix  # the scheme's pre-mix; tests/test_dedup.py checks signatures equal datasketch's
+from numpy.lib.stride_tricks import sliding_window_view
 
 
 SCHEME = "affine32"  # datasketch's permutation scheme, fixed: another scheme gives other signatures
+SHINGLE_HASH = "poly1000003-u32"  # how shingles are hashed before MinHash (recorded in dedup params)
+_POLY = np.uint64(1_000_003)
 
 
 @dataclass(frozen=True)
@@ -52,12 +58,15 @@ def content_key(record: dict[str, Any]) -> bytes:
     return h.digest()
 
 
-def shingles(text: str, k: int) -> set[bytes]:
-    """Character k-grams of the case-folded, whitespace-collapsed text (works for Hangul and Latin)."""
+def shingle_hashes(text: str, k: int) -> np.ndarray:
+    """32-bit hashes of the distinct character k-grams of the case-folded, whitespace-collapsed text
+    (code points, so Hangul and Latin alike): a polynomial over each window, vectorized."""
     t = " ".join(text.casefold().split())
-    if len(t) <= k:
-        return {t.encode("utf-8")}
-    return {t[i:i + k].encode("utf-8") for i in range(len(t) - k + 1)}
+    cps = np.frombuffer(t.encode("utf-32-le"), dtype="<u4").astype(np.uint64)
+    windows = sliding_window_view(cps, min(k, len(cps))) if len(cps) else np.zeros((1, 1), np.uint64)
+    powers = _POLY ** np.arange(windows.shape[1] - 1, -1, -1, dtype=np.uint64)  # wraps mod 2^64
+    h = (windows * powers).sum(axis=1, dtype=np.uint64)
+    return np.unique((h ^ (h >> np.uint64(32))).astype(np.uint32))
 
 
 class Deduper:
@@ -69,8 +78,21 @@ class Deduper:
         self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm) if cfg.near else None
         # permutations drawn once from the seed and shared; signatures kept as 32-bit hash values
         self._perms = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, scheme=SCHEME).permutations
-        self.signatures: dict[str, np.ndarray] = {}
+        self._a, self._b = (np.asarray(x, dtype=np.uint32) for x in self._perms)
+        # signatures of the indexed texts, row i for LSH key i (int keys: a record id would be stored
+        # once per band); grown by doubling
+        self.signatures = np.zeros((1024, cfg.num_perm), dtype=np.uint32)
+        self.indexed = 0
         self.removed: Counter[str] = Counter()
+
+    def signature(self, text: str) -> np.ndarray:
+        """The MinHash values datasketch computes for these shingle hashes (`MinHash(hashfunc=identity)
+        .update_batch(...)`, scheme affine32: MurmurHash3 finalizer, then a*h+b mod 2^32 per
+        permutation, then the minimum), in one (num_perm x shingles) array operation."""
+        hv = _fmix(shingle_hashes(text, self.cfg.shingle), 32)
+        x = np.multiply.outer(self._a, hv)  # uint32: wraps mod 2^32, as the scheme intends
+        x += self._b[:, None]
+        return x.min(axis=1)
 
     def check(self, record: dict[str, Any]) -> str | None:
         """None if `record` is new (and is now remembered), else the reason: "exact" or "near"."""
@@ -79,14 +101,17 @@ class Deduper:
             self.removed["exact"] += 1
             return "exact"
         if self.lsh is not None and record["modality"] == "text":
-            m = MinHash(num_perm=self.cfg.num_perm, seed=self.cfg.seed, permutations=self._perms, scheme=SCHEME)
-            m.update_batch(sorted(shingles(record["text"], self.cfg.shingle)))
-            sig = m.hashvalues.astype(np.uint32)
+            sig = self.signature(record["text"])
+            m = MinHash(num_perm=self.cfg.num_perm, seed=self.cfg.seed, hashvalues=sig, permutations=self._perms,
+                        scheme=SCHEME)
             if any(float(np.mean(sig == self.signatures[c])) >= self.cfg.threshold for c in sorted(self.lsh.query(m))):
                 self.removed["near"] += 1
                 return "near"
-            self.lsh.insert(record["id"], m)
-            self.signatures[record["id"]] = sig
+            if self.indexed == len(self.signatures):
+                self.signatures = np.concatenate([self.signatures, np.zeros_like(self.signatures)])
+            self.lsh.insert(self.indexed, m)
+            self.signatures[self.indexed] = sig
+            self.indexed += 1
         if self.cfg.exact:
             self.seen.add(key)
         return None

@@ -30,7 +30,7 @@ from attest.chain import ChainWriter, read_chain
 from attest.digest import sha256_file
 from attest.statements import subject
 from data_pipelines import shards
-from data_pipelines.dedup import SCHEME, Deduper, DedupConfig
+from data_pipelines.dedup import SCHEME, SHINGLE_HASH, Deduper, DedupConfig
 from data_pipelines.pack import PACKED_SCHEMA, Packer, packed_table
 from data_pipelines.sources import Normalize, Source, iter_records
 
@@ -214,7 +214,7 @@ def _stream(b: Build, names: list[str], columns: list[str] | None = None) -> Ite
 def dedup(b: Build, sources: list[Source], inputs: dict[str, list[str]], cfg: DedupConfig) -> dict[str, list[str]]:
     """Exact and near-duplicate removal across all sources, in declared order; first occurrence kept."""
     deduper = Deduper(cfg)
-    params = {**asdict(cfg), "scheme": SCHEME}
+    params = {**asdict(cfg), "scheme": SCHEME, "shingle_hash": SHINGLE_HASH}
     out: dict[str, list[str]] = {}
     for source in sources:
         sink = ShardSink(b, "dedup", source, params, shards.records_table, shards.SCHEMA)
