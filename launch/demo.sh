@@ -11,7 +11,7 @@ export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 rm -rf "$RUN_DIR"
 echo "== 1/5 signing key"
 kai-attest keygen "$RUN_DIR/keys"
-echo "== 2/5 data: demo corpus → Parquet shards with manifests → sentencepiece tokenizer"
+echo "== 2/5 data: demo corpus → ingest → dedup → sentencepiece tokenizer → packed Parquet shards"
 kai-data out_dir="$RUN_DIR" run_id=demo
 echo "== 3/5 training: torchrun --nproc_per_node $NPROC, DeepSpeed $ZERO"
 torchrun --nproc_per_node "$NPROC" -m kai_train.train run_dir="$RUN_DIR" run_id=demo deepspeed="$ZERO" "$@"
@@ -23,7 +23,8 @@ cat <<MSG
 
 Done. Where everything is:
   $RUN_DIR/chain.jsonl         signed, hash-linked provenance chain (one Sigstore bundle per line)
-  $RUN_DIR/data/shards/        Parquet shards + manifests      $RUN_DIR/tokenizer/  sentencepiece model
+  $RUN_DIR/data/shards/        packed training shards + manifests (data/ingest, data/dedup: earlier stages)
+  $RUN_DIR/tokenizer/          sentencepiece model
   $RUN_DIR/checkpoints/        consolidated safetensors per checkpoint (step-000000 = genesis)
   $RUN_DIR/ds/                 DeepSpeed checkpoints (for resuming)
   $RUN_DIR/bundle/             what an evaluator receives; check it with:
