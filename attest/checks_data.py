@@ -153,6 +153,7 @@ def check_data_licence(ctx: Context) -> Iterator[Finding]:
     synthetic sources disclose their generator when the policy requires it."""
     pol = ctx.policy
     table: list[dict[str, Any]] = []
+    trained = {as_dict(t).get("name") for t in as_list(ctx.run_config.get("data_shards"))}
     bad = 0
     for e in ctx.of_kind("data-shard"):
         m = as_dict(e.predicate.get("manifest"))
@@ -161,7 +162,9 @@ def check_data_licence(ctx: Context) -> Iterator[Finding]:
         lic, coll, gen = src.get("license"), src.get("collection"), src.get("generator")
         table.append({"shard": name, "source": str(src.get("name")), "license": str(lic), "collection": str(coll),
                       "rows": m.get("rows") if isinstance(m.get("rows"), int) else 0, "generator": gen,
-                      "modality_counts": as_dict(m.get("modality_counts"))})
+                      "modality_counts": as_dict(m.get("modality_counts")), "stage": str(m.get("stage") or "—"),
+                      "counts": {str(k): v for k, v in as_dict(m.get("counts")).items() if _int(v) is not None},
+                      "trained": name in trained})
         if not isinstance(lic, str) or not lic.strip():
             bad += 1
             yield Finding("data-licence", False, name, "an SPDX licence id", repr(lic))

@@ -129,8 +129,11 @@ def bar_chart(rows: Sequence[dict[str, Any]], title: str) -> str:
 
 
 def stacked_bars(table: Sequence[dict[str, Any]], title: str) -> str:
-    """Rows by source (one bar each), split by licence."""
+    """Rows by source (one bar each), split by licence: the shards trained on when the run names
+    them (a staged build declares each row once per stage), else every declared shard."""
     by_source: dict[str, dict[str, int]] = {}
+    if any(r.get("trained") is True for r in table):
+        table = [r for r in table if r.get("trained") is True]
     for r in table:
         rows = r.get("rows") if isinstance(r.get("rows"), int) else 0
         d = by_source.setdefault(str(r.get("source")), {})
@@ -189,12 +192,48 @@ def _replay_table(report: Report) -> str:
     return "".join(rows)
 
 
+def _count(r: dict[str, Any]) -> int:
+    counts = r.get("counts") if isinstance(r.get("counts"), dict) else {}
+    return sum(v for v in counts.values() if isinstance(v, int) and not isinstance(v, bool))
+
+
+def _rows(r: dict[str, Any]) -> int:
+    return r["rows"] if isinstance(r.get("rows"), int) and not isinstance(r.get("rows"), bool) else 0
+
+
+def _stage_summary(table: Sequence[dict[str, Any]]) -> str:
+    """Per source, what each stage of a staged build kept, dropped and removed."""
+    by: dict[str, dict[str, int]] = {}
+    for r in table:
+        stage = r.get("stage")
+        if stage not in ("ingest", "dedup", "pack"):
+            continue
+        d = by.setdefault(str(r.get("source")), {"ingest": 0, "dropped": 0, "dedup": 0, "removed": 0, "pack": 0})
+        d[stage] += _rows(r)
+        if stage == "ingest":
+            d["dropped"] += _count(r)
+        elif stage == "dedup":
+            d["removed"] += _count(r)
+    if not by:
+        return ""
+    rows = ["<table><tr><th>source</th><th>raw items read</th><th>dropped at ingest</th><th>duplicates removed</th>"
+            "<th>records kept</th><th>packed rows</th></tr>"]
+    for src, d in sorted(by.items()):
+        rows.append(f"<tr><td>{_e(src)}</td><td>{d['ingest'] + d['dropped']}</td><td>{d['dropped']}</td><td>{d['removed']}</td>"
+                    f"<td>{d['dedup']}</td><td>{d['pack']}</td></tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
 def _data_table(table: Sequence[dict[str, Any]]) -> str:
     if not table:
         return ""
-    rows = ["<table><tr><th>shard</th><th>source</th><th>licence</th><th>collection</th><th>generator</th><th>rows</th></tr>"]
+    rows = ["<table><tr><th>shard</th><th>stage</th><th>source</th><th>licence</th><th>collection</th><th>generator</th>"
+            "<th>rows</th></tr>"]
     for r in table:
-        rows.append(f"<tr><td><code>{_e(r.get('shard'))}</code></td><td>{_e(r.get('source'))}</td><td>{_e(r.get('license'))}</td>"
+        mark = " (trained on)" if r.get("trained") is True else ""
+        rows.append(f"<tr><td><code>{_e(r.get('shard'))}</code>{mark}</td><td>{_e(r.get('stage') or '—')}</td>"
+                    f"<td>{_e(r.get('source'))}</td><td>{_e(r.get('license'))}</td>"
                     f"<td>{_e(r.get('collection'))}</td><td>{_e(r.get('generator') or '—')}</td><td>{_e(r.get('rows'))}</td></tr>")
     rows.append("</table>")
     return "".join(rows)
@@ -243,6 +282,7 @@ def render_html(report: Report) -> str:
         "<h2>Replay</h2>", _replay_table(report),
         "<h2>Data by source and licence</h2>",
         f"<figure>{stacked_bars(data, 'rows by source and licence')}<figcaption>Rows per declared source, coloured by SPDX licence.</figcaption></figure>",
+        _stage_summary(data),
         _data_table(data),
         "</body></html>",
     ]

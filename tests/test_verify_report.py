@@ -71,6 +71,19 @@ def test_render_survives_hostile_facts() -> None:
     json.loads(rep.to_json(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
 
 
+def test_staged_data_is_summarized_per_source_and_bars_count_only_the_shards_trained_on() -> None:
+    def row(stage: str, rows: int, counts: dict, trained: bool = False, source: str = "web") -> dict:
+        return {"shard": f"data/{stage}/{source}.parquet", "source": source, "license": "CC-BY-4.0", "collection": "crawl",
+                "rows": rows, "generator": None, "stage": stage, "counts": counts, "trained": trained}
+
+    data = [row("ingest", 90, {"empty": 7, "bad-json": 3}), row("dedup", 70, {"exact-duplicate": 15, "near-duplicate": 5}),
+            row("pack", 40, {}, trained=True)]
+    page = render_html(verify.Report("b", [], [], "identity", {"data": data}))
+    summary = re.sub(r"<[^>]+>", " ", page[page.index("raw items read"):]).split()
+    assert summary[summary.index("web"):][:6] == ["web", "100", "10", "20", "70", "40"]
+    assert "40 rows" in page and "200 rows" not in page  # the bar counts the 40 packed rows, not every stage
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
 def test_report_renders_in_headless_chromium(tmp_path: Path, capsys) -> None:
     import numpy as np
