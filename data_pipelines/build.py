@@ -79,7 +79,7 @@ def build(cfg: DictConfig) -> None:
         print(f"[kai-data] {chain_path}: set aside an interrupted final line (in chain.jsonl.torn)")
     b = stages.Build(out, ChainWriter(chain_path, signer, cfg.run_id), params["shards"]["rows"], params["shards"]["max_mb"])
 
-    ingested = {s.name: stages.ingest(b, s, norm) for s in sources}
+    ingested = stages.ingest_all(b, sources, norm, int(cfg.jobs))
     deduped = stages.dedup(b, sources, ingested, dedup_cfg)
     model = tokenizer_stage(b, [n for s in sources for n in deduped[s.name]], Path(cfg.tokenizer_prefix),
                             params["tokenizer"])

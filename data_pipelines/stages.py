@@ -15,6 +15,8 @@ or row count would change. Ingest skips the raw items its recorded shards cover 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import queue
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -70,6 +72,16 @@ class Build:
         while (name := self.shard_name(stage, source, len(out))) in self.recorded:
             out.append((name, self.recorded[name]))
         return out
+
+    def record(self, name: str, manifest: dict[str, Any]) -> None:
+        """Sign a written shard (file and manifest on disk) into the chain."""
+        man = shards.manifest_path(self.root / name)
+        self.chain.append("data-shard", [subject(name, manifest["sha256"]),
+                                         subject(str(man.relative_to(self.root)), sha256_file(man))],
+                          {"manifest": manifest})
+        self.recorded[name] = manifest
+        src = manifest["source"]
+        self.log(f"[kai-data] {name}: {manifest['rows']} rows ({manifest['stage']}, {src['name']}, {src['license']})")
 
     def input_path(self, name: str) -> Path:
         """A recorded shard to read, after checking that the file still has its recorded digest."""
@@ -148,14 +160,8 @@ class ShardSink:
         else:
             derived = [{"path": o, "sha256": self.b.recorded[o]["sha256"]} for o in self.origins]
             manifest = self.file.close(derived, extra)
-            man = shards.manifest_path(self.b.root / name)
             failpoints.reached("shard-written")
-            self.b.chain.append("data-shard", [subject(name, manifest["sha256"]),
-                                               subject(str(man.relative_to(self.b.root)), sha256_file(man))],
-                                {"manifest": manifest})
-            self.b.recorded[name] = manifest
-            self.b.log(f"[kai-data] {name}: {manifest['rows']} rows ({self.stage}, {self.source.name}, "
-                       f"{self.source.record['license']})")
+            self.b.record(name, manifest)
         self.written.append(name)
         self.index += 1
         self.file, self.rows, self.bytes, self.tokens, self.origins, self.counts = None, 0, 0, 0, {}, Counter()
@@ -190,6 +196,53 @@ def ingest(b: Build, source: Source, norm: Normalize) -> list[str]:
         sink.add(record, record_bytes(record), [], pos)
     _move_counts(stats, seen, sink)
     return [n for n, _ in done] + sink.close(end_pos=start + stats["read"])
+
+
+def ingest_all(b: Build, sources: list[Source], norm: Normalize, jobs: int = 1) -> dict[str, list[str]]:
+    """Ingest every source; with jobs > 1, one source per process, `jobs` at a time.
+
+    Workers write shards and manifests; only this process signs, so statements arrive in the
+    chain as shards complete (interleaved across sources: resuming goes by shard name, not by
+    chain position). A worker's error, or its death, stops the build with one line.
+    """
+    if jobs <= 1 or len(sources) <= 1:
+        return {s.name: ingest(b, s, norm) for s in sources}
+    ctx = multiprocessing.get_context("fork")  # workers inherit the Build; nothing to pickle but messages
+    messages = ctx.Queue()
+    pending, running, out = list(sources), {}, {}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                s = pending.pop(0)
+                running[s.name] = ctx.Process(target=_ingest_worker, args=(b, s, norm, messages), daemon=True)
+                running[s.name].start()
+            try:
+                kind, name, payload = messages.get(timeout=0.5)
+            except queue.Empty:
+                dead = [n for n, p in running.items() if p.exitcode is not None and messages.empty()]
+                if dead:
+                    raise ValueError(f"source {dead[0]!r}: ingest worker died (exit {running[dead[0]].exitcode})")
+                continue
+            if kind == "shard":
+                b.record(name, payload)
+            elif kind == "done":
+                out[name] = payload
+                running.pop(name).join()
+            else:
+                raise ValueError(payload)
+    finally:
+        for p in running.values():
+            p.terminate()
+    return {s.name: out[s.name] for s in sources}
+
+
+def _ingest_worker(b: Build, source: Source, norm: Normalize, messages: Any) -> None:
+    b.record = lambda name, manifest: (b.recorded.__setitem__(name, manifest),  # type: ignore[method-assign]
+                                       messages.put(("shard", name, manifest)))
+    try:
+        messages.put(("done", source.name, ingest(b, source, norm)))
+    except Exception as e:  # noqa: BLE001 - reported by the parent as one line
+        messages.put(("error", source.name, str(e) if isinstance(e, ValueError) else f"source {source.name!r}: {type(e).__name__}: {e}"))
 
 
 def _move_counts(stats: Counter[str], seen: Counter[str], sink: ShardSink) -> None:

@@ -255,3 +255,13 @@ def test_training_refuses_packed_rows_of_another_length_naming_the_shard(built) 
     data = ShardDataset(packed, out / "tokenizer/tokenizer.model", 32)
     assert len(data) == sum(pq.ParquetFile(p).metadata.num_rows for p in packed)
     assert data.tokens(0) == pq.read_table(packed[0]).column("tokens")[0].as_py()
+
+
+def test_ingesting_sources_in_parallel_gives_the_same_shards(built, tmp_path: Path) -> None:
+    _, conf, clean, _ = built
+    out = tmp_path / "out"
+    must(kai_attest("keygen", str(out / "keys")))
+    p = must(kai_data_user(conf, out, "jobs=3"))
+    got = data_statements(out)
+    assert {n: m["sha256"] for n, m in got.items()} == {n: m["sha256"] for n, m in data_statements(clean).items()}
+    assert p.stdout.count("(ingest, ") == sum(m["stage"] == "ingest" for m in got.values())
