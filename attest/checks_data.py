@@ -92,7 +92,7 @@ def check_data_lineage(ctx: Context) -> Iterator[Finding]:
     for name, e in missing.items():
         bad += 1
         yield Finding("data-lineage", False, ctx.where(e), f"{name} declared by a data-shard statement", f"undeclared (used by the {e.kind})")
-    for finding in _accounting(ctx):
+    for finding in [*_accounting(ctx), *_tokenizer_use(ctx)]:
         bad += 1
         yield finding
     if not bad:
@@ -103,6 +103,25 @@ def check_data_lineage(ctx: Context) -> Iterator[Finding]:
 
 def _int(x: Any) -> int | None:
     return x if isinstance(x, int) and not isinstance(x, bool) else None
+
+
+def _tokenizer_use(ctx: Context) -> Iterator[Finding]:
+    """The tokenizer the run trained with and the one packed shards were tokenized with are the
+    tokenizer a `tokenizer` statement declares (same path and sha256, declared before the shard)."""
+    declared: list[tuple[int, str, str]] = []  # (entry index, name, sha256)
+    for i, e in enumerate(ctx.entries):
+        if e.kind == "tokenizer":
+            declared += [(i, s["name"], s["sha256"]) for s in subjects_of(e)]
+        elif e.kind == "data-shard":
+            used = as_dict(as_dict(as_dict(e.predicate.get("manifest")).get("params")).get("tokenizer"))
+            if used and not any(n == used.get("name") and d == used.get("sha256") for _, n, d in declared):
+                yield Finding("data-lineage", False, ctx.where(e), "packed with a tokenizer declared earlier",
+                              f"{used.get('name')} sha256 {short(used.get('sha256'))}")
+    run = ctx.run_config.get("tokenizer")
+    runs = ctx.of_kind("run")
+    if declared and runs and isinstance(run, str) and run not in {n for _, n, _ in declared}:
+        yield Finding("data-lineage", False, ctx.where(runs[0]), "the run's tokenizer to be the declared one",
+                      f"{run} (declared: {', '.join(sorted({n for _, n, _ in declared}))})")
 
 
 def _accounting(ctx: Context) -> Iterator[Finding]:

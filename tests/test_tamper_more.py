@@ -285,3 +285,19 @@ def test_ingest_shard_hiding_raw_items_fails_data_lineage(bundle, key, capsys) -
     resign(bundle, key, shrink)
     failed, out = failed_checks(capsys, bundle)
     assert failed == {"data-lineage"} and "source 'text': raw positions starting at 64" in out
+
+
+def test_training_shards_packed_with_an_undeclared_tokenizer_fail_data_lineage(bundle, key, capsys) -> None:
+    # The packed shards claim a tokenizer other than the one the chain declares (e.g. a foreign one).
+    def other(sts: list[dict]) -> None:
+        for st in of_kind(sts, "data-shard"):
+            m = st["predicate"]["manifest"]
+            if m["stage"] == "pack" and m["source"]["name"] == "audio":
+                m["params"]["tokenizer"]["sha256"] = "ab" * 32
+                mname = next(x["name"] for x in st["subject"] if x["name"].endswith(".manifest.json"))
+                (bundle / mname).write_text(json.dumps(m, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+                set_subject(st, mname, bundle)
+
+    resign(bundle, key, other)
+    failed, out = failed_checks(capsys, bundle)
+    assert failed == {"data-lineage"} and "packed with a tokenizer declared earlier" in out and "abababab" in out
