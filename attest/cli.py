@@ -48,7 +48,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     try:
         policy = load_policy(args.policy) if args.policy else Policy()
         with opened_bundle(args.bundle, policy.limits["max_bundle_bytes"], policy.limits["max_archive_members"]) as root:
-            report = verify_bundle(root, args.trust, policy, replay=args.replay, replay_seed=args.replay_seed)
+            report = verify_bundle(root, args.trust, policy, replay=args.replay, replay_seed=args.replay_seed,
+                                   replay_data=args.replay_data)
             report.bundle = args.bundle
     except (PolicyError, ArchiveError) as e:
         print(f"kai-attest: error: {e}", file=sys.stderr)
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--replay", type=_replay_arg, metavar="N|all",
                    help="replay N randomly chosen checkpoint segments, or all of them")
     v.add_argument("--replay-seed", type=int, metavar="S", help="seed of the segment choice (default: fresh randomness)")
+    v.add_argument("--replay-data", action="store_true",
+                   help="recompute the dedup and pack shards from the ingest shards and the declared tokenizer "
+                        "(needs the shards in the bundle and kai-train's data pipelines)")
     v.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=_cmd_verify)

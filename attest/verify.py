@@ -14,7 +14,7 @@ established).
 Checks, in order (docs/bundle-format.md "What kai-attest verify checks" is the contract):
 statement-format, signature, chain-sequence, chain-link, statement-order, timestamps,
 subject-digest, weights-digest, oms-signature, genesis, trajectory, release, data-lineage,
-data-licence, replay.
+data-licence, data-replay, replay.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from attest.checks_chain import (
     token_time,
 )
 from attest.checks_data import check_data_licence, check_data_lineage
+from attest.data_replay import check_data_replay
 from attest.checks_files import check_oms, check_subjects, check_weights
 from attest.checks_model import (
     DEFAULT_REPLAY_PLUGIN,
@@ -61,7 +62,7 @@ from attest.signing import KeyError_, PublicKeyVerifier
 _register_replay()  # the kai_train.replay plug-in (runs in a subprocess; torch is not imported here)
 
 __all__ = ["CHECKS", "DEFAULT_REPLAY_PLUGIN", "DERIVERS", "REPLAYERS", "BundleUnreadable", "Context", "Finding",
-           "Replayer", "Report", "check_data_licence", "check_data_lineage", "check_genesis", "check_links",
+           "Replayer", "Report", "check_data_licence", "check_data_lineage", "check_data_replay", "check_genesis", "check_links",
            "check_oms", "check_order", "check_release", "check_replay", "check_sequence", "check_signatures",
            "check_statements", "check_subjects", "check_timestamps", "check_trajectory", "check_weights",
            "load_trust", "replay_plugin", "replay_segments", "skipped", "token_time", "verify_bundle"]
@@ -81,6 +82,7 @@ CHECKS: list[Callable[[Context], Iterator[Finding]]] = [
     check_release,
     check_data_lineage,
     check_data_licence,
+    check_data_replay,
     check_replay,
 ]
 
@@ -177,7 +179,7 @@ def bundle_size(root: Path, limit: int) -> int:
 
 def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Policy | None = None,
                   replay: int | str | None = None, replay_seed: int | None = None,
-                  checks: list[Callable[[Context], Iterator[Finding]]] | None = None) -> Report:
+                  checks: list[Callable[[Context], Iterator[Finding]]] | None = None, replay_data: bool = False) -> Report:
     policy = policy or Policy()
     root = Path(bundle)
     if not root.is_dir() or root.is_symlink():
@@ -197,7 +199,8 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
         trusted, from_bundle = load_trust(root, trust or [], policy)
     except KeyError_ as e:
         raise BundleUnreadable(str(e)) from None
-    ctx = Context(root, entries, trusted, from_bundle, torn, policy=policy, replay=replay, replay_seed=replay_seed)
+    ctx = Context(root, entries, trusted, from_bundle, torn, policy=policy, replay=replay, replay_seed=replay_seed,
+                  replay_data=replay_data)
     if from_bundle:
         ctx.notes.append("no --trust key and no policy keys: trusted the public key shipped in the bundle "
                          "(proves integrity, not identity)")

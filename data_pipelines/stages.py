@@ -51,6 +51,8 @@ class Build:
         if rows < 1 or max_mb <= 0:
             raise ValueError(f"shards.rows must be >= 1 and shards.max_mb > 0, got {rows}, {max_mb}")
         self.root, self.chain, self.rows, self.max_bytes, self.log = root, chain, rows, int(max_mb * 2**20), log
+        self.out = root  # where new shards are written (a replay writes elsewhere)
+        self.bounds = {"rows": rows, "max_mb": max_mb}
         for stale in root.glob("data/*/.*.tmp-*"):  # left by a build that died mid-shard; never recorded
             stale.unlink()
         entries, _ = read_chain(chain.path) if chain.path.exists() else ([], False)
@@ -62,6 +64,23 @@ class Build:
                 self.recorded[parquet] = e.predicate["manifest"]
             elif e.kind == "tokenizer":
                 self.tokenizer = {"subject": e.statement["subject"][0], **e.predicate}
+
+    @classmethod
+    def replay(cls, root: Path, out: Path, recorded: dict[str, dict[str, Any]], bounds: dict[str, Any],
+               record: Callable[[str, dict[str, Any]], None]) -> Build:
+        """A Build that reads the shards `recorded` names under `root` (a bundle), writes what it
+        computes under `out`, and hands each shard to `record` instead of signing it."""
+        b = cls.__new__(cls)
+        b.root, b.out, b.chain, b.log, b.tokenizer = root, out, None, lambda s: None, None
+        b.rows, b.max_bytes, b.bounds = int(bounds["rows"]), int(float(bounds["max_mb"]) * 2**20), dict(bounds)
+        b.recorded = dict(recorded)
+
+        def keep(name: str, manifest: dict[str, Any]) -> None:
+            b.recorded[name] = manifest
+            record(name, manifest)
+
+        b.record = keep  # type: ignore[method-assign]
+        return b
 
     def shard_name(self, stage: str, source: str, index: int) -> str:
         return f"{STAGE_DIRS[stage]}/{source}-{index:05d}.parquet"
@@ -105,7 +124,8 @@ class ShardSink:
                  to_table: Callable[[list[dict[str, Any]]], pa.Table], schema: pa.Schema, start_index: int = 0,
                  start_pos: int | None = None) -> None:
         self.b, self.stage, self.source = build, stage, source
-        self.params = json.loads(json.dumps(params))
+        # the shard bounds are part of what a stage computes: a replay needs them to cut the same shards
+        self.params = json.loads(json.dumps({**params, "shards": build.bounds}))
         self.to_table, self.schema = to_table, schema
         self.index = start_index
         self.file: shards.ShardFile | None = None  # None while re-streaming a recorded shard
@@ -121,7 +141,7 @@ class ShardSink:
         if self.rows and (self.rows >= self.b.rows or self.bytes + nbytes > self.b.max_bytes):
             self._finish(end_pos=pos)
         if not self.rows and self.b.shard_name(self.stage, self.source.name, self.index) not in self.b.recorded:
-            self.file = shards.ShardFile(self.b.root / self.b.shard_name(self.stage, self.source.name, self.index),
+            self.file = shards.ShardFile(self.b.out / self.b.shard_name(self.stage, self.source.name, self.index),
                                          self.schema, self.source.record)
         self.group.append(row)
         self.group_bytes += nbytes

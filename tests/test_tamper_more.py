@@ -301,3 +301,52 @@ def test_training_shards_packed_with_an_undeclared_tokenizer_fail_data_lineage(b
     resign(bundle, key, other)
     failed, out = failed_checks(capsys, bundle)
     assert failed == {"data-lineage"} and "packed with a tokenizer declared earlier" in out and "abababab" in out
+
+
+def test_packed_rows_that_do_not_follow_from_the_declared_inputs_fail_data_replay(bundle, key, capsys) -> None:
+    # An insider swaps a row of a training shard for other tokens and makes every record agree:
+    # manifest, statement, run config. Only recomputing the stage shows the rows are not what
+    # packing the declared dedup shards with the declared tokenizer gives.
+    import pyarrow.parquet as pq
+
+    from data_pipelines import shards
+
+    name = "data/shards/text-00001.parquet"
+    table = pq.read_table(bundle / name)
+    tokens = table.column("tokens").to_pylist()
+    tokens[3] = [2] + [7] * 30 + [3]
+    table = table.set_column(table.schema.get_field_index("tokens"), "tokens", [tokens])
+    pq.write_table(table, bundle / name, **shards.PARQUET_OPTIONS)
+    sha = sha256_file(bundle / name)
+
+    def swap(sts: list[dict]) -> None:
+        for st in sts:
+            kind = st["predicate"]["kind"]
+            if kind == "data-shard" and any(x["name"] == name for x in st["subject"]):
+                m = st["predicate"]["manifest"]
+                m["sha256"], m["bytes"] = sha, (bundle / name).stat().st_size
+                mname = next(x["name"] for x in st["subject"] if x["name"].endswith(".manifest.json"))
+                (bundle / mname).write_text(json.dumps(m, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+                set_subject(st, mname, bundle)
+                set_subject(st, name, bundle)
+            elif kind == "run":
+                for s in st["predicate"]["config"]["data_shards"]:
+                    if s["name"] == name:
+                        s["sha256"] = sha
+
+    resign(bundle, key, swap)
+    rc, out = verify(capsys, bundle)
+    assert rc == 0, out  # every record agrees
+    failed, out = failed_checks(capsys, bundle, "--replay-data")
+    assert failed == {"data-replay"} and name in out
+    assert "data-replay" in out and "byte-identical" not in out
+
+
+def test_the_honest_bundle_recomputes_every_dedup_and_pack_shard_byte_for_byte(bundle, capsys) -> None:
+    rc, out = verify(capsys, bundle, "--replay-data")
+    line = next(x for x in out.splitlines() if " data-replay " in x)
+    n = len(list((bundle / "data/dedup").glob("*.parquet"))) + len(list((bundle / "data/shards").glob("*.parquet")))
+    assert rc == 0 and line.startswith("ok") and f"{n} dedup and pack shards recomputed" in line
+    assert f"{n} byte-identical" in line
+    rc, out = verify(capsys, bundle)
+    assert "SKIP  data-replay" in out  # only when asked

@@ -1,0 +1,119 @@
+"""`--replay-data`: recompute a staged build's dedup and pack shards from the bundle's ingest shards
+and declared tokenizer, and compare them with the shards the chain declares.
+
+The stages are kai-train's own (data_pipelines.stages), run with the parameters each manifest
+records, reading only bundle files whose digests the chain signs and writing into a temporary
+folder. A shard is reproduced when its sha256 matches, or, where the local pyarrow writes other
+bytes for the same rows, when its rows are equal. This proves the training rows follow from the
+declared ingest shards by the declared dedup and packing; ingest itself reads raw files that a
+bundle does not carry. Needs kai-train's data pipelines (the `train` extra); no torch.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from attest.findings import Context, Finding, as_dict, skipped, subjects_of
+
+CHECK = "data-replay"
+
+
+def _staged(ctx: Context) -> dict[str, dict[str, dict[str, Any]]]:
+    """stage → {shard name: manifest}, in chain order."""
+    out: dict[str, dict[str, dict[str, Any]]] = {"ingest": {}, "dedup": {}, "pack": {}}
+    for e in ctx.of_kind("data-shard"):
+        m = as_dict(e.predicate.get("manifest"))
+        name = next((s["name"] for s in subjects_of(e) if s["name"].endswith(".parquet")), None)
+        if name is not None and m.get("stage") in out:
+            out[m["stage"]][name] = m
+    return out
+
+
+def _one(manifests: dict[str, dict[str, Any]], key: str) -> Any:
+    values = {repr(m.get(key)) for m in manifests.values()}
+    if len(values) != 1:
+        raise ValueError(f"the shards of one stage record {len(values)} different {key!r}")
+    return next(iter(manifests.values())).get(key)
+
+
+def check_data_replay(ctx: Context) -> Iterator[Finding]:
+    if not getattr(ctx, "replay_data", False):
+        yield skipped(CHECK, "", "data replay not run (ask for it with --replay-data)")
+        return
+    staged = _staged(ctx)
+    if not staged["dedup"] or not staged["pack"]:
+        yield skipped(CHECK, "", "no staged kai-data build in the chain (no dedup and pack shards)")
+        return
+    absent = [n for st in staged.values() for n in st if not (ctx.root / n).is_file()]
+    if absent:
+        yield skipped(CHECK, "", f"{len(absent)} shard files are not in the bundle (made with --no-data?)")
+        return
+    try:
+        from data_pipelines import stages
+        from data_pipelines.dedup import SCHEME, SHINGLE_HASH, DedupConfig
+        from data_pipelines.sources import Source
+        from data_pipelines.tokenizer import load_tokenizer
+    except ImportError as e:
+        yield skipped(CHECK, "", f"needs kai-train's data pipelines (pip install 'kai-train[train]'): {e}")
+        return
+    try:
+        yield from _replay(ctx, staged, stages, DedupConfig, SCHEME, SHINGLE_HASH, Source, load_tokenizer)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        yield Finding(CHECK, False, "", "the recorded stages to run again", f"{type(e).__name__}: {e}")
+
+
+def _replay(ctx: Context, staged: dict[str, dict[str, dict[str, Any]]], stages: Any, DedupConfig: Any,  # noqa: N803
+            scheme: str, shingle_hash: str, Source: Any, load_tokenizer: Any) -> Iterator[Finding]:
+    import pyarrow.parquet as pq
+
+    dparams, pparams = _one(staged["dedup"], "params"), _one(staged["pack"], "params")
+    if "shards" not in dparams or "shards" not in pparams:
+        yield skipped(CHECK, "", "the manifests do not record their shard bounds (built by an older kai-data)")
+        return
+    if (dparams.get("scheme"), dparams.get("shingle_hash")) != (scheme, shingle_hash):
+        yield skipped(CHECK, "", f"dedup recorded with MinHash {dparams.get('scheme')}/{dparams.get('shingle_hash')}; "
+                                 f"this version computes {scheme}/{shingle_hash}")
+        return
+    # sources in the order dedup ran (declared order); each with its ingest shards in index order
+    order = list(dict.fromkeys(m["source"]["name"] for m in staged["dedup"].values()))
+    sources = [Source(n, "", (), next(m["source"] for m in staged["dedup"].values() if m["source"]["name"] == n))
+               for n in order]
+    inputs = {n: sorted(k for k, m in staged["ingest"].items() if m["source"]["name"] == n) for n in order}
+    made: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="kai-data-replay-") as tmp:
+        b = stages.Build.replay(ctx.root, Path(tmp), staged["ingest"], dparams["shards"],
+                                lambda name, m: made.__setitem__(name, m))
+        config = {k: v for k, v in dparams.items() if k not in ("scheme", "shingle_hash", "shards")}
+        stages.dedup(b, sources, inputs, DedupConfig(**config))
+        tok = pparams["tokenizer"]
+        b.rows, b.max_bytes = int(pparams["shards"]["rows"]), int(float(pparams["shards"]["max_mb"]) * 2**20)
+        b.bounds = dict(pparams["shards"])
+        b.root = ctx.root  # the dedup shards just made are compared below, then read from the bundle
+        b.recorded.update(staged["dedup"])
+        stages.pack(b, sources, {n: sorted(k for k, m in staged["dedup"].items() if m["source"]["name"] == n)
+                                 for n in order}, load_tokenizer(ctx.files.path(tok["name"])), int(pparams["seq_len"]), tok)
+        bytes_equal = rows_equal = 0
+        bad = 0
+        for stage in ("dedup", "pack"):
+            want = staged[stage]
+            got = {n: m for n, m in made.items() if m.get("stage") == stage}
+            for name in sorted(set(want) | set(got)):
+                if name not in got or name not in want:
+                    bad += 1
+                    yield Finding(CHECK, False, name, "declared and recomputed" if name in want else "not recomputed",
+                                  "not recomputed" if name in want else "recomputed but not declared")
+                elif got[name]["sha256"] == want[name]["sha256"]:
+                    bytes_equal += 1
+                elif pq.read_table(Path(tmp) / name).equals(pq.read_table(ctx.files.path(name))):
+                    rows_equal += 1
+                else:
+                    bad += 1
+                    yield Finding(CHECK, False, name, f"the rows {stage} computes from the declared inputs",
+                                  f"other rows ({want[name].get('rows')} declared, {got[name].get('rows')} recomputed)")
+    if not bad:
+        yield Finding(CHECK, True, "", detail=f"{bytes_equal + rows_equal} dedup and pack shards recomputed from "
+                      f"{sum(len(v) for v in inputs.values())} ingest shards and the declared tokenizer: "
+                      f"{bytes_equal} byte-identical, {rows_equal} with equal rows")
