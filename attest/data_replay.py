@@ -11,12 +11,16 @@ bundle does not carry. Needs kai-train's data pipelines (the `train` extra); no 
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from attest.bundle import BundlePathError, safe_file
 from attest.findings import Context, Finding, as_dict, skipped, subjects_of
+
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # as data_pipelines.sources requires
 
 CHECK = "data-replay"
 
@@ -30,6 +34,17 @@ def _staged(ctx: Context) -> dict[str, dict[str, dict[str, Any]]]:
         if name is not None and m.get("stage") in out:
             out[m["stage"]][name] = m
     return out
+
+
+def _inside(ctx: Context, name: str) -> bool:
+    """A plain relative path to a regular file in the bundle, or to nothing (absent: skipped later)."""
+    try:
+        safe_file(ctx.root, name)
+    except FileNotFoundError:
+        return True
+    except BundlePathError:
+        return False
+    return True
 
 
 def _one(manifests: dict[str, dict[str, Any]], key: str) -> Any:
@@ -47,7 +62,16 @@ def check_data_replay(ctx: Context) -> Iterator[Finding]:
     if not staged["dedup"] or not staged["pack"]:
         yield skipped(CHECK, "", "no staged kai-data build in the chain (no dedup and pack shards)")
         return
-    absent = [n for st in staged.values() for n in st if not (ctx.root / n).is_file()]
+    # names and source names come from the bundle: refuse any that would leave it (or the temp folder)
+    names = [n for st in staged.values() for n in st]
+    sources = {as_dict(m.get("source")).get("name") for st in staged.values() for m in st.values()}
+    unsafe = [n for n in names if not _inside(ctx, n)] + [repr(s) for s in sources
+                                                         if not isinstance(s, str) or not SOURCE_NAME.fullmatch(s)]
+    if unsafe:
+        yield Finding(CHECK, False, unsafe[0], "shard paths inside the bundle and plain source names",
+                      f"{len(unsafe)} that are not")
+        return
+    absent = [n for n in names if not (ctx.root / n).is_file()]
     if absent:
         yield skipped(CHECK, "", f"{len(absent)} shard files are not in the bundle (made with --no-data?)")
         return

@@ -350,3 +350,19 @@ def test_the_honest_bundle_recomputes_every_dedup_and_pack_shard_byte_for_byte(b
     assert f"{n} byte-identical" in line
     rc, out = verify(capsys, bundle)
     assert "SKIP  data-replay" in out  # only when asked
+
+
+def test_data_replay_refuses_a_source_name_that_would_leave_its_folder(bundle, key, capsys) -> None:
+    def escape(sts: list[dict]) -> None:
+        for st in of_kind(sts, "data-shard"):
+            m = st["predicate"]["manifest"]
+            if m["source"]["name"] == "audio":
+                m["source"]["name"] = "../../escaped"
+                mname = next(x["name"] for x in st["subject"] if x["name"].endswith(".manifest.json"))
+                (bundle / mname).write_text(json.dumps(m, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+                set_subject(st, mname, bundle)
+
+    resign(bundle, key, escape)
+    failed, out = failed_checks(capsys, bundle, "--replay-data")
+    assert "data-replay" in failed and "plain source names" in out
+    assert not (bundle.parent / "escaped").exists() and not list(bundle.parent.parent.glob("escaped*"))
