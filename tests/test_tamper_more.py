@@ -153,20 +153,25 @@ def test_learning_rate_in_the_run_config_differs_from_the_one_used(bundle, key, 
     assert "replay" in failed, out
 
 
-def _edit_manifest(b: Path, key: Path, source: str, edit: Callable[[dict], None]) -> None:
-    """Change the manifests of every shard of `source`, in every stage, consistently: statements,
-    manifest files and their subject digests (an insider lying about a source from the start)."""
+def _edit_manifests(b: Path, key: Path, pick: Callable[[dict], bool], edit: Callable[[dict], None]) -> None:
+    """Change the manifests `pick` selects consistently: statements, manifest files and their subject
+    digests, every statement re-signed (an insider with the real key)."""
     def mutate(sts: list[dict]) -> None:
         for st in of_kind(sts, "data-shard"):
-            if st["predicate"]["manifest"]["source"]["name"] != source:
+            m = st["predicate"]["manifest"]
+            if not pick(m):
                 continue
+            edit(m)
             mname = next(x["name"] for x in st["subject"] if x["name"].endswith(".manifest.json"))
-            edit(st["predicate"]["manifest"])
-            (b / mname).write_text(json.dumps(st["predicate"]["manifest"], indent=2, sort_keys=True,
-                                              ensure_ascii=False) + "\n")
+            (b / mname).write_text(json.dumps(m, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
             set_subject(st, mname, b)
 
     resign(b, key, mutate)
+
+
+def _edit_manifest(b: Path, key: Path, source: str, edit: Callable[[dict], None]) -> None:
+    """Every shard of `source`, in every stage (a source lied about from the start)."""
+    _edit_manifests(b, key, lambda m: m["source"]["name"] == source, edit)
 
 
 def test_licence_not_allowed_by_the_policy_fails_data_licence(bundle, key, tmp_path, capsys) -> None:
@@ -187,16 +192,8 @@ def test_synthetic_source_without_generator_fails_data_licence_under_policy(bund
 def test_training_shard_relabelled_with_another_licence_than_its_parents_fails_data_lineage(bundle, key, capsys) -> None:
     # The ingest and dedup shards say what the source really is; the insider relabels only the packed
     # shards that training read, re-signing everything: the lineage walk exposes it.
-    def relabel(sts: list[dict]) -> None:
-        for st in of_kind(sts, "data-shard"):
-            m = st["predicate"]["manifest"]
-            if m["stage"] == "pack" and m["source"]["name"] == "text":
-                m["source"]["license"] = "CC0-1.0-relabelled"
-                mname = next(x["name"] for x in st["subject"] if x["name"].endswith(".manifest.json"))
-                (bundle / mname).write_text(json.dumps(m, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-                set_subject(st, mname, bundle)
-
-    resign(bundle, key, relabel)
+    _edit_manifests(bundle, key, lambda m: m["stage"] == "pack" and m["source"]["name"] == "text",
+                    lambda m: m["source"].update(license="CC0-1.0-relabelled"))
     failed, out = failed_checks(capsys, bundle)
     assert failed == {"data-lineage"} and "CC0-1.0-relabelled" in out and "data/dedup/text-00000.parquet" in out
 
@@ -273,32 +270,16 @@ def test_hidden_prefix_before_genesis_fails_statement_order(bundle, key, capsys)
 
 def test_ingest_shard_hiding_raw_items_fails_data_lineage(bundle, key, capsys) -> None:
     # An insider shrinks an ingest shard's raw range, as if items between two shards never existed.
-    def shrink(sts: list[dict]) -> None:
-        st = next(s for s in of_kind(sts, "data-shard") if s["predicate"]["manifest"]["shard"] == "text-00001.parquet"
-                  and s["predicate"]["manifest"]["stage"] == "ingest")
-        m = st["predicate"]["manifest"]
-        m["positions"][0] += 3
-        mname = next(x["name"] for x in st["subject"] if x["name"].endswith(".manifest.json"))
-        (bundle / mname).write_text(json.dumps(m, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-        set_subject(st, mname, bundle)
-
-    resign(bundle, key, shrink)
+    _edit_manifests(bundle, key, lambda m: m["shard"] == "text-00001.parquet" and m["stage"] == "ingest",
+                    lambda m: m["positions"].__setitem__(0, m["positions"][0] + 3))
     failed, out = failed_checks(capsys, bundle)
     assert failed == {"data-lineage"} and "source 'text': raw positions starting at 64" in out
 
 
 def test_training_shards_packed_with_an_undeclared_tokenizer_fail_data_lineage(bundle, key, capsys) -> None:
     # The packed shards claim a tokenizer other than the one the chain declares (e.g. a foreign one).
-    def other(sts: list[dict]) -> None:
-        for st in of_kind(sts, "data-shard"):
-            m = st["predicate"]["manifest"]
-            if m["stage"] == "pack" and m["source"]["name"] == "audio":
-                m["params"]["tokenizer"]["sha256"] = "ab" * 32
-                mname = next(x["name"] for x in st["subject"] if x["name"].endswith(".manifest.json"))
-                (bundle / mname).write_text(json.dumps(m, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-                set_subject(st, mname, bundle)
-
-    resign(bundle, key, other)
+    _edit_manifests(bundle, key, lambda m: m["stage"] == "pack" and m["source"]["name"] == "audio",
+                    lambda m: m["params"]["tokenizer"].update(sha256="ab" * 32))
     failed, out = failed_checks(capsys, bundle)
     assert failed == {"data-lineage"} and "packed with a tokenizer declared earlier" in out and "abababab" in out
 
@@ -353,16 +334,7 @@ def test_the_honest_bundle_recomputes_every_dedup_and_pack_shard_byte_for_byte(b
 
 
 def test_data_replay_refuses_a_source_name_that_would_leave_its_folder(bundle, key, capsys) -> None:
-    def escape(sts: list[dict]) -> None:
-        for st in of_kind(sts, "data-shard"):
-            m = st["predicate"]["manifest"]
-            if m["source"]["name"] == "audio":
-                m["source"]["name"] = "../../escaped"
-                mname = next(x["name"] for x in st["subject"] if x["name"].endswith(".manifest.json"))
-                (bundle / mname).write_text(json.dumps(m, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-                set_subject(st, mname, bundle)
-
-    resign(bundle, key, escape)
+    _edit_manifest(bundle, key, "audio", lambda m: m["source"].update(name="../../escaped"))
     failed, out = failed_checks(capsys, bundle, "--replay-data")
     assert "data-replay" in failed and "plain source names" in out
     assert not (bundle.parent / "escaped").exists() and not list(bundle.parent.parent.glob("escaped*"))
