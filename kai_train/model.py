@@ -14,110 +14,14 @@ them), so renaming a module changes every digest.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-
-@dataclass
-class ModelConfig:
-    """Architecture hyperparameters. Defaults equal conf/model/tiny.yaml (the config is where
-    defaults live; these only let unit tests write `ModelConfig()`)."""
-
-    # text decoder
-    vocab_size: int = 512
-    dim: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    ffn_hidden: int = 172
-    max_seq_len: int = 128  # text tokens only; the modality prefix comes on top
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    # image encoder
-    image_size: int = 32
-    image_channels: int = 3
-    patch_size: int = 8
-    vision_dim: int = 64
-    vision_layers: int = 1
-    vision_heads: int = 4
-    # speech encoder
-    sample_rate: int = 16000
-    n_fft: int = 400
-    hop_length: int = 160
-    n_mels: int = 40
-    audio_samples: int = 8000
-    speech_dim: int = 64
-    speech_layers: int = 1
-    speech_heads: int = 4
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.dim % self.n_heads == 0, "dim must be divisible by n_heads"),
-            ((self.dim // self.n_heads) % 2 == 0, "head dim (dim / n_heads) must be even for RoPE"),
-            (self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"),
-            (self.image_size % self.patch_size == 0, "image_size must be divisible by patch_size"),
-            (self.vision_dim % self.vision_heads == 0, "vision_dim must be divisible by vision_heads"),
-            (self.speech_dim % self.speech_heads == 0, "speech_dim must be divisible by speech_heads"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"ModelConfig: {msg}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
-        """Build from a plain mapping (e.g. OmegaConf.to_container of conf/model/*.yaml).
-
-        Unknown keys are an error rather than ignored: a misspelt field would otherwise silently
-        train the default architecture.
-        """
-        known = {f.name: f for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in d.items():
-            if key not in known:
-                raise ValueError(f"ModelConfig: unknown key {key!r} (known: {', '.join(known)})")
-            ftype = known[key].type  # a string: annotations are postponed
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"ModelConfig: {key!r} must be a number, got {value!r}")
-            if ftype == "int":
-                if value != int(value):
-                    raise ValueError(f"ModelConfig: {key!r} must be an integer, got {value!r}")
-                value = int(value)
-            else:
-                value = float(value)
-            kwargs[key] = value
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def n_image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def n_audio_frames(self) -> int:
-        return 1 + self.audio_samples // self.hop_length  # torch.stft with center=True
-
-    @property
-    def n_audio_tokens(self) -> int:
-        n = self.n_audio_frames
-        for _ in range(2):  # two Conv1d(kernel=3, stride=2, padding=1)
-            n = (n + 2 - 3) // 2 + 1
-        return n
-
-
-def _swiglu_hidden(width: int) -> int:
-    """Encoder MLP width: the Llama 8/3 rule rounded up to a multiple of 4 (the decoder's own width
-    is a config field; encoder widths are derived so the config stays small)."""
-    return 4 * math.ceil(8 * width / 3 / 4)
+# ModelConfig lives in the torch-free kai_train.modelspec; it is imported from here too.
+from kai_train.modelspec import ModelConfig, _swiglu_hidden  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,191 @@
+"""The model's architecture config and its parameter list, without torch.
+
+`ModelConfig` holds the architecture hyperparameters (conf/model/*.yaml). `param_specs` gives the
+(name, shape, init rule) of every parameter `kai_train.model.MultimodalLM` creates, as a pure
+function of the config: the genesis deriver (`kai_train.initspec`) uses it on an evaluator's
+light install, where torch is absent. tests/test_genesis_v2.py checks that it equals the list
+read from the torch model (`kai_train.init.tensor_specs`) for every preset.
+
+Parameter names are part of the provenance format: a change to the model's modules must be
+mirrored here, and the test above fails until it is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+@dataclass
+class ModelConfig:
+    """Architecture hyperparameters. Defaults equal conf/model/tiny.yaml (the config is where
+    defaults live; these only let unit tests write `ModelConfig()`)."""
+
+    # text decoder
+    vocab_size: int = 512
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_hidden: int = 172
+    max_seq_len: int = 128  # text tokens only; the modality prefix comes on top
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    # image encoder
+    image_size: int = 32
+    image_channels: int = 3
+    patch_size: int = 8
+    vision_dim: int = 64
+    vision_layers: int = 1
+    vision_heads: int = 4
+    # speech encoder
+    sample_rate: int = 16000
+    n_fft: int = 400
+    hop_length: int = 160
+    n_mels: int = 40
+    audio_samples: int = 8000
+    speech_dim: int = 64
+    speech_layers: int = 1
+    speech_heads: int = 4
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.dim % self.n_heads == 0, "dim must be divisible by n_heads"),
+            ((self.dim // self.n_heads) % 2 == 0, "head dim (dim / n_heads) must be even for RoPE"),
+            (self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"),
+            (self.image_size % self.patch_size == 0, "image_size must be divisible by patch_size"),
+            (self.vision_dim % self.vision_heads == 0, "vision_dim must be divisible by vision_heads"),
+            (self.speech_dim % self.speech_heads == 0, "speech_dim must be divisible by speech_heads"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"ModelConfig: {msg}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """Build from a plain mapping (e.g. OmegaConf.to_container of conf/model/*.yaml).
+
+        Unknown keys are an error rather than ignored: a misspelt field would otherwise silently
+        train the default architecture.
+        """
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key not in known:
+                raise ValueError(f"ModelConfig: unknown key {key!r} (known: {', '.join(known)})")
+            ftype = known[key].type  # a string: annotations are postponed
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"ModelConfig: {key!r} must be a number, got {value!r}")
+            if ftype == "int":
+                if value != int(value):
+                    raise ValueError(f"ModelConfig: {key!r} must be an integer, got {value!r}")
+                value = int(value)
+            else:
+                value = float(value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def n_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def n_audio_frames(self) -> int:
+        return 1 + self.audio_samples // self.hop_length  # torch.stft with center=True
+
+    @property
+    def n_audio_tokens(self) -> int:
+        n = self.n_audio_frames
+        for _ in range(2):  # two Conv1d(kernel=3, stride=2, padding=1)
+            n = (n + 2 - 3) // 2 + 1
+        return n
+
+
+def _swiglu_hidden(width: int) -> int:
+    """Encoder MLP width: the Llama 8/3 rule rounded up to a multiple of 4 (the decoder's own width
+    is a config field; encoder widths are derived so the config stays small)."""
+    return 4 * math.ceil(8 * width / 3 / 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the parameter list
+
+BASE_STD = 0.02
+Spec = tuple[str, tuple[int, ...], str]
+
+
+def normal_rule(std: float) -> str:
+    """The rule string of a normal init: repr round-trips the float exactly."""
+    return f"normal:{std!r}"
+
+
+def _block(prefix: str, width: int, n_heads: int, n_kv_heads: int, hidden: int, depth: int) -> list[Spec]:
+    """One transformer block (kai_train.model.Block): attention with GQA, SwiGLU, two RMSNorms.
+    The residual-branch outputs (attn.wo, mlp.w2) get BASE_STD / sqrt(2 * depth), as in GPT-2."""
+    hd = width // n_heads
+    base, resid = normal_rule(BASE_STD), normal_rule(BASE_STD / math.sqrt(2 * depth))
+    return [
+        (f"{prefix}.attn.wq.weight", (n_heads * hd, width), base),
+        (f"{prefix}.attn.wk.weight", (n_kv_heads * hd, width), base),
+        (f"{prefix}.attn.wv.weight", (n_kv_heads * hd, width), base),
+        (f"{prefix}.attn.wo.weight", (width, n_heads * hd), resid),
+        (f"{prefix}.attn_norm.weight", (width,), "ones"),
+        (f"{prefix}.mlp.w1.weight", (hidden, width), base),
+        (f"{prefix}.mlp.w3.weight", (hidden, width), base),
+        (f"{prefix}.mlp.w2.weight", (width, hidden), resid),
+        (f"{prefix}.mlp_norm.weight", (width,), "ones"),
+    ]
+
+
+def _encoder_tail(prefix: str, width: int, dim: int) -> list[Spec]:
+    """Final norm and the two-layer projector to the decoder width."""
+    return [
+        (f"{prefix}.norm.weight", (width,), "ones"),
+        (f"{prefix}.proj.0.weight", (dim, width), normal_rule(BASE_STD)),
+        (f"{prefix}.proj.0.bias", (dim,), "zeros"),
+        (f"{prefix}.proj.2.weight", (dim, dim), normal_rule(BASE_STD)),
+        (f"{prefix}.proj.2.bias", (dim,), "zeros"),
+    ]
+
+
+def param_specs(cfg: ModelConfig) -> list[Spec]:
+    """(name, shape, init rule) of every parameter of MultimodalLM(cfg), sorted by name.
+
+    Rules: "ones" for RMSNorm weights, "zeros" for biases, "normal:<std>" for every other weight
+    (BASE_STD, residual outputs scaled by 1/sqrt(2 * depth of their layer stack)).
+    """
+    n = normal_rule(BASE_STD)
+    out: list[Spec] = [("absent_image", (cfg.dim,), n), ("absent_audio", (cfg.dim,), n)]
+    vw, sw = cfg.vision_dim, cfg.speech_dim
+    out += [
+        ("vision.patch_embed.weight", (vw, cfg.image_channels * cfg.patch_size**2), n),
+        ("vision.patch_embed.bias", (vw,), "zeros"),
+        ("vision.pos_emb", (cfg.n_image_tokens, vw), n),
+    ]
+    for i in range(cfg.vision_layers):
+        out += _block(f"vision.layers.{i}", vw, cfg.vision_heads, cfg.vision_heads, _swiglu_hidden(vw), cfg.vision_layers)
+    out += _encoder_tail("vision", vw, cfg.dim)
+    out += [
+        ("speech.conv1.weight", (sw, cfg.n_mels, 3), n),
+        ("speech.conv1.bias", (sw,), "zeros"),
+        ("speech.conv2.weight", (sw, sw, 3), n),
+        ("speech.conv2.bias", (sw,), "zeros"),
+        ("speech.pos_emb", (cfg.n_audio_tokens, sw), n),
+    ]
+    for i in range(cfg.speech_layers):
+        out += _block(f"speech.layers.{i}", sw, cfg.speech_heads, cfg.speech_heads, _swiglu_hidden(sw), cfg.speech_layers)
+    out += _encoder_tail("speech", sw, cfg.dim)
+    out += [("text.tok_emb.weight", (cfg.vocab_size, cfg.dim), n)]
+    for i in range(cfg.n_layers):
+        out += _block(f"text.layers.{i}", cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden, cfg.n_layers)
+    out += [("text.norm.weight", (cfg.dim,), "ones"), ("text.lm_head.weight", (cfg.vocab_size, cfg.dim), n)]
+    return sorted(out)
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Number of parameter elements of MultimodalLM(cfg)."""
+    return sum(math.prod(shape) for _, shape, _ in param_specs(cfg))
