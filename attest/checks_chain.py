@@ -1,13 +1,16 @@
 """Verifier checks on the chain itself: statement shapes, signatures by trusted keys, sequence and
 hash links, the order of statement kinds (shards declared before use, back-to-back sampler ranges,
-parent roots), and RFC 3161 timestamps where entries carry them."""
+parent roots), and RFC 3161 timestamps where entries carry them (verified against the TSA roots the
+policy pins)."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
+import re
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from attest.chain import Entry
@@ -191,9 +194,16 @@ def _compress(kinds: list[str]) -> list[str]:
     return [k if n == 1 else f"{k} ×{n}" for k, n in runs]
 
 
+# A token may be this far ahead of the verifier's clock (two clocks never agree exactly).
+TSA_CLOCK_SKEW = timedelta(seconds=60)
+SHA256_OID = "2.16.840.1.101.3.4.2.1"
+
+
 def check_timestamps(ctx: Context) -> Iterator[Finding]:
-    """RFC 3161 tokens, where entries carry them: each over sha256 of its entry's signature, and
-    their times never go backwards along the chain. (The TSA's certificate is not checked here.)"""
+    """RFC 3161 tokens, where entries carry them: each over sha256 of its entry's signature, signed
+    by a TSA certificate (EKU timeStamping) that chains to a root the policy pins (`tsa_roots`),
+    never later than the verification time, and never going backwards along the chain. Without
+    pinned roots the tokens' signatures are not verified and the check is skipped."""
     tokens = []
     for e in ctx.entries:
         tvd = as_dict(as_dict(e.bundle.get("verificationMaterial")).get("timestampVerificationData"))
@@ -207,7 +217,9 @@ def check_timestamps(ctx: Context) -> Iterator[Finding]:
     except ImportError:
         yield skipped("timestamps", CHAIN_NAME, f"{len(tokens)} RFC 3161 timestamps not checked: pip install rfc3161-client")
         return
-    bad, last, times = 0, None, []
+    pinned = bool(ctx.policy.tsa_roots)
+    now = datetime.now(timezone.utc)
+    bad, last, times, tsas = 0, None, [], set()
     for e, raw in tokens:
         try:
             when, imprint = token_time(raw)
@@ -215,11 +227,23 @@ def check_timestamps(ctx: Context) -> Iterator[Finding]:
             bad += 1
             yield Finding("timestamps", False, ctx.where(e), "an RFC 3161 TimeStampResponse", str(ex)[:200])
             continue
+        when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
         sigs = {hashlib.sha256(s).digest() for _, s in e.signatures}
         if imprint not in sigs:
             bad += 1
             yield Finding("timestamps", False, ctx.where(e), "a timestamp over sha256 of this entry's signature",
                           f"imprint {imprint.hex()[:16]}…")
+        elif pinned:
+            try:
+                tsas.add(tsa_verify(raw, imprint, ctx.policy.tsa_roots, ctx.policy.tsa_intermediates))
+            except ValueError as ex:
+                bad += 1
+                yield Finding("timestamps", False, ctx.where(e), "a token signed by a TSA certificate (EKU "
+                              "timeStamping) that chains to a root pinned in the policy (tsa_roots)", str(ex)[:300])
+        if when > now + TSA_CLOCK_SKEW:
+            bad += 1
+            yield Finding("timestamps", False, ctx.where(e), f"a time no later than the verification time "
+                          f"{now.isoformat(timespec='seconds')}", when.isoformat())
         if last is not None and when < last[1]:
             bad += 1
             yield Finding("timestamps", False, ctx.where(e), f"a time at or after {last[1].isoformat()} "
@@ -227,9 +251,15 @@ def check_timestamps(ctx: Context) -> Iterator[Finding]:
         last = (e, when)
         times.append((e.lineno, when.isoformat()))
     ctx.facts["timestamps"] = times
-    if not bad:
-        yield Finding("timestamps", True, CHAIN_NAME, detail=f"{len(tokens)} tokens, {times[0][1]} … {times[-1][1]}, "
-                      "monotonic (TSA certificate not checked)")
+    if bad:
+        return
+    span = f"{len(tokens)} tokens, {times[0][1]} … {times[-1][1]}, monotonic"
+    if not pinned:
+        yield skipped("timestamps", CHAIN_NAME, f"no TSA roots pinned: timestamp signatures not verified ({span}; "
+                      "pin the TSA's root under tsa_roots in the policy)")
+        return
+    ctx.facts["timestamp_authorities"] = sorted(tsas)
+    yield Finding("timestamps", True, CHAIN_NAME, detail=f"{span}, signed by {', '.join(sorted(tsas))}")
 
 
 def token_time(b64: Any) -> tuple[Any, bytes]:
@@ -243,3 +273,34 @@ def token_time(b64: Any) -> tuple[Any, bytes]:
         return resp.tst_info.gen_time, bytes(resp.tst_info.message_imprint.message)
     except Exception as ex:  # noqa: BLE001 - a parser of hostile DER: any failure is "unreadable"
         raise ValueError(f"unreadable TimeStampResponse ({type(ex).__name__}: {ex})") from None
+
+
+def tsa_verify(b64: str, imprint: bytes, roots: list[Any], intermediates: list[Any]) -> str:
+    """Verify a base64 DER TimeStampResponse over the sha256 digest `imprint`: status granted, the
+    CMS signature by the certificate its SignerInfo names, that certificate valid at genTime with a
+    critical timeStamping EKU and chaining to one of `roots` (through the token's own certificates
+    or `intermediates`). Returns the TSA certificate's subject; ValueError says what failed."""
+    from cryptography import x509
+    from rfc3161_client import VerifierBuilder, decode_timestamp_response
+
+    try:
+        resp = decode_timestamp_response(base64.b64decode(b64, validate=True))
+        if resp.tst_info.message_imprint.hash_algorithm.dotted_string != SHA256_OID:
+            raise ValueError(f"imprint hash {resp.tst_info.message_imprint.hash_algorithm.dotted_string}, not sha256")
+        VerifierBuilder(roots=list(roots), intermediates=list(intermediates)).build().verify(resp, imprint)
+        (si,) = resp.signed_data.signer_infos
+        for der in resp.signed_data.certificates:
+            c = x509.load_der_x509_certificate(der)
+            if c.issuer == si.issuer and c.serial_number == si.serial_number:
+                return c.subject.rfc4514_string()
+        return "a TSA certificate not in the token"
+    except Exception as ex:  # noqa: BLE001 - hostile DER and a failed verification both mean "not verified"
+        raise ValueError(f"not verified ({_openssl_why(str(ex)) or type(ex).__name__ + ': ' + str(ex)})") from None
+
+
+def _openssl_why(msg: str) -> str:
+    """The readable part of an OpenSSL error stack ("Verify error: certificate has expired"), or ""."""
+    if "ErrorStack" not in msg:
+        return ""
+    found = re.findall(r'data: "([^"]+)"', msg) or re.findall(r'reason: "([^"]+)"', msg)
+    return "; ".join(dict.fromkeys(found))

@@ -39,7 +39,7 @@ DEFAULT_REQUIRED = ("statement-format", "signature", "chain-sequence", "chain-li
 
 KNOWN_KEYS = {"policy_version", "keys", "sigstore_identities", "oms", "allowed_licenses",
               "allowed_collection_methods", "synthetic_requires_generator", "required_checks", "limits",
-              "description"}
+              "description", "tsa_roots", "tsa_intermediates"}
 OMS_KEYS = {"hash_type", "method", "allow_symlinks"}
 
 
@@ -65,6 +65,10 @@ class Policy:
     synthetic_requires_generator: bool = False
     required_checks: list[str] | None = None  # added to DEFAULT_REQUIRED
     limits: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
+    # RFC 3161 TSAs the evaluator trusts for time (cryptography x509.Certificate): self-signed roots,
+    # and intermediates that may sit between a root and a TSA certificate.
+    tsa_roots: list[Any] = field(default_factory=list)
+    tsa_intermediates: list[Any] = field(default_factory=list)
 
     @property
     def pins_keys(self) -> bool:
@@ -82,6 +86,28 @@ def _str_list(raw: dict[str, Any], key: str, where: str) -> list[str] | None:
     if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
         raise PolicyError(f"{where}: `{key}` must be a list of non-empty strings")
     return list(v)
+
+
+def _tsa_certs(raw: dict[str, Any], key: str, where: str, base: Path | None) -> list[Any]:
+    """The PEM certificates in the files `raw[key]` names (paths relative to `base`); a root must
+    be self-signed. Raises PolicyError naming the policy, the field and the file."""
+    from cryptography import x509
+
+    certs = []
+    for i, name in enumerate(_str_list(raw, key, where) or []):
+        path = Path(name) if Path(name).is_absolute() or base is None else base / name
+        try:
+            found = x509.load_pem_x509_certificates(path.read_bytes()[:MAX_POLICY_BYTES])
+        except OSError as e:
+            raise PolicyError(f"{where}: {key}[{i}] {path}: cannot read ({e.strerror})") from None
+        except ValueError:
+            raise PolicyError(f"{where}: {key}[{i}] {path}: not a PEM X.509 certificate") from None
+        for c in found:
+            if key == "tsa_roots" and c.issuer != c.subject:
+                raise PolicyError(f"{where}: {key}[{i}] {path}: {c.subject.rfc4514_string()} is not a self-signed "
+                                  "root (list intermediates under tsa_intermediates)")
+        certs += found
+    return certs
 
 
 def parse_policy(raw: Any, where: str = "policy", base: Path | None = None) -> Policy:
@@ -117,6 +143,8 @@ def parse_policy(raw: Any, where: str = "policy", base: Path | None = None) -> P
         raise PolicyError(f"{where}: synthetic_requires_generator must be true or false")
     p.synthetic_requires_generator = srg
     p.required_checks = _str_list(raw, "required_checks", where)
+    p.tsa_roots = _tsa_certs(raw, "tsa_roots", where, base)
+    p.tsa_intermediates = _tsa_certs(raw, "tsa_intermediates", where, base)
     limits = raw.get("limits") or {}
     if not isinstance(limits, dict):
         raise PolicyError(f"{where}: `limits` must be an object")
