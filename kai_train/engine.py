@@ -7,11 +7,9 @@ clipping), so each default has one home.
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from attest.schedule import lr_lambda
 
 
 def backend() -> str:
@@ -50,26 +50,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for _, p in sorted(model.named_parameters()):
         (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float, decay_frac: float) -> Callable[[int], float]:
-    """LR multiplier per optimizer step: linear warmup, then `cosine` to `min_ratio`, or `wsd`
-    (warmup-stable-decay: flat at 1, then linear to `min_ratio` over the last `decay_frac` of steps)."""
-    if schedule not in ("cosine", "wsd"):
-        raise ValueError(f"train.schedule must be cosine or wsd, got {schedule!r}")
-    decay_start = total - int(decay_frac * total)
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "wsd":
-            if step < decay_start:
-                return 1.0
-            return 1.0 - (1.0 - min_ratio) * (step - decay_start) / max(1, total - decay_start)
-        t = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return f
 
 
 def build_engine(model: nn.Module, zero: dict[str, Any], train: dict[str, Any], world_size: int,

@@ -18,7 +18,7 @@ torchrun --nproc_per_node "$NPROC" -m kai_train.train run_dir="$RUN_DIR" run_id=
 echo "== 4/5 bundle"
 kai-attest bundle "$RUN_DIR"
 echo "== 5/5 verify (offline)"
-kai-attest verify "$RUN_DIR/bundle"
+kai-attest verify "$RUN_DIR/bundle" --trust "$RUN_DIR/keys/signing-key.pub.pem"
 cat <<MSG
 
 Done. Where everything is:

@@ -67,7 +67,7 @@ def test_kill_at_every_phase_then_verify_and_resume_gives_the_uninterrupted_resu
         assert len(entries) >= (whole_entries[-1] if whole_entries else 0), f"{point}: whole entries were lost"
         whole_entries.append(len(entries))
         must(kai_attest("bundle", str(crashed), "--out", str(tmp_path / "b")))
-        p = kai_attest("verify", str(tmp_path / "b"))
+        p = kai_attest("verify", str(tmp_path / "b"), "--trust", str(crashed / "keys/signing-key.pub.pem"))
         if any(e.kind == "genesis" for e in entries):
             assert p.returncode == 0, f"after a kill at {point}@{hit} the chain prefix does not verify:\n{p.stdout}"
         else:  # a run killed before its genesis proves nothing yet, but what it wrote is intact

@@ -1,0 +1,228 @@
+"""What a segment replay may read and run, decided by the verifier from signed statements only.
+
+`build_plan` turns segment k of a bundle into a closed plan for the replay plug-in: every file it
+names is a subject of a signed statement (found through that statement, never by a naming
+convention) whose sha256 and canonical root were checked first; every number comes from the
+signed run config or the signed checkpoint statements, and must agree between them; the config
+handed to DeepSpeed and the trainer is validated against a schema (unknown keys, path-bearing keys
+and out-of-range values are refused), so a bundle supplies data, never code paths or file paths.
+
+Segment k runs from the start state S_k (genesis for k = 0: weights only; otherwise checkpoint
+k-1: weights and AdamW state) to checkpoint k, whose weights *and* optimizer state it must
+reproduce (`expect`), so replayed segments chain end to end. torch-free.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+from pathlib import Path
+from typing import Any
+
+from attest.chain import Entry
+from attest.digest import merkle_root
+from attest.findings import UNREADABLE, Context, as_dict, shard_subjects, subjects_of, weights_files
+
+
+class PlanError(ValueError):
+    """Segment k cannot be replayed as signed; the message names what is missing or disagrees."""
+
+
+# ---------------------------------------------------------------- config schema
+
+_BOOL, _INT, _NUM, _STR = "bool", "int", "num", "str"
+# (type, low, high) or (type, allowed values). A key absent here is refused.
+TRAIN_SCHEMA: dict[str, tuple[Any, ...]] = {
+    "steps": (_INT, 1, 10**7), "micro_batch": (_INT, 1, 1 << 16), "grad_accum": (_INT, 1, 1 << 16),
+    "text_len": (_INT, 1, 1 << 20), "lr": (_NUM, 0.0, 10.0), "betas": ("betas",),
+    "weight_decay": (_NUM, 0.0, 10.0), "schedule": (_STR, ("cosine", "wsd")), "warmup": (_INT, 0, 10**7),
+    "min_lr_ratio": (_NUM, 0.0, 1.0), "decay_frac": (_NUM, 0.0, 1.0), "grad_clip": (_NUM, 0.0, 1e6),
+    "activation_checkpointing": (_BOOL,), "holdout_every": (_INT, 0, 1 << 30), "eval_every": (_INT, 0, 10**7),
+    "eval_batches": (_INT, 0, 1 << 20), "log_every": (_INT, 0, 10**7), "ckpt_every": (_INT, 1, 10**7),
+    "stop_at": ("opt_int", 0, 10**7),
+}
+_OFFLOAD = {"device": (_STR, ("cpu", "none")), "pin_memory": (_BOOL,)}
+ZERO_SCHEMA: dict[str, tuple[Any, ...]] = {
+    "stage": (_INT, 0, 3), "overlap_comm": (_BOOL,), "contiguous_gradients": (_BOOL,), "reduce_scatter": (_BOOL,),
+    "allgather_partitions": (_BOOL,), "reduce_bucket_size": (_INT, 1, 1 << 40),
+    "allgather_bucket_size": (_INT, 1, 1 << 40), "stage3_gather_16bit_weights_on_model_save": (_BOOL,),
+    "stage3_prefetch_bucket_size": (_INT, 0, 1 << 40), "stage3_param_persistence_threshold": (_INT, 0, 1 << 40),
+    "stage3_max_live_parameters": (_INT, 0, 1 << 40), "stage3_max_reuse_distance": (_INT, 0, 1 << 40),
+    "sub_group_size": (_INT, 1, 1 << 40), "offload_optimizer": ("map", _OFFLOAD), "offload_param": ("map", _OFFLOAD),
+}
+DEEPSPEED_SCHEMA: dict[str, tuple[Any, ...]] = {
+    "bf16": ("map", {"enabled": (_BOOL,)}), "zero_force_ds_cpu_optimizer": (_BOOL,),
+    "zero_optimization": ("map", ZERO_SCHEMA),
+}
+MODEL_INTS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len", "image_size",
+              "image_channels", "patch_size", "vision_dim", "vision_layers", "vision_heads", "sample_rate", "n_fft",
+              "hop_length", "n_mels", "audio_samples", "speech_dim", "speech_layers", "speech_heads")
+MODEL_FLOATS = ("rope_theta", "norm_eps")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def validate(value: Any, schema: dict[str, tuple[Any, ...]], where: str) -> dict[str, Any]:
+    """`value` checked against `schema`; PlanError names the first offending key."""
+    if not isinstance(value, dict):
+        raise PlanError(f"{where}: expected a mapping, found {type(value).__name__}")
+    out: dict[str, Any] = {}
+    for key, v in value.items():
+        rule = schema.get(key)
+        if rule is None:
+            raise PlanError(f"{where}.{key}: not a key replay accepts (allowed: {', '.join(sorted(schema))})")
+        kind, *arg = rule
+        ok = {
+            _BOOL: lambda: isinstance(v, bool),
+            _INT: lambda: _is_int(v) and arg[0] <= v <= arg[1],
+            "opt_int": lambda: v is None or (_is_int(v) and arg[0] <= v <= arg[1]),
+            _NUM: lambda: _is_num(v) and arg[0] <= v <= arg[1],
+            _STR: lambda: isinstance(v, str) and v in arg[0],
+            "betas": lambda: isinstance(v, list) and len(v) == 2 and all(_is_num(b) and 0 <= b < 1 for b in v),
+            "map": lambda: True,
+        }[kind]()
+        if not ok:
+            raise PlanError(f"{where}.{key} = {str(v)[:60]!r}: out of the accepted range or type {rule}")
+        out[key] = validate(v, arg[0], f"{where}.{key}") if kind == "map" else v
+    return out
+
+
+def validate_model(model: Any, where: str = "genesis recipe.model") -> dict[str, Any]:
+    if not isinstance(model, dict) or set(model) != set(MODEL_INTS + MODEL_FLOATS):
+        have = sorted(model) if isinstance(model, dict) else type(model).__name__
+        raise PlanError(f"{where}: expected exactly the fields {sorted(MODEL_INTS + MODEL_FLOATS)}, found {have}")
+    for k in MODEL_INTS:
+        if not (_is_int(model[k]) and 1 <= model[k] <= 1 << 24):
+            raise PlanError(f"{where}.{k} = {str(model[k])[:40]!r}: expected a whole number in [1, 2^24]")
+    for k in MODEL_FLOATS:
+        if not (_is_num(model[k]) and 0 < model[k] <= 1e9):
+            raise PlanError(f"{where}.{k} = {str(model[k])[:40]!r}: expected a positive number")
+    return dict(model)
+
+
+# ---------------------------------------------------------------- bound files
+
+
+def _bound_file(ctx: Context, e: Entry, name: str, what: str) -> str:
+    """Absolute path of `name`, a subject of `e` whose file in the bundle has the signed sha256."""
+    want = next((s["sha256"] for s in subjects_of(e) if s["name"] == name), None)
+    if want is None:
+        raise PlanError(f"{what} {name!r} is not a subject of {ctx.where(e)}")
+    try:
+        got = ctx.files.sha256(name)
+        path = ctx.files.path(name)
+    except UNREADABLE as ex:
+        raise PlanError(f"{what} {name}: {ex}") from None
+    if not hmac.compare_digest(str(want), got):
+        raise PlanError(f"{what} {name}: sha256 {got[:16]}… differs from the signed {str(want)[:16]}…")
+    return str(path.resolve())
+
+
+def _state(ctx: Context, e: Entry, with_optimizer: bool) -> dict[str, Any]:
+    """The signed state of a genesis/checkpoint statement: weights file (and optimizer file), roots checked."""
+    p = e.predicate
+    files = weights_files(e)
+    if len(files) != 1:
+        raise PlanError(f"{ctx.where(e)} names {len(files)} weights files; a replay state needs exactly one")
+    weights = _bound_file(ctx, e, files[0], "weights")
+    try:
+        if merkle_root(ctx.files.leaves(files)) != p.get("weights_root"):
+            raise PlanError(f"{files[0]}: canonical root differs from the signed weights_root")
+    except UNREADABLE as ex:
+        raise PlanError(f"{files[0]}: {ex}") from None
+    state: dict[str, Any] = {"step": p.get("step", 0) if e.kind == "checkpoint" else 0, "weights": weights,
+                             "weights_root": p.get("weights_root")}
+    if with_optimizer:
+        opt = as_dict(p.get("optimizer"))
+        name, opt_step, root = opt.get("file"), opt.get("step"), opt.get("root")
+        if not (isinstance(name, str) and _is_int(opt_step) and opt_step >= 0 and isinstance(root, str)):
+            raise PlanError(f"{ctx.where(e)} (step {p.get('step')}) records no optimizer state {{file, step, root}}: "
+                            "the segment cannot start from it or be closed at it")
+        state["optimizer"] = _bound_file(ctx, e, name, "optimizer state")
+        try:
+            if merkle_root(ctx.files.leaves([name])) != root:
+                raise PlanError(f"{name}: canonical root differs from the signed optimizer.root")
+        except UNREADABLE as ex:
+            raise PlanError(f"{name}: {ex}") from None
+        state["optimizer_step"], state["optimizer_root"] = opt_step, root
+    return state
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def build_plan(ctx: Context, k: int) -> dict[str, Any]:
+    """The closed plan of segment k (0-based over the chain's checkpoints); PlanError when it cannot be built."""
+    ckpts = ctx.of_kind("checkpoint")
+    gens, runs, toks = ctx.of_kind("genesis"), ctx.of_kind("run"), ctx.of_kind("tokenizer")
+    if len(gens) != 1 or len(runs) != 1 or len(toks) != 1:
+        raise PlanError(f"{len(runs)} run, {len(gens)} genesis, {len(toks)} tokenizer statements; replay needs one each")
+    target = ckpts[k]
+    prev = ckpts[k - 1] if k > 0 else gens[0]
+    cfg = ctx.run_config
+    train = validate(cfg.get("train"), TRAIN_SCHEMA, "run config train")
+    missing = sorted(set(TRAIN_SCHEMA) - set(train) - {"stop_at"})
+    if missing:
+        raise PlanError(f"run config train: missing {missing}")
+    deepspeed = validate(cfg.get("deepspeed"), DEEPSPEED_SCHEMA, "run config deepspeed")
+    model = validate_model(as_dict(gens[0].predicate.get("recipe")).get("model"))
+    seed = cfg.get("seed")
+    if not _is_int(seed):
+        raise PlanError(f"run config seed = {str(seed)[:40]!r}: expected an integer")
+
+    tp = target.predicate
+    consumed = as_dict(tp.get("data_consumed"))
+    sampler = as_dict(consumed.get("sampler"))
+    world = sampler.get("world_size")
+    if not (_is_int(world) and 1 <= world <= 1024):
+        raise PlanError(f"{ctx.where(target)}: sampler.world_size {str(world)[:20]!r} is not a rank count")
+    # Every replay parameter comes from the signed run config; the checkpoint's record must agree.
+    agree = {"sampler.seed": (sampler.get("seed"), seed), "sampler.micro_batch": (sampler.get("micro_batch"), train["micro_batch"]),
+             "holdout_every": (consumed.get("holdout_every"), train["holdout_every"])}
+    want_start = as_dict(prev.predicate.get("data_consumed")).get("sampler", {}).get("position_end", 0) if k else 0
+    agree["sampler.position_start"] = (sampler.get("position_start"), want_start)
+    shards_cfg = [as_dict(s).get("name") for s in cfg.get("data_shards") or []]
+    agree["shards"] = (consumed.get("shards"), shards_cfg)
+    for field, (got, want) in agree.items():
+        if got != want or isinstance(got, bool):
+            raise PlanError(f"{ctx.where(target)}: data_consumed {field} {str(got)[:80]} differs from the signed "
+                            f"run config / previous checkpoint ({str(want)[:80]})")
+    steps = (tp.get("step") if _is_int(tp.get("step")) else -1) - (prev.predicate.get("step", 0) if k else 0)
+    if not 1 <= steps <= train["steps"]:
+        raise PlanError(f"{ctx.where(target)}: the segment spans {steps} steps")
+    want_end = sampler["position_start"] + steps * train["grad_accum"] * train["micro_batch"] * world
+    if sampler.get("position_end") != want_end:
+        raise PlanError(f"{ctx.where(target)}: sampler.position_end {str(sampler.get('position_end'))[:20]} is not "
+                        f"position_start + steps × grad_accum × micro_batch × world = {want_end}")
+
+    shard_index = shard_subjects(ctx)
+    shards = []
+    for name in shards_cfg:
+        if not isinstance(name, str) or name not in shard_index:
+            raise PlanError(f"training shard {str(name)[:80]!r} is not a subject of any data-shard statement")
+        shards.append(_bound_file(ctx, ctx.entries[shard_index[name][0]], name, "training shard"))
+    tok_name = cfg.get("tokenizer")
+    tokenizer = _bound_file(ctx, toks[0], tok_name, "tokenizer") if isinstance(tok_name, str) else None
+    if tokenizer is None:
+        raise PlanError("run config names no tokenizer")
+
+    start = _state(ctx, prev, with_optimizer=k > 0)
+    expect = _state(ctx, target, with_optimizer=True)
+    return {"segment": k, "world_size": world, "seed": seed, "model": model, "train": train, "deepspeed": deepspeed,
+            "shards": shards, "tokenizer": tokenizer, "holdout_every": train["holdout_every"],
+            "num_rows": sampler.get("num_rows"), "position_start": sampler["position_start"],
+            "position_end": want_end, "start": start, "target_step": tp["step"],
+            "expect": {"weights_root": expect["weights_root"], "optimizer_root": expect["optimizer_root"],
+                       "optimizer_step": expect["optimizer_step"]}}
+
+
+def plan_paths(plan: dict[str, Any]) -> list[Path]:
+    """Every file a plan lets the plug-in read (for tests and the report)."""
+    start = plan["start"]
+    return [Path(p) for p in [*plan["shards"], plan["tokenizer"], start["weights"], start.get("optimizer")] if p]
