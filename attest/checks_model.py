@@ -27,7 +27,7 @@ from attest.findings import (
 from attest.verify_cache import PARALLEL_BYTES, workers
 
 # Genesis derivers a bundle may name. Never import a module merely because a bundle names it.
-DERIVERS = {"kai_train.genesis:derive": "kai_train.genesis"}
+DERIVERS = {"kai_train.genesis:derive": "kai_train.genesis", "kai_train.initspec:derive": "kai_train.initspec"}
 
 # Segment replay plug-ins by name (attest.replay registers its replayer here). A replayer gets the Context
 # and the checkpoint entries of the segments to replay (chosen by `replay_segments`), and yields
@@ -45,6 +45,9 @@ def check_genesis(ctx: Context) -> Iterator[Finding]:
         yield skipped("genesis", CHAIN_NAME, f"{len(gens)} genesis statements (statement-order reports it)")
         return
     g = gens[0]
+    if "signature" in ctx.failed:  # cheap first: no derivation work for a statement nobody vouches for
+        yield skipped("genesis", ctx.where(g), "not re-derived: a signature check failed (signature reports it)")
+        return
     pred = g.predicate
     recipe = as_dict(pred.get("recipe"))
     if ctx.of_kind("run"):
@@ -57,9 +60,23 @@ def check_genesis(ctx: Context) -> Iterator[Finding]:
         yield Finding("genesis", False, ctx.where(g), f"a known deriver {sorted(DERIVERS)}", repr(recipe.get("deriver"))[:100])
         return
     try:
-        derive: Callable[[dict[str, Any]], Iterator[tuple[str, str]]] = importlib.import_module(module).derive
+        mod = importlib.import_module(module)
     except ImportError as ex:
-        yield skipped("genesis", ctx.where(g), f"install kai-train[train] to re-derive the genesis ({ex})")
+        yield skipped("genesis", ctx.where(g), f"the {recipe.get('name')!r} deriver needs torch: install kai-train[train] "
+                      f"to re-derive this genesis ({ex})")
+        return
+    derive: Callable[[dict[str, Any]], Iterator[tuple[str, str]]] = mod.derive
+    # Bounded always: refuse before generating when the recipe's model is larger than the policy allows.
+    limit = ctx.policy.limits.get("max_genesis_params", 20_000_000_000)
+    counter = getattr(mod, "param_count", None)
+    try:
+        count = counter(recipe) if counter is not None else None
+    except Exception as ex:  # noqa: BLE001 - hostile recipe
+        yield Finding("genesis", False, ctx.where(g), "a recipe the deriver accepts", f"{type(ex).__name__}: {str(ex)[:200]}")
+        return
+    if count is not None and count > limit:
+        yield Finding("genesis", False, ctx.where(g), f"at most {limit:,} parameters to re-derive (policy limits.max_genesis_params)",
+                      f"{count:,}", detail="raise limits.max_genesis_params in a --policy file to re-derive a genesis this large")
         return
     recorded = as_dict(pred.get("tensors"))
     leaves: dict[str, str] = {}

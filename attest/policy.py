@@ -29,6 +29,7 @@ DEFAULT_LIMITS = {
     "max_file_bytes": 1 << 40,  # one file
     "max_chain_bytes": 1 << 30,  # chain.jsonl
     "max_archive_members": 1_000_000,  # files in a bundle .tar / .tar.gz
+    "max_genesis_params": 20_000_000_000,  # elements a genesis re-derivation may generate
 }
 
 # Checks whose "skipped" always fails the verdict: the ones that apply to every bundle kai-train

@@ -1,38 +1,67 @@
 """Genesis: the recipe that re-creates the initial weights, and its re-derivation.
 
 The genesis statement commits to (seed, model config, init recipe) and to the canonical digest of
-the weights that recipe makes. `derive` is what `kai-attest verify` calls (by the allow-listed
-name `kai_train.genesis:derive`) to re-create them one tensor at a time, so memory stays bounded
-by the largest tensor whatever the model size.
+the weights that recipe makes. New runs record "kai-init/v2", whose deriver is the torch-free
+`kai_train.initspec:derive` (memory bounded by one chunk). `derive` here is the deriver of
+"kai-init/v1" bundles (allow-listed as `kai_train.genesis:derive`; needs torch): it re-creates
+them one tensor at a time, so memory stays bounded by the largest tensor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from attest.chain import read_chain
 from attest.digest import tensor_digest
-from kai_train import init
+from kai_train import init, initspec
 from kai_train.model import ModelConfig
+from kai_train.modelspec import param_count as param_count_of
 from kai_train.weights import TORCH_TO_ST
 
 DERIVER = "kai_train.genesis:derive"
 
 
-def recipe(cfg: ModelConfig, seed: int) -> dict[str, Any]:
-    return {"name": init.RECIPE, "seed": int(seed), "model": cfg.to_dict(), "dtype": "F32", "deriver": DERIVER}
+def recipe(cfg: ModelConfig, seed: int, name: str = init.RECIPE) -> dict[str, Any]:
+    """The genesis statement's recipe: kai-init/v2 (the default) or kai-init/v1."""
+    if name == init.RECIPE_V2:
+        return initspec.recipe(cfg, seed)
+    if name != init.RECIPE_V1:
+        raise ValueError(f"unknown init recipe {name!r} (known: {', '.join(init.RECIPES)})")
+    return {"name": name, "seed": int(seed), "model": cfg.to_dict(), "dtype": "F32", "deriver": DERIVER}
+
+
+def recorded_recipe(chain: Path) -> str:
+    """The init recipe name of the genesis already in `chain` (a resumed run re-creates that one)."""
+    entries, _ = read_chain(chain)
+    gens = [e.predicate for e in entries if e.kind == "genesis"]
+    name = gens[0].get("recipe", {}).get("name") if gens else None
+    if name not in init.RECIPES:
+        raise ValueError(f"{chain}: genesis recipe {name!r} is not one this build makes ({', '.join(init.RECIPES)})")
+    return str(name)
+
+
+def param_count(rec: dict[str, Any]) -> int:
+    """Elements the recipe's re-derivation makes, from its model config alone."""
+    if not isinstance(rec.get("model"), dict):
+        raise ValueError("recipe needs a model config mapping")
+    return param_count_of(ModelConfig.from_dict(rec["model"]))
 
 
 def derive(rec: dict[str, Any]) -> Iterator[tuple[str, str]]:
     """Yield (tensor name, leaf digest) for every tensor the recipe creates."""
-    if rec.get("name") != init.RECIPE:
-        raise ValueError(f"unknown init recipe {rec.get('name')!r} (this build knows {init.RECIPE})")
+    if rec.get("name") == init.RECIPE_V2:
+        yield from initspec.derive(rec)
+        return
+    if rec.get("name") != init.RECIPE_V1:
+        raise ValueError(f"unknown init recipe {rec.get('name')!r} (this deriver knows {init.RECIPE_V1})")
     if not isinstance(rec.get("model"), dict) or not isinstance(rec.get("seed"), int):
         raise ValueError("recipe needs a model config mapping and an integer seed")
     cfg = ModelConfig.from_dict(rec["model"])
-    for name, dtype, shape, data in init.genesis_tensors(cfg, rec["seed"], rec.get("dtype", "F32")):
+    for name, dtype, shape, data in init.genesis_tensors(cfg, rec["seed"], rec.get("dtype", "F32"), init.RECIPE_V1):
         yield name, tensor_digest(name, dtype, shape, [data])
 
 

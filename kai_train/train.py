@@ -50,7 +50,7 @@ def fit(cfg: DictConfig) -> None:
     from kai_train import genesis
     from kai_train.data import ShardDataset
     from kai_train.evaluate import split_rows
-    from kai_train.init import build_genesis_model
+    from kai_train.init import RECIPE, build_genesis_model
     from kai_train.model import ModelConfig
     from kai_train.provenance import Provenance, ProvenanceError
     from kai_train.resume import ResumeError, config_difference, find_resume_point, recorded_run_config
@@ -82,23 +82,28 @@ def fit(cfg: DictConfig) -> None:
 
     if cfg.resume not in ("auto", "never"):
         fail(f"resume must be auto or never, got {cfg.resume!r}")
-    box: list[Any] = [None]
+    box: list[Any] = [None, RECIPE]  # resume point, init recipe (a resumed run keeps the chain's)
     if rank == 0:
         try:
             box[0] = find_resume_point(run_dir)
-        except ResumeError as e:
+            if box[0] is not None:
+                box[1] = genesis.recorded_recipe(run_dir / "chain.jsonl")
+        except (ResumeError, ValueError) as e:
             fail(str(e))
         if box[0] is not None and cfg.resume == "never":
             fail(f"{run_dir / 'chain.jsonl'} already holds a genesis; use resume=auto or a new run_dir")
     dist.broadcast_object_list(box, src=0)
-    resume = box[0]
+    resume, recipe_name = box
 
-    # Genesis: the same weights on every rank, whatever the world size or ZeRO stage.
-    model, rules = build_genesis_model(mcfg, cfg.seed)
+    # Genesis: the same weights on every rank, whatever the world size or ZeRO stage. kai-init/v2
+    # values are generated slice-wise on the rank's own device (each rank still fills whole tensors).
+    gen_device = "cpu" if eng.backend() == "gloo" else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    model, rules = build_genesis_model(mcfg, cfg.seed, recipe_name, gen_device)
     model.grad_checkpointing = bool(train["activation_checkpointing"])
     prov = None
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if rank == 0:
+        from attest.runconfig import render_yaml
         from attest.signers import ensure_public_key, make_signer
         from attest.signing import PUBLIC_KEY_NAME
 
@@ -117,9 +122,9 @@ def fit(cfg: DictConfig) -> None:
         if resume is None:
             if earlier is None:
                 (run_dir / "config").mkdir(parents=True, exist_ok=True)
-                (run_dir / "config/run.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+                (run_dir / "config/run.yaml").write_text(render_yaml(resolved))  # what verify compares
                 prov.record_run(resolved, "config/run.yaml", world)
-            root = prov.record_genesis(sd0, genesis.recipe(mcfg, cfg.seed), rules)
+            root = prov.record_genesis(sd0, genesis.recipe(mcfg, cfg.seed, recipe_name), rules)
             log(f"genesis {root[:16]}… ({model.num_params():,} parameters, seed {cfg.seed})")
         else:
             from attest.digest import merkle_root
@@ -156,7 +161,6 @@ def train_loop(cfg: DictConfig, train: dict[str, Any], engine, data, shards: lis
     from attest import failpoints
     from kai_train import engine as eng
     from kai_train.evaluate import held_out_loss
-    from kai_train.export import export
     from kai_train.provenance import environment, rng_state_digest
     from kai_train.resume import ds_tag
     from kai_train.step import train_step
@@ -214,11 +218,10 @@ def train_loop(cfg: DictConfig, train: dict[str, Any], engine, data, shards: lis
                 tracker.finish({})
             return
     if prov is not None and tracker is not None:
-        prov.record_release()
+        out = prov.record_release()  # exports to run_dir/export first: the release names its files
         log_recorded(prov, tracker, steps)
         failpoints.reached("release-recorded")
         prov.close()
-        out = export(run_dir)
         tracker.log(steps, {}, f"release step {steps} {prov.last_root[:16]}…; export at {out}")
         wall = time.time() - t_start
         per = sum(prov.checkpoint_blocked) / max(1, len(prov.checkpoint_blocked))
