@@ -251,6 +251,10 @@ def check_timestamps(ctx: Context) -> Iterator[Finding]:
         last = (e, when)
         times.append((e.lineno, when.isoformat()))
     ctx.facts["timestamps"] = times
+    bare = sorted({e.lineno for e in ctx.entries} - {e.lineno for e, _ in tokens})
+    if bare:
+        ctx.notes.append(f"{len(bare)} of {len(ctx.entries)} chain lines carry no RFC 3161 token (first: line "
+                         f"{bare[0]}): when those were signed is not established")
     if bad:
         return
     span = f"{len(tokens)} tokens, {times[0][1]} … {times[-1][1]}, monotonic"

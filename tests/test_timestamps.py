@@ -378,3 +378,13 @@ def test_policy_tsa_fields_name_the_file_and_field(pki, tmp_path: Path) -> None:
 def test_example_policy_pins_tsa_roots() -> None:
     example = json.loads((Path(__file__).resolve().parent.parent / "docs" / "policy.example.json").read_text())
     assert isinstance(example.get("tsa_roots"), list) and example["tsa_roots"]
+
+
+def test_lines_without_a_token_are_named_in_a_note(pki, tsa: Tsa, tmp_path: Path) -> None:
+    pub = write_chain(tmp_path / "b", tsa)
+    rows = lines(tmp_path / "b")
+    del rows[1]["verificationMaterial"]["timestampVerificationData"]
+    write_lines(tmp_path / "b", rows)
+    r = check(tmp_path / "b", pub, policy_file(tmp_path / "policy", [pki[0]]))
+    assert r.ok and "2 tokens" in r.findings[0].detail
+    assert any(n.startswith("1 of 3 chain lines carry no RFC 3161 token (first: line 2)") for n in r.notes), r.notes
