@@ -388,3 +388,37 @@ def test_lines_without_a_token_are_named_in_a_note(pki, tsa: Tsa, tmp_path: Path
     r = check(tmp_path / "b", pub, policy_file(tmp_path / "policy", [pki[0]]))
     assert r.ok and "2 tokens" in r.findings[0].detail
     assert any(n.startswith("1 of 3 chain lines carry no RFC 3161 token (first: line 2)") for n in r.notes), r.notes
+
+
+def test_kai_attest_verify_on_a_whole_timestamped_bundle(pki, tsa: Tsa, tmp_path: Path, capsys,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command an evaluator runs: a complete synthetic bundle whose every line is timestamped."""
+    from bundlefactory import DERIVER, make_bundle, statements
+
+    from attest.cli import main
+    from attest.dsse import sign_statement
+
+    monkeypatch.setitem(verify.DERIVERS, DERIVER, "bundlefactory")
+    root, priv = make_bundle(tmp_path / "bundle")
+    signer = make_signer({"backend": "pem", "key": str(priv), "tsa_url": tsa.url, "tsa_timeout_s": 5})
+    out, prev = [], None
+    for st in statements(root):  # the same statements, signed again with a token on every line
+        st["predicate"]["previous"] = prev
+        out.append(json.dumps(sign_statement(st, signer), sort_keys=True, separators=(",", ":")).encode())
+        prev = hashlib.sha256(out[-1]).hexdigest()
+    (root / "chain.jsonl").write_bytes(b"".join(x + b"\n" for x in out))
+    pub = str(root / "keys" / "signing-key.pub.pem")
+
+    assert main(["verify", str(root), "--trust", pub, "--policy",
+                 str(policy_file(tmp_path / "p1", [pki[0]], required=["timestamps"]))]) == 0
+    got = capsys.readouterr().out
+    assert f"ok    timestamps        chain.jsonl {len(out)} tokens" in got, got
+    other_root = make_pki("other")[0]
+    assert main(["verify", str(root), "--trust", pub, "--policy", str(policy_file(tmp_path / "p2", [other_root]))]) == 1
+    got = capsys.readouterr().out
+    assert got.count("FAIL  timestamps        chain.jsonl:") == len(out), got
+    (tmp_path / "p3").mkdir()
+    (tmp_path / "p3" / "policy.json").write_text(json.dumps({"tsa_roots": ["nowhere.pem"]}))
+    assert main(["verify", str(root), "--trust", pub, "--policy", str(tmp_path / "p3" / "policy.json")]) == 2
+    err = capsys.readouterr().err
+    assert "policy.json: tsa_roots[0]" in err and "nowhere.pem: cannot read" in err, err
