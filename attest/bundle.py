@@ -65,3 +65,20 @@ def make_bundle(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst)
     return out
+
+
+def folder_entries(root: Path, top: str) -> list[tuple[str, bool]]:
+    """Everything under the bundle folder `top` (e.g. "export"), as (bundle-relative POSIX name,
+    True when it is not a regular file: a symlink, a device ...), sorted. Symlinks are reported,
+    never followed; a missing folder gives []."""
+    base = root / top
+    if base.is_symlink() or (base.exists() and not base.is_dir()):
+        return [(top, True)]
+    out: list[tuple[str, bool]] = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            if not stat.S_ISDIR(st.st_mode):
+                out.append((os.path.relpath(p, root).replace(os.sep, "/"), not stat.S_ISREG(st.st_mode)))
+    return sorted(out)

@@ -1,24 +1,29 @@
 """`--replay-data`: recompute a staged build's dedup and pack shards from the bundle's ingest shards
-and declared tokenizer, and compare them with the shards the chain declares.
+and declared tokenizer, and the tokenizer itself from its declared sample, and compare them with the
+shards and the tokenizer the chain declares.
 
 The stages are kai-train's own (data_pipelines.stages), run with the parameters each manifest
 records, reading only bundle files whose digests the chain signs and writing into a temporary
 folder. A shard is reproduced when its sha256 matches, or, where the local pyarrow writes other
 bytes for the same rows, when its rows are equal. This proves the training rows follow from the
 declared ingest shards by the declared dedup and packing; ingest itself reads raw files that a
-bundle does not carry. Needs kai-train's data pipelines (the `train` extra); no torch.
+bundle does not carry. The tokenizer is trained again (data_pipelines.tokenizer.retrain) with the
+parameters its statement records, on the sample those parameters draw from the shards it names,
+and must be byte-identical to its subject: a tokenizer trained on other text, or recorded with
+other sample parameters, fails naming the tokenizer file. Needs kai-train's data pipelines (the `train` extra); no torch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from attest.bundle import BundlePathError, safe_file
-from attest.findings import Context, Finding, as_dict, skipped, subjects_of
+from attest.bundle import CHAIN_NAME, BundlePathError, safe_file
+from attest.findings import Context, Finding, as_dict, as_list, shard_subjects, skipped, subjects_of
 
 SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # as data_pipelines.sources requires
 
@@ -137,7 +142,58 @@ def _replay(ctx: Context, staged: dict[str, dict[str, dict[str, Any]]], stages: 
                     bad += 1
                     yield Finding(CHECK, False, name, f"the rows {stage} computes from the declared inputs",
                                   f"other rows ({want[name].get('rows')} declared, {got[name].get('rows')} recomputed)")
-    if not bad:
+    tok_bad, tok_note = _replay_tokenizer(ctx)
+    yield from tok_bad
+    if not bad and not tok_bad:
         yield Finding(CHECK, True, "", detail=f"{bytes_equal + rows_equal} dedup and pack shards recomputed from "
                       f"{sum(len(v) for v in inputs.values())} ingest shards and the declared tokenizer: "
-                      f"{bytes_equal} byte-identical, {rows_equal} with equal rows")
+                      f"{bytes_equal} byte-identical, {rows_equal} with equal rows; {tok_note}")
+
+
+def _replay_tokenizer(ctx: Context) -> tuple[list[Finding], str]:
+    """Train the tokenizer again from its statement's recorded parameters on the declared sample of
+    the shards it names (`trained_on`, each a declared shard with that sha256) and compare the bytes
+    with its subject. Returns (failures, a note for the passing line)."""
+    from data_pipelines.tokenizer import retrain
+
+    toks = ctx.of_kind("tokenizer")
+    if len(toks) != 1:
+        return [Finding(CHECK, False, CHAIN_NAME, "one tokenizer statement to train again", f"{len(toks)}")], ""
+    e = toks[0]
+    subs = subjects_of(e)
+    if len(subs) != 1:
+        return [Finding(CHECK, False, ctx.where(e), "one subject: the tokenizer model file", f"{len(subs)} subjects")], ""
+    name, want = subs[0]["name"], subs[0]["sha256"]
+    declared = shard_subjects(ctx)
+    inputs = []
+    for t in as_list(e.predicate.get("trained_on")):
+        n, d = as_dict(t).get("name"), as_dict(t).get("sha256")
+        if not isinstance(n, str) or n not in declared or declared[n][1] != d or not _inside(ctx, n):
+            return [Finding(CHECK, False, name, "trained on declared shards (name and sha256)",
+                            f"trained_on {str(n)[:80]!r}")], ""
+        try:
+            inputs.append(ctx.files.path(n))
+        except (FileNotFoundError, BundlePathError) as ex:
+            return [Finding(CHECK, False, n, "the tokenizer's training shard in the bundle", str(ex)[:120])], ""
+    params = as_dict(e.predicate.get("params"))
+    try:
+        model, sentences, sample_sha = retrain(inputs, params)
+    except ValueError as ex:
+        return [Finding(CHECK, False, name, "parameters this version can train the tokenizer with again", str(ex)[:200])], ""
+    got = hashlib.sha256(model).hexdigest()
+    out = []
+    if params.get("sentences") != sentences or params.get("sample_sha256") != sample_sha:
+        out.append(Finding(CHECK, False, name, f"the recorded sample ({params.get('sentences')} sentences, "
+                           f"sha256 {str(params.get('sample_sha256'))[:16]}…)",
+                           f"{sentences} sentences, sha256 {sample_sha[:16]}… drawn from trained_on by the recorded sample"))
+    if got != want:
+        try:
+            from importlib.metadata import version
+
+            here = f"sentencepiece {version('sentencepiece')}"
+        except Exception:  # noqa: BLE001 - only for the message
+            here = "sentencepiece (version unknown)"
+        out.append(Finding(CHECK, False, name, f"sha256 {str(want)[:16]}… (the declared tokenizer)",
+                           f"sha256 {got[:16]}… trained again on the declared sample",
+                           detail=f"recorded trainer {str(e.predicate.get('trainer'))[:40]}, here {here}"))
+    return out, f"tokenizer {name} trained again on {sentences} sentences: byte-identical"

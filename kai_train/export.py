@@ -1,11 +1,17 @@
 """Export: consolidated safetensors + config.json + tokenizer in RUN_DIR/export/.
 
-Made at the end of training, and on demand from any checkpoint in the chain:
+Made by the trainer at the end of training, just before it records the release (which names every
+file of export/ as a subject and signs the folder in the OpenSSF model-signing format, see
+kai_train.provenance.record_release), and on demand from any checkpoint in the chain:
 
     python -m kai_train.export RUN_DIR [--step N] [--out DIR]
 
 The weights are the checkpoint's consolidated file, so the export's canonical digest is the one
-the chain records; config.json names it and the chain head at export time.
+the chain records. config.json holds the model config a user loads (the genesis recipe's), the
+step, that digest, the run id, the chain head the export was made from (the last statement before
+any release, so exporting again gives the same bytes) and the tokenizer file's name. The tokenizer
+is the one the run statement's config names (`tokenizer`), which is the one a `tokenizer`
+statement declares.
 """
 
 from __future__ import annotations
@@ -20,10 +26,33 @@ from typing import Any
 from attest.chain import read_chain
 from attest.digest import safetensors_root
 
+EXPORT_DIR = "export"
+MODEL_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TOKENIZER_NAME = "tokenizer.model"
+
+
+def export_config(model: dict[str, Any], step: int, weights_root: str, run_id: Any, chain_head: str | None,
+                  tokenizer: str | None) -> str:
+    """The bytes of export/config.json (the verifier parses them; keys and order are fixed here)."""
+    config: dict[str, Any] = {
+        "architecture": "kai-train MultimodalLM",
+        "model": model,
+        "step": step,
+        "weights_root": weights_root,
+        "run_id": run_id,
+        "chain_head": chain_head,
+        "tokenizer": tokenizer,
+    }
+    return json.dumps(config, indent=2) + "\n"
+
 
 def export(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
+    """Write model.safetensors, config.json and the run's tokenizer into `out` (default RUN_DIR/export)."""
     entries, _ = read_chain(run_dir / "chain.jsonl")
+    entries = [e for e in entries if e.kind != "release"]  # the export a release names is made before it
     genesis = next((e.predicate for e in entries if e.kind == "genesis"), None)
+    run = next((e.predicate for e in entries if e.kind == "run"), None)
     ckpts = {e.predicate["step"]: e.predicate for e in entries if e.kind == "checkpoint"}
     if genesis is None or not ckpts:
         raise ValueError(f"{run_dir / 'chain.jsonl'}: no checkpoint recorded yet")
@@ -34,22 +63,16 @@ def export(run_dir: Path, step: int | None = None, out: Path | None = None) -> P
     root = safetensors_root([src])
     if root != ckpts[step]["weights_root"]:
         raise ValueError(f"{src}: canonical digest {root[:16]}… differs from the chain's {ckpts[step]['weights_root'][:16]}…")
-    out = out or run_dir / "export"
+    run_cfg = (run or {}).get("config")
+    tok_name = run_cfg.get("tokenizer") if isinstance(run_cfg, dict) else None
+    tokenizer = run_dir / tok_name if isinstance(tok_name, str) and tok_name else run_dir / "tokenizer/tokenizer.model"
+    out = out or run_dir / EXPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src, out / "model.safetensors")
-    tokenizer = run_dir / "tokenizer/tokenizer.model"
-    if tokenizer.exists():
-        shutil.copy2(tokenizer, out / "tokenizer.model")
-    config: dict[str, Any] = {
-        "architecture": "kai-train MultimodalLM",
-        "model": genesis["recipe"]["model"],
-        "step": step,
-        "weights_root": root,
-        "run_id": entries[0].predicate.get("run_id"),
-        "chain_head": entries[-1].digest,
-        "tokenizer": "tokenizer.model" if tokenizer.exists() else None,
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.copy2(src, out / MODEL_NAME)
+    if tokenizer.is_file():
+        shutil.copy2(tokenizer, out / TOKENIZER_NAME)
+    (out / CONFIG_NAME).write_text(export_config(genesis["recipe"]["model"], step, root, entries[0].predicate.get("run_id"),
+                                                 entries[-1].digest, TOKENIZER_NAME if tokenizer.is_file() else None))
     return out
 
 
