@@ -44,6 +44,11 @@ def kai_attest(*args: str) -> subprocess.CompletedProcess[str]:
     return run([sys.executable, "-m", "attest.cli", *args])
 
 
+def verify_trusted(bundle: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`kai-attest verify` trusting the key the bundle carries (an honest run's own key): exit 0 means pass."""
+    return kai_attest("verify", str(bundle), "--trust", str(bundle / "keys/signing-key.pub.pem"), *extra)
+
+
 def kai_data(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
     return run([sys.executable, "-m", "data_pipelines.build", f"out_dir={run_dir}", *overrides])
 

@@ -9,7 +9,7 @@ import pytest
 
 from attest.chain import read_chain
 from attest.digest import safetensors_root
-from conftest import TRAIN_ARGS, kai_attest, must, prepared_data, torchrun
+from conftest import TRAIN_ARGS, kai_attest, must, prepared_data, torchrun, verify_trusted
 from kai_train.engine import lr_lambda
 
 QUIET = ["wandb.mode=disabled"]
@@ -42,7 +42,7 @@ def test_resume_is_bit_exact_across_two_ranks(zero: str, demo_run: Path, data_ru
     assert "resumed at step 2" in p.stdout
     assert release_root(split) == release_root(straight)
     must(kai_attest("bundle", str(split)))
-    must(kai_attest("verify", str(split / "bundle")))
+    must(verify_trusted(split / "bundle"))
 
 
 @pytest.mark.slow
@@ -56,7 +56,7 @@ def test_resume_on_one_rank_after_two_continues_the_chain(data_run: Path, tmp_pa
     assert [c["data_consumed"]["sampler"]["world_size"] for c in ckpts] == [2, 1]
     assert ckpts[1]["data_consumed"]["sampler"]["position_start"] == ckpts[0]["data_consumed"]["sampler"]["position_end"]
     must(kai_attest("bundle", str(run)))
-    must(kai_attest("verify", str(run / "bundle")))
+    must(verify_trusted(run / "bundle"))
 
 
 @pytest.mark.slow
@@ -112,7 +112,7 @@ def test_schedules_warm_up_then_decay_to_min_ratio() -> None:
 
 @pytest.mark.slow
 def test_replay_of_every_segment_reproduces_the_chain_bit_exactly(demo_run: Path) -> None:
-    p = must(kai_attest("verify", str(demo_run / "bundle"), "--replay", "all", "--json"))
+    p = must(verify_trusted(demo_run / "bundle", "--replay", "all", "--json"))
     import json
 
     replays = [f for f in json.loads(p.stdout)["findings"] if f["check"] == "replay"]
@@ -149,7 +149,7 @@ def test_replay_catches_a_checkpoint_swapped_for_weights_of_another_run(demo_run
                 pred["parent_root"] = swapped["weights_root"]
 
     resign(b, demo_run / "keys/signing-key.pem", swap)
-    p = kai_attest("verify", str(b), "--replay", "all")
+    p = verify_trusted(b, "--replay", "all")
     assert p.returncode == 1, p.stdout
     failed = {line.split()[1] for line in p.stdout.splitlines() if line.startswith("FAIL")}
     assert "replay" in failed, p.stdout

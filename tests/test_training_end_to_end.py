@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from attest.chain import read_chain
-from conftest import kai_attest, must, prepared_data, torchrun
+from conftest import kai_attest, must, prepared_data, torchrun, verify_trusted
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ def entries_of(run_dir: Path, kind: str) -> list[dict]:
 
 
 def test_honest_two_rank_bundle_verifies_with_exit_0(demo_run: Path) -> None:
-    p = kai_attest("verify", str(demo_run / "bundle"), "--trust", str(demo_run / "keys/signing-key.pub.pem"))
+    p = verify_trusted(demo_run / "bundle")
     assert p.returncode == 0, p.stdout + p.stderr
     for check in ("signature", "chain-link", "subject-digest", "weights-digest", "genesis"):
         assert any(line.startswith("ok") and check in line for line in p.stdout.splitlines()), p.stdout
@@ -59,7 +59,7 @@ def test_loss_falls_over_the_run(demo_run: Path) -> None:
 
 
 def test_json_report_lists_every_check(demo_run: Path) -> None:
-    p = must(kai_attest("verify", str(demo_run / "bundle"), "--json"))
+    p = must(verify_trusted(demo_run / "bundle", "--json"))
     report = json.loads(p.stdout)
     assert report["verdict"] == "pass"
     assert {f["check"] for f in report["findings"]} >= {"signature", "chain-sequence", "genesis", "weights-digest"}
@@ -74,4 +74,4 @@ def test_genesis_digest_is_the_same_for_any_rank_count_and_zero_stage(
     assert entries_of(run_dir, "genesis")[0]["weights_root"] == entries_of(demo_run, "genesis")[0]["weights_root"]
     # and the run verifies end to end, checkpoint gathered from ZeRO shards included
     must(kai_attest("bundle", str(run_dir)))
-    must(kai_attest("verify", str(run_dir / "bundle")))
+    must(verify_trusted(run_dir / "bundle"))

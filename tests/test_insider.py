@@ -1,0 +1,150 @@
+"""Insider attacks that need no training run: the key holder re-signs every statement consistently.
+
+Each class of hole gets distinct attacks, each failing with the check named: bounds set by
+self-reported numbers (trajectory), the bundle choosing or configuring what replay runs (replay),
+and a verdict without an evaluator's trust root (exit 3). Replays of real training segments are in
+tests/test_insider_replay.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bundlefactory import DERIVER, LR, make_bundle
+
+import attest.verify as verify
+from attest.checks_model import coverage
+from attest.replay_plan import DEEPSPEED_SCHEMA, TRAIN_SCHEMA, PlanError, validate
+from attest.schedule import Schedule
+
+
+@pytest.fixture(autouse=True)
+def test_deriver(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(verify.DERIVERS, DERIVER, "bundlefactory")
+
+
+def failed(report: verify.Report) -> dict[str, list[verify.Finding]]:
+    out: dict[str, list[verify.Finding]] = {}
+    for f in report.failed:
+        out.setdefault(f.check, []).append(f)
+    return out
+
+
+def kinds(sts: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [s["predicate"] for s in sts if s["predicate"]["kind"] == kind]
+
+
+def trusted(root: Path, **kw: Any) -> verify.Report:
+    return verify.verify_bundle(root, [str(root / "keys/signing-key.pub.pem")], **kw)
+
+
+# ---------------------------------------------------------------- nothing self-reported sets a bound
+
+
+def test_an_inflated_reported_lr_no_longer_hides_a_weight_swap(tmp_path: Path) -> None:
+    """Before: the AdamW bound took the largest lr any checkpoint reported, so metrics.lr × 1000
+    widened it enough to pass another seed's weights in the middle of the run."""
+    def inflate(sts: list[dict[str, Any]]) -> None:
+        for p in kinds(sts, "checkpoint"):
+            p["metrics"]["lr"] = LR * 1000
+
+    root, _ = make_bundle(tmp_path / "b", swap_at=6, mutate=inflate)
+    bad = failed(trusted(root))
+    assert set(bad) == {"trajectory"}
+    assert any("moved more than any step could" in f.detail for f in bad["trajectory"])
+    assert sum("metrics.lr" in f.found for f in bad["trajectory"]) == 6
+
+
+def test_a_reported_lr_the_signed_schedule_does_not_produce_fails_even_without_a_swap(tmp_path: Path) -> None:
+    def lie(sts: list[dict[str, Any]]) -> None:
+        kinds(sts, "checkpoint")[2]["metrics"]["lr"] = LR * 1.5
+
+    root, _ = make_bundle(tmp_path / "b", mutate=lie)
+    bad = failed(trusted(root))
+    assert set(bad) == {"trajectory"} and len(bad["trajectory"]) == 1
+    assert "the signed schedule after step 6" in bad["trajectory"][0].expected
+
+
+def test_a_checkpoint_past_the_signed_step_count_fails(tmp_path: Path) -> None:
+    """A schedule that ends at step 6 leaves lr at its floor; a checkpoint at step 12 is not part of this run."""
+    def shorten(sts: list[dict[str, Any]]) -> None:
+        for s in sts:
+            if "config" in s["predicate"]:
+                s["predicate"]["config"]["train"]["steps"] = 6
+
+    root, _ = make_bundle(tmp_path / "b", mutate=shorten)
+    bad = failed(trusted(root))
+    assert "trajectory" in bad and any("train.steps 6" in f.expected for f in bad["trajectory"])
+
+
+def test_a_run_config_without_a_valid_schedule_fails_trajectory_instead_of_skipping_the_bound(tmp_path: Path) -> None:
+    def drop(sts: list[dict[str, Any]]) -> None:
+        for s in sts:
+            if "config" in s["predicate"]:
+                del s["predicate"]["config"]["train"]["warmup"]
+
+    root, _ = make_bundle(tmp_path / "b", mutate=drop)
+    bad = failed(trusted(root))
+    assert set(bad) - {"run-config"} == {"trajectory"} and "train.warmup" in bad["trajectory"][0].found
+
+
+def test_the_schedule_is_the_trainers_own() -> None:
+    from kai_train.engine import lr_lambda as trainer_lambda
+
+    train = {"lr": 3e-3, "steps": 30, "warmup": 5, "schedule": "cosine", "min_lr_ratio": 0.1, "decay_frac": 0.2}
+    s = Schedule(train)
+    f = trainer_lambda("cosine", 5, 30, 0.1, 0.2)
+    assert [s.lr(t) for t in range(31)] == [3e-3 * f(t) for t in range(31)]
+    assert s.lr_sum(0, 5) == pytest.approx(3e-3 * sum((t + 1) / 5 for t in range(5)))
+    with pytest.raises(ValueError, match="train.steps"):
+        Schedule({**train, "steps": 10**12})
+
+
+# ---------------------------------------------------------------- the evaluator's install decides what runs
+
+
+@pytest.mark.parametrize("section,value,key", [
+    ("deepspeed", {"tensorboard": {"enabled": True, "output_path": "/tmp/owned"}}, "deepspeed.tensorboard"),
+    ("deepspeed", {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/etc"}}},
+     "zero_optimization.offload_param"),
+    ("deepspeed", {"flops_profiler": {"enabled": True, "output_file": "/tmp/owned.txt"}}, "deepspeed.flops_profiler"),
+    ("deepspeed", {"zero_optimization": {"stage": 7}}, "zero_optimization.stage"),
+    ("train", {"data_dir": "/etc"}, "train.data_dir"),
+    ("train", {"micro_batch": 10**9}, "train.micro_batch"),
+    ("train", {"lr": float("nan")}, "train.lr"),
+])
+def test_replay_config_outside_the_schema_is_refused_naming_the_key(section: str, value: dict, key: str) -> None:
+    schema = DEEPSPEED_SCHEMA if section == "deepspeed" else TRAIN_SCHEMA
+    with pytest.raises(PlanError) as e:
+        validate(value, schema, f"run config {section}")
+    assert key in str(e.value)
+
+
+def test_the_shipped_deepspeed_and_train_configs_fit_the_replay_schema() -> None:
+    """No false alarm: every config the project ships validates (what an honest run records)."""
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    for f in sorted((repo / "conf/deepspeed").glob("*.yaml")):
+        validate(yaml.safe_load(f.read_text()), DEEPSPEED_SCHEMA, str(f))
+    for f in sorted((repo / "conf/train").glob("*.yaml")):
+        validate(yaml.safe_load(f.read_text()), TRAIN_SCHEMA, str(f))
+
+
+# ---------------------------------------------------------------- coverage stated, no key no pass
+
+
+def test_replay_coverage_is_the_escape_probability_of_a_forgery_confined_to_m_segments() -> None:
+    c = coverage(2, 10)
+    assert c["escape_probability"]["1"] == pytest.approx(8 / 10)
+    assert c["escape_probability"]["2"] == pytest.approx((8 * 7) / (10 * 9))
+    assert coverage(10, 10)["escape_probability"]["5"] == 0.0
+
+
+def test_without_a_trust_root_the_verdict_is_integrity_only_with_its_own_exit_code(tmp_path: Path) -> None:
+    root, _ = make_bundle(tmp_path / "b")
+    r = verify.verify_bundle(root)
+    assert (r.verdict, r.exit_code) == ("integrity-only", 3)
+    assert (trusted(root).verdict, trusted(root).exit_code) == ("pass", 0)
