@@ -1,22 +1,27 @@
-"""Verifier checks on files: every subject's sha256, every weight set's canonical digest, and each
-checkpoint folder's OpenSSF model-signing signature (with the policy's pinned hash settings)."""
+"""Verifier checks on files: every subject's sha256, every weight set's canonical digest, each
+checkpoint folder's OpenSSF model-signing signature (with the policy's pinned hash settings), and
+the run config a person reads against the one the run statement signs."""
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
 
-from attest.bundle import BundlePathError
+from attest.bundle import CHAIN_NAME, BundlePathError, folder_entries
 from attest.digest import merkle_root
 from attest.findings import (
     UNREADABLE,
     Context,
     Finding,
+    as_dict,
     short,
     skipped,
     subjects_of,
     weights_files,
 )
+
+RUN_CONFIG = "run-config"
+MAX_CONFIG_BYTES = 16 << 20
 
 
 def check_subjects(ctx: Context) -> Iterator[Finding]:
@@ -108,3 +113,54 @@ def check_oms(ctx: Context) -> Iterator[Finding]:
         yield skipped("oms-signature", "", "no checkpoint folder carries a model.sig")
     elif not bad:
         yield Finding("oms-signature", True, "", detail=f"{n} checkpoint folders match their model-signing signatures")
+
+
+def check_run_config(ctx: Context) -> Iterator[Finding]:
+    """What a person reads is what was trained: the run statement's config file (its subject,
+    `config/run.yaml`) is byte for byte the canonical rendering of the config the statement signs
+    (attest.runconfig), and every file in the bundle's config/ folder is a subject of it."""
+    from attest.runconfig import render_yaml
+
+    runs = ctx.of_kind("run")
+    if len(runs) != 1:
+        yield skipped(RUN_CONFIG, CHAIN_NAME, f"{len(runs)} run statements (statement-order reports it)")
+        return
+    run = runs[0]
+    subs = subjects_of(run)
+    bad = 0
+    if len(subs) != 1 or not subs[0]["name"].endswith(".yaml"):
+        bad += 1
+        yield Finding(RUN_CONFIG, False, ctx.where(run), "one subject: the run config as YAML",
+                      ", ".join(s["name"] for s in subs) or "no subject")
+    for s in subs[:1]:
+        name = s["name"]
+        try:
+            want = render_yaml(as_dict(run.predicate.get("config"))).encode()
+            got = ctx.files.path(name).read_bytes() if ctx.files.path(name).stat().st_size <= MAX_CONFIG_BYTES else None
+        except TypeError as ex:
+            bad += 1
+            yield Finding(RUN_CONFIG, False, ctx.where(run), "a config of mappings, lists and scalars", str(ex))
+            continue
+        except UNREADABLE as ex:
+            bad += 1
+            yield Finding(RUN_CONFIG, False, name, "the run config a person reads", str(ex))
+            continue
+        if got is None:
+            bad += 1
+            yield Finding(RUN_CONFIG, False, name, f"at most {MAX_CONFIG_BYTES} bytes", "a larger file")
+        elif got != want:
+            bad += 1
+            yours, ours = got.decode("utf-8", "replace").splitlines(), want.decode().splitlines()
+            i = next((i for i, (a, b) in enumerate(zip(yours, ours)) if a != b), min(len(yours), len(ours)))
+            yield Finding(RUN_CONFIG, False, name, "the run statement's signed config, rendered canonically",
+                          f"other text at line {i + 1}: {(yours[i] if i < len(yours) else '(end of file)')[:80]!r}",
+                          detail=f"signed: {(ours[i] if i < len(ours) else '(end of file)')[:80]!r}")
+    named = {s["name"] for s in subs}
+    for rel, odd in folder_entries(ctx.root, "config"):
+        if odd or rel not in named:
+            bad += 1
+            yield Finding(RUN_CONFIG, False, rel, "a subject of the run statement",
+                          "not a regular file" if odd else "an unsigned file")
+    if not bad:
+        yield Finding(RUN_CONFIG, True, subs[0]["name"], detail="equals the signed run config")
+

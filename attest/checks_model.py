@@ -4,6 +4,7 @@ segment), the release, and the replay hook (segment replay plug-ins register in 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from attest import trajectory as traj
-from attest.bundle import BundlePathError
+from attest.bundle import BundlePathError, folder_entries
 from attest.chain import Entry
 from attest.digest import merkle_root
 from attest.findings import (
@@ -22,6 +23,7 @@ from attest.findings import (
     as_dict,
     short,
     skipped,
+    subjects_of,
     weights_files,
 )
 from attest.verify_cache import PARALLEL_BYTES, workers
@@ -223,61 +225,147 @@ def check_trajectory(ctx: Context) -> Iterator[Finding]:
         yield Finding("trajectory", True, "", detail=f"{len(rows)} segments within the AdamW step bound{profile}{bound}")
 
 
+EXPORT_DIR = "export"  # the folder a user loads; kai_train.export writes it, the release names every file of it
+NO_RELEASE = "no release statement: the from-scratch claim needs a released model"
+MAX_EXPORT_CONFIG_BYTES = 1 << 20
+
+
+def _canonical(x: Any) -> str:
+    """Parsed values compared strictly (1, 1.0 and true differ): their sorted JSON text."""
+    return json.dumps(x, sort_keys=True, allow_nan=True)
+
+
 def check_release(ctx: Context) -> Iterator[Finding]:
-    """The release names the last checkpoint (step and canonical digest), its weights file has that
-    digest, and so does export/model.safetensors when the bundle carries one."""
+    """The release is mandatory and whole: one release statement, after the last checkpoint, naming
+    its step and canonical digest; every file in the bundle's export/ folder is one of its subjects;
+    export/model.safetensors has the last checkpoint's canonical digest; export/config.json holds the
+    genesis recipe's (and the run config's) model config, that step and digest and the run id; the tokenizer it names is the declared one (same sha256); and the export
+    folder carries a model-signing signature when the checkpoint folders do (oms-signature checks it)."""
     releases, ckpts = ctx.of_kind("release"), ctx.of_kind("checkpoint")
-    last = ckpts[-1].predicate if ckpts else None
+    if not releases:
+        yield Finding("release", False, CHAIN_NAME, "a release statement naming the exported model", NO_RELEASE)
+        for rel, _ in folder_entries(ctx.root, EXPORT_DIR):  # an export no statement binds
+            yield Finding("release", False, rel, "a subject of the release statement", "no release statement")
+        return
     bad = 0
     if len(releases) > 1:
         bad += 1
         yield Finding("release", False, CHAIN_NAME, "at most one release statement", f"{len(releases)}")
-    for r in releases[-1:]:
-        p = r.predicate
-        if last is None:
-            bad += 1
-            yield Finding("release", False, ctx.where(r), "a checkpoint before the release", "none")
-            continue
-        if p.get("step") != last.get("step"):
-            bad += 1
-            yield Finding("release", False, ctx.where(r), f"step {last.get('step')} (the last checkpoint)", f"step {p.get('step')}")
-        if p.get("weights_root") != last.get("weights_root"):
-            bad += 1
-            yield Finding("release", False, ctx.where(r), f"root {short(last.get('weights_root'))} (the last checkpoint)",
-                          f"root {short(p.get('weights_root'))}")
-        files = weights_files(r)
-        try:
-            root = merkle_root(ctx.files.leaves(files)) if files else None
-        except UNREADABLE:
-            root = "unreadable"  # weights-digest reports why
-        if root != last.get("weights_root"):
-            bad += 1
-            yield Finding("release", False, ",".join(files) or ctx.where(r), f"root {short(last.get('weights_root'))} (the last checkpoint)",
-                          f"root {short(root)}")
-    export = "export/model.safetensors"
-    try:
-        ctx.files.path(export)
-        have_export = True
-    except FileNotFoundError:
-        have_export = False
-    except BundlePathError as ex:
-        have_export = False
+    r = releases[-1]
+    p = r.predicate
+    if not ckpts:
+        yield Finding("release", False, ctx.where(r), "a checkpoint before the release", "none")
+        return
+    last = ckpts[-1].predicate
+    want_root = last.get("weights_root")
+    if p.get("step") != last.get("step"):
         bad += 1
-        yield Finding("release", False, export, "a regular file inside the bundle", str(ex))
-    if have_export and last is not None:
-        try:
-            root = merkle_root(ctx.files.leaves([export]))
-        except UNREADABLE as ex:
-            root = f"unreadable ({ex})"
-        if root != last.get("weights_root"):
+        yield Finding("release", False, ctx.where(r), f"step {last.get('step')} (the last checkpoint)", f"step {p.get('step')}")
+    if p.get("weights_root") != want_root:
+        bad += 1
+        yield Finding("release", False, ctx.where(r), f"root {short(want_root)} (the last checkpoint)",
+                      f"root {short(p.get('weights_root'))}")
+    subs = {s["name"]: s["sha256"] for s in subjects_of(r)}
+    model, config = f"{EXPORT_DIR}/model.safetensors", f"{EXPORT_DIR}/config.json"
+    outside = sorted(n for n in subs if not n.startswith(EXPORT_DIR + "/"))
+    if outside:
+        bad += 1
+        yield Finding("release", False, ctx.where(r), f"subjects inside {EXPORT_DIR}/", ", ".join(outside)[:200])
+    signed_ckpts = any(s["name"].endswith("/model.sig") for e in ckpts for s in subjects_of(e))
+    for need in [model, config] + ([f"{EXPORT_DIR}/model.sig"] if signed_ckpts else []):
+        if need not in subs:
             bad += 1
-            yield Finding("release", False, export, f"root {short(last.get('weights_root'))} (the last checkpoint)", f"root {short(root)}")
+            yield Finding("release", False, need, "a subject of the release statement", "not named by the release")
+    # every file a user would load from export/ is bound by the release
+    for rel, odd in folder_entries(ctx.root, EXPORT_DIR):
+        if odd or rel not in subs:
+            bad += 1
+            yield Finding("release", False, rel, "a subject of the release statement",
+                          "not a regular file" if odd else "a file the release does not name")
+    files = weights_files(r)
+    try:
+        root = merkle_root(ctx.files.leaves(files)) if files else None
+    except UNREADABLE as ex:
+        root = f"unreadable ({str(ex)[:100]})"
+    if files and root != want_root:
+        bad += 1
+        yield Finding("release", False, ",".join(files), f"root {short(want_root)} (the last checkpoint)", f"root {short(root)}")
+    for f in _export_config(ctx, r, config if config in subs else None, last):
+        bad += 1
+        yield f
     if not bad:
-        if not releases:
-            yield Finding("release", True, "", detail="no release statement (the run was not released)")
-        else:
-            yield Finding("release", True, ctx.where(releases[-1]),
-                          detail=f"step {last and last.get('step')}, the last checkpoint" + (" (and export/)" if have_export else ""))
+        yield Finding("release", True, ctx.where(r), detail=f"step {last.get('step')}, the last checkpoint; "
+                      f"{len(subs)} files of {EXPORT_DIR}/ signed, weights, config and tokenizer bound")
+
+
+def _export_config(ctx: Context, r: Entry, name: str | None, last: dict[str, Any]) -> Iterator[Finding]:
+    """export/config.json against the chain: model config, step, digest, run id, tokenizer."""
+    if name is None:
+        return  # reported above: the release does not name it
+    try:
+        path = ctx.files.path(name)
+        if path.stat().st_size > MAX_EXPORT_CONFIG_BYTES:
+            raise ValueError(f"more than {MAX_EXPORT_CONFIG_BYTES} bytes")
+        cfg = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return  # subject-digest reports the missing subject
+    except UNREADABLE as ex:
+        yield Finding("release", False, name, "a JSON export config", f"{type(ex).__name__}: {str(ex)[:150]}")
+        return
+    if not isinstance(cfg, dict):
+        yield Finding("release", False, name, "a JSON object", type(cfg).__name__)
+        return
+    gens = ctx.of_kind("genesis")
+    recipe_model = as_dict(gens[0].predicate.get("recipe")).get("model") if len(gens) == 1 else None
+    run_model = ctx.run_config.get("model")
+    got = _canonical(cfg.get("model"))
+    for what, want in (("the genesis recipe's model config", recipe_model), ("the run config's model", run_model)):
+        if want is None or _canonical(want) != got:
+            yield Finding("release", False, name, f"model = {what}", "none recorded" if want is None else
+                          f"model {_first_difference(want, cfg.get('model'))}")
+    # (chain_head is informative only: re-signing a chain changes every line's digest)
+    expect = {"step": last.get("step"), "weights_root": last.get("weights_root"),
+              "run_id": ctx.entries[0].predicate.get("run_id")}
+    for key, want in expect.items():
+        if _canonical(cfg.get(key)) != _canonical(want):
+            yield Finding("release", False, name, f"{key} {short(want)} (the chain)", f"{key} {short(cfg.get(key))}")
+    # the tokenizer a user loads with this export is the declared one
+    declared = {s["sha256"]: s["name"] for e in ctx.of_kind("tokenizer") for s in subjects_of(e)}
+    run_tok = ctx.run_config.get("tokenizer")
+    tok = cfg.get("tokenizer")
+    if not declared:
+        if tok is not None:
+            yield Finding("release", False, name, "no tokenizer (the chain declares none)", f"tokenizer {str(tok)[:80]!r}")
+        return
+    if not isinstance(tok, str) or "/" in tok or tok in ("", ".", ".."):
+        yield Finding("release", False, name, "tokenizer: the name of the declared tokenizer's file in export/",
+                      repr(tok)[:80])
+        return
+    tok_file = f"{EXPORT_DIR}/{tok}"
+    if tok_file not in {s["name"] for s in subjects_of(r)}:
+        yield Finding("release", False, tok_file, "a subject of the release statement", "not named by the release")
+        return
+    try:
+        sha = ctx.files.sha256(tok_file)
+    except FileNotFoundError:
+        return  # subject-digest reports it
+    except UNREADABLE as ex:
+        yield Finding("release", False, tok_file, "a readable tokenizer file", str(ex)[:150])
+        return
+    want_names = [n for n in declared.values() if n == run_tok] or sorted(declared.values())
+    want_shas = {d for d, n in declared.items() if n in want_names}
+    if sha not in want_shas:
+        yield Finding("release", False, tok_file, f"sha256 {short(next(iter(want_shas)))} (the declared tokenizer "
+                      f"{want_names[0]})", f"sha256 {short(sha)}")
+
+
+def _first_difference(want: Any, got: Any) -> str:
+    """The first key where two model configs differ, for the failure line."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        for k in sorted(set(want) | set(got)):
+            if _canonical(want.get(k, "(absent)")) != _canonical(got.get(k, "(absent)")):
+                return f"{k}: {str(got.get(k, '(absent)'))[:40]} (recorded {str(want.get(k, '(absent)'))[:40]})"
+    return f"{str(got)[:60]} (recorded {str(want)[:60]})"
 
 
 # ---------------------------------------------------------------- replay (hook)

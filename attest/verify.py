@@ -13,7 +13,7 @@ established).
 
 Checks, in order (docs/bundle-format.md "What kai-attest verify checks" is the contract):
 statement-format, signature, chain-sequence, chain-link, statement-order, timestamps,
-subject-digest, weights-digest, oms-signature, genesis, trajectory, release, data-lineage,
+subject-digest, weights-digest, oms-signature, run-config, genesis, trajectory, release, data-lineage,
 data-licence, data-replay, replay.
 """
 
@@ -41,7 +41,7 @@ from attest.checks_chain import (
 )
 from attest.checks_data import check_data_licence, check_data_lineage
 from attest.data_replay import check_data_replay
-from attest.checks_files import check_oms, check_subjects, check_weights
+from attest.checks_files import check_oms, check_run_config, check_subjects, check_weights
 from attest.checks_model import (
     DEFAULT_REPLAY_PLUGIN,
     DERIVERS,
@@ -63,7 +63,7 @@ _register_replay()  # the kai_train.replay plug-in (runs in a subprocess; torch 
 
 __all__ = ["CHECKS", "DEFAULT_REPLAY_PLUGIN", "DERIVERS", "REPLAYERS", "BundleUnreadable", "Context", "Finding",
            "Replayer", "Report", "check_data_licence", "check_data_lineage", "check_data_replay", "check_genesis", "check_links",
-           "check_oms", "check_order", "check_release", "check_replay", "check_sequence", "check_signatures",
+           "check_oms", "check_order", "check_run_config", "check_release", "check_replay", "check_sequence", "check_signatures",
            "check_statements", "check_subjects", "check_timestamps", "check_trajectory", "check_weights",
            "load_trust", "replay_plugin", "replay_segments", "skipped", "token_time", "verify_bundle"]
 
@@ -77,6 +77,7 @@ CHECKS: list[Callable[[Context], Iterator[Finding]]] = [
     check_subjects,
     check_weights,
     check_oms,
+    check_run_config,
     check_genesis,
     check_trajectory,
     check_release,

@@ -10,7 +10,9 @@ Checkpoints are recorded off the training critical path: `record_checkpoint` wri
 (file sha256 and tensor leaves), signs the folder in the OpenSSF model-signing format with those
 digests and appends the statement. It takes one checkpoint at a time, in the order they were
 written, so statements keep their order and each `parent_root` is the root recorded before it.
-Run, genesis and release statements wait for it first. A worker error stops it; the next call
+Run, genesis and release statements wait for it first. The release exports the last checkpoint
+to `export/` (kai_train.export), signs that folder like a checkpoint folder and names every file of
+it as a subject. A worker error stops it; the next call
 raises it as a ProvenanceError.
 """
 
@@ -39,6 +41,7 @@ import torch
 from attest import failpoints
 from attest.chain import ChainWriter
 from attest.digest import hash_safetensors, merkle_root, sha256_file, tree_digest
+from attest.oms import SIGNATURE_NAME as OMS_SIGNATURE
 from attest.oms import sign_checkpoint_dir
 from attest.signing import Signer
 from attest.statements import subject
@@ -229,12 +232,36 @@ class Provenance:
         self.checkpoint_blocked.append(time.perf_counter() - t0)
 
     @_blocking
-    def record_release(self) -> None:
+    def record_release(self) -> Path:
+        """Export the last checkpoint to export/ (weights, config.json, tokenizer), sign that folder in
+        the OpenSSF model-signing format (export/model.sig, key back-ends), then record the release:
+        every file of export/ is a subject. Returns the export folder."""
+        from kai_train.export import EXPORT_DIR, MODEL_NAME, export
+
         self._wait()
-        name = weights_name(self.last_step)
-        self.chain.append(
-            "release", [subject(name, sha256_file(self.run_dir / name))], {"step": self.last_step, "weights_root": self.last_root}
-        )
+        out = export(self.run_dir, self.last_step, self.run_dir / EXPORT_DIR)
+        digests: dict[str, str] = {}
+        for p in sorted(out.rglob("*")):
+            rel = p.relative_to(out).as_posix()
+            if p.is_symlink() or not (p.is_file() or p.is_dir()):
+                raise ProvenanceError(f"{p}: not a regular file; the release signs every file of {EXPORT_DIR}/")
+            if not p.is_file() or rel == OMS_SIGNATURE:
+                continue
+            if rel == MODEL_NAME:
+                sha, leaves = hash_safetensors(p)
+                if merkle_root(leaves) != self.last_root:
+                    raise ProvenanceError(f"{p}: canonical digest differs from the last checkpoint's")
+                digests[rel] = sha
+            else:
+                digests[rel] = sha256_file(p)
+        if self.oms:
+            sig = sign_checkpoint_dir(out, self.chain.signer, known=digests)
+            digests[OMS_SIGNATURE] = sha256_file(sig)
+        else:
+            (out / OMS_SIGNATURE).unlink(missing_ok=True)  # an earlier signature would not list this export
+        subjects = [subject(f"{EXPORT_DIR}/{rel}", sha) for rel, sha in sorted(digests.items())]
+        self.chain.append("release", subjects, {"step": self.last_step, "weights_root": self.last_root})
+        return out
 
     # --- files and the worker's side -----------------------------------------------------------
 

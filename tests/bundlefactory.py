@@ -2,7 +2,7 @@
 
 `make_bundle` writes a bundle folder whose chain has two data shards (the second derived from the
 first), a tokenizer, a run, a genesis and a few checkpoints whose weights move like AdamW steps,
-and a release. `derive` re-creates its genesis (tests register it in attest.verify.DERIVERS).
+and a release with its export/ folder. `derive` re-creates its genesis (tests register it in attest.verify.DERIVERS).
 Keyword arguments make the usual tampering easy; `statements`/`write_chain` re-sign any edit.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from attest.digest import sha256_file, tensor_digest
+from attest.runconfig import render_yaml
 from attest.dsse import sign_statement
 from attest.signing import PemSigner, keygen
 from attest.statements import build_statement, subject
@@ -25,6 +27,7 @@ from attest.statements import build_statement, subject
 DERIVER = "bundlefactory:derive"
 SHAPES = {"text.emb": (64, 32), "text.out": (32, 32), "vision.patch": (32, 48), "vision.norm": (32,), "audio.conv": (16, 8)}
 LR, BETAS, WD = 1e-3, [0.9, 0.95], 0.1
+MODEL = {"vocab_size": 64, "dim": 32}  # the model config the recipe, the run config and export/config.json name
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
@@ -109,16 +112,16 @@ def make_bundle(root: Path, key_dir: Path | None = None, *, steps: tuple[int, ..
     (root / "tokenizer/tokenizer.model").write_bytes(b"tok")
     add("tokenizer", [subject("tokenizer/tokenizer.model", sha256_file(root / "tokenizer/tokenizer.model"))],
         {"trainer": "test", "params": {}, "trained_on": [{"name": n, "sha256": s} for n, s in shards]})
-    config = {"seed": seed, "train": {"lr": LR, "betas": BETAS, "weight_decay": WD},
-              "data_shards": [{"name": n, "sha256": s} for n, s in shards]}
+    config = {"seed": seed, "train": {"lr": LR, "betas": BETAS, "weight_decay": WD}, "model": dict(MODEL),
+              "tokenizer": "tokenizer/tokenizer.model", "data_shards": [{"name": n, "sha256": s} for n, s in shards]}
     (root / "config").mkdir(exist_ok=True)
-    (root / "config/run.yaml").write_text(json.dumps(config))
+    (root / "config/run.yaml").write_text(render_yaml(config))
     add("run", [subject("config/run.yaml", sha256_file(root / "config/run.yaml"))],
         {"config": config, "code_digest": "00" * 32, "versions": {}, "hardware": {}})
     w = init_weights(seed)
     write_safetensors(root / ckpt_name(0), w)
     add("genesis", [subject(ckpt_name(0), sha256_file(root / ckpt_name(0)))],
-        {"recipe": {"name": "test-init", "seed": seed, "deriver": DERIVER}, "weights_root": merkle(w),
+        {"recipe": {"name": "test-init", "seed": seed, "deriver": DERIVER, "model": dict(MODEL)}, "weights_root": merkle(w),
          "tensors": {n: {"digest": d} for n, d in leaves(w).items()}})
     prev_root, prev_step = merkle(w), 0
     for step in steps:
@@ -136,12 +139,23 @@ def make_bundle(root: Path, key_dir: Path | None = None, *, steps: tuple[int, ..
              "metrics": {"loss": 5.0 / (1 + step / 4), "lr": LR}})
         prev_root, prev_step = root_k, step
     if release and steps:
-        add("release", [subject(ckpt_name(prev_step), sha256_file(root / ckpt_name(prev_step)))],
-            {"step": prev_step, "weights_root": prev_root})
+        add("release", write_export(root, prev_step, prev_root), {"step": prev_step, "weights_root": prev_root})
     if mutate:
         mutate(st)
     write_chain(root, priv, st)
     return root, priv
+
+
+def write_export(root: Path, step: int, weights_root: str) -> list[dict[str, Any]]:
+    """export/ as the trainer writes it (weights of `step`, config.json, tokenizer); its subjects."""
+    from kai_train.export import export_config
+
+    (root / "export").mkdir(exist_ok=True)
+    shutil.copy(root / ckpt_name(step), root / "export/model.safetensors")
+    shutil.copy(root / "tokenizer/tokenizer.model", root / "export/tokenizer.model")
+    (root / "export/config.json").write_text(export_config(dict(MODEL), step, weights_root, "t", None, "tokenizer.model"))
+    return [subject(f"export/{n}", sha256_file(root / "export" / n))
+            for n in ("config.json", "model.safetensors", "tokenizer.model")]
 
 
 def write_chain(root: Path, priv: Path, statements: list[dict[str, Any]], relink: bool = True) -> None:

@@ -135,6 +135,9 @@ def test_oms_hash_settings_are_pinned_by_policy(tmp_path: Path) -> None:
                 from attest.digest import sha256_file
 
                 st["subject"].append(subject("checkpoints/step-000002/model.sig", sha256_file(sig)))
+            if st["predicate"]["kind"] == "release":  # signed checkpoint folders: the export folder is signed too
+                sig = sign_checkpoint_dir(root / "export", priv)
+                st["subject"].append(subject("export/model.sig", sha256_file(sig)))
 
     sts = statements(root)
     add_sig(sts)
@@ -276,7 +279,9 @@ def test_export_that_is_not_the_last_checkpoint_fails_release(bundle) -> None:
     root, _ = bundle
     write_safetensors(root / "export/model.safetensors", init_weights(3))
     r = verify.verify_bundle(root)
-    assert failed(r) == {"release"} and r.failed[0].file == "export/model.safetensors"
+    # the export is a subject of the release: its digests fail too, and release names the file
+    assert failed(r) == {"release", "subject-digest", "weights-digest"}
+    assert [f.file for f in r.failed if f.check == "release"] == ["export/model.safetensors"]
     shutil.copy(root / ckpt_name(12), root / "export/model.safetensors")
     assert verify.verify_bundle(root).ok
 
