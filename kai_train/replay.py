@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from kai_train.extensions import prepare
+
+    prepare()
 
     import deepspeed
     import torch

@@ -252,7 +252,10 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from kai_train.extensions import prepare
+
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    prepare()  # per-environment JIT build folder, stale build locks cleared, before DeepSpeed loads
     _hydra_main()
 
 
