@@ -323,7 +323,6 @@ def _export_config(ctx: Context, r: Entry, name: str | None, last: dict[str, Any
         if want is None or _canonical(want) != got:
             yield Finding("release", False, name, f"model = {what}", "none recorded" if want is None else
                           f"model {_first_difference(want, cfg.get('model'))}")
-    # (chain_head is informative only: re-signing a chain changes every line's digest)
     expect = {"step": last.get("step"), "weights_root": last.get("weights_root"),
               "run_id": ctx.entries[0].predicate.get("run_id")}
     for key, want in expect.items():

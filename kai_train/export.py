@@ -8,8 +8,8 @@ kai_train.provenance.record_release), and on demand from any checkpoint in the c
 
 The weights are the checkpoint's consolidated file, so the export's canonical digest is the one
 the chain records. config.json holds the model config a user loads (the genesis recipe's), the
-step, that digest, the run id, the chain head the export was made from (the last statement before
-any release, so exporting again gives the same bytes) and the tokenizer file's name. The tokenizer
+step, that digest, the run id and the tokenizer file's name: facts the chain signs, so exporting
+the same checkpoint again gives the same bytes. The tokenizer
 is the one the run statement's config names (`tokenizer`), which is the one a `tokenizer`
 statement declares.
 """
@@ -32,7 +32,7 @@ CONFIG_NAME = "config.json"
 TOKENIZER_NAME = "tokenizer.model"
 
 
-def export_config(model: dict[str, Any], step: int, weights_root: str, run_id: Any, chain_head: str | None,
+def export_config(model: dict[str, Any] | None, step: int, weights_root: str, run_id: Any,
                   tokenizer: str | None) -> str:
     """The bytes of export/config.json (the verifier parses them; keys and order are fixed here)."""
     config: dict[str, Any] = {
@@ -41,7 +41,6 @@ def export_config(model: dict[str, Any], step: int, weights_root: str, run_id: A
         "step": step,
         "weights_root": weights_root,
         "run_id": run_id,
-        "chain_head": chain_head,
         "tokenizer": tokenizer,
     }
     return json.dumps(config, indent=2) + "\n"
@@ -71,8 +70,10 @@ def export(run_dir: Path, step: int | None = None, out: Path | None = None) -> P
     shutil.copy2(src, out / MODEL_NAME)
     if tokenizer.is_file():
         shutil.copy2(tokenizer, out / TOKENIZER_NAME)
-    (out / CONFIG_NAME).write_text(export_config(genesis["recipe"]["model"], step, root, entries[0].predicate.get("run_id"),
-                                                 entries[-1].digest, TOKENIZER_NAME if tokenizer.is_file() else None))
+    recipe = genesis.get("recipe")
+    model = recipe.get("model") if isinstance(recipe, dict) else None  # verify fails a release without one
+    (out / CONFIG_NAME).write_text(export_config(model, step, root, entries[0].predicate.get("run_id"),
+                                                 TOKENIZER_NAME if tokenizer.is_file() else None))
     return out
 
 

@@ -153,7 +153,7 @@ def write_export(root: Path, step: int, weights_root: str) -> list[dict[str, Any
     (root / "export").mkdir(exist_ok=True)
     shutil.copy(root / ckpt_name(step), root / "export/model.safetensors")
     shutil.copy(root / "tokenizer/tokenizer.model", root / "export/tokenizer.model")
-    (root / "export/config.json").write_text(export_config(dict(MODEL), step, weights_root, "t", None, "tokenizer.model"))
+    (root / "export/config.json").write_text(export_config(dict(MODEL), step, weights_root, "t", "tokenizer.model"))
     return [subject(f"export/{n}", sha256_file(root / "export" / n))
             for n in ("config.json", "model.safetensors", "tokenizer.model")]
 
