@@ -10,7 +10,9 @@ trained on), so the same shards must give a byte-identical `.model` file. That t
   bake a random path into the model bytes.
 
 The sample is declared, not drawn: every `every`-th non-empty text row of the given shards, in
-order, up to `max_sentences`. `<image>` and `<audio>` are user-defined pieces: the placeholders
+order, up to `max_sentences` (rule `kai-tok-sample/v1`). The tokenizer statement records the
+sample parameters, the rule and a digest of the sample, so that `retrain` (what
+`kai-attest verify --replay-data` calls) can train the same file again from the bundle's shards. `<image>` and `<audio>` are user-defined pieces: the placeholders
 packed rows put where an encoder's prefix goes (data_pipelines.pack).
 
 byte_fallback=True means no text is ever <unk>: Hangul syllables that miss the vocabulary fall back
