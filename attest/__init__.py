@@ -2,7 +2,8 @@
 the offline verifier behind `kai-attest`.
 
 Imports only the standard library, `cryptography` and (lazily) `pyarrow`: an evaluator installs
-this without torch. Checks that need torch (genesis re-derivation) load it on demand.
+this without torch. Checks that need torch (replay, and re-deriving an earlier kai-init/v1 genesis) load it on
+demand; a kai-init/v2 genesis is re-derived without it.
 """
 
 __all__ = ["__version__"]

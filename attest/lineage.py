@@ -2,7 +2,7 @@
 
 Null hypothesis (Zhu et al. 2025, "Independence Tests for Language Models"): the candidate and the
 reference were initialised independently. If one of them comes from an initialisation whose
-distribution does not change when a residual stream's coordinates are permuted (kai-init/v1 draws
+distribution does not change when a residual stream's coordinates are permuted (kai-init v1 and v2 draw
 i.i.d. per tensor; norm gains are all 1) and from training that is equivariant to that permutation
 (AdamW, RMSNorm, attention and RoPE all are), then permuting the reference's residual stream gives
 an exchangeable copy under the null. So, per component:
