@@ -38,7 +38,8 @@ def recorded_recipe(chain: Path) -> str:
     """The init recipe name of the genesis already in `chain` (a resumed run re-creates that one)."""
     entries, _ = read_chain(chain)
     gens = [e.predicate for e in entries if e.kind == "genesis"]
-    name = gens[0].get("recipe", {}).get("name") if gens else None
+    rec = gens[0].get("recipe") if gens else None
+    name = rec.get("name") if isinstance(rec, dict) else None
     if name not in init.RECIPES:
         raise ValueError(f"{chain}: genesis recipe {name!r} is not one this build makes ({', '.join(init.RECIPES)})")
     return str(name)

@@ -115,6 +115,9 @@ def _swiglu_hidden(width: int) -> int:
 # the parameter list
 
 BASE_STD = 0.02
+# The parameter list has ~9 entries per layer: a bound on layers keeps a hostile config from making
+# the verifier build a list of billions of names before it can count and refuse them.
+MAX_LAYERS = 10_000
 Spec = tuple[str, tuple[int, ...], str]
 
 
@@ -158,6 +161,9 @@ def param_specs(cfg: ModelConfig) -> list[Spec]:
     Rules: "ones" for RMSNorm weights, "zeros" for biases, "normal:<std>" for every other weight
     (BASE_STD, residual outputs scaled by 1/sqrt(2 * depth of their layer stack)).
     """
+    for field in ("n_layers", "vision_layers", "speech_layers"):
+        if not 0 <= getattr(cfg, field) <= MAX_LAYERS:
+            raise ValueError(f"ModelConfig: {field}={getattr(cfg, field)} is outside [0, {MAX_LAYERS}]")
     n = normal_rule(BASE_STD)
     out: list[Spec] = [("absent_image", (cfg.dim,), n), ("absent_audio", (cfg.dim,), n)]
     vw, sw = cfg.vision_dim, cfg.speech_dim

@@ -275,3 +275,27 @@ def test_a_v1_bundle_still_re_derives_where_torch_exists(tmp_path: Path) -> None
     assert g.ok, g
     assert leaves != state_dict_leaves(build_genesis_model(cfg, 7)[0].state_dict())  # v2 differs from v1
 
+
+
+@pytest.mark.parametrize("change, why", [({"n_layers": 10**9}, "n_layers=1000000000 is outside"),
+                                         ({"vocab_size": 10**12}, "max_genesis_params"),
+                                         ({"n_heads": 0}, "ZeroDivisionError"),
+                                         ({"dim": "64"}, "must be a number")])
+def test_a_hostile_model_config_fails_fast_with_one_line(tmp_path: Path, change: dict, why: str) -> None:
+    root, priv = make_bundle(tmp_path / "b", steps=(2,), release=False, mutate=lambda st: next(
+        s for s in st if s["predicate"].get("recipe"))["predicate"].update(
+        recipe={**genesis_recipe(ModelConfig(), 7), "model": {**ModelConfig().to_dict(), **change}}))
+    g = genesis_finding(root, priv.parent / "signing-key.pub.pem")
+    assert not g.ok and why in g.expected + g.found + g.detail, g
+
+
+def test_a_resumed_run_keeps_the_recipe_its_chain_records(tmp_path: Path) -> None:
+    from kai_train.genesis import recorded_recipe
+
+    for name in (init.RECIPE_V1, init.RECIPE_V2):
+        root, _ = make_bundle(tmp_path / name.replace("/", "-"), steps=(), release=False, mutate=lambda st: next(
+            s for s in st if s["predicate"].get("recipe"))["predicate"].update(recipe=genesis_recipe(ModelConfig(), 7, name)))
+        assert recorded_recipe(root / "chain.jsonl") == name
+    root, _ = make_bundle(tmp_path / "other", steps=(), release=False)  # the factory's own "test-init" recipe
+    with pytest.raises(ValueError, match="chain.jsonl: genesis recipe 'test-init'"):
+        recorded_recipe(root / "chain.jsonl")
