@@ -1,28 +1,39 @@
 """Bundle archives: `kai-attest verify bundle.tar | bundle.tar.gz` extracts safely, then verifies.
 
-An archive from someone else is hostile input. Only regular files and folders are extracted;
-absolute names, `..`, backslashes, NUL, symlinks, hard links, devices and FIFOs are refused, as
-are duplicate names (a later member silently replacing an earlier one), more members than the
-limit and more bytes than the limit (counted as they are written, not as the headers claim).
-Where the standard library has it (Python >= 3.11.4 / 3.12), tarfile's own `data` filter runs on
-every member too, as a second opinion. Files are created with O_EXCL | O_NOFOLLOW inside a fresh
-temporary folder, so nothing outside it is ever written.
+An archive from someone else is hostile input. Only plain tar and gzip-compressed tar are read
+(recognised by their bytes, not their name); bzip2, xz, zstd and lzip archives are refused with one
+line saying so. Only regular files and folders are extracted; absolute names, `..`, backslashes,
+NUL, symlinks, hard links, devices, FIFOs and sparse members are refused, as are duplicate names
+(a later member silently replacing an earlier one), more members than the limit, GNU long-name and
+pax headers above `MAX_META_BYTES` (tarfile would read them into memory whole), and more bytes
+than the limit: a member whose declared size would pass the limit is refused before a byte of it
+is written, and the bytes actually written are counted as they stream. Where the standard library
+has it (Python >= 3.11.4 / 3.12), tarfile's own `data` filter runs on every member too, as a
+second opinion. Files are created with O_EXCL | O_NOFOLLOW inside a fresh temporary folder, so
+nothing outside it is ever written.
+
+`opened_bundle` also runs the whole verification inside the verifier's scratch folder
+(attest.scratch): temp files and library caches go there and are removed afterwards.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from attest.policy import DEFAULT_LIMITS
+from attest.scratch import verifier_scratch
 
 CHUNK = 1 << 20
+MAX_META_BYTES = 1 << 20  # a GNU long name or a pax header: names and a few attributes
+# Leading bytes of the compressed formats refused (name, magic).
+REFUSED_COMPRESSION = (("bzip2", b"BZh"), ("xz", b"\xfd7zXZ\x00"), ("zstd", b"\x28\xb5\x2f\xfd"),
+                       ("lzip", b"LZIP"), ("zip", b"PK\x03\x04"))
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 class ArchiveError(ValueError):
@@ -44,6 +55,31 @@ def _check_name(archive: Path, name: str) -> list[str]:
     return parts
 
 
+class _HeaderBoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses, before tarfile reads them, sparse members and long-name or pax
+    headers above MAX_META_BYTES (tarfile reads such a header's whole body into memory)."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise ArchiveError(f"member {self.name!r} is a sparse file; only plain files and folders are allowed")
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                         tarfile.SOLARIS_XHDTYPE) and self.size > MAX_META_BYTES:
+            raise ArchiveError(f"a long-name or pax header of {self.size} bytes (the limit is {MAX_META_BYTES})")
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
+def _open_mode(archive: Path) -> str:
+    """'r:' or 'r:gz' from the archive's first bytes; ArchiveError for any other compression."""
+    with open(archive, "rb") as f:
+        head = f.read(8)
+    if head.startswith(GZIP_MAGIC):
+        return "r:gz"
+    for name, magic in REFUSED_COMPRESSION:
+        if head.startswith(magic):
+            raise ArchiveError(f"{archive}: a {name}-compressed archive; only .tar and .tar.gz bundles are accepted")
+    return "r:"
+
+
 def extract_to(archive: str | os.PathLike[str], dest: str | os.PathLike[str],
                max_bytes: int = DEFAULT_LIMITS["max_bundle_bytes"],
                max_members: int = DEFAULT_LIMITS["max_archive_members"]) -> Path:
@@ -54,13 +90,15 @@ def extract_to(archive: str | os.PathLike[str], dest: str | os.PathLike[str],
     seen: set[str] = set()
     written = members = 0
     try:
-        with tarfile.open(archive, "r:*") as tar:
+        with tarfile.open(archive, _open_mode(archive), tarinfo=_HeaderBoundedTarInfo) as tar:
             for m in tar:
                 members += 1
                 if members > max_members:
                     raise ArchiveError(f"{archive}: more than {max_members} members")
                 parts = _check_name(archive, m.name)
                 rel = "/".join(parts)
+                if m.issparse():
+                    raise ArchiveError(f"{archive}: member {m.name!r} is a sparse file; only plain files and folders are allowed")
                 if not (m.isreg() or m.isdir()):
                     what = "symlink" if m.issym() else "hard link" if m.islnk() else "device or FIFO"
                     raise ArchiveError(f"{archive}: member {m.name!r} is a {what}; only files and folders are allowed")
@@ -77,7 +115,8 @@ def extract_to(archive: str | os.PathLike[str], dest: str | os.PathLike[str],
                 if m.isdir():
                     continue
                 if m.size > max_bytes - written:
-                    raise ArchiveError(f"{archive}: more than {max_bytes} bytes once extracted")
+                    raise ArchiveError(f"{archive}: member {m.name!r} of {m.size} bytes would make more than "
+                                       f"{max_bytes} bytes once extracted (policy limits.max_bundle_bytes)")
                 src = tar.extractfile(m)
                 if src is None:
                     raise ArchiveError(f"{archive}: member {m.name!r} has no data")
@@ -86,10 +125,13 @@ def extract_to(archive: str | os.PathLike[str], dest: str | os.PathLike[str],
                     while chunk := src.read(CHUNK):
                         written += len(chunk)
                         if written > max_bytes:
-                            raise ArchiveError(f"{archive}: more than {max_bytes} bytes once extracted")
+                            raise ArchiveError(f"{archive}: more than {max_bytes} bytes once extracted "
+                                               "(policy limits.max_bundle_bytes)")
                         out.write(chunk)
     except (tarfile.TarError, EOFError, OSError, ValueError, RecursionError) as e:
         if isinstance(e, ArchiveError):
+            if not str(e).startswith(str(archive)):  # raised inside tarfile, before a member had a name here
+                raise ArchiveError(f"{archive}: {e}") from None
             raise
         why = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise ArchiveError(f"{archive}: not a readable tar archive ({type(e).__name__}: {why})") from None
@@ -117,13 +159,14 @@ def _make_dirs(dest: Path, parts: list[str]) -> None:
 @contextmanager
 def opened_bundle(path: str | os.PathLike[str], max_bytes: int = DEFAULT_LIMITS["max_bundle_bytes"],
                   max_members: int = DEFAULT_LIMITS["max_archive_members"]) -> Iterator[Path]:
-    """Yield a bundle folder: `path` itself, or a temporary extraction of the archive at `path`
-    (removed afterwards). A path that is a file must be a tar archive (ArchiveError otherwise)."""
-    if not is_archive(path):
-        yield Path(path)
-        return
-    tmp = tempfile.mkdtemp(prefix="kai-bundle-")
-    try:
-        yield extract_to(path, tmp, max_bytes, max_members)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Yield a bundle folder: `path` itself, or an extraction of the archive at `path` in the
+    verifier's scratch folder. A path that is a file must be a tar archive (ArchiveError otherwise).
+    While inside, temp files and library caches go to the scratch folder (attest.scratch), which
+    is removed afterwards with everything in it."""
+    with verifier_scratch() as scratch:
+        if not is_archive(path):
+            yield Path(path)
+            return
+        dest = scratch / "bundle"
+        dest.mkdir()
+        yield extract_to(path, dest, max_bytes, max_members)

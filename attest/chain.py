@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attest import failpoints
+from attest import failpoints, jsonread
 from attest.dsse import EnvelopeError, open_bundle, sign_statement
 from attest.signing import Signer
 from attest.statements import build_statement
@@ -52,7 +52,9 @@ class Entry:
 
 
 def read_chain(path: str | os.PathLike[str]) -> tuple[list[Entry], bool]:
-    """Parse every whole line. Returns (entries, torn_tail). Raises ChainError on a malformed line."""
+    """Parse every whole line. Returns (entries, torn_tail). Raises ChainError on a malformed line:
+    each line and its DSSE payload go through the strict reader (attest.jsonread: no duplicate
+    keys, bounded integers, finite numbers, bounded nesting)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -66,10 +68,10 @@ def read_chain(path: str | os.PathLike[str]) -> tuple[list[Entry], bool]:
         if len(raw) > MAX_LINE_BYTES:
             raise ChainError(f"{path}:{i}: line of {len(raw)} bytes exceeds the {MAX_LINE_BYTES}-byte limit")
         try:
-            bundle = json.loads(raw)
+            bundle = jsonread.loads(raw, f"{path}:{i}", MAX_LINE_BYTES)
             payload, sigs, st = open_bundle(bundle)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ChainError(f"{path}:{i}: line is not JSON") from None
+        except jsonread.JsonReadError as e:
+            raise ChainError(str(e)) from None
         except EnvelopeError as e:
             raise ChainError(f"{path}:{i}: {e}") from None
         entries.append(Entry(i, raw, bundle, payload, sigs, st))

@@ -4,10 +4,10 @@ licences (SPDX id, collection method and synthetic generator, judged against the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
+from attest import jsonread
 from attest.chain import Entry
 from attest.findings import (
     UNREADABLE,
@@ -26,10 +26,8 @@ NO_GENERATOR = ("", "none", "unknown", "n/a", "na", "null", "undisclosed")
 
 
 def _read_json(ctx: Context, name: str) -> Any:
-    p = ctx.files.path(name)
-    if p.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ValueError(f"larger than {MAX_MANIFEST_BYTES} bytes")
-    return json.loads(p.read_bytes())
+    """A manifest file through the strict reader (JsonReadError names the file and the problem)."""
+    return jsonread.load_file(ctx.files.path(name), MAX_MANIFEST_BYTES, where=name)
 
 
 def check_data_lineage(ctx: Context) -> Iterator[Finding]:
@@ -55,6 +53,10 @@ def check_data_lineage(ctx: Context) -> Iterator[Finding]:
         for m in mfiles:
             try:
                 on_disk = _read_json(ctx, m)
+            except jsonread.JsonReadError as e:
+                bad += 1
+                yield Finding("data-lineage", False, m, "a manifest file in strict JSON", str(e).removeprefix(f"{m}: "))
+                continue
             except UNREADABLE:
                 continue  # subject-digest reports it
             if on_disk != manifest:
@@ -73,7 +75,8 @@ def check_data_lineage(ctx: Context) -> Iterator[Finding]:
                 yield Finding("data-lineage", False, ctx.where(e),
                               f"the source of derived_from[{j}] ({earlier[0]}): {_source_brief(parent)}",
                               _source_brief(as_dict(manifest.get("source"))))
-        sources.setdefault(manifest.get("sha256"), manifest.get("source"))
+        if isinstance(manifest.get("sha256"), str):  # a hostile manifest may put a list here
+            sources.setdefault(manifest["sha256"], manifest.get("source"))
     uses: list[tuple[Entry, str, Any]] = []
     for e in ctx.entries:
         if e.kind == "tokenizer":
@@ -172,7 +175,7 @@ def check_data_licence(ctx: Context) -> Iterator[Finding]:
     synthetic sources disclose their generator when the policy requires it."""
     pol = ctx.policy
     table: list[dict[str, Any]] = []
-    trained = {as_dict(t).get("name") for t in as_list(ctx.run_config.get("data_shards"))}
+    trained = {n for t in as_list(ctx.run_config.get("data_shards")) if isinstance(n := as_dict(t).get("name"), str)}
     bad = 0
     for e in ctx.of_kind("data-shard"):
         m = as_dict(e.predicate.get("manifest"))

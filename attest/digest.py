@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import queue
 import struct
@@ -24,11 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attest import jsonread
+
 CHUNK = 1 << 20
 LEAF_DOMAIN = b"kai-tensor/v1\n"
 ROOT_DOMAIN = b"kai-weights/v1\n"
-# A safetensors header above this size is refused (the format itself caps it at 100 MB).
-MAX_SAFETENSORS_HEADER = 100_000_000
+# A safetensors header above this size is refused (the format itself caps it at 100 MB; a header
+# lists about 150 bytes per tensor, so 32 MiB is some 200,000 tensors).
+MAX_SAFETENSORS_HEADER = 32 << 20
+MAX_TENSORS = 200_000  # tensors in one safetensors file
+MAX_RANK = 16  # dimensions of one tensor
+# Bytes per element of each safetensors dtype; a header naming any other dtype is refused.
+DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 # From this file size on, the file sha256 of a one-pass hash runs on a second core (hashlib
 # releases the GIL); below it a thread costs more than it saves.
 PARALLEL_BYTES = 32 << 20
@@ -85,7 +94,16 @@ class TensorEntry:
 
 
 def read_safetensors_index(path: str | os.PathLike[str]) -> list[TensorEntry]:
-    """Parse a safetensors header without torch; validate offsets against the file size."""
+    """Parse and sanity-check a safetensors header without torch, before any tensor byte is read.
+
+    Refused with a DigestError naming the file (and the tensor): a header longer than
+    `MAX_SAFETENSORS_HEADER` or than the file; a header that is not strict JSON (attest.jsonread:
+    duplicate names, huge numbers, deep nesting); more than `MAX_TENSORS` tensors; an unknown dtype;
+    a shape that is not a list of non-negative integers; data offsets outside the data region or
+    whose length is not prod(shape) × the dtype's size; and tensors that overlap, alias one byte
+    range, leave holes or do not cover the data region exactly (the safetensors specification's own
+    rule). So the bulk readers behind it hash every data byte at most once per file. The entries
+    come back sorted by their start offset."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -94,27 +112,54 @@ def read_safetensors_index(path: str | os.PathLike[str]) -> list[TensorEntry]:
             raise DigestError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", raw_len)
         if n > MAX_SAFETENSORS_HEADER or 8 + n > size:
-            raise DigestError(f"{path}: safetensors header length {n} is out of bounds")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DigestError(f"{path}: safetensors header is not JSON ({e})") from None
+            raise DigestError(f"{path}: safetensors header length {n} is out of bounds "
+                              f"(file of {size} bytes, limit {MAX_SAFETENSORS_HEADER})")
+        raw = f.read(n)
+    try:
+        header = jsonread.loads(raw, f"{path}: safetensors header", MAX_SAFETENSORS_HEADER, max_depth=8)
+    except jsonread.JsonReadError as e:
+        raise DigestError(str(e)) from None
     if not isinstance(header, dict):
         raise DigestError(f"{path}: safetensors header is not a JSON object")
+    if len(header) > MAX_TENSORS + 1:
+        raise DigestError(f"{path}: safetensors header lists {len(header)} tensors (the limit is {MAX_TENSORS})")
+    if not isinstance(header.get("__metadata__", {}), dict):
+        raise DigestError(f"{path}: safetensors `__metadata__` is not a JSON object")
     base = 8 + n
     entries = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = str(info["dtype"])
-            shape = tuple(int(s) for s in info["shape"])
-            lo, hi = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise DigestError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise DigestError(f"{path}: tensor {name!r} header entry is not {{dtype, shape, data_offsets}}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        width = DTYPE_SIZES.get(dtype) if isinstance(dtype, str) else None
+        if width is None:
+            raise DigestError(f"{path}: tensor {name!r} has unknown dtype {str(dtype)[:40]!r}")
+        if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise DigestError(f"{path}: tensor {name!r} shape is not a list of at most {MAX_RANK} non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in offsets)):
+            raise DigestError(f"{path}: tensor {name!r} data_offsets is not a pair of integers")
+        lo, hi = offsets
         if not 0 <= lo <= hi or base + hi > size:
             raise DigestError(f"{path}: tensor {name!r} data offsets [{lo}, {hi}) leave the file")
-        entries.append(TensorEntry(name, dtype, shape, base + lo, base + hi))
+        if math.prod(shape) * width != hi - lo:
+            raise DigestError(f"{path}: tensor {name!r} {dtype}{shape} needs {math.prod(shape) * width} bytes, "
+                              f"its data offsets [{lo}, {hi}) hold {hi - lo}")
+        entries.append(TensorEntry(name, dtype, tuple(shape), base + lo, base + hi))
+    entries.sort(key=lambda e: (e.start, e.end))
+    pos = base
+    for e in entries:
+        if e.start != pos:
+            what = "overlaps another tensor's bytes" if e.start < pos else "leaves a gap before it"
+            raise DigestError(f"{path}: tensor {e.name!r} at [{e.start - base}, {e.end - base}) {what} "
+                              "(tensors must cover the data region exactly once)")
+        pos = e.end
+    if pos != size:
+        raise DigestError(f"{path}: tensors end at byte {pos} but the file has {size} "
+                          "(tensors must cover the data region exactly once)")
     return entries
 
 
@@ -175,14 +220,10 @@ class _BackgroundSha256:
 
 def hash_safetensors(path: str | os.PathLike[str]) -> tuple[str, dict[str, str]]:
     """(file sha256, tensor leaves) of a safetensors file in one sequential read, memory bounded by
-    a few chunks. Files whose tensors overlap (never written by a real writer) take two plain
-    passes. DigestError names the file and the problem."""
+    a few chunks. The index has refused overlapping or aliased tensors, so every byte is read once.
+    DigestError names the file and the problem."""
     path = Path(path)
-    index = sorted(read_safetensors_index(path), key=lambda e: (e.start, e.end))
-    if any(a.end > b.start for a, b in zip(index, index[1:])):
-        return sha256_file(path), safetensors_leaves([path])
-    if len({e.name for e in index}) != len(index):
-        raise DigestError(f"{path}: a tensor name appears twice")
+    index = read_safetensors_index(path)  # sorted, non-overlapping, covering the data region
     fh: Any = _BackgroundSha256() if path.stat().st_size >= PARALLEL_BYTES else hashlib.sha256()
     leaves: dict[str, str] = {}
     try:

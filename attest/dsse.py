@@ -11,10 +11,12 @@ import base64
 import json
 from typing import Any
 
+from attest import jsonread
 from attest.signing import Signer
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
+MAX_PAYLOAD_BYTES = 64 << 20  # a decoded statement; the chain line holding it has the same bound
 
 
 class EnvelopeError(ValueError):
@@ -51,7 +53,8 @@ def sign_statement(statement: dict[str, Any], signer: Signer) -> dict[str, Any]:
 
 
 def open_bundle(bundle: Any) -> tuple[bytes, list[tuple[str, bytes]], dict[str, Any]]:
-    """Return (payload bytes, [(keyid, sig)], statement) or raise EnvelopeError. Checks shape only."""
+    """Return (payload bytes, [(keyid, sig)], statement) or raise EnvelopeError. Checks shape only;
+    the payload is parsed by the strict reader (attest.jsonread)."""
     if not isinstance(bundle, dict) or bundle.get("mediaType") != BUNDLE_MEDIA_TYPE:
         raise EnvelopeError(f"not a Sigstore bundle v0.3 (mediaType {_short(bundle, 'mediaType')})")
     env = bundle.get("dsseEnvelope")
@@ -63,9 +66,9 @@ def open_bundle(bundle: Any) -> tuple[bytes, list[tuple[str, bytes]], dict[str, 
     except (KeyError, TypeError, ValueError, AttributeError):
         raise EnvelopeError("dsseEnvelope payload or signatures are malformed") from None
     try:
-        statement = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise EnvelopeError("DSSE payload is not JSON") from None
+        statement = jsonread.loads(payload, "DSSE payload", MAX_PAYLOAD_BYTES)
+    except jsonread.JsonReadError as e:
+        raise EnvelopeError(str(e)) from None
     if not isinstance(statement, dict):
         raise EnvelopeError("DSSE payload is not a JSON object")
     return payload, sigs, statement

@@ -35,13 +35,26 @@ class Finding:
     skipped: bool = False
 
     def line(self) -> str:
+        """One terminal line; every field is passed through `term_safe` (bundle strings are hostile)."""
+        check, file, expected, found, detail = (term_safe(x) for x in (self.check, self.file, self.expected,
+                                                                       self.found, self.detail))
         if self.ok:
-            return f"ok    {self.check:<17} {self.file} {self.detail}".rstrip()
+            return f"ok    {check:<17} {file} {detail}".rstrip()
         if self.skipped:
-            return f"SKIP  {self.check:<17} {self.file}: {self.detail}"
-        return f"FAIL  {self.check:<17} {self.file}: expected {self.expected}, found {self.found}" + (
-            f" ({self.detail})" if self.detail else ""
-        )
+            return f"SKIP  {check:<17} {file}: {detail}"
+        return f"FAIL  {check:<17} {file}: expected {expected}, found {found}" + (f" ({detail})" if detail else "")
+
+
+def term_safe(x: Any) -> str:
+    """`x` as text that cannot act on a terminal: every character that is not printable (C0 and C1
+    controls such as ESC, CR, backspace; bidi overrides and other invisible format characters; line
+    separators; lone surrogates) is written as a `\\xNN` / `\\uNNNN` escape. Plain text, spaces
+    and printable non-ASCII pass unchanged."""
+    s = x if isinstance(x, str) else str(x)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+                   if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in s)
 
 
 def skipped(check: str, file: str, why: str) -> Finding:
@@ -115,7 +128,8 @@ def subjects_of(e: Entry) -> list[dict[str, Any]]:
     out = []
     for s in as_list(e.statement.get("subject")):
         if isinstance(s, dict) and isinstance(s.get("name"), str):
-            out.append({"name": s["name"], "sha256": as_dict(s.get("digest")).get("sha256")})
+            sha = as_dict(s.get("digest")).get("sha256")  # anything but a string (a list, say) reads as none
+            out.append({"name": s["name"], "sha256": sha if isinstance(sha, str) else None})
     return out
 
 

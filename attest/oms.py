@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from attest import jsonread
 from attest.digest import sha256_file
 from attest.dsse import PAYLOAD_TYPE, pae
 from attest.findings import Finding
@@ -143,46 +143,66 @@ def _AttestOmsSigner(signer: Signer) -> Any:  # noqa: N802 - a class built on fi
 
 
 def _load(sig_path: Path) -> tuple[bytes, list[bytes], dict[str, Any]]:
-    """(payload, signatures, statement) of an OMS bundle; shape checks only."""
+    """(payload, signatures, statement) of an OMS bundle; shape checks only. The file and its DSSE
+    payload go through the strict reader (attest.jsonread)."""
+    where = str(sig_path)
     try:
-        if sig_path.stat().st_size > MAX_SIG_BYTES:
-            raise OmsError(f"{sig_path}: larger than {MAX_SIG_BYTES} bytes")
-        bundle = json.loads(sig_path.read_bytes())
-        env = bundle["dsseEnvelope"]
-        if env["payloadType"] != PAYLOAD_TYPE:
-            raise OmsError(f"{sig_path}: payloadType {env['payloadType']!r} is not in-toto")
-        payload = base64.b64decode(env["payload"], validate=True)
-        sigs = [base64.b64decode(s["sig"], validate=True) for s in env["signatures"]]
-        statement = json.loads(payload)
-    except OSError as e:
-        raise OmsError(f"{sig_path}: cannot read ({e.strerror})") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise OmsError(f"{sig_path}: not a Sigstore bundle with a DSSE envelope ({type(e).__name__}: {e})") from None
+        bundle = jsonread.load_file(sig_path, MAX_SIG_BYTES)
+        env = jsonread.field(bundle, "dsseEnvelope", dict, where)
+        ptype = jsonread.field(env, "payloadType", str, where, "dsseEnvelope")
+        if ptype != PAYLOAD_TYPE:
+            raise OmsError(f"{sig_path}: payloadType {ptype[:80]!r} is not in-toto")
+        payload_b64 = jsonread.field(env, "payload", str, where, "dsseEnvelope")
+        sigs = []
+        for i, s in enumerate(jsonread.field(env, "signatures", list, where, "dsseEnvelope")):
+            sigs.append(jsonread.field(s, "sig", str, where, f"dsseEnvelope.signatures[{i}]"))
+        try:
+            payload = base64.b64decode(payload_b64, validate=True)
+            sig_bytes = [base64.b64decode(s, validate=True) for s in sigs]
+        except ValueError:
+            raise OmsError(f"{sig_path}: dsseEnvelope payload or a signature is not base64") from None
+        statement = jsonread.loads(payload, f"{sig_path}: DSSE payload", MAX_SIG_BYTES)
+    except jsonread.JsonReadError as e:
+        raise OmsError(str(e)) from None
     if not isinstance(statement, dict):
         raise OmsError(f"{sig_path}: DSSE payload is not a JSON object")
-    return payload, sigs, statement
+    return payload, sig_bytes, statement
 
 
 def read_oms(sig_path: Path) -> OmsManifest:
-    """The subject and resources of an OMS v1.0 signature (files or shards serialization)."""
+    """The subject and resources of an OMS v1.0 signature (files or shards serialization). Every
+    field is type-checked: OmsError names the file and the field."""
     sig_path = Path(sig_path)
+    where = str(sig_path)
     _, _, st = _load(sig_path)
     try:
-        if st.get("predicateType") != PREDICATE_TYPE:
-            raise OmsError(f"{sig_path}: predicateType {st.get('predicateType')!r}, expected {PREDICATE_TYPE}")
-        (subject,) = st["subject"]
-        pred = st["predicate"]
+        ptype = st.get("predicateType")
+        if ptype != PREDICATE_TYPE:
+            raise OmsError(f"{sig_path}: predicateType {str(ptype)[:80]!r}, expected {PREDICATE_TYPE}")
+        subjects = jsonread.field(st, "subject", list, where)
+        if len(subjects) != 1:
+            raise OmsError(f"{sig_path}: field `subject` must hold exactly one subject, found {len(subjects)}")
+        name = jsonread.field(subjects[0], "name", str, where, "subject[0]")
+        digest = jsonread.field(subjects[0], "digest", dict, where, "subject[0]")
+        root = jsonread.field(digest, "sha256", str, where, "subject[0].digest")
+        pred = jsonread.field(st, "predicate", dict, where)
         resources = {}
-        for r in pred["resources"]:
-            if r["algorithm"] != "sha256":
-                raise OmsError(f"{sig_path}: resource {r['name']} hashed with {r['algorithm']}, not sha256")
-            resources[str(r["name"])] = str(r["digest"])
-        return OmsManifest(str(subject["name"]), str(subject["digest"]["sha256"]), resources,
-                           dict(pred["serialization"]))
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, OmsError):
-            raise
-        raise OmsError(f"{sig_path}: not an OMS v1.0 statement ({type(e).__name__}: {e})") from None
+        for i, r in enumerate(jsonread.field(pred, "resources", list, where, "predicate")):
+            at = f"predicate.resources[{i}]"
+            rname = jsonread.field(r, "name", str, where, at)
+            algorithm = jsonread.field(r, "algorithm", str, where, at)
+            if algorithm != "sha256":
+                raise OmsError(f"{sig_path}: resource {rname[:200]} hashed with {algorithm[:40]}, not sha256")
+            if rname in resources:
+                raise OmsError(f"{sig_path}: resource {rname[:200]} is listed twice")
+            resources[rname] = jsonread.field(r, "digest", str, where, at)
+        ser = jsonread.field(pred, "serialization", dict, where, "predicate")
+        for key, kind in (("method", str), ("hash_type", str), ("allow_symlinks", bool)):
+            jsonread.field(ser, key, kind, where, "predicate.serialization", required=False)
+        jsonread.str_list(ser, "ignore_paths", where, "predicate.serialization", required=False)
+        return OmsManifest(name, root, resources, dict(ser))
+    except jsonread.JsonReadError as e:
+        raise OmsError(str(e)) from None
 
 
 def oms_root(sig_path: Path) -> str:
