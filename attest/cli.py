@@ -11,6 +11,7 @@ import sys
 
 from attest.bundle import make_bundle
 from attest.chain import ChainError
+from attest.findings import term_safe
 from attest.signing import KeyError_, keygen
 from attest.verify import BundleUnreadable, verify_bundle
 
@@ -52,12 +53,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                                    replay_data=args.replay_data)
             report.bundle = args.bundle
     except (PolicyError, ArchiveError) as e:
-        print(f"kai-attest: error: {e}", file=sys.stderr)
+        print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
         return 2
     except (BundleUnreadable, ChainError, KeyError_, FileNotFoundError):
         raise
     except Exception as e:  # noqa: BLE001 - hostile input must never end in a traceback
-        print(f"kai-attest: error: internal error while verifying {args.bundle} ({type(e).__name__}: {e})", file=sys.stderr)
+        print(term_safe(f"kai-attest: error: internal error while verifying {args.bundle} ({type(e).__name__}: {e})"),
+              file=sys.stderr)
         return 2
     if args.report:
         from attest.report import write_html
@@ -68,13 +70,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             print(f"kai-attest: error: cannot write {args.report} ({e.strerror})", file=sys.stderr)
             return 2
     if args.json:
-        print(report.to_json())
-    else:
+        print(report.to_json())  # ASCII: json escapes every control and non-ASCII character
+    else:  # bundle strings are escaped (term_safe); the verdict is always the last line printed
         for f in report.findings:
             print(f.line())
         for n in report.notes:
-            print(f"note  {n}")
-        print(report.verdict_line())
+            print(f"note  {term_safe(n)}")
+        sys.stderr.flush()
+        print(term_safe(report.verdict_line()), flush=True)
     return 0 if report.ok else 1
 
 
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (BundleUnreadable, ChainError, KeyError_, FileNotFoundError) as e:
-        print(f"kai-attest: error: {e}", file=sys.stderr)
+        print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
         return 2
 
 

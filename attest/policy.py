@@ -13,22 +13,25 @@ policy never silently weakens it.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attest import jsonread
+
 MAX_POLICY_BYTES = 1 << 20
 KEYID = re.compile(r"^(sha256:)?([0-9a-f]{64})$")
 
 # Limits applied when the policy sets none. Bounds, not quotas: they stop a hostile bundle from
-# making the verifier read without end, and fit models of a few hundred billion parameters.
+# making the verifier read (or an archive from writing) without end. The defaults are sized for an
+# evaluator's laptop (a bundle of a model up to about 10B parameters with its optimizer state); a
+# policy raises them for larger models (`limits` in docs/evaluators-guide.md).
 DEFAULT_LIMITS = {
-    "max_bundle_bytes": 4 << 40,  # everything under the bundle folder
-    "max_file_bytes": 1 << 40,  # one file
-    "max_chain_bytes": 1 << 30,  # chain.jsonl
-    "max_archive_members": 1_000_000,  # files in a bundle .tar / .tar.gz
+    "max_bundle_bytes": 64 << 30,  # everything under the bundle folder, and an archive once extracted
+    "max_file_bytes": 64 << 30,  # one file
+    "max_chain_bytes": 64 << 20,  # chain.jsonl (parsed, it takes up to about 30 times this in memory)
+    "max_archive_members": 200_000,  # files in a bundle .tar / .tar.gz
     "max_genesis_params": 20_000_000_000,  # elements a genesis re-derivation may generate
 }
 
@@ -128,7 +131,10 @@ def parse_policy(raw: Any, where: str = "policy", base: Path | None = None) -> P
         else:
             path = Path(k)
             p.key_files.append(path if path.is_absolute() or base is None else base / path)
-    for i, ident in enumerate(raw.get("sigstore_identities") or []):
+    idents = raw.get("sigstore_identities") or []
+    if not isinstance(idents, list):
+        raise PolicyError(f"{where}: `sigstore_identities` must be a list of {{identity, issuer}} objects")
+    for i, ident in enumerate(idents):
         if not isinstance(ident, dict) or set(ident) != {"identity", "issuer"} or not all(
                 isinstance(v, str) and v for v in ident.values()):
             raise PolicyError(f"{where}: sigstore_identities[{i}] must be {{identity, issuer}} (non-empty strings)")
@@ -136,6 +142,11 @@ def parse_policy(raw: Any, where: str = "policy", base: Path | None = None) -> P
     oms = raw.get("oms") or {}
     if not isinstance(oms, dict) or set(oms) - OMS_KEYS:
         raise PolicyError(f"{where}: `oms` pins only {sorted(OMS_KEYS)}")
+    for k, v in oms.items():
+        if not isinstance(v, bool if k == "allow_symlinks" else str):
+            raise PolicyError(f"{where}: oms.{k} must be {'true or false' if k == 'allow_symlinks' else 'a string'}")
+    if not isinstance(raw.get("description", ""), str):
+        raise PolicyError(f"{where}: `description` must be a string")
     p.oms = dict(oms)
     p.allowed_licenses = _str_list(raw, "allowed_licenses", where)
     p.allowed_collection_methods = _str_list(raw, "allowed_collection_methods", where)
@@ -178,8 +189,7 @@ def load_policy(path: str | Path) -> Policy:
         except yaml.YAMLError as e:
             raise PolicyError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     else:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PolicyError(f"{path}: not valid JSON ({e})") from None
-    return parse_policy(raw, str(path), path.parent)
+        try:  # the verifier's strict reader: no duplicate keys, bounded numbers and nesting
+            raw = jsonread.loads(text, str(path), MAX_POLICY_BYTES, max_depth=16)
+        except jsonread.JsonReadError as e:
+            raise PolicyError(str(e)) from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,29 @@ code{font:12px ui-monospace,SFMono-Regular,Menlo,monospace;word-break:break-all}
 """
 
 
+def _text(x: Any) -> str:
+    """str(x) that always encodes as UTF-8: lone surrogates become `\\udXXX` escapes, and an integer
+    too long for str() (the interpreter's digit limit) is described instead of printed."""
+    try:
+        s = x if isinstance(x, str) else str(x)
+    except ValueError:  # int above sys.get_int_max_str_digits()
+        return f"<an integer of {x.bit_length()} bits>" if isinstance(x, int) else "<unprintable value>"
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
+    return html.escape(_text(x), quote=True)
 
 
 def _num(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+    """A finite float for plotting, or None (non-numbers, bools, non-finite, ints beyond a double)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return None
+    try:
+        v = float(x)
+    except OverflowError:
+        return None
+    return v if math.isfinite(v) else None
 
 
 def _fmt(v: float) -> str:
@@ -290,8 +308,17 @@ def render_html(report: Report) -> str:
 
 
 def write_html(report: Report, path: str | os.PathLike[str]) -> Path:
+    """Render, then write atomically: a temp file in the same folder renamed over `path`. On any
+    error the temp file is removed and `path` is left as it was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render_html(report), encoding="utf-8")
-    os.replace(tmp, path)
+    data = render_html(report).encode("utf-8", "backslashreplace")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a report is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
