@@ -15,6 +15,7 @@ from attest.chain import read_chain
 from attest.cli import main
 from attest.digest import merkle_root, sha256_file
 from attest.oms import sign_checkpoint_dir
+from attest.runconfig import render_yaml
 from conftest import resign
 
 pytestmark = pytest.mark.slow
@@ -241,10 +242,11 @@ def test_release_naming_a_different_step_fails_release(bundle, key, capsys) -> N
 
 
 def test_export_that_is_not_the_last_checkpoint_fails_release(bundle, capsys) -> None:
-    (bundle / "export").mkdir()
     shutil.copy(bundle / "checkpoints/step-000002/model.safetensors", bundle / "export/model.safetensors")
     failed, out = failed_checks(capsys, bundle)
-    assert failed == {"release"} and "export/model.safetensors" in out
+    # the export is a subject of the release and listed by its model-signing signature: all three say so
+    assert failed == {"release", "subject-digest", "weights-digest", "oms-signature"}, out
+    assert "FAIL  release           export/model.safetensors: expected root" in out
 
 
 def test_subject_naming_a_path_outside_the_bundle_is_refused(bundle, key, capsys) -> None:
@@ -314,6 +316,8 @@ def test_packed_rows_that_do_not_follow_from_the_declared_inputs_fail_data_repla
                 for s in st["predicate"]["config"]["data_shards"]:
                     if s["name"] == name:
                         s["sha256"] = sha
+                (bundle / "config/run.yaml").write_text(render_yaml(st["predicate"]["config"]))  # what a person reads
+                set_subject(st, "config/run.yaml", bundle)
 
     resign(bundle, key, swap)
     rc, out = verify(capsys, bundle)
