@@ -149,7 +149,11 @@ def retrain(shard_paths: list[Path], recorded: dict[str, Any]) -> tuple[bytes, i
     texts = shard_texts(list(shard_paths), most, every)
     if not texts:
         raise ValueError("the declared sample holds no text")
-    return _train_bytes(texts, {"vocab_size": vocab, **TRAINER_ARGS}), len(texts), sample_digest(texts)
+    try:
+        model = _train_bytes(texts, {"vocab_size": vocab, **TRAINER_ARGS})
+    except RuntimeError as e:  # sentencepiece refuses, e.g., a vocabulary the sample cannot fill
+        raise ValueError(f"params.vocab_size {vocab}: sentencepiece refused to train ({str(e)[:120]})") from None
+    return model, len(texts), sample_digest(texts)
 
 
 def _int(x: Any) -> bool:
