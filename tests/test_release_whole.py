@@ -89,6 +89,15 @@ def test_honest_demo_bundle_binds_every_export_file_and_its_signature(demo_run: 
     assert any(line.startswith("ok    run-config") for line in out.splitlines()), out
 
 
+def test_upstream_model_signing_accepts_the_export_folder(demo_run: Path) -> None:
+    pytest.importorskip("model_signing")
+    export = demo_run / "bundle/export"
+    p = subprocess.run([sys.executable, "-m", "model_signing", "verify", "key", "--public_key",
+                        str(demo_run / "keys/signing-key.pub.pem"), "--signature", str(export / "model.sig"), str(export)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "Verification succeeded" in p.stdout, p.stdout + p.stderr
+
+
 def test_bundle_without_a_release_fails_release(bundle: Path, key: Path, capsys) -> None:
     shutil.rmtree(bundle / "export")
     resign(bundle, key, lambda sts: sts.remove(of_kind(sts, "release")[0]))
