@@ -151,6 +151,9 @@ def test_control_sequences_in_a_subject_name_are_escaped(base, work, capsys) -> 
     assert all(c.isprintable() for line in lines for c in line), [line for line in lines if not line.isprintable()]
     assert "\\x1b[2K\\x0d" in out and "\\u202e" in out
     assert "verdict: PASS" not in lines[-1]
+    rc, out, err, _ = run(["verify", str(work), *trust(work), "--json"], capsys)
+    assert rc == 1 and out.isascii() and json.loads(out)["verdict"] == "fail"
+    assert json.dumps(evil)[1:-1] in out  # JSON escapes, so the data keeps the exact name
 
 
 def test_term_safe_escapes_every_unprintable_character() -> None:
@@ -322,6 +325,54 @@ def test_oms_ignore_paths_of_the_wrong_type_is_a_fail_naming_file_and_field(tmp_
     (folder / "model.sig").write_text(json.dumps(sig).replace('"payloadType"', '"payloadType":"x","payloadType"', 1))
     found = cross_check(folder / "model.sig", folder, where="m.sig")
     assert "duplicate key 'payloadType'" in found[0].found, found
+
+
+def _oms_file(folder: Path, statement: Any, envelope: Any = None) -> Path:
+    env = envelope if envelope is not None else {
+        "payload": b64(json.dumps(statement).encode()), "payloadType": PAYLOAD_TYPE, "signatures": [{"sig": b64(b"x")}]}
+    sig = folder / "model.sig"
+    sig.write_text(json.dumps({"mediaType": BUNDLE_MEDIA_TYPE, "dsseEnvelope": env}))
+    return sig
+
+
+def _oms_statement(pred: Any) -> dict[str, Any]:
+    return {"_type": "https://in-toto.io/Statement/v1", "predicateType": PREDICATE_TYPE,
+            "subject": [{"name": "step", "digest": {"sha256": "00" * 32}}], "predicate": pred}
+
+
+@PROPS
+@given(pred=json_doc | st.fixed_dictionaries({"serialization": json_doc, "resources": json_doc}),
+       envelope=st.none() | json_doc)
+def test_oms_reader_property(tmp_path_factory, pred: Any, envelope: Any) -> None:
+    """Any predicate or envelope in model.sig: cross_check returns findings (never raises), and a
+    failure names the signature file."""
+    folder = tmp_path_factory.getbasetemp() / "oms-prop"
+    folder.mkdir(exist_ok=True)
+    (folder / "w.bin").write_bytes(b"w")
+    sig = _oms_file(folder, _oms_statement(pred), envelope)
+    found = cross_check(sig, folder, where="ck/model.sig")
+    assert found and all(isinstance(f, Finding) for f in found)
+    assert not found[0].ok and found[0].file.startswith(("ck/model.sig", str(folder)))
+
+
+policy_doc = st.dictionaries(st.sampled_from(["policy_version", "keys", "sigstore_identities", "oms", "allowed_licenses",
+                                              "allowed_collection_methods", "synthetic_requires_generator",
+                                              "required_checks", "limits", "description", "other"]),
+                             json_doc, max_size=4)
+
+
+@PROPS
+@given(doc=policy_doc | json_doc)
+def test_policy_reader_property(tmp_path_factory, doc: Any) -> None:
+    """Any JSON document as a policy: a Policy, or a PolicyError that names the policy file."""
+    from attest.policy import Policy, PolicyError, load_policy
+
+    p = tmp_path_factory.getbasetemp() / "prop-policy.json"
+    p.write_text(json.dumps(doc))
+    try:
+        assert isinstance(load_policy(p), Policy)
+    except PolicyError as e:
+        assert str(e).startswith(f"{p}: "), str(e)
 
 
 @pytest.mark.parametrize("policy,field", [
