@@ -77,7 +77,8 @@ def test_export_loads_and_generates(demo_run: Path) -> None:
     assert safetensors_root([export / "model.safetensors"]) == release_root(demo_run)
     model, sp = load_export(export)
     out = generate(model, sp, "a red", max_new_tokens=8)
-    assert 1 <= len(out) <= 8 and all(0 <= t < sp.get_piece_size() for t in out)
+    # greedy decoding of a 4-step model may stop at eos at once: what it returns must be valid ids
+    assert len(out) <= 8 and all(0 <= t < sp.get_piece_size() for t in out)
     # the export is the trained model: its held-out text loss is below the untrained genesis'
     import torch
 
