@@ -15,6 +15,7 @@ from attest import trajectory as traj
 from attest.bundle import BundlePathError, folder_entries
 from attest.chain import Entry
 from attest.digest import merkle_root
+from attest.schedule import Schedule
 from attest.findings import (
     CHAIN_NAME,
     UNREADABLE,
@@ -37,7 +38,8 @@ DERIVERS = {"kai_train.genesis:derive": "kai_train.genesis", "kai_train.initspec
 # data and config reproduces W_{k+1}'s canonical digest.
 Replayer = Callable[["Context", list[Entry]], Iterator["Finding"]]
 REPLAYERS: dict[str, Replayer] = {}
-DEFAULT_REPLAY_PLUGIN = "kai_train.replay"  # what attest.replay.DEFAULT_PLUGIN names
+DEFAULT_REPLAY_PLUGIN = "kai_train.replay"  # what attest.replay.PLUGIN names
+_DEFAULT_REPLAYER: list[Replayer] = []  # the one attest.replay registers (its dependencies are checked before use)
 
 
 def check_genesis(ctx: Context) -> Iterator[Finding]:
@@ -120,16 +122,31 @@ def _bytes_of(ctx: Context, e: Entry) -> int:
     return total
 
 
-def _optimizer(ctx: Context) -> tuple[float | None, float, float, float]:
-    """(peak lr, beta1, beta2, weight decay) from the run config, lr also from checkpoint metrics."""
+def _optimizer(ctx: Context) -> tuple[Schedule, float, float, float]:
+    """(lr schedule, beta1, beta2, weight decay), all from the signed run config: no reported metric
+    sets a bound. ValueError names the config field that is missing or out of range."""
     train = as_dict(ctx.run_config.get("train"))
-    lrs = [x for x in [train.get("lr")] + [as_dict(e.predicate.get("metrics")).get("lr") for e in ctx.of_kind("checkpoint")]
-           if isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0]
     betas = train.get("betas")
-    b1, b2 = (float(betas[0]), float(betas[1])) if isinstance(betas, list) and len(betas) == 2 and all(
-        isinstance(b, (int, float)) for b in betas) else (0.9, 0.999)
+    if not (isinstance(betas, list) and len(betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)):
+        raise ValueError(f"train.betas = {betas!r}: expected two numbers")
     wd = train.get("weight_decay")
-    return (max(lrs) if lrs else None), b1, b2, float(wd) if isinstance(wd, (int, float)) and wd >= 0 else 0.0
+    if not isinstance(wd, (int, float)) or isinstance(wd, bool) or not 0 <= wd <= 10:
+        raise ValueError(f"train.weight_decay = {wd!r}: expected a number in [0, 10]")
+    return Schedule(train), float(betas[0]), float(betas[1]), float(wd)
+
+
+def _reported_lr(ctx: Context, e: Entry, sched: Schedule) -> Finding | None:
+    """A checkpoint's reported lr must be the schedule's lr after its step (a metric is checked, never trusted)."""
+    step, lr = e.predicate.get("step"), as_dict(e.predicate.get("metrics")).get("lr")
+    if lr is None:
+        return None
+    want = sched.lr(step) if isinstance(step, int) else None
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or want is None or abs(lr - want) > 1e-6 * want:
+        return Finding("trajectory", False, ctx.where(e), f"metrics.lr {want:.6g} (the signed schedule after step {step})"
+                       if want is not None else "a numeric step", f"metrics.lr {str(lr)[:40]}",
+                       "a reported learning rate that the run config does not produce")
+    return None
 
 
 def check_trajectory(ctx: Context) -> Iterator[Finding]:
@@ -139,12 +156,19 @@ def check_trajectory(ctx: Context) -> Iterator[Finding]:
     if len(sets) < 2:
         yield skipped("trajectory", CHAIN_NAME, "no checkpoint after genesis")
         return
-    lr_max, b1, b2, wd = _optimizer(ctx)
     try:
+        sched, b1, b2, wd = _optimizer(ctx)
         ratio = traj.adam_ratio_bound(b1, b2, max(s for _, s in sets))
     except ValueError as ex:
-        ratio, lr_max = 0.0, None
-        ctx.notes.append(f"trajectory: {ex}; the optimizer bound is not applied")
+        yield Finding("trajectory", False, ctx.where(ctx.of_kind("run")[0]) if ctx.of_kind("run") else CHAIN_NAME,
+                      "a run config with a valid AdamW schedule (the bound is derived from it)", str(ex)[:200])
+        return
+    bad = 0
+    for e, _ in sets[1:]:
+        wrong = _reported_lr(ctx, e, sched)
+        if wrong is not None:
+            bad += 1
+            yield wrong
     pairs = list(zip(sets, sets[1:]))
 
     def delta(pair: tuple[tuple[Entry, int], tuple[Entry, int]]) -> traj.SegmentDelta | str:
@@ -161,7 +185,6 @@ def check_trajectory(ctx: Context) -> Iterator[Finding]:
     else:
         deltas = [delta(p) for p in pairs]
     rows: list[dict[str, Any]] = []
-    bad = 0
     genesis_failed = "genesis" in ctx.failed
     for ((a, sa), (b, sb)), d in zip(pairs, deltas):
         seg = f"step {sa}→{sb}"
@@ -174,9 +197,15 @@ def check_trajectory(ctx: Context) -> Iterator[Finding]:
         if steps <= 0:
             yield skipped("trajectory", where, f"{seg} not judged: steps do not increase (statement-order reports it)")
             continue
+        if sb > sched.total:
+            bad += 1
+            yield Finding("trajectory", False, ctx.where(b), f"a step ≤ train.steps {sched.total} (signed run config)",
+                          f"step {sb}", "a checkpoint the signed schedule does not reach")
+            continue
         metrics = as_dict(b.predicate.get("metrics"))
+        lr_sum = sched.lr_sum(sa, sb)  # the signed schedule's lr summed over the segment's steps
         row = {"segment": seg, "step_start": sa, "step_end": sb, "steps": steps, "update_norm": d.norm,
-               "weight_norm": d.weight_norm, "numel": d.numel, "loss": metrics.get("loss"), "lr": metrics.get("lr"),
+               "weight_norm": d.weight_norm, "numel": d.numel, "loss": metrics.get("loss"), "lr_sum": lr_sum,
                "flags": []}
         rows.append(row)
         if a.kind == "genesis" and genesis_failed:
@@ -188,17 +217,16 @@ def check_trajectory(ctx: Context) -> Iterator[Finding]:
             row["flags"].append("tensors changed")
             yield Finding("trajectory", False, where, "the same tensors (names, shapes, dtypes) as the previous weights",
                           f"{len(d.structural)} differ: {traj.by_component(s.split()[0] for s in d.structural)}")
-        if lr_max is None:
-            continue
-        over = [t for t in d.tensors if t.diff_max > traj.coordinate_bound(steps, lr_max, ratio, wd, t.w_max, t.dtype)]
-        l2_bound = traj.SLACK * steps * lr_max * (ratio * d.numel ** 0.5 + wd * d.weight_norm)
+        # coordinate_bound is linear in steps × lr: one "step" of the summed lr is the exact schedule.
+        over = [t for t in d.tensors if t.diff_max > traj.coordinate_bound(1, lr_sum, ratio, wd, t.w_max, t.dtype)]
+        l2_bound = traj.SLACK * lr_sum * (ratio * d.numel ** 0.5 + wd * d.weight_norm)
         row["update_bound"] = l2_bound
         if over or d.norm > l2_bound:
             bad += 1
             row["flags"].append("jump")
-            worst = max(over, key=lambda t: t.diff_max / max(1e-30, traj.coordinate_bound(steps, lr_max, ratio, wd, t.w_max, t.dtype)),
+            worst = max(over, key=lambda t: t.diff_max / max(1e-30, traj.coordinate_bound(1, lr_sum, ratio, wd, t.w_max, t.dtype)),
                         default=None)
-            detail = f"AdamW, lr ≤ {lr_max:g}, |m̂/√v̂| ≤ {ratio:.2f}, {steps} steps"
+            detail = f"AdamW, Σlr {lr_sum:.4g} over {steps} steps (signed schedule), |m̂/√v̂| ≤ {ratio:.2f}"
             if over:
                 detail += f"; {len(over)} tensors moved more than any step could: {traj.by_component(t.name for t in over)}"
                 if worst is not None:
@@ -207,8 +235,7 @@ def check_trajectory(ctx: Context) -> Iterator[Finding]:
     # Per-step update per parameter per unit of lr: comparable across segments of one run.
     judged = [r for r in rows if r["numel"] > 0 and "start is a failed genesis" not in r["flags"]]
     for r in judged:
-        lr = r["lr"] if isinstance(r["lr"], (int, float)) and not isinstance(r["lr"], bool) and r["lr"] > 0 else 1.0
-        r["per_step"] = r["update_norm"] / (r["steps"] * r["numel"] ** 0.5 * lr)
+        r["per_step"] = r["update_norm"] / (max(r["lr_sum"], 1e-30) * r["numel"] ** 0.5)
     per_step = [r["per_step"] for r in judged]
     for i, z in traj.robust_outliers(per_step):
         if "jump" in judged[i]["flags"]:
@@ -221,8 +248,8 @@ def check_trajectory(ctx: Context) -> Iterator[Finding]:
     ctx.facts["trajectory"] = rows
     if not bad and rows:
         profile = "" if len(rows) >= traj.MIN_PROFILE_SEGMENTS else f"; profile test needs ≥{traj.MIN_PROFILE_SEGMENTS} segments"
-        bound = "" if lr_max is not None else "; no lr recorded: optimizer bound not applied"
-        yield Finding("trajectory", True, "", detail=f"{len(rows)} segments within the AdamW step bound{profile}{bound}")
+        yield Finding("trajectory", True, "", detail=f"{len(rows)} segments within the AdamW step bound of the signed "
+                      f"schedule{profile}")
 
 
 EXPORT_DIR = "export"  # the folder a user loads; kai_train.export writes it, the release names every file of it
@@ -374,13 +401,6 @@ def _first_difference(want: Any, got: Any) -> str:
 # ---------------------------------------------------------------- replay (hook)
 
 
-def replay_plugin(ctx: Context) -> str:
-    """The replay plug-in a bundle names (run statement `replay_plugin`), else the default."""
-    runs = ctx.of_kind("run")
-    named = runs[0].predicate.get("replay_plugin") if runs else None
-    return named if isinstance(named, str) and named else DEFAULT_REPLAY_PLUGIN
-
-
 def replay_segments(ctx: Context) -> list[Entry]:
     """The checkpoints whose segments to replay: all, or N chosen at random by the verifier after
     it received the bundle (seeded by --replay-seed for a reproducible choice)."""
@@ -395,16 +415,40 @@ def replay_segments(ctx: Context) -> list[Entry]:
 
 
 def check_replay(ctx: Context) -> Iterator[Finding]:
-    """Re-run chosen segments and compare the result with the next checkpoint (plug-in; see REPLAYERS)."""
-    plugin = replay_plugin(ctx)
+    """Re-run chosen segments and compare the result with the next checkpoint (see REPLAYERS). The
+    implementation is this verifier's own; a plug-in the bundle names is only noted."""
     if ctx.replay is None:
         yield skipped("replay", "", "replay not run (ask for it with --replay N|all)")
         return
-    replayer = REPLAYERS.get(plugin)
-    if replayer is None:
-        yield skipped("replay", "", f"replay not run: no replayer registered for {plugin!r}")
+    runs = ctx.of_kind("run")
+    named = runs[0].predicate.get("replay_plugin") if runs else None
+    if named is not None and named != DEFAULT_REPLAY_PLUGIN:
+        ctx.notes.append(f"the run statement names replay plug-in {str(named)[:80]!r}: ignored, this verifier replays "
+                         f"with its own {DEFAULT_REPLAY_PLUGIN}")
+    replayer = REPLAYERS.get(DEFAULT_REPLAY_PLUGIN)
+    missing = None if replayer is not None else f"no replay implementation registered ({DEFAULT_REPLAY_PLUGIN})"
+    if missing is None and replayer is _DEFAULT_REPLAYER[0]:
+        from attest.replay import plugin_available
+
+        missing = plugin_available()
+    if missing is not None:
+        yield skipped("replay", "", f"replay not run: {missing}")
         return
     segments = replay_segments(ctx)
-    ctx.facts["replay_requested"] = {"plugin": plugin, "segments": [e.predicate.get("step") for e in segments],
+    total = len(ctx.of_kind("checkpoint"))
+    ctx.facts["replay_requested"] = {"plugin": DEFAULT_REPLAY_PLUGIN, "segments": [e.predicate.get("step") for e in segments],
                                      "seed": ctx.facts.get("replay_seed")}
+    cov = ctx.facts["replay_coverage"] = coverage(len(segments), total)
+    ctx.notes.append(f"replay coverage: {len(segments)} of {total} segments; a forgery confined to m segments escapes "
+                     "with probability " + ", ".join(f"{p:.3g} (m={m})" for m, p in cov["escape_probability"].items()))
     yield from replayer(ctx, segments)
+
+
+def coverage(k: int, n: int, spans: tuple[int, ...] = (1, 2, 5)) -> dict[str, Any]:
+    """What k segments replayed at random of n say: the probability that a forgery confined to m
+    segments (any m of them, chosen by the team before the draw) escapes every replay,
+    C(n-m, k) / C(n, k), for a few m."""
+    from math import comb
+
+    escape = {str(m): (comb(n - m, k) / comb(n, k) if n and m <= n else 0.0) for m in spans if m <= max(n, 1)}
+    return {"replayed": k, "segments": n, "escape_probability": escape}
