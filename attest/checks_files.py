@@ -71,8 +71,32 @@ def check_weights(ctx: Context) -> Iterator[Finding]:
         if root != want:
             bad += 1
             yield Finding("weights-digest", False, ",".join(files) or ctx.where(e), f"root {short(want)}", f"root {short(root)}")
+        for f in _optimizer_state(ctx, e):
+            bad += 1
+            yield f
     if not bad:
-        yield Finding("weights-digest", True, "", detail=f"{n} weight sets match their canonical digest")
+        yield Finding("weights-digest", True, "", detail=f"{n} weight sets match their canonical digest "
+                      "(and optimizer state its recorded root)")
+
+
+def _optimizer_state(ctx: Context, e: Entry) -> Iterator[Finding]:
+    """A checkpoint's recorded optimizer state names a file that is a subject of the same statement,
+    and that file's canonical root is the recorded one."""
+    opt = e.predicate.get("optimizer") if e.kind == "checkpoint" else None
+    if opt is None:
+        return
+    name = opt.get("file") if isinstance(opt, dict) else None
+    if not isinstance(name, str) or name not in {s["name"] for s in subjects_of(e)}:
+        yield Finding("weights-digest", False, ctx.where(e), "optimizer.file naming a subject of this statement",
+                      repr(name)[:100])
+        return
+    try:
+        root = merkle_root(ctx.files.leaves([name]))
+    except UNREADABLE as ex:
+        yield Finding("weights-digest", False, name, "readable safetensors", str(ex))
+        return
+    if root != opt.get("root"):
+        yield Finding("weights-digest", False, name, f"optimizer root {short(opt.get('root'))}", f"root {short(root)}")
 
 
 def check_oms(ctx: Context) -> Iterator[Finding]:

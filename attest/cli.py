@@ -1,7 +1,9 @@
 """`kai-attest`: keygen, bundle and verify.
 
-Exit codes follow docs/bundle-format.md: 0 every check holds, 1 a check failed (one line per
-failure: check, file, expected, found), 2 usage error or unreadable input.
+Exit codes follow docs/bundle-format.md: 0 every check holds against a trust root the evaluator
+supplied (--trust or policy keys), 1 a check failed (one line per failure: check, file, expected,
+found), 2 usage error or unreadable input, 3 every check holds but only against the key shipped in
+the bundle (integrity only: who signed is not established, so this is not a pass).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from attest.bundle import make_bundle
 from attest.chain import ChainError
 from attest.findings import term_safe
 from attest.signing import KeyError_, keygen
-from attest.verify import BundleUnreadable, verify_bundle
+from attest.verify import BundleUnreadable, tool_version, verify_bundle
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -78,11 +80,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             print(f"note  {term_safe(n)}")
         sys.stderr.flush()
         print(term_safe(report.verdict_line()), flush=True)
-    return 0 if report.ok else 1
+    return report.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kai-attest", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {tool_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
     k = sub.add_parser("keygen", help="make an ECDSA P-256 signing key pair")
     k.add_argument("out_dir")
@@ -93,12 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-data", action="store_true", help="leave shard files out (manifests stay)")
     b.set_defaults(func=_cmd_bundle)
     v = sub.add_parser("verify", help="verify a bundle offline (docs/evaluators-guide.md)",
-                       description="Verify a bundle folder, .tar or .tar.gz offline. Exit 0: every check holds; "
-                       "1: a check failed (one FAIL line each: check, file, expected, found); 2: usage error or "
-                       "unreadable input.")
+                       description="Verify a bundle folder, .tar or .tar.gz offline. Exit 0: every check holds against "
+                       "a key you trust (--trust or policy keys); 1: a check failed (one FAIL line each: check, file, "
+                       "expected, found); 2: usage error or unreadable input; 3: every check holds but only against "
+                       "the key shipped in the bundle (integrity only, not a pass).")
     v.add_argument("bundle", help="bundle folder, or a .tar / .tar.gz of one (extracted safely to a temp folder)")
     v.add_argument("--trust", action="append", default=[], metavar="PUBKEY.pem",
-                   help="public key(s) to trust (default: the key in the bundle: integrity only)")
+                   help="public key(s) to trust (without one: the key in the bundle, integrity only, exit 3)")
     v.add_argument("--policy", metavar="FILE", help="the evaluator's policy, JSON (docs/policy.example.json)")
     v.add_argument("--replay", type=_replay_arg, metavar="N|all",
                    help="replay N randomly chosen checkpoint segments, or all of them")

@@ -36,10 +36,11 @@ DEFAULT_LIMITS = {
 }
 
 # Checks whose "skipped" always fails the verdict: the ones that apply to every bundle kai-train
-# writes. replay, timestamps, oms-signature (absent for keyless runs) ... are opt-in: a policy
-# lists them in `required_checks` (added to these) to make a skip a failure.
+# writes. `replay` and `data-replay` are added whenever --replay / --replay-data ask for them (asking
+# for a check and not getting it is a failure). timestamps, oms-signature (absent for keyless runs)
+# ... are opt-in: a policy lists them in `required_checks` (added to these) to make a skip a failure.
 DEFAULT_REQUIRED = ("statement-format", "signature", "chain-sequence", "chain-link", "statement-order",
-                    "subject-digest", "weights-digest", "genesis")
+                    "subject-digest", "weights-digest", "genesis", "trajectory", "release")
 
 KNOWN_KEYS = {"policy_version", "keys", "sigstore_identities", "oms", "allowed_licenses",
               "allowed_collection_methods", "synthetic_requires_generator", "required_checks", "limits",
@@ -193,3 +194,9 @@ def load_policy(path: str | Path) -> Policy:
             raw = jsonread.loads(text, str(path), MAX_POLICY_BYTES, max_depth=16)
         except jsonread.JsonReadError as e:
             raise PolicyError(str(e)) from None
+    try:
+        return parse_policy(raw, str(path), path.parent)
+    except (TypeError, AttributeError, ValueError) as e:  # a field of a type no check above expected
+        if isinstance(e, PolicyError):
+            raise
+        raise PolicyError(f"{path}: a field has the wrong type ({type(e).__name__}: {e})") from None

@@ -263,7 +263,7 @@ def render_html(report: Report) -> str:
         cls, word = "fail", "FAIL"
         sub = f"{len(report.failed)} failing finding(s) in: " + ", ".join(sorted({f.check for f in report.failed}))
     elif report.trust == "integrity-only":
-        cls, word = "partial", "PASS — integrity only"
+        cls, word = "partial", "INTEGRITY ONLY — not a pass"
         sub = "every check holds, but the signing key came from the bundle itself: who signed it is not established (use --trust or a policy)"
     else:
         cls, word = "pass", "PASS"

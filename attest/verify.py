@@ -51,7 +51,6 @@ from attest.checks_model import (
     check_release,
     check_replay,
     check_trajectory,
-    replay_plugin,
     replay_segments,
 )
 from attest.findings import BundleUnreadable, Context, Finding, as_dict, skipped, subjects_of
@@ -65,7 +64,7 @@ __all__ = ["CHECKS", "DEFAULT_REPLAY_PLUGIN", "DERIVERS", "REPLAYERS", "BundleUn
            "Replayer", "Report", "check_data_licence", "check_data_lineage", "check_data_replay", "check_genesis", "check_links",
            "check_oms", "check_order", "check_run_config", "check_release", "check_replay", "check_sequence", "check_signatures",
            "check_statements", "check_subjects", "check_timestamps", "check_trajectory", "check_weights",
-           "load_trust", "replay_plugin", "replay_segments", "skipped", "token_time", "verify_bundle"]
+           "load_trust", "replay_segments", "skipped", "token_time", "verify_bundle"]
 
 CHECKS: list[Callable[[Context], Iterator[Finding]]] = [
     check_statements,
@@ -108,23 +107,44 @@ class Report:
     def skipped_checks(self) -> list[str]:
         return sorted({f.check for f in self.findings if f.skipped})
 
+    @property
+    def verdict(self) -> str:
+        """"pass", "fail", or "integrity-only": every check holds, but only against the bundle's own key."""
+        if not self.ok:
+            return "fail"
+        return "integrity-only" if self.trust == "integrity-only" else "pass"
+
+    @property
+    def exit_code(self) -> int:
+        return {"pass": 0, "fail": 1, "integrity-only": 3}[self.verdict]
+
     def verdict_line(self) -> str:
         if not self.ok:
             return f"verdict: FAIL ({len(self.failed)} finding(s))  {self.bundle}"
-        extra = []
+        extra = ["skipped: " + ", ".join(self.skipped_checks)] if self.skipped_checks else []
         if self.trust == "integrity-only":
-            extra.append("integrity only: signed by the key shipped in the bundle, signer not established")
-        if self.skipped_checks:
-            extra.append("skipped: " + ", ".join(self.skipped_checks))
+            extra.insert(0, "signed by the key shipped in the bundle; pass --trust KEY.pem or a policy with keys")
+            return f"verdict: INTEGRITY ONLY, not a pass ({'; '.join(extra)})  {self.bundle}"
         return f"verdict: PASS{' (' + '; '.join(extra) + ')' if extra else ''}  {self.bundle}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bundle": self.bundle, "verdict": "pass" if self.ok else "fail", "trust": self.trust,
+        return {"bundle": self.bundle, "verdict": self.verdict, "tool": {"name": "kai-attest", "version": tool_version()},
+                "trust": self.trust,
                 "skipped": self.skipped_checks, "findings": [asdict(f) for f in self.findings], "notes": self.notes,
                 "facts": self.facts}
 
     def to_json(self) -> str:
         return json.dumps(_plain(self.to_dict()), indent=2, default=str)
+
+
+def tool_version() -> str:
+    """The installed kai-train distribution's version (what the report and --json name)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kai-train")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _plain(x: Any) -> Any:
@@ -215,7 +235,8 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
             if not f.ok and not f.skipped:
                 ctx.failed.add(f.check)
             findings.append(f)
-    findings = _apply_required(findings, policy, whole=checks is None)
+    asked = ("replay",) * (replay is not None) + ("data-replay",) * bool(replay_data)
+    findings = _apply_required(findings, policy, whole=checks is None, asked=asked)
     ctx.facts["checkpoints"] = [
         {"step": e.predicate.get("step"), **{k: v for k, v in as_dict(e.predicate.get("metrics")).items()
                                              if isinstance(v, (int, float, str)) or v is None}}
@@ -223,14 +244,17 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
     return Report(str(root), findings, ctx.notes, "integrity-only" if from_bundle else "identity", ctx.facts)
 
 
-def _apply_required(findings: list[Finding], policy: Policy, whole: bool = True) -> list[Finding]:
-    """A skipped check that the policy requires becomes a failure; when every check ran (`whole`),
-    a required check that produced no finding at all fails too (a typo in a policy, say)."""
-    required = policy.required
+def _apply_required(findings: list[Finding], policy: Policy, whole: bool = True,
+                    asked: tuple[str, ...] = ()) -> list[Finding]:
+    """A skipped check that the policy requires, or that the evaluator asked for (`asked`: --replay,
+    --replay-data), becomes a failure; when every check ran (`whole`), a required check that produced
+    no finding at all fails too (a typo in a policy, say)."""
+    required = policy.required + tuple(c for c in asked if c not in policy.required)
     out = []
     for f in findings:
         if f.skipped and f.check in required:
-            f = Finding(f.check, False, f.file, "the check to run (required by policy)", f"skipped: {f.detail}")
+            why = "asked for on the command line" if f.check in asked and f.check not in policy.required else "required by policy"
+            f = Finding(f.check, False, f.file, f"the check to run ({why})", f"skipped: {f.detail}")
         out.append(f)
     ran = {f.check for f in findings}
     for name in required if whole else ():

@@ -112,8 +112,11 @@ def make_bundle(root: Path, key_dir: Path | None = None, *, steps: tuple[int, ..
     (root / "tokenizer/tokenizer.model").write_bytes(b"tok")
     add("tokenizer", [subject("tokenizer/tokenizer.model", sha256_file(root / "tokenizer/tokenizer.model"))],
         {"trainer": "test", "params": {}, "trained_on": [{"name": n, "sha256": s} for n, s in shards]})
-    config = {"seed": seed, "train": {"lr": LR, "betas": BETAS, "weight_decay": WD}, "model": dict(MODEL),
-              "tokenizer": "tokenizer/tokenizer.model", "data_shards": [{"name": n, "sha256": s} for n, s in shards]}
+    # a constant schedule (wsd without decay): every step's lr is LR
+    train = {"lr": LR, "betas": BETAS, "weight_decay": WD, "schedule": "wsd", "warmup": 0, "steps": max(steps, default=1),
+             "min_lr_ratio": 1.0, "decay_frac": 0.0}
+    config = {"seed": seed, "train": train, "model": dict(MODEL), "tokenizer": "tokenizer/tokenizer.model",
+              "data_shards": [{"name": n, "sha256": s} for n, s in shards]}
     (root / "config").mkdir(exist_ok=True)
     (root / "config/run.yaml").write_text(render_yaml(config))
     add("run", [subject("config/run.yaml", sha256_file(root / "config/run.yaml"))],

@@ -55,11 +55,12 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 # ------------------------------------------------------------------ honest bundle, trust, policy
 
 
-def test_honest_bundle_passes_every_check_but_says_integrity_only_without_trust(bundle, capsys) -> None:
+def test_honest_bundle_without_trust_is_integrity_only_with_exit_3_not_a_pass(bundle, capsys) -> None:
     root, _ = bundle
     rc, out, _ = cli(capsys, str(root))
-    assert rc == 0, out
-    assert "verdict: PASS (integrity only" in out
+    assert rc == 3, out
+    assert out.splitlines()[-1].startswith("verdict: INTEGRITY ONLY, not a pass")
+    assert json.loads(verify.verify_bundle(root).to_json())["verdict"] == "integrity-only"
     for check in ("trajectory", "release", "data-lineage", "data-licence", "genesis"):
         assert any(line.startswith("ok") and check in line for line in out.splitlines()), out
     assert "SKIP  replay" in out and "replay not run" in out
@@ -366,7 +367,7 @@ def test_bundle_archives_verify_like_the_folder(bundle, tmp_path: Path, capsys) 
     for mode, name in (("w", "b.tar"), ("w:gz", "b.tar.gz")):
         with tarfile.open(tmp_path / name, mode) as tar:
             tar.add(root, arcname="bundle")
-        rc, out, _ = cli(capsys, str(tmp_path / name))
+        rc, out, _ = cli(capsys, str(tmp_path / name), "--trust", str(root / "keys/signing-key.pub.pem"))
         assert rc == 0, out
         assert out.rstrip().endswith(str(tmp_path / name))
 
@@ -408,14 +409,32 @@ def test_archive_limits_on_members_and_bytes(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ replay hook
 
 
-def test_replay_is_a_skip_until_a_replayer_is_registered(bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replay_asked_for_but_not_available_fails_and_not_asked_is_a_skip(bundle, monkeypatch: pytest.MonkeyPatch) -> None:
     root, _ = bundle
     assert verify.DEFAULT_REPLAY_PLUGIN in verify.REPLAYERS  # kai_train.replay registers on import
     assert [f.skipped for f in verify.verify_bundle(root).findings if f.check == "replay"] == [True]  # not asked
     monkeypatch.delitem(verify.REPLAYERS, verify.DEFAULT_REPLAY_PLUGIN)
     r = verify.verify_bundle(root, replay="all")
     (f,) = [f for f in r.findings if f.check == "replay"]
-    assert f.skipped and "replay not run" in f.detail and verify.DEFAULT_REPLAY_PLUGIN in f.detail
+    assert not f.ok and not f.skipped and "asked for" in f.expected and verify.DEFAULT_REPLAY_PLUGIN in f.found
+    assert not r.ok
+
+
+def test_a_bundle_cannot_choose_the_replay_implementation(bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run statement's `replay_plugin` is only noted: an unknown name neither skips replay nor picks code."""
+    seen: list[int] = []
+
+    def ours(ctx: verify.Context, segments: list) -> list[verify.Finding]:
+        seen.append(len(segments))
+        return [verify.Finding("replay", False, "x", "root a", "root b") for _ in segments]
+
+    monkeypatch.setitem(verify.REPLAYERS, verify.DEFAULT_REPLAY_PLUGIN, ours)
+    for named in ("evil.module", "kai_train.replay_nothing"):
+        root, _ = make_bundle(tmp_path / named, mutate=lambda sts: [s["predicate"].update(replay_plugin=named)
+                                                                     for s in sts if "config" in s["predicate"]])
+        r = verify.verify_bundle(root, replay="all")
+        assert failed(r) == {"replay"} and seen[-1] == 6
+        assert any(named in n for n in r.notes)
 
     seen: list[list[int]] = []
 
@@ -437,8 +456,12 @@ def test_replay_argument_accepts_a_count_or_all(bundle, capsys, monkeypatch: pyt
     # the synthetic bundle has no real training to replay: a replayer that reproduces every segment
     monkeypatch.setitem(verify.REPLAYERS, verify.DEFAULT_REPLAY_PLUGIN,
                         lambda ctx, segs: [verify.Finding("replay", True, f"step {e.predicate['step']}") for e in segs])
-    assert cli(capsys, str(root), "--replay", "all", "--replay-seed", "3")[0] == 0
-    assert cli(capsys, str(root), "--replay", "2")[0] == 0
+    key = str(root / "keys/signing-key.pub.pem")
+    rc, out, _ = cli(capsys, str(root), "--trust", key, "--replay", "all", "--replay-seed", "3")
+    assert rc == 0, out
+    assert "replay coverage: 6 of 6 segments" in out
+    rc, out, _ = cli(capsys, str(root), "--trust", key, "--replay", "2")
+    assert rc == 0 and "replay coverage: 2 of 6 segments" in out and "0.667 (m=1)" in out, out
     with pytest.raises(SystemExit) as e:
         main(["verify", str(root), "--replay", "most"])
     assert e.value.code == 2
