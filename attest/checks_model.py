@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from attest import jsonread
 from attest import trajectory as traj
 from attest.bundle import BundlePathError, folder_entries
 from attest.chain import Entry
@@ -337,7 +338,7 @@ def _export_config(ctx: Context, r: Entry, name: str | None, last: dict[str, Any
         path = ctx.files.path(name)
         if path.stat().st_size > MAX_EXPORT_CONFIG_BYTES:
             raise ValueError(f"more than {MAX_EXPORT_CONFIG_BYTES} bytes")
-        cfg = json.loads(path.read_bytes())
+        cfg = jsonread.loads(path.read_bytes(), name, MAX_EXPORT_CONFIG_BYTES)  # the strict reader
     except FileNotFoundError:
         return  # subject-digest reports the missing subject
     except UNREADABLE as ex:

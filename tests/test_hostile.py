@@ -652,6 +652,7 @@ CORPUS: dict[str, tuple[Callable[[Path, Path, Path], list[str]], str]] = {
     "manifest-duplicate-keys": (_file(MANIFEST, lambda: b'{"rows":1,"rows":2}'), MANIFEST),
     "manifest-deep": (_file(MANIFEST, lambda: b"{\"a\":" * 50_000 + b"1" + b"}" * 50_000), MANIFEST),
     "manifest-infinity": (_file(MANIFEST, lambda: b'{"rows":Infinity}'), MANIFEST),
+    "export-config-duplicate-keys": (_file("export/config.json", lambda: b'{"model":{},"model":{}}'), "export/config.json"),
     "archive-bz2": (_archive(lambda b: bz2.compress(tar_bytes(b)), ".tar.bz2"), "bundle.tar.bz2"),
     "archive-xz-named-gz": (_archive(lambda b: lzma.compress(tar_bytes(b)), ".tar.gz"), "bundle.tar.gz"),
     "archive-sparse": (_archive(lambda b: sparse_tar()), "bundle.tar"),
