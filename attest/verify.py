@@ -86,6 +86,16 @@ CHECKS: list[Callable[[Context], Iterator[Finding]]] = [
     check_replay,
 ]
 
+# Checks that hash, derive or re-run at the scale of the model: they run only once the chain's
+# statements parse and every signature verifies (cheap first: an unauthenticated bundle never makes
+# the verifier hash terabytes, re-derive a declared 80-layer model, or replay).
+BULK: dict[Callable[[Context], Iterator[Finding]], str] = {
+    check_subjects: "subject-digest", check_weights: "weights-digest", check_oms: "oms-signature",
+    check_genesis: "genesis", check_trajectory: "trajectory", check_release: "release",
+    check_data_replay: "data-replay", check_replay: "replay",
+}
+GATE = ("statement-format", "signature")
+
 
 @dataclass
 class Report:
@@ -228,15 +238,24 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
     if policy.sigstore_identities:
         ctx.notes.append(f"policy names {len(policy.sigstore_identities)} Sigstore identities: keyless entries are "
                          "not verified offline by this version")
-    ctx.files.prefetch(s["name"] for e in entries for s in subjects_of(e))
     findings: list[Finding] = []
+    prefetched = False
     for check in checks if checks is not None else CHECKS:
+        if check in BULK:
+            if ctx.failed & set(GATE):
+                findings.append(skipped(BULK[check], "", f"not run: {' and '.join(sorted(ctx.failed & set(GATE)))} "
+                                        "failed, and no bulk work is done on unauthenticated input"))
+                continue
+            if not prefetched:  # hash every subject in the background while the checks start
+                ctx.files.prefetch(s["name"] for e in entries for s in subjects_of(e))
+                prefetched = True
         for f in check(ctx):
             if not f.ok and not f.skipped:
                 ctx.failed.add(f.check)
             findings.append(f)
     asked = ("replay",) * (replay is not None) + ("data-replay",) * bool(replay_data)
-    findings = _apply_required(findings, policy, whole=checks is None, asked=asked)
+    gated = set(BULK.values()) if ctx.failed & set(GATE) else set()
+    findings = _apply_required(findings, policy, whole=checks is None, asked=asked, gated=gated)
     ctx.facts["checkpoints"] = [
         {"step": e.predicate.get("step"), **{k: v for k, v in as_dict(e.predicate.get("metrics")).items()
                                              if isinstance(v, (int, float, str)) or v is None}}
@@ -245,14 +264,15 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
 
 
 def _apply_required(findings: list[Finding], policy: Policy, whole: bool = True,
-                    asked: tuple[str, ...] = ()) -> list[Finding]:
+                    asked: tuple[str, ...] = (), gated: set[str] | None = None) -> list[Finding]:
     """A skipped check that the policy requires, or that the evaluator asked for (`asked`: --replay,
     --replay-data), becomes a failure; when every check ran (`whole`), a required check that produced
-    no finding at all fails too (a typo in a policy, say)."""
+    no finding at all fails too (a typo in a policy, say). `gated` checks were held back because the
+    signatures failed: the verdict already fails, they stay skips."""
     required = policy.required + tuple(c for c in asked if c not in policy.required)
     out = []
     for f in findings:
-        if f.skipped and f.check in required:
+        if f.skipped and f.check in required and f.check not in (gated or ()):
             why = "asked for on the command line" if f.check in asked and f.check not in policy.required else "required by policy"
             f = Finding(f.check, False, f.file, f"the check to run ({why})", f"skipped: {f.detail}")
         out.append(f)

@@ -148,3 +148,23 @@ def test_without_a_trust_root_the_verdict_is_integrity_only_with_its_own_exit_co
     r = verify.verify_bundle(root)
     assert (r.verdict, r.exit_code) == ("integrity-only", 3)
     assert (trusted(root).verdict, trusted(root).exit_code) == ("pass", 0)
+
+
+def test_nothing_is_hashed_derived_or_replayed_before_the_signatures_verify(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cheap first: a chain signed by a key nobody trusts makes the verifier read no weights at all."""
+    from attest.signing import keygen
+    from attest.verify_cache import FileDigests
+
+    root, _ = make_bundle(tmp_path / "b")
+    _, other = keygen(tmp_path / "other")
+    touched: list[str] = []
+    for name in ("sha256", "leaves", "prefetch"):
+        real = getattr(FileDigests, name)
+        monkeypatch.setattr(FileDigests, name, lambda self, *a, _real=real, _n=name: touched.append(_n) or _real(self, *a))
+    r = verify.verify_bundle(root, [str(other)], replay="all")
+    assert not touched
+    assert "signature" in failed(r)
+    held = {f.check for f in r.findings if f.skipped and "unauthenticated input" in f.detail}
+    assert held == {"subject-digest", "weights-digest", "oms-signature", "genesis", "trajectory", "release",
+                    "data-replay", "replay"}
