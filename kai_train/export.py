@@ -49,6 +49,7 @@ def export_config(model: dict[str, Any] | None, step: int, weights_root: str, ru
 def export(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
     """Write model.safetensors, config.json and the run's tokenizer into `out` (default RUN_DIR/export)."""
     entries, _ = read_chain(run_dir / "chain.jsonl")
+    released = [e.predicate.get("step") for e in entries if e.kind == "release"]
     entries = [e for e in entries if e.kind != "release"]  # the export a release names is made before it
     genesis = next((e.predicate for e in entries if e.kind == "genesis"), None)
     run = next((e.predicate for e in entries if e.kind == "run"), None)
@@ -66,6 +67,8 @@ def export(run_dir: Path, step: int | None = None, out: Path | None = None) -> P
     tok_name = run_cfg.get("tokenizer") if isinstance(run_cfg, dict) else None
     tokenizer = run_dir / tok_name if isinstance(tok_name, str) and tok_name else run_dir / "tokenizer/tokenizer.model"
     out = out or run_dir / EXPORT_DIR
+    if released and step != released[-1] and out.resolve() == (run_dir / EXPORT_DIR).resolve():
+        raise ValueError(f"{out}: holds the signed release of step {released[-1]}; export step {step} elsewhere (--out DIR)")
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src, out / MODEL_NAME)
     if tokenizer.is_file():

@@ -302,3 +302,15 @@ def test_tokenizer_trained_on_other_text_with_everything_rebuilt_and_signed_fail
     bad = [f for f in data_replay_findings(run_dir) if not f.ok]
     assert bad and {f.file for f in bad} == {TOKENIZER}, [f.line() for f in bad]  # dedup and pack shards agree with it
     assert any("(the declared tokenizer)" in f.expected for f in bad)
+
+
+def test_export_again_gives_the_released_bytes_and_refuses_to_overwrite_them_with_another_step(
+        demo_run: Path, tmp_path: Path) -> None:
+    from kai_train.export import export
+
+    before = {p.name: p.read_bytes() for p in (demo_run / "export").iterdir()}
+    export(demo_run)  # the released step again: the same files, so the release still holds
+    assert {p.name: p.read_bytes() for p in (demo_run / "export").iterdir()} == before
+    with pytest.raises(ValueError, match="holds the signed release of step 4"):
+        export(demo_run, step=2)
+    assert (export(demo_run, step=2, out=tmp_path / "step2") / "model.safetensors").is_file()
