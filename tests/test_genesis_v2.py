@@ -17,6 +17,8 @@ import pytest
 import torch
 import yaml
 from bundlefactory import make_bundle
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attest.checks_model import DERIVERS, check_genesis
 from attest.digest import merkle_root
@@ -108,6 +110,23 @@ def test_numpy_and_torch_agree_with_default_chunks_and_the_reference_formula() -
     assert same_bits(x, init_slice(5, "w", shape, rule))
     for i in (0, 1, 65535, 65536, initspec.CHUNK - 1, initspec.CHUNK, 1_099_999):
         assert x[i] == np.float32(initspec.element(5, "w", shape, rule, i)), i
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**63), name=st.text(min_size=1, max_size=12), rows=st.integers(1, 3000),
+       cols=st.integers(1, 3000), std=st.floats(1e-6, 10.0), data=st.data())
+def test_any_slice_is_the_same_in_numpy_torch_and_the_reference(seed: int, name: str, rows: int, cols: int, std: float,
+                                                                  data: st.DataObject) -> None:
+    shape, rule = (rows, cols), f"normal:{std!r}"
+    numel = rows * cols
+    a = data.draw(st.integers(0, numel))
+    b = data.draw(st.integers(a, min(numel, a + 300)))
+    chunk = data.draw(st.integers(1, 512))
+    x = np_slice(seed, name, shape, rule, a, b, chunk=chunk)
+    assert same_bits(x, init_slice(seed, name, shape, rule, a, b))
+    # a slice is the same elements as in the whole tensor's stream, and each is the formula's value
+    for i in range(a, b, max(1, (b - a) // 5)):
+        assert x[i - a] == np.float32(initspec.element(seed, name, shape, rule, i))
 
 
 def test_indices_beyond_2_to_the_32() -> None:
