@@ -79,13 +79,15 @@ def test_honest_demo_bundle_binds_every_export_file_and_its_signature(demo_run: 
     entries, _ = read_chain(demo_run / "bundle/chain.jsonl")
     (rel,) = [e for e in entries if e.kind == "release"]
     names = sorted(s["name"] for s in rel.statement["subject"])
-    assert names == ["export/config.json", "export/model.safetensors", "export/model.sig", "export/tokenizer.model"]
+    assert {"export/config.json", "export/model.sig", "export/tokenizer.model"} <= set(names)
+    assert any(n.endswith(".safetensors") for n in names)  # one file, or shards with their index
     on_disk = sorted(f"export/{p.name}" for p in (demo_run / "bundle/export").iterdir())
     assert on_disk == names  # the bundle carries export/ and its signature
     rc = main(["verify", str(demo_run / "bundle"), "--trust", str(demo_run / "keys/signing-key.pub.pem")])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert any(line.startswith("ok    release") and "4 files of export/" in line for line in out.splitlines()), out
+    assert any(line.startswith("ok    release") and f"{len(names)} files of export/" in line
+               for line in out.splitlines()), out
     assert any(line.startswith("ok    run-config") for line in out.splitlines()), out
 
 
@@ -159,7 +161,8 @@ def test_release_naming_a_checkpoint_file_instead_of_the_export_fails_release(bu
     def old_style(sts: list[dict]) -> None:
         (rel,) = of_kind(sts, "release")
         last = of_kind(sts, "checkpoint")[-1]
-        rel["subject"] = [s for s in last["subject"] if s["name"].endswith("model.safetensors")]
+        rel["subject"] = [s for s in last["subject"] if s["name"].endswith(".safetensors")
+                          and not s["name"].rsplit("/", 1)[1].startswith("optimizer")]  # the same weights
 
     resign(bundle, key, old_style)
     failed, out = failed_checks(capsys, bundle)
@@ -313,4 +316,4 @@ def test_export_again_gives_the_released_bytes_and_refuses_to_overwrite_them_wit
     assert {p.name: p.read_bytes() for p in (demo_run / "export").iterdir()} == before
     with pytest.raises(ValueError, match="holds the signed release of step 4"):
         export(demo_run, step=2)
-    assert (export(demo_run, step=2, out=tmp_path / "step2") / "model.safetensors").is_file()
+    assert any(p.suffix == ".safetensors" for p in export(demo_run, step=2, out=tmp_path / "step2").iterdir())
