@@ -8,6 +8,7 @@ import hmac
 from collections.abc import Iterator
 
 from attest.bundle import CHAIN_NAME, BundlePathError, folder_entries
+from attest.chain import Entry
 from attest.digest import merkle_root
 from attest.findings import (
     UNREADABLE,
@@ -80,23 +81,27 @@ def check_weights(ctx: Context) -> Iterator[Finding]:
 
 
 def _optimizer_state(ctx: Context, e: Entry) -> Iterator[Finding]:
-    """A checkpoint's recorded optimizer state names a file that is a subject of the same statement,
-    and that file's canonical root is the recorded one."""
+    """A checkpoint's recorded optimizer state names files that are subjects of the same statement,
+    and their canonical root is the recorded one."""
+    from attest.replay_plan import optimizer_files
+
     opt = e.predicate.get("optimizer") if e.kind == "checkpoint" else None
     if opt is None:
         return
-    name = opt.get("file") if isinstance(opt, dict) else None
-    if not isinstance(name, str) or name not in {s["name"] for s in subjects_of(e)}:
-        yield Finding("weights-digest", False, ctx.where(e), "optimizer.file naming a subject of this statement",
-                      repr(name)[:100])
+    names = optimizer_files(opt)
+    subs = {s["name"] for s in subjects_of(e)}
+    if not names or any(n not in subs for n in names):
+        yield Finding("weights-digest", False, ctx.where(e), "optimizer.files naming subjects of this statement",
+                      repr(names or opt)[:100])
         return
     try:
-        root = merkle_root(ctx.files.leaves([name]))
+        root = merkle_root(ctx.files.leaves(names))
     except UNREADABLE as ex:
-        yield Finding("weights-digest", False, name, "readable safetensors", str(ex))
+        yield Finding("weights-digest", False, ",".join(names), "readable safetensors", str(ex))
         return
     if root != opt.get("root"):
-        yield Finding("weights-digest", False, name, f"optimizer root {short(opt.get('root'))}", f"root {short(root)}")
+        yield Finding("weights-digest", False, ",".join(names), f"optimizer root {short(opt.get('root'))}",
+                      f"root {short(root)}")
 
 
 def check_oms(ctx: Context) -> Iterator[Finding]:

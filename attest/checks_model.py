@@ -300,6 +300,12 @@ def check_release(ctx: Context) -> Iterator[Finding]:
         bad += 1
         yield Finding("release", False, ctx.where(r), f"subjects inside {EXPORT_DIR}/", ", ".join(outside)[:200])
     signed_ckpts = any(s["name"].endswith("/model.sig") for e in ckpts for s in subjects_of(e))
+    index = f"{EXPORT_DIR}/model.safetensors.index.json"
+    if index in subs:  # sharded weights (the Hugging Face convention): the index must say what the shards hold
+        model = index
+        for f in _export_index(ctx, index, [n for n in weights_files(r) if n.startswith(EXPORT_DIR + "/")]):
+            bad += 1
+            yield f
     for need in [model, config] + ([f"{EXPORT_DIR}/model.sig"] if signed_ckpts else []):
         if need not in subs:
             bad += 1
@@ -328,6 +334,36 @@ def check_release(ctx: Context) -> Iterator[Finding]:
     if not bad:
         yield Finding("release", True, ctx.where(r), detail=f"step {last.get('step')}, the last checkpoint; "
                       f"{len(subs)} files of {EXPORT_DIR}/ signed, weights, config and tokenizer bound")
+
+
+def _export_index(ctx: Context, index: str, shards: list[str]) -> Iterator[Finding]:
+    """export/model.safetensors.index.json maps every tensor to the signed shard that holds it, and
+    nothing else: what a Hugging Face loader reads is exactly what the release binds."""
+    try:
+        path = ctx.files.path(index)
+        if path.stat().st_size > MAX_EXPORT_CONFIG_BYTES * 64:
+            raise ValueError(f"more than {MAX_EXPORT_CONFIG_BYTES * 64} bytes")
+        doc = jsonread.loads(path.read_bytes(), index, MAX_EXPORT_CONFIG_BYTES * 64)
+    except FileNotFoundError:
+        return  # subject-digest reports the missing subject
+    except UNREADABLE as ex:
+        yield Finding("release", False, index, "a JSON weight index", f"{type(ex).__name__}: {str(ex)[:150]}")
+        return
+    wmap = as_dict(doc).get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+        yield Finding("release", False, index, "weight_map: tensor -> shard file", type(wmap).__name__)
+        return
+    held: dict[str, str] = {}
+    for shard in shards:
+        try:
+            for t in ctx.files.leaves([shard]):
+                held[t] = shard.rsplit("/", 1)[1]
+        except UNREADABLE:
+            continue  # weights-digest and the root comparison report it
+    if wmap != held:
+        diff = sorted(set(wmap.items()) ^ set(held.items()))[:3]
+        yield Finding("release", False, index, "weight_map = the tensors each signed shard holds",
+                      f"{len(set(wmap.items()) ^ set(held.items()))} entries differ, e.g. {diff}"[:200])
 
 
 def _export_config(ctx: Context, r: Entry, name: str | None, last: dict[str, Any]) -> Iterator[Finding]:

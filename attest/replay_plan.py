@@ -124,32 +124,41 @@ def _bound_file(ctx: Context, e: Entry, name: str, what: str) -> str:
     return str(path.resolve())
 
 
+def optimizer_files(opt: Any) -> list[str] | None:
+    """The optimizer state files a checkpoint's `optimizer` record names (`files`, or one `file`)."""
+    if not isinstance(opt, dict):
+        return None
+    names = opt.get("files") if "files" in opt else [opt.get("file")]
+    return names if isinstance(names, list) and names and all(isinstance(n, str) for n in names) else None
+
+
+def _bound_set(ctx: Context, e: Entry, names: list[str], want_root: Any, what: str) -> list[str]:
+    """Absolute paths of one state split over `names`, each a signed subject of `e`, their canonical root `want_root`."""
+    paths = [_bound_file(ctx, e, n, what) for n in names]
+    try:
+        if merkle_root(ctx.files.leaves(names)) != want_root:
+            raise PlanError(f"{', '.join(names)[:200]}: canonical root differs from the signed {what} root")
+    except UNREADABLE as ex:
+        raise PlanError(f"{what}: {ex}") from None
+    return paths
+
+
 def _state(ctx: Context, e: Entry, with_optimizer: bool) -> dict[str, Any]:
-    """The signed state of a genesis/checkpoint statement: weights file (and optimizer file), roots checked."""
+    """The signed state of a genesis/checkpoint statement: its weights files (and optimizer files), roots checked."""
     p = e.predicate
     files = weights_files(e)
-    if len(files) != 1:
-        raise PlanError(f"{ctx.where(e)} names {len(files)} weights files; a replay state needs exactly one")
-    weights = _bound_file(ctx, e, files[0], "weights")
-    try:
-        if merkle_root(ctx.files.leaves(files)) != p.get("weights_root"):
-            raise PlanError(f"{files[0]}: canonical root differs from the signed weights_root")
-    except UNREADABLE as ex:
-        raise PlanError(f"{files[0]}: {ex}") from None
-    state: dict[str, Any] = {"step": p.get("step", 0) if e.kind == "checkpoint" else 0, "weights": weights,
+    if not files:
+        raise PlanError(f"{ctx.where(e)} names no weights file")
+    state: dict[str, Any] = {"step": p.get("step", 0) if e.kind == "checkpoint" else 0,
+                             "weights": _bound_set(ctx, e, files, p.get("weights_root"), "weights"),
                              "weights_root": p.get("weights_root")}
     if with_optimizer:
         opt = as_dict(p.get("optimizer"))
-        name, opt_step, root = opt.get("file"), opt.get("step"), opt.get("root")
-        if not (isinstance(name, str) and _is_int(opt_step) and opt_step >= 0 and isinstance(root, str)):
-            raise PlanError(f"{ctx.where(e)} (step {p.get('step')}) records no optimizer state {{file, step, root}}: "
+        names, opt_step, root = optimizer_files(opt), opt.get("step"), opt.get("root")
+        if not (names and _is_int(opt_step) and opt_step >= 0 and isinstance(root, str)):
+            raise PlanError(f"{ctx.where(e)} (step {p.get('step')}) records no optimizer state {{files, step, root}}: "
                             "the segment cannot start from it or be closed at it")
-        state["optimizer"] = _bound_file(ctx, e, name, "optimizer state")
-        try:
-            if merkle_root(ctx.files.leaves([name])) != root:
-                raise PlanError(f"{name}: canonical root differs from the signed optimizer.root")
-        except UNREADABLE as ex:
-            raise PlanError(f"{name}: {ex}") from None
+        state["optimizer"] = _bound_set(ctx, e, names, root, "optimizer state")
         state["optimizer_step"], state["optimizer_root"] = opt_step, root
     return state
 
@@ -225,4 +234,4 @@ def build_plan(ctx: Context, k: int) -> dict[str, Any]:
 def plan_paths(plan: dict[str, Any]) -> list[Path]:
     """Every file a plan lets the plug-in read (for tests and the report)."""
     start = plan["start"]
-    return [Path(p) for p in [*plan["shards"], plan["tokenizer"], start["weights"], start.get("optimizer")] if p]
+    return [Path(p) for p in [*plan["shards"], plan["tokenizer"], *start["weights"], *start.get("optimizer", [])]]

@@ -1,4 +1,4 @@
-"""DeepSpeed wiring: the engine config, optimizer groups, LR schedule and gathering full weights.
+"""DeepSpeed wiring: the engine config, optimizer groups, the LR schedule, loading optimizer state.
 
 All parallelism lives here; the model stays a plain nn.Module. The DeepSpeed config is composed
 from `conf/deepspeed/*.yaml` (ZeRO stage and its options) and `conf/train/*.yaml` (batch sizes,
@@ -8,14 +8,10 @@ clipping), so each default has one home.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from attest.schedule import lr_lambda
@@ -28,9 +24,8 @@ def backend() -> str:
     return "nccl"
 
 
-def ds_config(zero: dict[str, Any], train: dict[str, Any], world_size: int, load_universal: bool = False) -> dict[str, Any]:
+def ds_config(zero: dict[str, Any], train: dict[str, Any], world_size: int) -> dict[str, Any]:
     cfg = {
-        "checkpoint": {"load_universal": load_universal},
         "train_micro_batch_size_per_gpu": train["micro_batch"],
         "gradient_accumulation_steps": train["grad_accum"],
         "train_batch_size": train["micro_batch"] * train["grad_accum"] * world_size,
@@ -52,8 +47,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(model: nn.Module, zero: dict[str, Any], train: dict[str, Any], world_size: int,
-                 load_universal: bool = False):
+def build_engine(model: nn.Module, zero: dict[str, Any], train: dict[str, Any], world_size: int):
     opt = torch.optim.AdamW(
         param_groups(model, train["weight_decay"]), lr=train["lr"], betas=tuple(train["betas"]), eps=1e-8
     )
@@ -61,75 +55,13 @@ def build_engine(model: nn.Module, zero: dict[str, Any], train: dict[str, Any], 
         opt, lr_lambda(train["schedule"], train["warmup"], train["steps"], train["min_lr_ratio"], train["decay_frac"])
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, config=ds_config(zero, train, world_size, load_universal)
+        model=model, optimizer=opt, lr_scheduler=sched, config=ds_config(zero, train, world_size)
     )
     return engine
 
 
-def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """Consolidated fp32 CPU weights on rank 0 (None elsewhere). Collective: every rank calls it."""
-    module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            sd = {n: p.detach().to("cpu", torch.float32).clone() for n, p in module.named_parameters()} if dist.get_rank() == 0 else None
-        return sd
-    if dist.get_rank() != 0:
-        return None
-    return {n: p.detach().to("cpu", torch.float32).clone() for n, p in module.named_parameters()}
-
-
-def client_state(step: int, position: int) -> dict[str, Any]:
-    """What each DeepSpeed checkpoint carries besides engine state. The universal-checkpoint info
-    lets `ds_to_universal` convert it when a run resumes on another world size."""
-    from deepspeed.checkpoint.constants import (
-        UNIVERSAL_CHECKPOINT_INFO,
-        UNIVERSAL_CHECKPOINT_VERSION_KEY,
-        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-    )
-
-    return {"step": step, "position": position,
-            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-
-
-def saved_world_size(tag_dir: Path) -> int:
-    """Data-parallel world size a ZeRO checkpoint was saved with (one optimizer shard per rank)."""
-    return len(list(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
-
-
-def prepare_universal(ds_dir: Path, tag: str) -> str:
-    """Convert `tag` to a universal checkpoint (rank 0, once) and return the tag to load."""
-    out = f"{tag}-universal"
-    if dist.get_rank() == 0 and not (ds_dir / out).is_dir():
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-               "--input_folder", str(ds_dir / tag), "--output_folder", str(ds_dir / out), "--num_extract_workers", "1"]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise RuntimeError(f"{ds_dir / tag}: conversion to a universal checkpoint failed:\n{p.stderr[-2000:]}")
-    dist.barrier()
-    return out
-
-
-def full_optimizer_state(engine) -> tuple[dict[str, torch.Tensor] | None, int]:
-    """Consolidated AdamW moments (`exp_avg/<name>`, `exp_avg_sq/<name>`, fp32 CPU) on rank 0 and the
-    optimizer step count. Collective: every rank calls it. This is what a replay starts from."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    _link_optimizer_state(engine)
-    out: dict[str, torch.Tensor] = {}
-    for name, p in engine.module.named_parameters():
-        for key in ("exp_avg", "exp_avg_sq"):
-            t = safe_get_full_optimizer_state(p, key)
-            if dist.get_rank() == 0:
-                out[f"{key}/{name}"] = t.detach().to("cpu", torch.float32).clone()
-    steps = {int(s["step"]) for s in engine.optimizer.optimizer.state.values() if "step" in s}
-    if len(steps) > 1:
-        raise RuntimeError(f"optimizer parameter groups disagree on the step count: {sorted(steps)}")
-    return (out if dist.get_rank() == 0 else None), (steps.pop() if steps else 0)
-
-
 def load_full_optimizer_state(engine, state: dict[str, torch.Tensor], step: int) -> None:
-    """Inverse of `full_optimizer_state`: scatter consolidated moments into the ZeRO partitions."""
+    """Scatter consolidated moments (`exp_avg/<name>`, `exp_avg_sq/<name>`) into the ZeRO partitions."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
     # A fresh engine has no AdamW state yet (torch creates it at the first step): create it as

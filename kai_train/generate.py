@@ -21,10 +21,22 @@ from safetensors.torch import load_file
 from kai_train.model import ModelConfig, MultimodalLM
 
 
+def export_weights(export_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights of an export: model.safetensors, or the shards its index names (Hugging Face layout)."""
+    index = export_dir / "model.safetensors.index.json"
+    if not index.is_file():
+        return load_file(export_dir / "model.safetensors")
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(export_dir / f))
+    return out
+
+
 def load_export(export_dir: Path) -> tuple[MultimodalLM, spm.SentencePieceProcessor]:
     config = json.loads((export_dir / "config.json").read_text())
     model = MultimodalLM(ModelConfig.from_dict(config["model"]))
-    model.load_state_dict(load_file(export_dir / "model.safetensors"), strict=True)
+    model.load_state_dict(export_weights(export_dir), strict=True)
     model.eval()
     return model, spm.SentencePieceProcessor(model_file=str(export_dir / config["tokenizer"]))
 

@@ -2,14 +2,15 @@
 statements appended to the run's chain.
 
 The trainer calls these at the points where the facts exist; this module turns them into signed
-statements and knows nothing of DeepSpeed. Weights are written as safetensors under
-`checkpoints/step-NNNNNN/model.safetensors` so that subjects are bundle-relative paths.
+statements and knows nothing of DeepSpeed. Subjects are bundle-relative paths under
+`checkpoints/step-NNNNNN/`.
 
-Checkpoints are recorded off the training critical path: `record_checkpoint` writes the files
-(atomically, fsynced) and returns; a background thread then hashes each file in one streamed pass
-(file sha256 and tensor leaves), signs the folder in the OpenSSF model-signing format with those
-digests and appends the statement. It takes one checkpoint at a time, in the order they were
-written, so statements keep their order and each `parent_root` is the root recorded before it.
+Checkpoints are written and hashed by every rank, each its own share (kai_train.checkpoint), off
+the training critical path; `record_checkpoint` only hands the statement's facts to a background
+thread, which waits for every rank's sidecar (file sha256s and tensor leaves), signs the folder in
+the OpenSSF model-signing format with those digests and appends one statement naming every shard
+file. It takes one checkpoint at a time, in step order, so statements keep their order and each
+`parent_root` is the root recorded before it.
 Run, genesis and release statements wait for it first. The release exports the last checkpoint
 to `export/` (kai_train.export), signs that folder like a checkpoint folder and names every file of
 it as a subject. A worker error stops it; the next call
@@ -53,6 +54,7 @@ CODE_DIRS = ("attest", "data_pipelines", "kai_train", "conf")
 LIBRARIES = ("torch", "deepspeed", "numpy", "pyarrow", "sentencepiece", "safetensors", "hydra-core", "cryptography")
 # Checkpoints written but not yet recorded before `record_checkpoint` waits for the worker.
 PENDING = 2
+SHARE_TIMEOUT_S = 3600.0  # how long the worker waits for a rank's share of a checkpoint
 RNG_DOMAIN = b"kai-rng/v1\n"
 
 
@@ -134,9 +136,9 @@ def _blocking(method):
 @dataclass
 class _Checkpoint:
     step: int
+    world: int  # ranks that each write a share
     predicate: dict[str, Any]  # everything but the roots, which the worker computes
-    optimizer: bool  # an optimizer file was written
-    optimizer_step: int | None
+    optimizer: bool  # optimizer shards were written
 
 
 class Provenance:
@@ -213,18 +215,14 @@ class Provenance:
         return root
 
     @_blocking
-    def record_checkpoint(
-        self, step: int, sd: Mapping[str, torch.Tensor], data_consumed: dict[str, Any], metrics: dict[str, Any],
-        optimizer: Mapping[str, torch.Tensor] | None = None, optimizer_step: int | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        """Write the checkpoint's files, then hand hashing, signing and the append to the worker
-        (waiting only while PENDING earlier checkpoints are still unrecorded)."""
+    def record_checkpoint(self, step: int, world: int, data_consumed: dict[str, Any], metrics: dict[str, Any],
+                          optimizer: bool = True, extra: dict[str, Any] | None = None) -> None:
+        """Hand the checkpoint's statement to the worker, which records it once every rank's share is
+        written (waiting here only while PENDING earlier checkpoints are still unrecorded)."""
         t0 = time.perf_counter()
         self.check()
-        self._write(step, sd, optimizer)
         pred = {"step": step, "data_consumed": data_consumed, "metrics": metrics, **(extra or {})}
-        job = _Checkpoint(step, pred, optimizer is not None, optimizer_step)
+        job = _Checkpoint(step, world, pred, optimizer)
         if self._worker is None:
             self._record_checkpoint(job)
         else:
@@ -236,24 +234,25 @@ class Provenance:
         """Export the last checkpoint to export/ (weights, config.json, tokenizer), sign that folder in
         the OpenSSF model-signing format (export/model.sig, key back-ends), then record the release:
         every file of export/ is a subject. Returns the export folder."""
-        from kai_train.export import EXPORT_DIR, MODEL_NAME, export
+        from kai_train.export import EXPORT_DIR, export
 
         self._wait()
         out = export(self.run_dir, self.last_step, self.run_dir / EXPORT_DIR)
         digests: dict[str, str] = {}
+        leaves: dict[str, str] = {}
         for p in sorted(out.rglob("*")):
             rel = p.relative_to(out).as_posix()
             if p.is_symlink() or not (p.is_file() or p.is_dir()):
                 raise ProvenanceError(f"{p}: not a regular file; the release signs every file of {EXPORT_DIR}/")
             if not p.is_file() or rel == OMS_SIGNATURE:
                 continue
-            if rel == MODEL_NAME:
-                sha, leaves = hash_safetensors(p)
-                if merkle_root(leaves) != self.last_root:
-                    raise ProvenanceError(f"{p}: canonical digest differs from the last checkpoint's")
-                digests[rel] = sha
+            if rel.endswith(".safetensors"):  # model.safetensors, or the shards of a sharded export
+                digests[rel], lv = hash_safetensors(p)
+                leaves.update(lv)
             else:
                 digests[rel] = sha256_file(p)
+        if merkle_root(leaves) != self.last_root:
+            raise ProvenanceError(f"{out}: canonical digest of the exported weights differs from the last checkpoint's")
         if self.oms:
             sig = sign_checkpoint_dir(out, self.chain.signer, known=digests)
             digests[OMS_SIGNATURE] = sha256_file(sig)
@@ -276,8 +275,8 @@ class Provenance:
             save_weights(optimizer, self.run_dir / optimizer_name(step))
 
     def _hash_and_sign(self, step: int, with_optimizer: bool) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, str] | None]:
-        """Subjects, weight leaves and optimizer leaves of a written checkpoint folder: each file is
-        read once; the OMS signature reuses those sha256s."""
+        """Subjects, weight leaves and optimizer leaves of a folder rank 0 wrote whole (the genesis):
+        each file is read once; the OMS signature reuses those sha256s."""
         names = [weights_name(step)] + ([optimizer_name(step)] if with_optimizer else [])
         digests, leaves = {}, []
         for name in names:
@@ -285,7 +284,11 @@ class Provenance:
             digests[name] = sha
             leaves.append(lv)
         failpoints.reached("checkpoint-hashed")
-        subjects = [subject(name, sha) for name, sha in digests.items()]
+        return self._signed_subjects(step, digests), leaves[0], (leaves[1] if with_optimizer else None)
+
+    def _signed_subjects(self, step: int, digests: dict[str, str]) -> list[dict[str, Any]]:
+        """Subjects for the files of checkpoint folder `step` (name -> sha256), plus its OMS signature."""
+        subjects = [subject(name, sha) for name, sha in sorted(digests.items())]
         if self.oms:
             folder = (self.run_dir / weights_name(step)).parent
             failpoints.reached("before-oms")
@@ -293,15 +296,46 @@ class Provenance:
             sig = sign_checkpoint_dir(folder, self.chain.signer, known=known)
             failpoints.reached("oms-signed")
             subjects.append(subject(str(sig.relative_to(self.run_dir)), sha256_file(sig)))
-        return subjects, leaves[0], (leaves[1] if with_optimizer else None)
+        return subjects
+
+    def _shares(self, job: _Checkpoint) -> list[dict[str, Any]]:
+        """Every rank's sidecar for this checkpoint (kai_train.checkpoint.write_share), waiting for them."""
+        from kai_train.checkpoint import sidecar
+
+        paths = [sidecar(self.run_dir, job.step, r) for r in range(job.world)]
+        deadline = time.monotonic() + SHARE_TIMEOUT_S
+        while not all(p.exists() for p in paths):
+            if time.monotonic() > deadline:
+                missing = [str(p) for p in paths if not p.exists()]
+                raise ProvenanceError(f"checkpoint at step {job.step}: no share from {missing} after {SHARE_TIMEOUT_S:.0f} s")
+            time.sleep(0.02)
+        shares = [json.loads(p.read_text()) for p in paths]
+        for r, sh in enumerate(shares):
+            if sh.get("rank") != r or sh.get("world") != job.world:
+                raise ProvenanceError(f"{paths[r]}: a share of rank {sh.get('rank')} of {sh.get('world')}, "
+                                      f"expected rank {r} of {job.world}")
+        return shares
 
     def _record_checkpoint(self, job: _Checkpoint) -> None:
         t0 = time.perf_counter()
-        subs, leaves, opt_leaves = self._hash_and_sign(job.step, job.optimizer)
+        shares = self._shares(job)
+        digests: dict[str, str] = {}
+        leaves: dict[str, str] = {}
+        opt_leaves: dict[str, str] = {}
+        for sh in shares:
+            digests.update(sh["files"])
+            leaves.update(sh["leaves"])
+            opt_leaves.update(sh["optimizer_leaves"])
+        failpoints.reached("checkpoint-hashed")
+        subs = self._signed_subjects(job.step, digests)
         root = merkle_root(leaves)
         pred = {**job.predicate, "weights_root": root, "parent_root": self.last_root}
-        if opt_leaves is not None:
-            pred["optimizer"] = {"file": optimizer_name(job.step), "step": job.optimizer_step, "root": merkle_root(opt_leaves)}
+        if job.optimizer:
+            steps = {sh["optimizer_step"] for sh in shares}
+            if len(steps) != 1:
+                raise ProvenanceError(f"checkpoint at step {job.step}: ranks report optimizer steps {sorted(map(str, steps))}")
+            files = sorted(n for n in digests if n.rsplit("/", 1)[1].startswith("optimizer"))
+            pred["optimizer"] = {"files": files, "step": steps.pop(), "root": merkle_root(opt_leaves)}
         self.chain.append("checkpoint", subs, pred)
         self.last_root, self.last_step = root, job.step
         self._recorded.append((job.step, root))

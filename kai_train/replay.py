@@ -20,6 +20,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,14 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     import deepspeed
     import torch
     import torch.distributed as dist
-    from safetensors.torch import load_file
 
+    from attest.digest import merkle_root
+    from kai_train import checkpoint as ckpt
     from kai_train import engine as eng
     from kai_train.data import ShardDataset
     from kai_train.evaluate import split_rows
     from kai_train.model import ModelConfig, MultimodalLM
     from kai_train.step import train_step
-    from kai_train.weights import state_dict_root
+    from kai_train.weights import state_dict_leaves
 
     plan = json.loads(a.plan.read_text())
     deepspeed.init_distributed(dist_backend=eng.backend())
@@ -53,13 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     train, start = plan["train"], plan["start"]
     mcfg = ModelConfig.from_dict(plan["model"])
     model = MultimodalLM(mcfg)
-    model.load_state_dict(load_file(start["weights"]), strict=True)
+    weights = ckpt.load_state([Path(p) for p in start["weights"]])
+    moments = ckpt.load_state([Path(p) for p in start["optimizer"]]) if start.get("optimizer") else None
+    model.load_state_dict(weights, strict=True)
     model.grad_checkpointing = bool(train["activation_checkpointing"])
     engine = eng.build_engine(model, plan["deepspeed"], train, world)
-    if "optimizer" in start:
-        eng.load_full_optimizer_state(engine, load_file(start["optimizer"]), int(start["optimizer_step"]))
-    for _ in range(start["step"]):
-        engine.lr_scheduler.step()
+    ckpt.restore(engine, weights, moments, start.get("optimizer_step"), start["step"])  # what resume runs too
+    del weights, moments
 
     data = ShardDataset([Path(p) for p in plan["shards"]], Path(plan["tokenizer"]), train["text_len"])
     train_ids, _ = split_rows(len(data), plan["holdout_every"])
@@ -69,11 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(start["step"], plan["target_step"]):
         _, _, position = train_step(engine, data, train_ids, plan["seed"], position, rank, world,
                                     train["micro_batch"], train["grad_accum"], mcfg.image_size, mcfg.audio_samples)
-    sd = eng.full_state_dict(engine)
-    opt_sd, opt_step = eng.full_optimizer_state(engine)
+    # The roots of the state reached, from each rank's share (as the trainer's checkpoints are made).
+    weights, moments, opt_step = ckpt.collect_share(engine, rank, world, True)
+    leaves: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object((state_dict_leaves(weights), state_dict_leaves(moments)), leaves, dst=0)
     if rank == 0:
-        result = {"segment": plan["segment"], "step": plan["target_step"], "weights_root": state_dict_root(sd),
-                  "optimizer_root": state_dict_root(opt_sd), "optimizer_step": opt_step, "position_end": position}
+        assert leaves is not None
+        w = {k: v for lw, _ in leaves for k, v in lw.items()}
+        m = {k: v for _, lm in leaves for k, v in lm.items()}
+        result = {"segment": plan["segment"], "step": plan["target_step"], "weights_root": merkle_root(w),
+                  "optimizer_root": merkle_root(m), "optimizer_step": opt_step, "position_end": position}
         a.out.write_text(json.dumps(result))
     dist.barrier()
     return 0

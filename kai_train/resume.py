@@ -1,16 +1,18 @@
-"""Where a run resumes: the last checkpoint that is both in the chain and saved by DeepSpeed.
+"""Where a run resumes: the last checkpoint in the chain, from the signed state it names.
 
-The chain is the source of truth: a checkpoint counts once its statement is appended (after the
-DeepSpeed save and the weights file), so a crash at any moment leaves the last whole checkpoint
-to resume from, and the chain continues without a gap or a duplicate. Checkpoint folders that
-training wrote while the background worker had not yet recorded them (`ds/step-N`,
-`checkpoints/step-N`) are no resume point: the resumed run trains those steps again and rewrites
-them. A torn final line (an interrupted append) is moved aside to `chain.jsonl.torn` before
-appending resumes.
+The chain is the source of truth: a checkpoint counts once its statement is appended (after every
+rank's shard files and sidecars are written), so a crash at any moment leaves the last whole
+checkpoint to resume from, and the chain continues without a gap or a duplicate. The state loaded is
+the one the statement signs (its weights and optimizer shard files: float32 master weights, AdamW
+moments and step count), at any world size and ZeRO stage; no second copy is kept. Checkpoint
+folders and sidecars that training wrote but the chain never recorded are void: `discard_unrecorded`
+removes them before any rank writes again, and the resumed run trains those steps again. A torn final
+line (an interrupted append) is moved aside to `chain.jsonl.torn` before appending resumes.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +29,9 @@ class ResumePoint:
     position: int  # global sampler position reached
     weights_root: str  # canonical digest of the weights at `step`
     genesis_root: str
-    tag: str | None  # DeepSpeed checkpoint tag, None when resuming from genesis (no step done)
-
-
-def ds_tag(step: int) -> str:
-    return f"step-{step:06d}"
+    weights_files: list[str]  # the signed state's shard files (empty when resuming from genesis)
+    optimizer_files: list[str]
+    optimizer_step: int | None
 
 
 def find_resume_point(run_dir: Path) -> ResumePoint | None:
@@ -49,13 +49,36 @@ def find_resume_point(run_dir: Path) -> ResumePoint | None:
     genesis = entries[kinds.index("genesis")].predicate
     ckpts = [e.predicate for e in entries if e.kind == "checkpoint"]
     if not ckpts:
-        return ResumePoint(0, 0, genesis["weights_root"], genesis["weights_root"], None)
-    last = ckpts[-1]
-    tag = ds_tag(int(last["step"]))
-    if not (run_dir / "ds" / tag).is_dir():
-        raise ResumeError(f"{run_dir / 'ds' / tag}: DeepSpeed checkpoint of the last chain checkpoint is missing")
+        return ResumePoint(0, 0, genesis["weights_root"], genesis["weights_root"], [], [], None)
+    last_entry = [e for e in entries if e.kind == "checkpoint"][-1]
+    last = last_entry.predicate
+    opt = last.get("optimizer")
+    if not isinstance(opt, dict):
+        raise ResumeError(f"{chain}: checkpoint at step {last['step']} recorded no optimizer state "
+                          "(attest.optimizer_state=false): it cannot be resumed exactly; start a new run_dir")
+    names = [s["name"] for s in last_entry.statement["subject"]]
+    weights = [n for n in names if n.endswith(".safetensors") and not n.rsplit("/", 1)[1].startswith("optimizer")]
+    optimizer = opt["files"] if "files" in opt else [opt["file"]]
+    for n in weights + optimizer:
+        if not (run_dir / n).is_file():
+            raise ResumeError(f"{run_dir / n}: a file of the last recorded checkpoint is missing")
     return ResumePoint(int(last["step"]), int(last["data_consumed"]["sampler"]["position_end"]),
-                       last["weights_root"], genesis["weights_root"], tag)
+                       last["weights_root"], genesis["weights_root"], weights, optimizer, int(opt["step"]))
+
+
+def discard_unrecorded(run_dir: Path, step: int | None) -> None:
+    """Remove checkpoint folders after `step` (None: no genesis yet, so all of them) and every
+    sidecar: a run killed after writing them but before recording them must not sign them later."""
+    from kai_train.checkpoint import SIDECARS
+
+    shutil.rmtree(run_dir / SIDECARS, ignore_errors=True)
+    for folder in sorted((run_dir / "checkpoints").glob("step-*")):
+        try:
+            n = int(folder.name.removeprefix("step-"))
+        except ValueError:
+            continue
+        if step is None or n > step:
+            shutil.rmtree(folder)
 
 
 def recorded_run_config(run_dir: Path) -> dict | None:

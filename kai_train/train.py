@@ -46,6 +46,7 @@ def fit(cfg: DictConfig) -> None:
     import deepspeed
 
     from attest.digest import sha256_file
+    from kai_train import checkpoint as ckpt
     from kai_train import engine as eng
     from kai_train import genesis
     from kai_train.data import ShardDataset
@@ -53,7 +54,13 @@ def fit(cfg: DictConfig) -> None:
     from kai_train.init import RECIPE, build_genesis_model
     from kai_train.model import ModelConfig
     from kai_train.provenance import Provenance, ProvenanceError
-    from kai_train.resume import ResumeError, config_difference, find_resume_point, recorded_run_config
+    from kai_train.resume import (
+        ResumeError,
+        config_difference,
+        discard_unrecorded,
+        find_resume_point,
+        recorded_run_config,
+    )
     from kai_train.tracking import Tracker
     from kai_train.weights import state_dict_leaves
 
@@ -92,6 +99,7 @@ def fit(cfg: DictConfig) -> None:
             fail(str(e))
         if box[0] is not None and cfg.resume == "never":
             fail(f"{run_dir / 'chain.jsonl'} already holds a genesis; use resume=auto or a new run_dir")
+        discard_unrecorded(run_dir, box[0].step if box[0] is not None else None)  # before any rank writes
     dist.broadcast_object_list(box, src=0)
     resume, recipe_name = box
 
@@ -134,35 +142,39 @@ def fit(cfg: DictConfig) -> None:
             prov.last_root, prov.last_step = resume.weights_root, resume.step
         del sd0
 
-    tag, universal = (resume.tag if resume else None), False
-    if tag is not None and eng.saved_world_size(run_dir / "ds" / tag) != world:
-        tag, universal = eng.prepare_universal(run_dir / "ds", tag), True  # resuming on another world size
-    engine = eng.build_engine(model, OmegaConf.to_container(cfg.deepspeed, resolve=True), train, world, universal)
+    # Resume from the signed state itself (any world size, any ZeRO stage): the same code replay runs.
+    signed = None
+    if resume is not None and resume.step > 0:
+        signed = (ckpt.load_state([run_dir / n for n in resume.weights_files]),
+                  ckpt.load_state([run_dir / n for n in resume.optimizer_files]))
+        model.load_state_dict(signed[0], strict=True)
+    engine = eng.build_engine(model, OmegaConf.to_container(cfg.deepspeed, resolve=True), train, world)
     start, position = 0, 0
-    if resume is not None and tag is not None:
-        engine.load_checkpoint(str(run_dir / "ds"), tag=tag, load_module_strict=True)
+    if signed is not None:
+        ckpt.restore(engine, signed[0], signed[1], resume.optimizer_step, resume.step)
         start, position = resume.step, resume.position
-        log(f"resumed at step {start} (sampler position {position}, world size {world}"
-            + (", from a universal checkpoint)" if universal else ")"))
+        del signed
+        log(f"resumed at step {start} from its signed state (sampler position {position}, world size {world})")
+    writer = ckpt.ShareWriter(run_dir, rank, world, background=bool(cfg.attest.get("background", True)))
     tracker = Tracker(OmegaConf.to_container(cfg.wandb, resolve=True), run_dir, cfg.run_id, resolved,
                       train["steps"], start) if rank == 0 else None
 
     try:
-        train_loop(cfg, train, engine, data, shards, train_ids, eval_ids, mcfg, run_dir, prov, tracker, start, position,
-                   t_start)
+        train_loop(cfg, train, engine, data, shards, train_ids, eval_ids, mcfg, run_dir, prov, writer, tracker, start,
+                   position, t_start)
     except ProvenanceError as e:  # the background worker failed: nothing more may be recorded
         fail(str(e))
     dist.barrier()
 
 
 def train_loop(cfg: DictConfig, train: dict[str, Any], engine, data, shards: list[Path], train_ids: list[int],
-               eval_ids: list[int], mcfg, run_dir: Path, prov, tracker, start: int, position: int, t_start: float) -> None:
+               eval_ids: list[int], mcfg, run_dir: Path, prov, writer, tracker, start: int, position: int,
+               t_start: float) -> None:
     """Steps `start+1 … train.steps`, a checkpoint every `train.ckpt_every`, then release and export."""
     from attest import failpoints
-    from kai_train import engine as eng
     from kai_train.evaluate import held_out_loss
+    from kai_train.checkpoint import collect_share
     from kai_train.provenance import environment, rng_state_digest
-    from kai_train.resume import ds_tag
     from kai_train.step import train_step
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -190,11 +202,12 @@ def train_loop(cfg: DictConfig, train: dict[str, Any], engine, data, shards: lis
             sources, rng = rng_state_digest()
             rngs: list[Any] | None = [None] * world if rank == 0 else None
             dist.gather_object(rng, rngs, dst=0)
-            sd = eng.full_state_dict(engine)
+            # Each rank keeps its share of the float32 master weights and moments; its writer thread
+            # writes and hashes them while training goes on.
+            weights, moments, opt_step = collect_share(engine, rank, world, bool(cfg.attest.optimizer_state))
             failpoints.reached("gathered")
-            opt_sd, opt_step = eng.full_optimizer_state(engine) if cfg.attest.optimizer_state else (None, None)
-            engine.save_checkpoint(str(run_dir / "ds"), tag=ds_tag(step), client_state=eng.client_state(step, position))
-            failpoints.reached("ds-saved")
+            writer.submit(step, weights, moments, opt_step)
+            del weights, moments
             if prov is not None:
                 consumed = {
                     "shards": [str(p.relative_to(run_dir)) for p in shards],
@@ -206,17 +219,19 @@ def train_loop(cfg: DictConfig, train: dict[str, Any], engine, data, shards: lis
                 m = {**metrics, "grad_norm": grad_norm, **{f"eval_{k}": v for k, v in last_eval.items()},
                      "wandb_run": tracker.run_id if tracker else None}
                 extra = {"rng_state": {"sources": sources, "ranks": rngs}, "environment": environment(world)}
-                prov.record_checkpoint(step, sd, consumed, m, opt_sd, opt_step, extra)
-            del sd, opt_sd
+                prov.record_checkpoint(step, world, consumed, m, bool(cfg.attest.optimizer_state), extra)
             seg_start = position
+        writer.check()
         if train["stop_at"] is not None and step >= train["stop_at"]:
             log(f"stopping at step {step} (train.stop_at); continue with resume=auto")
+            writer.close()
             if prov is not None:
                 prov.close()
                 log_recorded(prov, tracker, step)
             if tracker:
                 tracker.finish({})
             return
+    writer.close()  # every rank's shares written before the release is recorded
     if prov is not None and tracker is not None:
         out = prov.record_release()  # exports to run_dir/export first: the release names its files
         log_recorded(prov, tracker, steps)

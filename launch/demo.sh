@@ -25,8 +25,8 @@ Done. Where everything is:
   $RUN_DIR/chain.jsonl         signed, hash-linked provenance chain (one Sigstore bundle per line)
   $RUN_DIR/data/shards/        packed training shards + manifests (data/ingest, data/dedup: earlier stages)
   $RUN_DIR/tokenizer/          sentencepiece model
-  $RUN_DIR/checkpoints/        consolidated safetensors per checkpoint (step-000000 = genesis)
-  $RUN_DIR/ds/                 DeepSpeed checkpoints (for resuming)
+  $RUN_DIR/checkpoints/        signed state per checkpoint, one shard per rank (step-000000 = genesis);
+                               resume and replay load these files
   $RUN_DIR/bundle/             what an evaluator receives; check it with:
                                kai-attest verify $RUN_DIR/bundle --trust $RUN_DIR/keys/signing-key.pub.pem
 MSG

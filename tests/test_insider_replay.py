@@ -44,10 +44,10 @@ def checkpoint(sts: list[dict], step: int) -> dict:
     return next(s for s in sts if s["predicate"]["kind"] == "checkpoint" and s["predicate"]["step"] == step)
 
 
-def leaves_root(path: Path) -> str:
+def leaves_root(*paths: Path) -> str:
     from attest.digest import safetensors_leaves
 
-    return merkle_root(safetensors_leaves([path]))
+    return merkle_root(safetensors_leaves(paths))
 
 
 def perturbed(src: Path, dst: Path, scale: float) -> None:
@@ -67,8 +67,11 @@ def test_signed_start_weights_elsewhere_than_the_usual_path_are_what_replay_star
     usual path keeps the honest weights a path-guessing replay would have used: segment 2→4 fails."""
     src, moved = bundle / "checkpoints/step-000002", bundle / "checkpoints/moved-000002"
     moved.mkdir()
-    perturbed(src / "model.safetensors", moved / "model.safetensors", 1.001)
-    shutil.copy2(src / "optimizer.safetensors", moved / "optimizer.safetensors")
+    for f in src.glob("*.safetensors"):
+        if f.name.startswith("model"):
+            perturbed(f, moved / f.name, 1.001)
+        else:
+            shutil.copy2(f, moved / f.name)
     sign_checkpoint_dir(moved, key)
 
     def move(sts: list[dict]) -> None:
@@ -76,8 +79,9 @@ def test_signed_start_weights_elsewhere_than_the_usual_path_are_what_replay_star
         for s in st["subject"]:
             s["name"] = s["name"].replace("step-000002", "moved-000002")
             s["digest"]["sha256"] = sha256_file(bundle / s["name"])
-        st["predicate"]["weights_root"] = leaves_root(moved / "model.safetensors")
-        st["predicate"]["optimizer"]["file"] = "checkpoints/moved-000002/optimizer.safetensors"
+        st["predicate"]["weights_root"] = leaves_root(*sorted(moved.glob("model*.safetensors")))
+        opt = st["predicate"]["optimizer"]
+        opt["files"] = [n.replace("step-000002", "moved-000002") for n in opt["files"]]
         checkpoint(sts, 4)["predicate"]["parent_root"] = st["predicate"]["weights_root"]
 
     resign(bundle, key, move)
@@ -87,25 +91,33 @@ def test_signed_start_weights_elsewhere_than_the_usual_path_are_what_replay_star
     assert any("(step 2)" in x for x in replay) and any("(step 4)" in x for x in replay), out
 
 
-def test_a_checkpoint_naming_two_weights_files_gives_replay_no_start(bundle, key, capsys) -> None:
-    extra = bundle / "checkpoints/step-000002/model-b.safetensors"
-    shutil.copy2(bundle / "checkpoints/step-000002/model.safetensors", extra)
+def test_a_second_signed_copy_of_a_tensor_gives_replay_no_start(bundle, key, capsys) -> None:
+    """The step-2 statement adds a shard holding other values of tensors its first shard already has:
+    which copy a loader would take is ambiguous, so neither weights-digest nor replay accepts it."""
+    first = sorted((bundle / "checkpoints/step-000002").glob("model*.safetensors"))[0]
+    extra = first.with_name("model-extra.safetensors")
+    perturbed(first, extra, 1.001)
 
     def add(sts: list[dict]) -> None:
-        checkpoint(sts, 2)["subject"].append({"name": "checkpoints/step-000002/model-b.safetensors",
+        checkpoint(sts, 2)["subject"].append({"name": f"checkpoints/step-000002/{extra.name}",
                                               "digest": {"sha256": sha256_file(extra)}})
 
     resign(bundle, key, add)
     rc, out = verify(capsys, bundle)
+    assert any(x.split()[1] == "weights-digest" and "more than one file" in x for x in fails(out)), out
     line = next(x for x in fails(out) if x.split()[1] == "replay" and "(step 4)" in x)
-    assert "exactly one" in line
+    assert "more than one file" in line
 
 
 # ---------------------------------------------------------------- 2. optimizer state is verified
 
 
+def optimizer_shard(bundle: Path) -> Path:
+    return sorted((bundle / "checkpoints/step-000002").glob("optimizer*.safetensors"))[0]
+
+
 def test_made_up_moments_signed_under_the_honest_root_fail_weights_digest(bundle, key, capsys) -> None:
-    opt = bundle / "checkpoints/step-000002/optimizer.safetensors"
+    opt = optimizer_shard(bundle)
     perturbed(opt, opt, 3.0)
     sign_checkpoint_dir(opt.parent, key)
 
@@ -122,7 +134,7 @@ def test_made_up_moments_signed_under_the_honest_root_fail_weights_digest(bundle
 def test_made_up_moments_signed_consistently_fail_replay_at_both_ends_of_the_segment(bundle, key, capsys) -> None:
     """Moments scaled and the optimizer root re-signed: every digest agrees, but segment 0→2 does not
     reach them and segment 2→4 started from them does not reach step 4."""
-    opt = bundle / "checkpoints/step-000002/optimizer.safetensors"
+    opt = optimizer_shard(bundle)
     perturbed(opt, opt, 3.0)
     sign_checkpoint_dir(opt.parent, key)
 
@@ -130,7 +142,7 @@ def test_made_up_moments_signed_consistently_fail_replay_at_both_ends_of_the_seg
         st = checkpoint(sts, 2)
         for s in st["subject"]:
             s["digest"]["sha256"] = sha256_file(bundle / s["name"])
-        st["predicate"]["optimizer"]["root"] = leaves_root(opt)
+        st["predicate"]["optimizer"]["root"] = leaves_root(*sorted(opt.parent.glob("optimizer*.safetensors")))
 
     resign(bundle, key, resha)
     rc, out = verify(capsys, bundle)
@@ -142,10 +154,10 @@ def test_made_up_moments_signed_consistently_fail_replay_at_both_ends_of_the_seg
 
 def test_optimizer_state_named_outside_the_statement_fails(bundle, key, capsys) -> None:
     stray = bundle / "optimizer-elsewhere.safetensors"
-    shutil.copy2(bundle / "checkpoints/step-000002/optimizer.safetensors", stray)
-    resign(bundle, key, lambda sts: checkpoint(sts, 2)["predicate"]["optimizer"].update(file=stray.name))
+    shutil.copy2(optimizer_shard(bundle), stray)
+    resign(bundle, key, lambda sts: checkpoint(sts, 2)["predicate"]["optimizer"].update(files=[stray.name]))
     rc, out = verify(capsys, bundle)
-    assert any(x.split()[1] == "weights-digest" and "optimizer.file" in x for x in fails(out)), out
+    assert any(x.split()[1] == "weights-digest" and "optimizer.files" in x for x in fails(out)), out
     assert any(x.split()[1] == "replay" and "(step 4)" in x and "not a subject" in x for x in fails(out)), out
 
 

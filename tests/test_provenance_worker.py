@@ -1,6 +1,7 @@
-"""Checkpoints recorded off the training loop: one-pass hashing, the background worker's order and
-its equivalence with recording in the loop, a worker failure that surfaces, and the shape checks
-of the per-checkpoint fields (grad norm, RNG state digest, environment)."""
+"""Checkpoints recorded off the training loop: every rank's share written and hashed where it lives,
+one statement over all shares, the background worker's order and its equivalence with recording in
+the loop, a canonical root that does not depend on the world size, a worker failure that surfaces,
+and the shape checks of the per-checkpoint fields (grad norm, RNG state digest, environment)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from attest.digest import PARALLEL_BYTES, DigestError, hash_safetensors, safeten
 from attest.oms import cross_check  # noqa: E402
 from attest.signing import PemSigner, PublicKeyVerifier, keygen  # noqa: E402
 from attest.statements import validate_statement  # noqa: E402
+from kai_train.checkpoint import assign, shard_name, write_share  # noqa: E402
 from kai_train.provenance import Provenance, ProvenanceError, environment, rng_state_digest  # noqa: E402
 from kai_train.weights import save_weights, state_dict_root  # noqa: E402
 
@@ -42,13 +44,24 @@ def key(tmp_path: Path) -> tuple[PemSigner, Path]:
     return PemSigner.from_file(priv), pub
 
 
-def record(run_dir: Path, signer: PemSigner, background: bool, steps: int = 5) -> list[dict]:
+def write_shares(run_dir: Path, step: int, world: int) -> None:
+    """What each of `world` ranks writes for checkpoint `step`: its tensors and their moments."""
+    w, m = weights(step), moments(step)
+    owner = assign({n: t.numel() for n, t in w.items()}, world)
+    for r in range(world):
+        mine = [n for n in w if owner[n] == r]
+        write_share(run_dir, step, r, world, {n: w[n] for n in mine},
+                    {f"{k}/{n}": m[f"{k}/{n}"] for n in mine for k in ("exp_avg", "exp_avg_sq")}, step)
+
+
+def record(run_dir: Path, signer: PemSigner, background: bool, steps: int = 5, world: int = 2) -> list[dict]:
     prov = Provenance(run_dir, signer, "t", background=background)
     prov.record_genesis(weights(0), {"name": "test"}, {})
-    extra = {"rng_state": {"sources": ["torch_cpu"], "ranks": [rng_state_digest()[1]] * 2}, "environment": environment(2)}
+    extra = {"rng_state": {"sources": ["torch_cpu"], "ranks": [rng_state_digest()[1]] * world},
+             "environment": environment(world)}
     for step in range(1, steps + 1):
-        prov.record_checkpoint(step, weights(step), CONSUMED, {"loss": 1.0 / step, "grad_norm": 0.5}, moments(step), step,
-                               extra)
+        write_shares(run_dir, step, world)
+        prov.record_checkpoint(step, world, CONSUMED, {"loss": 1.0 / step, "grad_norm": 0.5}, True, extra)
     prov.record_release()
     prov.close()
     return [e.statement for e in read_chain(run_dir / "chain.jsonl")[0]]
@@ -87,7 +100,8 @@ def test_background_worker_records_what_the_loop_would_in_order(tmp_path: Path, 
         assert pred["optimizer"]["root"] == state_dict_root(moments(step)) and pred["optimizer"]["step"] == step
         folder = tmp_path / "bg" / f"checkpoints/step-{step:06d}"
         subjects = {s["name"]: s["digest"]["sha256"] for s in st["subject"]}
-        assert set(subjects) == {f"checkpoints/step-{step:06d}/{n}" for n in ("model.safetensors", "optimizer.safetensors", "model.sig")}
+        assert set(subjects) == {shard_name(step, k, r, 2) for k in ("model", "optimizer") for r in (0, 1)} | {
+            f"checkpoints/step-{step:06d}/model.sig"}
         for name, sha in subjects.items():
             assert sha256_file(tmp_path / "bg" / name) == sha
         assert [f.ok for f in cross_check(folder / "model.sig", folder, [PublicKeyVerifier.from_file(pub)])] == [True]
@@ -102,14 +116,35 @@ def test_a_worker_failure_stops_recording_and_reaches_the_training_loop(tmp_path
     kept = chain.read_bytes()
     chain.unlink()
     chain.mkdir()  # the next append cannot write the chain
-    prov.record_checkpoint(1, weights(1), CONSUMED, {"loss": 1.0})
+    write_shares(tmp_path, 1, 1)
+    prov.record_checkpoint(1, 1, CONSUMED, {"loss": 1.0})
     with pytest.raises(ProvenanceError, match="checkpoint at step 1 not recorded: IsADirectoryError"):
         prov.flush()
     chain.rmdir()
     chain.write_bytes(kept)
     with pytest.raises(ProvenanceError):  # nothing more is recorded after a failure
-        prov.record_checkpoint(2, weights(2), CONSUMED, {"loss": 1.0})
+        prov.record_checkpoint(2, 1, CONSUMED, {"loss": 1.0})
     assert [e.kind for e in read_chain(chain)[0]] == ["genesis"]
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_the_canonical_roots_do_not_depend_on_how_many_ranks_wrote_the_shares(tmp_path: Path, world: int,
+                                                                              key: tuple[PemSigner, Path]) -> None:
+    two = record(tmp_path / "two", key[0], background=False, steps=2)
+    other = record(tmp_path / "other", key[0], background=False, steps=2, world=world)
+    for a, b in zip(two[1:3], other[1:3]):
+        assert a["predicate"]["weights_root"] == b["predicate"]["weights_root"]
+        assert a["predicate"]["optimizer"]["root"] == b["predicate"]["optimizer"]["root"]
+    names = {s["name"].rsplit("/", 1)[1] for s in other[1]["subject"]}
+    assert sum(n.startswith("model-") for n in names) == world
+
+
+def test_each_rank_holds_about_its_share_of_the_bytes() -> None:
+    sizes = {f"layers.{i}.w": (i % 7 + 1) * 1000 for i in range(64)}
+    for world in (2, 4, 8):
+        owner = assign(sizes, world)
+        load = [sum(sizes[n] for n in sizes if owner[n] == r) for r in range(world)]
+        assert max(load) <= sum(sizes.values()) / world * 1.1 and owner == assign(dict(reversed(sizes.items())), world)
 
 
 def test_rng_state_digest_follows_the_generators() -> None:

@@ -50,7 +50,7 @@ def test_resume_on_one_rank_after_two_continues_the_chain(data_run: Path, tmp_pa
     run = prepared_data(tmp_path / "run", data_run)
     must(torchrun(run, 2, "deepspeed=zero2", *TRAIN_ARGS, *QUIET, "train.stop_at=2"))
     p = must(torchrun(run, 1, "deepspeed=zero2", *TRAIN_ARGS, *QUIET))
-    assert "from a universal checkpoint" in p.stdout
+    assert "resumed at step 2 from its signed state" in p.stdout and "world size 1" in p.stdout
     entries, _ = read_chain(run / "chain.jsonl")
     ckpts = [e.predicate for e in entries if e.kind == "checkpoint"]
     assert [c["data_consumed"]["sampler"]["world_size"] for c in ckpts] == [2, 1]
@@ -74,7 +74,10 @@ def test_export_loads_and_generates(demo_run: Path) -> None:
     from kai_train.generate import generate, load_export
 
     export = demo_run / "export"
-    assert safetensors_root([export / "model.safetensors"]) == release_root(demo_run)
+    shards = sorted(export.glob("model*.safetensors"))  # two ranks wrote the checkpoint: a sharded export
+    assert [f.name for f in shards] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert (export / "model.safetensors.index.json").is_file()
+    assert safetensors_root(shards) == release_root(demo_run)
     model, sp = load_export(export)
     out = generate(model, sp, "a red", max_new_tokens=8)
     # greedy decoding of a 4-step model may stop at eos at once: what it returns must be valid ids
@@ -134,8 +137,8 @@ def test_replay_catches_a_checkpoint_swapped_for_weights_of_another_run(demo_run
     must(torchrun(other, 2, "deepspeed=zero2", *TRAIN_ARGS, *QUIET, "train.holdout_every=7"))
     b = Path(shutil.copytree(demo_run / "bundle", tmp_path / "bundle"))
     dst = b / "checkpoints/step-000002"
-    for f in ("model.safetensors", "optimizer.safetensors"):
-        shutil.copy2(other / "checkpoints/step-000002" / f, dst / f)
+    for f in (other / "checkpoints/step-000002").glob("*.safetensors"):
+        shutil.copy2(f, dst / f.name)
     sign_checkpoint_dir(dst, demo_run / "keys/signing-key.pem")
     swapped = next(e.predicate for e in read_chain(other / "chain.jsonl")[0] if e.kind == "checkpoint")
 

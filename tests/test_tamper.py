@@ -40,7 +40,7 @@ def failed_checks(b: Path, *extra: str) -> set[str]:
 
 
 def test_flipped_byte_in_a_checkpoint_fails_subject_and_weights_digest(bundle: Path) -> None:
-    f = bundle / "checkpoints/step-000002/model.safetensors"
+    f = bundle / "checkpoints/step-000002/model-00000-of-00002.safetensors"
     data = bytearray(f.read_bytes())
     data[-10] ^= 0x01
     f.write_bytes(bytes(data))
@@ -126,12 +126,12 @@ def test_insider_changes_the_seed_in_genesis_only_fails_genesis(demo_run: Path, 
 
 
 def test_missing_checkpoint_file_fails_subject_digest(bundle: Path) -> None:
-    (bundle / "checkpoints/step-000004/model.safetensors").unlink()
+    (bundle / "checkpoints/step-000004/model-00001-of-00002.safetensors").unlink()
     assert "subject-digest" in failed_checks(bundle)
 
 
 def test_symlinked_subject_is_refused(bundle: Path, tmp_path: Path) -> None:
-    f = bundle / "checkpoints/step-000002/model.safetensors"
+    f = bundle / "checkpoints/step-000002/model-00000-of-00002.safetensors"
     outside = tmp_path / "outside.safetensors"
     shutil.move(f, outside)
     f.symlink_to(outside)

@@ -55,20 +55,36 @@ def set_subject(st: dict, name: str, b: Path) -> None:
             s["digest"]["sha256"] = sha256_file(b / name)
 
 
+def weight_files(b: Path, step: int) -> list[Path]:
+    """The weights of checkpoint `step`: one file (genesis) or one shard per rank."""
+    return sorted((b / f"checkpoints/step-{step:06d}").glob("model*.safetensors"))
+
+
 def replace_weights(b: Path, key: Path, step: int, sd: dict) -> str:
-    """Write `sd` as the weights of checkpoint `step`, re-sign its OMS signature; returns the new root."""
+    """Write `sd` as the weights of checkpoint `step` in its existing files (each keeps its tensors),
+    re-sign its OMS signature; returns the new root."""
+    from safetensors import safe_open
+
     from kai_train.weights import save_weights, state_dict_leaves
 
-    folder = b / f"checkpoints/step-{step:06d}"
-    save_weights(sd, folder / "model.safetensors")
-    sign_checkpoint_dir(folder, key)
+    for f in weight_files(b, step):
+        with safe_open(str(f), "pt") as h:
+            names = list(h.keys())
+        save_weights({n: sd[n] for n in names}, f)
+    sign_checkpoint_dir(b / f"checkpoints/step-{step:06d}", key)
     return merkle_root(state_dict_leaves(sd))
 
 
-def load(b: Path, step: int) -> dict:
-    from safetensors.torch import load_file
+def resubject(st: dict, b: Path) -> None:
+    """Every subject's digest from its file as it is now."""
+    for s in st["subject"]:
+        s["digest"]["sha256"] = sha256_file(b / s["name"])
 
-    return load_file(str(b / f"checkpoints/step-{step:06d}/model.safetensors"))
+
+def load(b: Path, step: int) -> dict:
+    from kai_train.checkpoint import load_state
+
+    return load_state(weight_files(b, step))
 
 
 def test_insider_borrows_a_trained_vision_encoder_for_genesis_and_genesis_names_its_tensors(bundle, key, capsys) -> None:
@@ -83,8 +99,7 @@ def test_insider_borrows_a_trained_vision_encoder_for_genesis_and_genesis_names_
 
     def borrow(sts: list[dict]) -> None:
         (g,) = of_kind(sts, "genesis")
-        for name in ("checkpoints/step-000000/model.safetensors", "checkpoints/step-000000/model.sig"):
-            set_subject(g, name, bundle)
+        resubject(g, bundle)
         g["predicate"]["weights_root"] = root
         for n, t in g["predicate"]["tensors"].items():
             t["digest"] = leaves[n]
@@ -109,8 +124,7 @@ def test_insider_swaps_weights_at_a_middle_checkpoint_and_trajectory_flags_the_j
 
     def swap(sts: list[dict]) -> None:
         first, second = of_kind(sts, "checkpoint")
-        for name in ("checkpoints/step-000002/model.safetensors", "checkpoints/step-000002/model.sig"):
-            set_subject(first, name, bundle)
+        resubject(first, bundle)
         first["predicate"]["weights_root"] = root
         second["predicate"]["parent_root"] = root
 
@@ -242,11 +256,13 @@ def test_release_naming_a_different_step_fails_release(bundle, key, capsys) -> N
 
 
 def test_export_that_is_not_the_last_checkpoint_fails_release(bundle, capsys) -> None:
-    shutil.copy(bundle / "checkpoints/step-000002/model.safetensors", bundle / "export/model.safetensors")
+    for old, new in zip(weight_files(bundle, 2), sorted((bundle / "export").glob("model*.safetensors"))):
+        shutil.copy(old, new)
     failed, out = failed_checks(capsys, bundle)
     # the export is a subject of the release and listed by its model-signing signature: all three say so
     assert failed == {"release", "subject-digest", "weights-digest", "oms-signature"}, out
-    assert "FAIL  release           export/model.safetensors: expected root" in out
+    assert "FAIL  release           export/model-00001-of-00002.safetensors,export/model-00002-of-00002.safetensors: " \
+           "expected root" in out
 
 
 def test_subject_naming_a_path_outside_the_bundle_is_refused(bundle, key, capsys) -> None:

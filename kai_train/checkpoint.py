@@ -1,0 +1,208 @@
+"""Sharded, signed checkpoints: every rank writes and hashes its share; the signed state is the state
+training continues from.
+
+Layout of one checkpoint (docs/bundle-format.md "Checkpoint shards"):
+
+    checkpoints/step-NNNNNN/model-RRRRR-of-WWWWW.safetensors      float32 master weights of rank R's tensors
+    checkpoints/step-NNNNNN/optimizer-RRRRR-of-WWWWW.safetensors  their AdamW moments (exp_avg/…, exp_avg_sq/…)
+
+Each tensor has one owner rank (`assign`: whole tensors, balanced by bytes, a pure function of the
+names, shapes and world size), so each rank holds, writes and hashes about 1/world of the state
+(plus the largest tensor, transiently, while a collective assembles it). A tensor's leaf digest does
+not depend on which file holds it, so the canonical root is the same at any world size and ZeRO
+stage. Rank R reports its files' sha256 and leaves in a small sidecar
+(`.provenance/step-NNNNNN/rank-RRRRR.json`, written last and atomically); rank 0's provenance worker
+signs the checkpoint once every rank's sidecar is there. DeepSpeed's own checkpoint is not written:
+resume (and replay) load these files (`load_state`, `restore`), so the one copy stored is the
+signed one: 12 bytes per parameter (4 for the weights, 8 for the two moments).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attest import failpoints
+from attest.digest import hash_safetensors
+from kai_train.weights import save_weights
+
+SIDECARS = ".provenance"
+
+
+def folder(step: int) -> str:
+    return f"checkpoints/step-{step:06d}"
+
+
+def shard_name(step: int, kind: str, rank: int, world: int) -> str:
+    """`kind` is "model" or "optimizer"."""
+    return f"{folder(step)}/{kind}-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def sidecar(run_dir: Path, step: int, rank: int) -> Path:
+    return run_dir / SIDECARS / f"step-{step:06d}" / f"rank-{rank:05d}.json"
+
+
+def assign(sizes: Mapping[str, int], world: int) -> dict[str, int]:
+    """Owner rank of each tensor: largest first, each to the least-loaded rank (ties: lowest rank).
+    Deterministic, so every rank computes the same map without communicating."""
+    load = [0] * world
+    owner: dict[str, int] = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        owner[name] = r
+        load[r] += sizes[name]
+    return owner
+
+
+def _link(engine) -> None:
+    from kai_train.engine import _link_optimizer_state
+
+    _link_optimizer_state(engine)
+
+
+def collect_share(engine, rank: int, world: int, with_optimizer: bool
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int | None]:
+    """This rank's share of the float32 master weights and AdamW moments, as CPU tensors.
+
+    Collective: every rank calls it and walks the parameters in the same (sorted) order; each
+    tensor is assembled by DeepSpeed (`safe_get_full_fp32_param` / `safe_get_full_optimizer_state`)
+    and kept only by its owner. Peak memory per rank: its share plus the largest tensor."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    params = dict(sorted(engine.module.named_parameters()))
+    owner = assign({n: p.ds_numel if hasattr(p, "ds_numel") else p.numel() for n, p in params.items()}, world)
+    if with_optimizer:
+        _link(engine)
+    weights: dict[str, torch.Tensor] = {}
+    moments: dict[str, torch.Tensor] = {}
+    for name, p in params.items():
+        mine = owner[name] == rank
+        full = safe_get_full_fp32_param(p)
+        if full is None:  # no DeepSpeed optimizer wraps it (not reached with our engine)
+            full = p.detach()
+        if mine:
+            weights[name] = full.detach().to("cpu", torch.float32).clone()
+        del full
+        if with_optimizer:
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = safe_get_full_optimizer_state(p, key)
+                if mine:
+                    moments[f"{key}/{name}"] = t.detach().to("cpu", torch.float32).clone()
+                del t
+    opt_step = None
+    if with_optimizer:
+        steps = {int(s["step"]) for s in engine.optimizer.optimizer.state.values() if "step" in s}
+        if len(steps) > 1:
+            raise RuntimeError(f"optimizer parameter groups disagree on the step count: {sorted(steps)}")
+        opt_step = steps.pop() if steps else 0
+    return weights, moments, opt_step
+
+
+def write_share(run_dir: Path, step: int, rank: int, world: int, weights: Mapping[str, torch.Tensor],
+                moments: Mapping[str, torch.Tensor], opt_step: int | None) -> dict[str, Any]:
+    """Write this rank's shard files atomically, hash them in the same pass, then the sidecar."""
+    out: dict[str, Any] = {"rank": rank, "world": world, "files": {}, "leaves": {}, "optimizer_leaves": {},
+                           "optimizer_step": opt_step}
+    (run_dir / folder(step)).mkdir(parents=True, exist_ok=True)
+    for kind, tensors, key in (("model", weights, "leaves"), ("optimizer", moments, "optimizer_leaves")):
+        if kind == "optimizer" and opt_step is None:
+            continue
+        name = shard_name(step, kind, rank, world)
+        save_weights(tensors, run_dir / name)
+        failpoints.reached("shard-written")
+        sha, leaves = hash_safetensors(run_dir / name)
+        out["files"][name] = sha
+        out[key].update(leaves)
+    side = sidecar(run_dir, step, rank)
+    side.parent.mkdir(parents=True, exist_ok=True)
+    tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(out, sort_keys=True))
+    os.replace(tmp, side)  # the sidecar appears whole or not at all
+    return out
+
+
+class ShareWriter:
+    """A per-rank background thread that writes and hashes this rank's shares in step order, so the
+    training loop only pays for assembling the tensors. `drain()` waits for every pending write;
+    a failure is raised there (or by `check()`), never swallowed."""
+
+    def __init__(self, run_dir: Path, rank: int, world: int, background: bool = True) -> None:
+        self.run_dir, self.rank, self.world, self.background = run_dir, rank, world, background
+        self._jobs: queue.Queue[tuple[int, dict, dict, int | None] | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name=f"kai-share-writer-{rank}", daemon=True)
+        if background:
+            self._thread.start()
+
+    def submit(self, step: int, weights: dict, moments: dict, opt_step: int | None) -> None:
+        self.check()
+        if not self.background:
+            write_share(self.run_dir, step, self.rank, self.world, weights, moments, opt_step)
+            return
+        self._jobs.put((step, weights, moments, opt_step))
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"rank {self.rank}: checkpoint shard not written: {self._error}")
+
+    def drain(self) -> None:
+        if self.background:
+            self._jobs.join()
+        self.check()
+
+    def close(self) -> None:
+        if self.background and self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+        self.check()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                if self._error is None:
+                    write_share(self.run_dir, *job[:1], self.rank, self.world, *job[1:])
+            except BaseException as e:  # noqa: BLE001 - reaches the training loop through check()
+                self._error = e
+            finally:
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+
+def load_state(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """Merge the tensors of several safetensors shard files (weights or moments)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for path in paths:
+        part = load_file(str(path))
+        dup = set(part) & set(out)
+        if dup:
+            raise ValueError(f"{path}: tensor {sorted(dup)[0]} is also in another shard")
+        out.update(part)
+    return out
+
+
+def restore(engine, weights: Mapping[str, torch.Tensor], moments: Mapping[str, torch.Tensor] | None,
+            opt_step: int | None, step: int) -> None:
+    """Put a signed state into a fresh engine: float32 master weights, AdamW moments and step count,
+    and the lr schedule advanced to `step`. What resume and replay both run."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    from kai_train.engine import load_full_optimizer_state
+
+    params = dict(engine.module.named_parameters())
+    if set(params) != set(weights):
+        raise ValueError(f"signed weights name {len(weights)} tensors, the model has {len(params)}")
+    for name, p in params.items():  # the master copy: under bf16 the module holds rounded copies
+        safe_set_full_fp32_param(p, weights[name].to(torch.float32))
+    if moments is not None:
+        load_full_optimizer_state(engine, dict(moments), int(opt_step or 0))
+    for _ in range(step):
+        engine.lr_scheduler.step()
