@@ -1,14 +1,14 @@
-# Two commands for a fresh machine: `make demo` and `make test`.
+# Two commands for a fresh machine: `make demo` and `make test` (`make test-fast`: the quick tier).
 VENV   ?= .venv
 PYTHON ?= python3
 BIN    := $(VENV)/bin
-# The evaluator's light install: `pip install .` without extras (no torch), for `make test-light`.
+# The evaluator's light install: `pip install .` without extras (no torch); the light tests verify with it.
 LIGHT  ?= .venv-light
 # torch is pinned: on machines with a local CPU wheel of this version pip takes it; elsewhere the
 # normal build comes from PyPI. Override with `make TORCH_VERSION=...`.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test test-light install clean
+.PHONY: demo test test-fast test-light install clean
 
 install: $(VENV)/.installed
 
@@ -21,18 +21,23 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" bash launch/demo.sh
 
-test: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -ra
+# The whole suite, the light-install tier included (it reuses the session's trained demo bundle).
+test: install $(LIGHT)/.installed
+	PATH="$(abspath $(BIN)):$$PATH" KAI_LIGHT_VENV="$(abspath $(LIGHT))" $(BIN)/python -m pytest -q -ra
+
+# The edit-test loop: everything but the real torchrun/DeepSpeed trainings (about two minutes).
+test-fast: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -ra -m "not slow"
 
 # Rebuilt when the packaging or any installed source changes (a non-editable install copies them).
 $(LIGHT)/.installed: pyproject.toml Makefile $(wildcard attest/*.py kai_train/*.py data_pipelines/*.py)
 	test -x $(LIGHT)/bin/python || $(PYTHON) -m venv $(LIGHT)
-	$(LIGHT)/bin/pip install -q . pytest hypothesis
+	$(LIGHT)/bin/pip install -q .
 	$(LIGHT)/bin/pip install -q --no-deps --force-reinstall .
 	@! $(LIGHT)/bin/python -c "import torch" 2>/dev/null || { echo "$(LIGHT): torch got installed; the light install must not need it"; exit 1; }
 	touch $@
 
-# The torch-free tier: the main venv trains a demo bundle, the light venv verifies it (tests -m light).
+# The torch-free tier alone: the main venv trains a demo bundle, the light venv verifies it (tests -m light).
 test-light: install $(LIGHT)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" KAI_LIGHT_VENV="$(abspath $(LIGHT))" $(BIN)/python -m pytest -q -ra -m light
 
