@@ -265,14 +265,15 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
 
 def _apply_required(findings: list[Finding], policy: Policy, whole: bool = True,
                     asked: tuple[str, ...] = (), gated: set[str] | None = None) -> list[Finding]:
-    """A skipped check that the policy requires, or that the evaluator asked for (`asked`: --replay,
-    --replay-data), becomes a failure; when every check ran (`whole`), a required check that produced
+    """A check that the policy requires, or that the evaluator asked for (`asked`: --replay,
+    --replay-data), and that only skipped becomes a failure; when every check ran (`whole`), a required check that produced
     no finding at all fails too (a typo in a policy, say). `gated` checks were held back because the
     signatures failed: the verdict already fails, they stay skips."""
     required = policy.required + tuple(c for c in asked if c not in policy.required)
+    judged = {f.check for f in findings if not f.skipped}  # ran: a skipped part (one segment, say) is explained there
     out = []
     for f in findings:
-        if f.skipped and f.check in required and f.check not in (gated or ()):
+        if f.skipped and f.check in required and f.check not in (gated or ()) and f.check not in judged:
             why = "asked for on the command line" if f.check in asked and f.check not in policy.required else "required by policy"
             f = Finding(f.check, False, f.file, f"the check to run ({why})", f"skipped: {f.detail}")
         out.append(f)
