@@ -13,7 +13,7 @@ not depend on which file holds it, so the canonical root is the same at any worl
 stage. Rank R reports its files' sha256 and leaves in a small sidecar
 (`.provenance/step-NNNNNN/rank-RRRRR.json`, written last and atomically); rank 0's provenance worker
 signs the checkpoint once every rank's sidecar is there. DeepSpeed's own checkpoint is not written:
-resume (and replay) load these files (`load_state`, `restore`), so the one copy stored is the
+resume (and replay) load these files (`SignedTensors`, `restore`), so the one copy stored is the
 signed one: 12 bytes per parameter (4 for the weights, 8 for the two moments).
 """
 
@@ -23,7 +23,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -175,34 +175,54 @@ class ShareWriter:
         self._jobs.task_done()
 
 
-def load_state(paths: list[Path]) -> dict[str, torch.Tensor]:
-    """Merge the tensors of several safetensors shard files (weights or moments)."""
-    from safetensors.torch import load_file
+class SignedTensors(Mapping[str, torch.Tensor]):
+    """The tensors of a signed state split over shard files, read one tensor at a time (resume and
+    replay never hold more than one tensor of it). A tensor in two files is refused."""
 
-    out: dict[str, torch.Tensor] = {}
-    for path in paths:
-        part = load_file(str(path))
-        dup = set(part) & set(out)
-        if dup:
-            raise ValueError(f"{path}: tensor {sorted(dup)[0]} is also in another shard")
-        out.update(part)
-    return out
+    def __init__(self, paths: list[Path]) -> None:
+        from safetensors import safe_open
+
+        self.where: dict[str, Path] = {}
+        for path in paths:
+            with safe_open(str(path), "pt") as f:
+                for name in f.keys():
+                    if name in self.where:
+                        raise ValueError(f"{path}: tensor {name} is also in {self.where[name]}")
+                    self.where[name] = path
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.where[name]), "pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def values(self, name: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:  # type: ignore[override]
+        """kai_train.engine.Values: elements [start, stop) of a tensor, float32, flat."""
+        t = self[name]
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{self.where[name]}: tensor {name} has shape {tuple(t.shape)}, the model {tuple(shape)}")
+        return t.to(torch.float32).reshape(-1)[start:stop]
 
 
-def restore(engine, weights: Mapping[str, torch.Tensor], moments: Mapping[str, torch.Tensor] | None,
-            opt_step: int | None, step: int) -> None:
-    """Put a signed state into a fresh engine: float32 master weights, AdamW moments and step count,
-    and the lr schedule advanced to `step`. What resume and replay both run."""
-    from deepspeed.utils import safe_set_full_fp32_param
+def restore(engine, weights: SignedTensors, moments: Mapping[str, torch.Tensor] | None, opt_step: int | None,
+            step: int) -> None:
+    """Put a signed state into a fresh engine: float32 master weights (and the module's copies), AdamW
+    moments and step count, and the lr schedule advanced to `step`. What resume and replay both run;
+    under ZeRO-3 each rank reads only the slices of its partitions."""
+    from kai_train.engine import fill, load_full_optimizer_state
 
-    from kai_train.engine import load_full_optimizer_state
-
-    params = dict(engine.module.named_parameters())
-    if set(params) != set(weights):
-        raise ValueError(f"signed weights name {len(weights)} tensors, the model has {len(params)}")
-    for name, p in params.items():  # the master copy: under bf16 the module holds rounded copies
-        safe_set_full_fp32_param(p, weights[name].to(torch.float32))
+    params = {n for n, _ in engine.module.named_parameters()}
+    if params != set(weights):
+        raise ValueError(f"signed weights name {len(weights)} tensors, the model has {len(params)}: "
+                         f"{sorted(params ^ set(weights))[:3]}")
+    fill(engine, weights.values)
     if moments is not None:
-        load_full_optimizer_state(engine, dict(moments), int(opt_step or 0))
+        load_full_optimizer_state(engine, moments, int(opt_step or 0))
     for _ in range(step):
         engine.lr_scheduler.step()

@@ -8,10 +8,12 @@ clipping), so each default has one home.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from attest.schedule import lr_lambda
@@ -43,7 +45,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices; leave norms gains, biases and 1-D embeddings undecayed."""
     decay, no_decay = [], []
     for _, p in sorted(model.named_parameters()):
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        dims = len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()  # ZeRO-3 partitions are flat
+        (decay if dims >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -60,7 +63,7 @@ def build_engine(model: nn.Module, zero: dict[str, Any], train: dict[str, Any], 
     return engine
 
 
-def load_full_optimizer_state(engine, state: dict[str, torch.Tensor], step: int) -> None:
+def load_full_optimizer_state(engine, state: "Mapping[str, torch.Tensor]", step: int) -> None:
     """Scatter consolidated moments (`exp_avg/<name>`, `exp_avg_sq/<name>`) into the ZeRO partitions."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
@@ -91,3 +94,49 @@ def _link_optimizer_state(engine) -> None:
     if hasattr(z, "_hp_optimizer_states_linked"):
         z._hp_optimizer_states_linked = False
         z._lazy_init_hp_params_optimizer_state()
+
+
+def zero_stage(zero: dict[str, Any]) -> int:
+    return int((zero.get("zero_optimization") or {}).get("stage", 0))
+
+
+def build_model(mcfg, zero: dict[str, Any], train: dict[str, Any], world_size: int) -> nn.Module:
+    """The model, its parameters not yet holding any meaningful value (`fill` writes them). Under
+    ZeRO-3 it is partitioned while it is built (deepspeed.zero.Init): a rank allocates its partition
+    of each parameter and, transiently, one module's parameters; never the model."""
+    from kai_train.model import MultimodalLM
+
+    if zero_stage(zero) != 3:
+        return MultimodalLM(mcfg)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config(zero, train, world_size), dtype=torch.float32):
+        return MultimodalLM(mcfg)
+
+
+Values = Callable[[str, tuple[int, ...], int, int], torch.Tensor]  # (name, shape, start, stop) -> float32 1-D
+
+
+def fill(engine, values: Values) -> None:
+    """Write float32 values into every parameter: the module copy (what the forward pass uses; bf16
+    under mixed precision) and the optimizer's fp32 master copy (what training continues from and
+    what checkpoints sign). Under ZeRO 1/2 each rank writes whole tensors (parameters are
+    replicated); under ZeRO-3 only its own partition, so `values` is asked for that slice alone."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+    rank = dist.get_rank()
+    for name, p in sorted(engine.module.named_parameters()):
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: elements [rank*size, (rank+1)*size) of the flat tensor, padded
+            size = p.ds_tensor.numel()
+            start, stop = min(rank * size, p.ds_numel), min((rank + 1) * size, p.ds_numel)
+            local = torch.zeros(size, dtype=torch.float32, device=p.ds_tensor.device)
+            if stop > start:
+                local[: stop - start] = values(name, tuple(p.ds_shape), start, stop).to(local.device)
+            with torch.no_grad():
+                p.ds_tensor.copy_(local)
+                if p.data.numel() == p.ds_numel:  # a persistent (small) parameter also kept whole on every rank
+                    p.data.copy_(values(name, tuple(p.ds_shape), 0, p.ds_numel).view(p.ds_shape).to(p.device))
+            safe_set_local_fp32_param(p, local)
+        else:
+            full = values(name, tuple(p.shape), 0, p.numel()).view(p.shape)
+            with torch.no_grad():
+                p.copy_(full)
+            safe_set_full_fp32_param(p, full.to(p.device))

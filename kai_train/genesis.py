@@ -9,18 +9,16 @@ them one tensor at a time, so memory stays bounded by the largest tensor.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from attest.chain import read_chain
 from attest.digest import tensor_digest
 from kai_train import init, initspec
 from kai_train.model import ModelConfig
 from kai_train.modelspec import param_count as param_count_of
-from kai_train.weights import TORCH_TO_ST
 
 DERIVER = "kai_train.genesis:derive"
 
@@ -66,9 +64,7 @@ def derive(rec: dict[str, Any]) -> Iterator[tuple[str, str]]:
         yield name, tensor_digest(name, dtype, shape, [data])
 
 
-def tensor_table(sd: dict[str, torch.Tensor], leaves: dict[str, str], rules: dict[str, str]) -> dict[str, Any]:
-    """Per-tensor record for the genesis statement: dtype, shape, init rule, leaf digest."""
-    return {
-        n: {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "rule": rules.get(n, ""), "digest": leaves[n]}
-        for n, t in sorted(sd.items())
-    }
+def tensor_table(shapes: Mapping[str, tuple[int, ...]], leaves: dict[str, str], rules: dict[str, str]) -> dict[str, Any]:
+    """Per-tensor record for the genesis statement: dtype (float32), shape, init rule, leaf digest."""
+    return {n: {"dtype": "F32", "shape": list(shapes[n]), "rule": rules.get(n, ""), "digest": leaves[n]}
+            for n in sorted(shapes)}

@@ -194,6 +194,17 @@ def genesis_tensors(
         yield name, dtype, shape, bytes(tensor_bytes(t))
 
 
+def genesis_values(seed: int, rules: dict[str, str], recipe: str = RECIPE, device: str | torch.device = "cpu"):
+    """kai_train.engine.Values of the genesis: any slice of any tensor's initial value. kai-init/v2
+    generates just that slice on `device`; kai-init/v1 (kept to resume older runs) makes the tensor."""
+    def values(name: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+        if recipe == RECIPE_V2:
+            return init_slice(seed, name, shape, rules[name], start, stop, device)
+        return init_tensor(seed, name, shape, rules[name], recipe).reshape(-1)[start:stop]
+
+    return values
+
+
 def build_genesis_model(cfg: ModelConfig, seed: int, recipe: str = RECIPE,
                         device: str | torch.device | None = None) -> tuple[MultimodalLM, dict[str, str]]:
     """A float32 CPU model holding the genesis weights, and the rules that made them; kai-init/v2

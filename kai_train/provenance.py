@@ -46,8 +46,8 @@ from attest.oms import SIGNATURE_NAME as OMS_SIGNATURE
 from attest.oms import sign_checkpoint_dir
 from attest.signing import Signer
 from attest.statements import subject
+from kai_train.checkpoint import folder as ckpt_folder
 from kai_train.genesis import tensor_table
-from kai_train.weights import save_weights
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CODE_DIRS = ("attest", "data_pipelines", "kai_train", "conf")
@@ -60,14 +60,6 @@ RNG_DOMAIN = b"kai-rng/v1\n"
 
 class ProvenanceError(RuntimeError):
     """Recording a statement failed; the message names the checkpoint and the problem."""
-
-
-def weights_name(step: int) -> str:
-    return f"checkpoints/step-{step:06d}/model.safetensors"
-
-
-def optimizer_name(step: int) -> str:
-    return f"checkpoints/step-{step:06d}/optimizer.safetensors"
 
 
 def code_digest() -> str:
@@ -204,13 +196,18 @@ class Provenance:
         )
 
     @_blocking
-    def record_genesis(self, sd: Mapping[str, torch.Tensor], recipe: dict[str, Any], rules: dict[str, str]) -> str:
-        """Written, hashed and recorded before step 1 (not in the background)."""
+    def record_genesis(self, world: int, recipe: dict[str, Any], rules: dict[str, str],
+                       shapes: Mapping[str, tuple[int, ...]]) -> str:
+        """Recorded before step 1 (not in the background), once every rank's share of the initial
+        weights is written and hashed (kai_train.checkpoint.write_share at step 0)."""
         self._wait()
-        self._write(0, sd, None)
-        subs, leaves, _ = self._hash_and_sign(0, False)
+        shares = self._shares(0, world)
+        digests = {n: sha for sh in shares for n, sha in sh["files"].items()}
+        leaves = {n: leaf for sh in shares for n, leaf in sh["leaves"].items()}
         root = merkle_root(leaves)
-        self.chain.append("genesis", subs, {"recipe": recipe, "weights_root": root, "tensors": tensor_table(sd, leaves, rules)})
+        subs = self._signed_subjects(0, digests)
+        self.chain.append("genesis", subs, {"recipe": recipe, "weights_root": root,
+                                            "tensors": tensor_table(shapes, leaves, rules)})
         self.last_root = root
         return root
 
@@ -264,33 +261,11 @@ class Provenance:
 
     # --- files and the worker's side -----------------------------------------------------------
 
-    def _write(self, step: int, sd: Mapping[str, torch.Tensor], optimizer: Mapping[str, torch.Tensor] | None) -> None:
-        folder = (self.run_dir / weights_name(step)).parent
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(".*.tmp"):  # left by a write a crash interrupted; not part of the checkpoint
-            stale.unlink()
-        save_weights(sd, self.run_dir / weights_name(step))
-        failpoints.reached("weights-saved")
-        if optimizer is not None:  # consolidated AdamW moments: what a replay of the next segment starts from
-            save_weights(optimizer, self.run_dir / optimizer_name(step))
-
-    def _hash_and_sign(self, step: int, with_optimizer: bool) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, str] | None]:
-        """Subjects, weight leaves and optimizer leaves of a folder rank 0 wrote whole (the genesis):
-        each file is read once; the OMS signature reuses those sha256s."""
-        names = [weights_name(step)] + ([optimizer_name(step)] if with_optimizer else [])
-        digests, leaves = {}, []
-        for name in names:
-            sha, lv = hash_safetensors(self.run_dir / name)
-            digests[name] = sha
-            leaves.append(lv)
-        failpoints.reached("checkpoint-hashed")
-        return self._signed_subjects(step, digests), leaves[0], (leaves[1] if with_optimizer else None)
-
     def _signed_subjects(self, step: int, digests: dict[str, str]) -> list[dict[str, Any]]:
         """Subjects for the files of checkpoint folder `step` (name -> sha256), plus its OMS signature."""
         subjects = [subject(name, sha) for name, sha in sorted(digests.items())]
         if self.oms:
-            folder = (self.run_dir / weights_name(step)).parent
+            folder = self.run_dir / ckpt_folder(step)
             failpoints.reached("before-oms")
             known = {name.rsplit("/", 1)[1]: sha for name, sha in digests.items()}
             sig = sign_checkpoint_dir(folder, self.chain.signer, known=known)
@@ -298,27 +273,27 @@ class Provenance:
             subjects.append(subject(str(sig.relative_to(self.run_dir)), sha256_file(sig)))
         return subjects
 
-    def _shares(self, job: _Checkpoint) -> list[dict[str, Any]]:
-        """Every rank's sidecar for this checkpoint (kai_train.checkpoint.write_share), waiting for them."""
+    def _shares(self, step: int, world: int) -> list[dict[str, Any]]:
+        """Every rank's sidecar for checkpoint `step` (kai_train.checkpoint.write_share), waiting for them."""
         from kai_train.checkpoint import sidecar
 
-        paths = [sidecar(self.run_dir, job.step, r) for r in range(job.world)]
+        paths = [sidecar(self.run_dir, step, r) for r in range(world)]
         deadline = time.monotonic() + SHARE_TIMEOUT_S
         while not all(p.exists() for p in paths):
             if time.monotonic() > deadline:
                 missing = [str(p) for p in paths if not p.exists()]
-                raise ProvenanceError(f"checkpoint at step {job.step}: no share from {missing} after {SHARE_TIMEOUT_S:.0f} s")
+                raise ProvenanceError(f"checkpoint at step {step}: no share from {missing} after {SHARE_TIMEOUT_S:.0f} s")
             time.sleep(0.02)
         shares = [json.loads(p.read_text()) for p in paths]
         for r, sh in enumerate(shares):
-            if sh.get("rank") != r or sh.get("world") != job.world:
+            if sh.get("rank") != r or sh.get("world") != world:
                 raise ProvenanceError(f"{paths[r]}: a share of rank {sh.get('rank')} of {sh.get('world')}, "
-                                      f"expected rank {r} of {job.world}")
+                                      f"expected rank {r} of {world}")
         return shares
 
     def _record_checkpoint(self, job: _Checkpoint) -> None:
         t0 = time.perf_counter()
-        shares = self._shares(job)
+        shares = self._shares(job.step, job.world)
         digests: dict[str, str] = {}
         leaves: dict[str, str] = {}
         opt_leaves: dict[str, str] = {}

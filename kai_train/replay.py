@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from kai_train import engine as eng
     from kai_train.data import ShardDataset
     from kai_train.evaluate import split_rows
-    from kai_train.model import ModelConfig, MultimodalLM
+    from kai_train.model import ModelConfig
     from kai_train.step import train_step
     from kai_train.weights import state_dict_leaves
 
@@ -54,14 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(True, warn_only=True)
     train, start = plan["train"], plan["start"]
     mcfg = ModelConfig.from_dict(plan["model"])
-    model = MultimodalLM(mcfg)
-    weights = ckpt.load_state([Path(p) for p in start["weights"]])
-    moments = ckpt.load_state([Path(p) for p in start["optimizer"]]) if start.get("optimizer") else None
-    model.load_state_dict(weights, strict=True)
+    model = eng.build_model(mcfg, plan["deepspeed"], train, world)  # partitioned as built under ZeRO-3
     model.grad_checkpointing = bool(train["activation_checkpointing"])
     engine = eng.build_engine(model, plan["deepspeed"], train, world)
-    ckpt.restore(engine, weights, moments, start.get("optimizer_step"), start["step"])  # what resume runs too
-    del weights, moments
+    moments = ckpt.SignedTensors([Path(p) for p in start["optimizer"]]) if start.get("optimizer") else None
+    ckpt.restore(engine, ckpt.SignedTensors([Path(p) for p in start["weights"]]), moments, start.get("optimizer_step"),
+                 start["step"])  # what resume runs too
 
     data = ShardDataset([Path(p) for p in plan["shards"]], Path(plan["tokenizer"]), train["text_len"])
     train_ids, _ = split_rows(len(data), plan["holdout_every"])

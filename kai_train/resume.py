@@ -29,6 +29,7 @@ class ResumePoint:
     position: int  # global sampler position reached
     weights_root: str  # canonical digest of the weights at `step`
     genesis_root: str
+    genesis_recipe: dict  # what re-creates the genesis: a resumed run must be the same recipe
     weights_files: list[str]  # the signed state's shard files (empty when resuming from genesis)
     optimizer_files: list[str]
     optimizer_step: int | None
@@ -47,9 +48,10 @@ def find_resume_point(run_dir: Path) -> ResumePoint | None:
     if "release" in kinds:
         raise ResumeError(f"{chain}: the run was already released; start a new run_dir to train further")
     genesis = entries[kinds.index("genesis")].predicate
+    recipe = genesis.get("recipe")
     ckpts = [e.predicate for e in entries if e.kind == "checkpoint"]
     if not ckpts:
-        return ResumePoint(0, 0, genesis["weights_root"], genesis["weights_root"], [], [], None)
+        return ResumePoint(0, 0, genesis["weights_root"], genesis["weights_root"], recipe, [], [], None)
     last_entry = [e for e in entries if e.kind == "checkpoint"][-1]
     last = last_entry.predicate
     opt = last.get("optimizer")
@@ -63,7 +65,7 @@ def find_resume_point(run_dir: Path) -> ResumePoint | None:
         if not (run_dir / n).is_file():
             raise ResumeError(f"{run_dir / n}: a file of the last recorded checkpoint is missing")
     return ResumePoint(int(last["step"]), int(last["data_consumed"]["sampler"]["position_end"]),
-                       last["weights_root"], genesis["weights_root"], weights, optimizer, int(opt["step"]))
+                       last["weights_root"], genesis["weights_root"], recipe, weights, optimizer, int(opt["step"]))
 
 
 def discard_unrecorded(run_dir: Path, step: int | None) -> None:

@@ -51,7 +51,7 @@ def fit(cfg: DictConfig) -> None:
     from kai_train import genesis
     from kai_train.data import ShardDataset
     from kai_train.evaluate import split_rows
-    from kai_train.init import RECIPE, build_genesis_model
+    from kai_train.init import RECIPE, genesis_values, init_rules
     from kai_train.model import ModelConfig
     from kai_train.provenance import Provenance, ProvenanceError
     from kai_train.resume import (
@@ -62,7 +62,6 @@ def fit(cfg: DictConfig) -> None:
         recorded_run_config,
     )
     from kai_train.tracking import Tracker
-    from kai_train.weights import state_dict_leaves
 
     t_start = time.time()
     deepspeed.init_distributed(dist_backend=eng.backend())
@@ -103,11 +102,25 @@ def fit(cfg: DictConfig) -> None:
     dist.broadcast_object_list(box, src=0)
     resume, recipe_name = box
 
-    # Genesis: the same weights on every rank, whatever the world size or ZeRO stage. kai-init/v2
-    # values are generated slice-wise on the rank's own device (each rank still fills whole tensors).
-    gen_device = "cpu" if eng.backend() == "gloo" else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    model, rules = build_genesis_model(mcfg, cfg.seed, recipe_name, gen_device)
+    # The model, partitioned as it is built under ZeRO-3, then the engine; its values come next:
+    # the genesis (a fresh run, or one resumed before its first checkpoint) or the signed state.
+    zero = OmegaConf.to_container(cfg.deepspeed, resolve=True)
+    model = eng.build_model(mcfg, zero, train, world)  # type: ignore[arg-type]
     model.grad_checkpointing = bool(train["activation_checkpointing"])
+    rules = init_rules(model)
+    rec = genesis.recipe(mcfg, cfg.seed, recipe_name)
+    engine = eng.build_engine(model, zero, train, world)  # type: ignore[arg-type]
+    writer = ckpt.ShareWriter(run_dir, rank, world, background=bool(cfg.attest.get("background", True)))
+    start, position = 0, 0
+    if resume is not None and resume.step > 0:  # any world size, any ZeRO stage: the code replay runs
+        ckpt.restore(engine, ckpt.SignedTensors([run_dir / n for n in resume.weights_files]),
+                     ckpt.SignedTensors([run_dir / n for n in resume.optimizer_files]), resume.optimizer_step,
+                     resume.step)
+        start, position = resume.step, resume.position
+        log(f"resumed at step {start} from its signed state (sampler position {position}, world size {world})")
+    else:  # kai-init/v2: each rank generates only what it holds (its partitions under ZeRO-3), on its device
+        gen_device = "cpu" if eng.backend() == "gloo" else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        eng.fill(engine, genesis_values(cfg.seed, rules, recipe_name, gen_device))
     prov = None
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if rank == 0:
@@ -121,7 +134,6 @@ def fit(cfg: DictConfig) -> None:
         except ValueError as e:  # SignerError / KeyError_: one line naming the key or token
             fail(str(e))
         prov = Provenance(run_dir, signer, cfg.run_id, background=bool(cfg.attest.get("background", True)))
-        sd0 = {n: p.detach().clone() for n, p in model.named_parameters()}
         resolved["data_shards"] = [{"name": str(p.relative_to(run_dir)), "sha256": sha256_file(p)} for p in shards]
         earlier = recorded_run_config(run_dir)  # a resumed run, or a start that died before its genesis
         if earlier is not None and (key := config_difference(earlier, resolved)):
@@ -132,30 +144,18 @@ def fit(cfg: DictConfig) -> None:
                 (run_dir / "config").mkdir(parents=True, exist_ok=True)
                 (run_dir / "config/run.yaml").write_text(render_yaml(resolved))  # what verify compares
                 prov.record_run(resolved, "config/run.yaml", world)
-            root = prov.record_genesis(sd0, genesis.recipe(mcfg, cfg.seed, recipe_name), rules)
-            log(f"genesis {root[:16]}… ({model.num_params():,} parameters, seed {cfg.seed})")
+        elif resume.genesis_recipe != rec:
+            fail("this config's genesis differs from the chain's (seed or model changed); use a new run_dir")
         else:
-            from attest.digest import merkle_root
-
-            if merkle_root(state_dict_leaves(sd0)) != resume.genesis_root:
-                fail("this config's genesis differs from the chain's (seed or model changed); use a new run_dir")
             prov.last_root, prov.last_step = resume.weights_root, resume.step
-        del sd0
-
-    # Resume from the signed state itself (any world size, any ZeRO stage): the same code replay runs.
-    signed = None
-    if resume is not None and resume.step > 0:
-        signed = (ckpt.load_state([run_dir / n for n in resume.weights_files]),
-                  ckpt.load_state([run_dir / n for n in resume.optimizer_files]))
-        model.load_state_dict(signed[0], strict=True)
-    engine = eng.build_engine(model, OmegaConf.to_container(cfg.deepspeed, resolve=True), train, world)
-    start, position = 0, 0
-    if signed is not None:
-        ckpt.restore(engine, signed[0], signed[1], resume.optimizer_step, resume.step)
-        start, position = resume.step, resume.position
-        del signed
-        log(f"resumed at step {start} from its signed state (sampler position {position}, world size {world})")
-    writer = ckpt.ShareWriter(run_dir, rank, world, background=bool(cfg.attest.get("background", True)))
+    if resume is None:  # the genesis, written and hashed by every rank (its share), recorded by rank 0
+        weights, _, _ = ckpt.collect_share(engine, rank, world, with_optimizer=False)
+        writer.submit(0, weights, {}, None)
+        del weights
+        if prov is not None:
+            shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in engine.module.named_parameters()}
+            root = prov.record_genesis(world, rec, rules, shapes)
+            log(f"genesis {root[:16]}… ({sum(map(math.prod, shapes.values())):,} parameters, seed {cfg.seed})")
     tracker = Tracker(OmegaConf.to_container(cfg.wandb, resolve=True), run_dir, cfg.run_id, resolved,
                       train["steps"], start) if rank == 0 else None
 

@@ -45,18 +45,24 @@ def key(tmp_path: Path) -> tuple[PemSigner, Path]:
 
 
 def write_shares(run_dir: Path, step: int, world: int) -> None:
-    """What each of `world` ranks writes for checkpoint `step`: its tensors and their moments."""
+    """What each of `world` ranks writes for checkpoint `step`: its tensors and their moments (the
+    genesis, step 0: weights only)."""
     w, m = weights(step), moments(step)
     owner = assign({n: t.numel() for n, t in w.items()}, world)
     for r in range(world):
         mine = [n for n in w if owner[n] == r]
         write_share(run_dir, step, r, world, {n: w[n] for n in mine},
-                    {f"{k}/{n}": m[f"{k}/{n}"] for n in mine for k in ("exp_avg", "exp_avg_sq")}, step)
+                    {f"{k}/{n}": m[f"{k}/{n}"] for n in mine for k in ("exp_avg", "exp_avg_sq")}, step or None)
+
+
+def record_genesis(prov: Provenance, run_dir: Path, world: int) -> str:
+    write_shares(run_dir, 0, world)
+    return prov.record_genesis(world, {"name": "test"}, {}, {n: tuple(t.shape) for n, t in weights(0).items()})
 
 
 def record(run_dir: Path, signer: PemSigner, background: bool, steps: int = 5, world: int = 2) -> list[dict]:
     prov = Provenance(run_dir, signer, "t", background=background)
-    prov.record_genesis(weights(0), {"name": "test"}, {})
+    record_genesis(prov, run_dir, world)
     extra = {"rng_state": {"sources": ["torch_cpu"], "ranks": [rng_state_digest()[1]] * world},
              "environment": environment(world)}
     for step in range(1, steps + 1):
@@ -111,7 +117,7 @@ def test_background_worker_records_what_the_loop_would_in_order(tmp_path: Path, 
 
 def test_a_worker_failure_stops_recording_and_reaches_the_training_loop(tmp_path: Path, key: tuple[PemSigner, Path]) -> None:
     prov = Provenance(tmp_path, key[0], "t", background=True)
-    prov.record_genesis(weights(0), {"name": "test"}, {})
+    record_genesis(prov, tmp_path, 1)
     chain = tmp_path / "chain.jsonl"
     kept = chain.read_bytes()
     chain.unlink()

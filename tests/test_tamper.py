@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from attest.chain import read_chain
 from attest.digest import sha256_file
@@ -91,9 +92,10 @@ def test_insider_swaps_genesis_for_another_seed_and_resigns_everything(demo_run:
     genesis = next(e for e in entries if e.kind == "genesis").predicate
     model, _ = build_genesis_model(ModelConfig.from_dict(genesis["recipe"]["model"]), seed=999)
     sd = {n: p.detach() for n, p in model.named_parameters()}
-    wfile = bundle / "checkpoints/step-000000/model.safetensors"
-    save_weights(sd, wfile)
-    sig = sign_checkpoint_dir(wfile.parent, demo_run / "keys/signing-key.pem")  # the insider re-signs OMS too
+    folder = bundle / "checkpoints/step-000000"
+    for f in folder.glob("model*.safetensors"):  # each genesis shard keeps its tensors, with other values
+        save_weights({n: sd[n] for n in load_file(str(f))}, f)
+    sign_checkpoint_dir(folder, demo_run / "keys/signing-key.pem")  # the insider re-signs OMS too
     leaves = state_dict_leaves(sd)
     from attest.digest import merkle_root
 
@@ -103,8 +105,8 @@ def test_insider_swaps_genesis_for_another_seed_and_resigns_everything(demo_run:
         for st in statements:
             p = st["predicate"]
             if p["kind"] == "genesis":
-                st["subject"][0]["digest"]["sha256"] = sha256_file(wfile)
-                st["subject"][1]["digest"]["sha256"] = sha256_file(sig)
+                for s in st["subject"]:
+                    s["digest"]["sha256"] = sha256_file(bundle / s["name"])
                 p["weights_root"] = root
                 for n, t in p["tensors"].items():
                     t["digest"] = leaves[n]

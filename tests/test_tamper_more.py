@@ -82,9 +82,9 @@ def resubject(st: dict, b: Path) -> None:
 
 
 def load(b: Path, step: int) -> dict:
-    from kai_train.checkpoint import load_state
+    from kai_train.checkpoint import SignedTensors
 
-    return load_state(weight_files(b, step))
+    return dict(SignedTensors(weight_files(b, step)))
 
 
 def test_insider_borrows_a_trained_vision_encoder_for_genesis_and_genesis_names_its_tensors(bundle, key, capsys) -> None:
