@@ -22,7 +22,7 @@ ARGS = ["train.steps=5", "train.ckpt_every=1", "train.micro_batch=4", "train.eva
 # (fail point, hit) in the order a run meets them; each kill is followed by verify and a resume.
 KILLS = [
     ("chain-appended", 1),     # run statement written, genesis not yet
-    ("weights-saved", 1),      # genesis weights on disk, not yet signed
+    ("shard-written", 1),      # a rank's genesis shard on disk, not yet signed
     ("chain-appended", 2),     # genesis recorded, before DeepSpeed starts
     ("step-done", 1),          # mid-segment, nothing saved since genesis
     ("gathered", 1),           # weights gathered for a checkpoint, nothing written
