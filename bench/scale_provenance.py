@@ -56,7 +56,7 @@ def rank_main(args: argparse.Namespace) -> None:
     from attest.digest import hash_safetensors
     from kai_train import checkpoint as ckpt
     from kai_train import engine as eng
-    from kai_train.init import build_genesis_model
+    from kai_train.init import genesis_values, init_rules
     from kai_train.model import ModelConfig
     from kai_train.weights import save_weights
 
@@ -68,17 +68,18 @@ def rank_main(args: argparse.Namespace) -> None:
 
     model_cfg = yaml.safe_load((REPO / f"conf/model/{args.model}.yaml").read_text())
     mcfg = ModelConfig.from_dict({**model_cfg, **SMALL_MEDIA})
-    t = time.perf_counter()
-    model, _ = build_genesis_model(mcfg, 1234)
-    out["genesis_s"] = time.perf_counter() - t
-    out["genesis_peak_mib"] = peak_mib() - base
-    params = sum(p.numel() for p in model.parameters())
-    out["params"] = params
-
     train = yaml.safe_load((REPO / "conf/train/demo.yaml").read_text())
     train.update(micro_batch=1, grad_accum=1)
     zero = yaml.safe_load((REPO / f"conf/deepspeed/{args.zero}.yaml").read_text())
+    # Genesis as the trainer makes it: build (partitioned under ZeRO-3), engine, fill this rank's values.
+    t = time.perf_counter()
+    model = eng.build_model(mcfg, zero, train, world)
+    rules = init_rules(model)
     engine = eng.build_engine(model, zero, train, world)
+    eng.fill(engine, genesis_values(1234, rules))
+    out["genesis_s"] = time.perf_counter() - t
+    out["genesis_peak_mib"] = peak_mib() - base
+    out["params"] = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     del model
     g = torch.Generator().manual_seed(rank)
     tokens = torch.randint(0, mcfg.vocab_size, (1, train["text_len"]), generator=g)
@@ -150,8 +151,8 @@ def drive(args: argparse.Namespace) -> None:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     print(f"model {args.model} (media shrunk: {SMALL_MEDIA}) against the tiny preset as the fixed-cost baseline; "
           "CPU ranks, gloo, 1 thread per rank. RSS figures are peaks above the tiny model's, per rank.")
-    print("zero    W   params  genesis s  step s  blocked s  /step  write+hash s  MiB/rank  max/(tot/W)  "
-          "peak r0  peak med  max/(16P/W)  (r0-med)/fp32 | consolidated r0: blocked s  write+hash s  peak")
+    print("zero    W   params  genesis s  gen peak MiB r0/med  step s  blocked s  /step  write+hash s  MiB/rank  "
+          "max/(tot/W)  ckpt peak r0/med  max/(16P/W)  (r0-med)/fp32 | consolidated r0: blocked s  write+hash s  peak")
     with tempfile.TemporaryDirectory() as tmp:
         for zero in args.zero:
             for world in args.worlds:
@@ -161,14 +162,16 @@ def drive(args: argparse.Namespace) -> None:
                 p = ranks[0]["params"]
                 fp32, share = p * 4 / 2**20, 16 * p / world / 2**20
                 total = sum(r["bytes"] for r in ranks)
+                gen = [r["genesis_peak_mib"] - b["genesis_peak_mib"] for r, b in zip(ranks, base)]
                 peaks = [r["ckpt_peak_mib"] - b["ckpt_peak_mib"] for r, b in zip(ranks, base)]
                 med = statistics.median(peaks)
                 blocked = max(r["blocked_s"] for r in ranks)
                 cons = ranks[0]["consolidated_peak_mib"] - base[0]["consolidated_peak_mib"]
-                print(f"{zero:<6} {world:>2} {p / 1e6:7.1f}M {ranks[0]['genesis_s']:9.2f} {ranks[0]['step_s']:7.2f} "
+                print(f"{zero:<6} {world:>2} {p / 1e6:7.1f}M {ranks[0]['genesis_s']:9.2f} "
+                      f"{gen[0]:9.0f}/{statistics.median(gen):<9.0f} {ranks[0]['step_s']:7.2f} "
                       f"{blocked:9.2f} {blocked / ranks[0]['step_s']:6.2f} {max(r['write_hash_s'] for r in ranks):12.2f} "
                       f"{total / world / 2**20:9.1f} {max(r['bytes'] for r in ranks) / (total / world):11.2f} "
-                      f"{peaks[0]:8.0f} {med:9.0f} {max(peaks) / share:11.2f} {(peaks[0] - med) / fp32:13.2f} | "
+                      f"{peaks[0]:8.0f}/{med:<8.0f} {max(peaks) / share:11.2f} {(peaks[0] - med) / fp32:13.2f} | "
                       f"{ranks[0]['consolidated_blocked_s']:26.2f} {ranks[0].get('consolidated_write_hash_s', 0):13.2f} "
                       f"{cons:5.0f}")
 
