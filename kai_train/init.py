@@ -96,12 +96,7 @@ def init_slice(seed: int, name: str, shape: tuple[int, ...], rule: str, start: i
                device: str | torch.device = "cpu") -> torch.Tensor:
     """Flat elements [start, stop) of one kai-init/v2 tensor as a float32 1-D tensor on `device`,
     bit-identical to `kai_train.initspec.generate` (the specification) on CPU and CUDA alike."""
-    shape = tuple(int(s) for s in shape)
-    numel = math.prod(shape)
-    stop = numel if stop is None else int(stop)
-    start = int(start)
-    if not 0 <= start <= stop <= numel:
-        raise ValueError(f"slice [{start}, {stop}) is outside tensor {name!r} of {numel} elements")
+    shape, start, stop = initspec.slice_bounds(name, shape, start, stop)
     kind, std = initspec.parse_rule(rule, name)
     if kind == "ones":
         return torch.ones(stop - start, dtype=torch.float32, device=device)

@@ -115,16 +115,22 @@ def _normal_np(k0: int, offsets: list[int], lo_start: int, n: int, scale: float)
     return (z.astype(np.float64) * scale).astype(np.float32)
 
 
-def generate(seed: int, name: str, shape: tuple[int, ...], rule: str, start: int = 0, stop: int | None = None,
-             chunk: int = CHUNK) -> Iterator[np.ndarray]:
-    """Flat elements [start, stop) of one tensor, in order, as float32 arrays of at most `chunk`
-    elements (a chunk never spans a multiple of 2^32). Memory is bounded by a chunk."""
+def slice_bounds(name: str, shape: tuple[int, ...], start: int, stop: int | None) -> tuple[tuple[int, ...], int, int]:
+    """(shape, start, stop) of a slice of a tensor's flat elements, checked; `stop` None is the end."""
     shape = tuple(int(s) for s in shape)
     numel = math.prod(shape)
     stop = numel if stop is None else int(stop)
     start = int(start)
     if not 0 <= start <= stop <= numel:
         raise ValueError(f"slice [{start}, {stop}) is outside tensor {name!r} of {numel} elements")
+    return shape, start, stop
+
+
+def generate(seed: int, name: str, shape: tuple[int, ...], rule: str, start: int = 0, stop: int | None = None,
+             chunk: int = CHUNK) -> Iterator[np.ndarray]:
+    """Flat elements [start, stop) of one tensor, in order, as float32 arrays of at most `chunk`
+    elements (a chunk never spans a multiple of 2^32). Memory is bounded by a chunk."""
+    shape, start, stop = slice_bounds(name, shape, start, stop)
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
     kind, std = parse_rule(rule, name)

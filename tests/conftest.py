@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-from collections.abc import Callable
 
 from attest.chain import ChainWriter, read_chain
 from attest.signing import PemSigner
@@ -104,3 +106,39 @@ def resign(b: Path, key: Path, mutate: Callable[[list[dict]], None]) -> None:
     w = ChainWriter(b / "chain.jsonl", PemSigner.from_file(key), run_id)
     for st in statements:
         w.append(st["predicate"]["kind"], st["subject"], {k: v for k, v in st["predicate"].items() if k not in CHAIN_FIELDS})
+
+
+@contextlib.contextmanager
+def serve_tsa(answer: Callable[[bytes], bytes]) -> Iterator[str]:
+    """An RFC 3161 TSA over HTTP on 127.0.0.1 that replies `answer(query)`; yields its URL."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            reply = answer(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/timestamp-reply")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/tsa"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def bundle(demo_run: Path, tmp_path: Path) -> Path:
+    """A copy of the demo's bundle to tamper with (test files with other bundles define their own)."""
+    return Path(shutil.copytree(demo_run / "bundle", tmp_path / "bundle"))
+
+
+@pytest.fixture
+def key(demo_run: Path) -> Path:
+    """The demo run's signing key: what an insider holds."""
+    return demo_run / "keys/signing-key.pem"

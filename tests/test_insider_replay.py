@@ -21,16 +21,6 @@ from conftest import resign
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def bundle(demo_run: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(demo_run / "bundle", tmp_path / "bundle"))
-
-
-@pytest.fixture
-def key(demo_run: Path) -> Path:
-    return demo_run / "keys/signing-key.pem"
-
-
 def verify(capsys: pytest.CaptureFixture[str], b: Path, *extra: str) -> tuple[int, str]:
     rc = main(["verify", str(b), "--trust", str(b / "keys/signing-key.pub.pem"), "--replay", "all", *extra])
     return rc, capsys.readouterr().out

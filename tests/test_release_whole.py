@@ -34,16 +34,6 @@ TOKENIZER = "tokenizer/tokenizer.model"
 # ------------------------------------------------------------------ helpers
 
 
-@pytest.fixture
-def bundle(demo_run: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(demo_run / "bundle", tmp_path / "bundle"))
-
-
-@pytest.fixture
-def key(demo_run: Path) -> Path:
-    return demo_run / "keys/signing-key.pem"
-
-
 def failed_checks(capsys: pytest.CaptureFixture[str], b: Path, *extra: str) -> tuple[set[str], str]:
     rc = main(["verify", str(b), "--trust", str(b / "keys/signing-key.pub.pem"), *extra])
     out = capsys.readouterr().out

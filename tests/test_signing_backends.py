@@ -24,6 +24,7 @@ from attest.dsse import PAYLOAD_TYPE, pae
 from attest.signers import ensure_public_key, make_signer
 from attest.signing import PemSigner, PublicKeyVerifier, SignerError, keygen
 from attest.statements import subject
+from conftest import serve_tsa
 
 REPO = Path(__file__).resolve().parent.parent
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -236,8 +237,6 @@ def local_tsa(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, object, ob
     """A real RFC 3161 TSA on localhost: OpenSSL's `openssl ts -reply` behind http.server, with a
     test CA and a TSA certificate (EKU timeStamping). Yields (url, CA cert, TSA cert)."""
     import datetime
-    import http.server
-    import threading
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -270,24 +269,12 @@ def local_tsa(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, object, ob
                                f"signer_key = {d}/tsa.key\nsigner_digest = sha256\ndefault_policy = 1.2.3.4.1\n"
                                "digests = sha256\ness_cert_id_alg = sha256\n")
 
-    class Tsa(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            query = self.rfile.read(int(self.headers["Content-Length"]))
-            reply = subprocess.run(["openssl", "ts", "-reply", "-config", str(d / "tsa.cnf"), "-queryfile",
-                                    "/dev/stdin", "-out", "/dev/stdout"], input=query, capture_output=True).stdout
-            self.send_response(200)
-            self.send_header("Content-Type", "application/timestamp-reply")
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
+    def answer(query: bytes) -> bytes:
+        return subprocess.run(["openssl", "ts", "-reply", "-config", str(d / "tsa.cnf"), "-queryfile", "/dev/stdin",
+                               "-out", "/dev/stdout"], input=query, capture_output=True).stdout
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Tsa)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/tsa", ca, tsa
-    server.shutdown()
+    with serve_tsa(answer) as url:
+        yield url, ca, tsa
 
 
 def test_tsa_timestamps_each_signature_verifiably(local_tsa, tmp_path: Path) -> None:

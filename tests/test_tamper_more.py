@@ -24,16 +24,6 @@ ALLOWED = {"allowed_licenses": ["CC0-1.0", "CC-BY-4.0"], "allowed_collection_met
            "synthetic_requires_generator": True}
 
 
-@pytest.fixture
-def bundle(demo_run: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(demo_run / "bundle", tmp_path / "bundle"))
-
-
-@pytest.fixture
-def key(demo_run: Path) -> Path:
-    return demo_run / "keys/signing-key.pem"
-
-
 def verify(capsys: pytest.CaptureFixture[str], b: Path, *extra: str) -> tuple[int, str]:
     rc = main(["verify", str(b), "--trust", str(b / "keys/signing-key.pub.pem"), *extra])
     return rc, capsys.readouterr().out

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.server
 import itertools
 import json
-import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -38,6 +36,7 @@ from attest.policy import PolicyError, load_policy, parse_policy  # noqa: E402
 from attest.signers import make_signer  # noqa: E402
 from attest.signing import keygen  # noqa: E402
 from attest.statements import subject  # noqa: E402
+from conftest import serve_tsa  # noqa: E402
 
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
 
@@ -121,28 +120,9 @@ class Tsa:
         return self.token(req["message_imprint"]["hashed_message"].native, nonce)
 
     def serve(self) -> Iterator[Tsa]:
-        tsa = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                reply = tsa.answer(self.rfile.read(int(self.headers["Content-Length"])))
-                self.send_response(200)
-                self.send_header("Content-Type", "application/timestamp-reply")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{server.server_address[1]}/tsa"
-        try:
+        with serve_tsa(self.answer) as url:
+            self.url = url
             yield self
-        finally:
-            server.shutdown()
-            server.server_close()
 
 
 def new_key() -> Any:
