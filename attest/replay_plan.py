@@ -51,7 +51,7 @@ ZERO_SCHEMA: dict[str, tuple[Any, ...]] = {
     "sub_group_size": (_INT, 1, 1 << 40), "offload_optimizer": ("map", _OFFLOAD), "offload_param": ("map", _OFFLOAD),
 }
 DEEPSPEED_SCHEMA: dict[str, tuple[Any, ...]] = {
-    "bf16": ("map", {"enabled": (_BOOL,)}), "zero_force_ds_cpu_optimizer": (_BOOL,),
+    "bf16": ("map", {"enabled": (_BOOL,)}), "bf16_on_cpu": (_BOOL,), "zero_force_ds_cpu_optimizer": (_BOOL,),
     "zero_optimization": ("map", ZERO_SCHEMA),
 }
 MODEL_INTS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len", "image_size",

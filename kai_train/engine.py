@@ -34,10 +34,10 @@ def ds_config(zero: dict[str, Any], train: dict[str, Any], world_size: int) -> d
         "gradient_clipping": train["grad_clip"],
         "steps_per_print": 10**9,  # our own logging reports progress
         "wall_clock_breakdown": False,
-        **zero,
+        **{k: v for k, v in zero.items() if k != "bf16_on_cpu"},
     }
-    if cfg.get("bf16", {}).get("enabled") and backend() == "gloo":
-        cfg["bf16"] = {"enabled": False}  # fp32 on CPU
+    if cfg.get("bf16", {}).get("enabled") and backend() == "gloo" and not zero.get("bf16_on_cpu"):
+        cfg["bf16"] = {"enabled": False}  # fp32 on CPU ranks, unless asked for (DeepSpeed's CPU accelerator has bf16)
     return cfg
 
 

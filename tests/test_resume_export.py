@@ -166,3 +166,27 @@ def test_config_difference_names_the_changed_key_and_ignores_stop_and_tracking()
     assert config_difference(rec, {**rec, "train": {"lr": 3e-3, "stop_at": None}, "wandb": {"mode": "disabled"}}) is None
     assert config_difference(rec, {**rec, "train": {"lr": 1e-3, "stop_at": 2}}) == "train.lr"
     assert config_difference(rec, {**rec, "extra": 1}) == "extra"
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_signs_the_fp32_master_state_and_resumes_bit_exactly(data_run: Path, tmp_path: Path) -> None:
+    """bf16 on DeepSpeed's CPU accelerator: the forward pass uses bf16 copies, the signed state is the
+    optimizer's float32 master weights and moments, and a run resumed from it is bit-identical."""
+    import torch
+
+    from kai_train.checkpoint import SignedTensors
+
+    args = [*TRAIN_ARGS, *QUIET, "deepspeed.bf16_on_cpu=true"]
+    straight = prepared_data(tmp_path / "straight", data_run)
+    must(torchrun(straight, 2, "deepspeed=zero2", *args))
+    split = prepared_data(tmp_path / "split", data_run)
+    must(torchrun(split, 2, "deepspeed=zero2", *args, "train.stop_at=2"))
+    must(torchrun(split, 2, "deepspeed=zero2", *args))
+    assert release_root(split) == release_root(straight)
+    signed = SignedTensors(sorted((straight / "checkpoints/step-000004").glob("model*.safetensors")))
+    name = next(n for n in signed if signed[n].dim() == 2)
+    t = signed[name]
+    assert t.dtype == torch.float32 and bool((t.to(torch.bfloat16).float() != t).any())  # not a bf16 copy
+    must(kai_attest("bundle", str(straight)))
+    p = must(verify_trusted(straight / "bundle", "--replay", "all"))
+    assert sum(line.startswith("ok    replay") for line in p.stdout.splitlines()) == 2, p.stdout
