@@ -6,7 +6,7 @@ kai_train.provenance.record_release), and on demand from any checkpoint in the c
 
     python -m kai_train.export RUN_DIR [--step N] [--out DIR]
 
-The weights are the checkpoint's own signed files, copied as they are: one file becomes
+The weights are the checkpoint's own signed files, hard-linked (copied across file systems): one file becomes
 `model.safetensors`; a checkpoint written by several ranks becomes `model-00001-of-0000N.safetensors` …
 with `model.safetensors.index.json` (`weight_map`: tensor -> file), the Hugging Face convention for
 sharded weights. No process consolidates the model, and the export's canonical digest is the one
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -94,19 +95,28 @@ def shard_file(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link when `dst` is on the same file system (no bytes copied, the signed file itself),
+    else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def write_weights(srcs: list[Path], out: Path) -> None:
-    """Copy the checkpoint's weight files into `out`: one as model.safetensors, several as
-    Hugging Face shards with their index."""
+    """The checkpoint's weight files in `out`: one as model.safetensors, several as Hugging Face
+    shards with their index."""
     from attest.digest import read_safetensors_index
 
     if len(srcs) == 1:
-        shutil.copy2(srcs[0], out / MODEL_NAME)
+        link_or_copy(srcs[0], out / MODEL_NAME)
         return
     weight_map: dict[str, str] = {}
     total = 0
     for i, src in enumerate(srcs):
         name = shard_file(i, len(srcs))
-        shutil.copy2(src, out / name)
+        link_or_copy(src, out / name)
         for t in read_safetensors_index(out / name):
             weight_map[t.name] = name
             total += t.end - t.start

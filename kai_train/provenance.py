@@ -235,20 +235,26 @@ class Provenance:
 
         self._wait()
         out = export(self.run_dir, self.last_step, self.run_dir / EXPORT_DIR)
+        signed = self._last_checkpoint_files()
         digests: dict[str, str] = {}
         leaves: dict[str, str] = {}
+        linked = 0
         for p in sorted(out.rglob("*")):
             rel = p.relative_to(out).as_posix()
             if p.is_symlink() or not (p.is_file() or p.is_dir()):
                 raise ProvenanceError(f"{p}: not a regular file; the release signs every file of {EXPORT_DIR}/")
             if not p.is_file() or rel == OMS_SIGNATURE:
                 continue
-            if rel.endswith(".safetensors"):  # model.safetensors, or the shards of a sharded export
+            st = p.stat()
+            if (st.st_dev, st.st_ino) in signed:  # a hard link to a signed checkpoint shard: its digest is known
+                digests[rel] = signed[(st.st_dev, st.st_ino)]
+                linked += 1
+            elif rel.endswith(".safetensors"):  # model.safetensors, or the shards of a sharded export
                 digests[rel], lv = hash_safetensors(p)
                 leaves.update(lv)
             else:
                 digests[rel] = sha256_file(p)
-        if merkle_root(leaves) != self.last_root:
+        if not linked and merkle_root(leaves) != self.last_root:
             raise ProvenanceError(f"{out}: canonical digest of the exported weights differs from the last checkpoint's")
         if self.oms:
             sig = sign_checkpoint_dir(out, self.chain.signer, known=digests)
@@ -260,6 +266,22 @@ class Provenance:
         return out
 
     # --- files and the worker's side -----------------------------------------------------------
+
+    def _last_checkpoint_files(self) -> dict[tuple[int, int], str]:
+        """(device, inode) -> signed sha256 of the last checkpoint's files: an export that hard-links
+        them (kai_train.export) is not read again, so no rank re-hashes the model at release."""
+        from attest.chain import read_chain
+
+        entries, _ = read_chain(self.chain.path)
+        last = [e for e in entries if e.kind == "checkpoint"][-1:]
+        out = {}
+        for s in last[0].statement["subject"] if last else []:
+            try:
+                st = (self.run_dir / s["name"]).stat()
+            except OSError:
+                continue
+            out[(st.st_dev, st.st_ino)] = s["digest"]["sha256"]
+        return out
 
     def _signed_subjects(self, step: int, digests: dict[str, str]) -> list[dict[str, Any]]:
         """Subjects for the files of checkpoint folder `step` (name -> sha256), plus its OMS signature."""

@@ -78,6 +78,8 @@ def test_export_loads_and_generates(demo_run: Path) -> None:
     assert [f.name for f in shards] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     assert (export / "model.safetensors.index.json").is_file()
     assert safetensors_root(shards) == release_root(demo_run)
+    signed = sorted((demo_run / "checkpoints/step-000004").glob("model*.safetensors"))
+    assert all(a.samefile(b) for a, b in zip(shards, signed))  # the signed files themselves, not copies
     model, sp = load_export(export)
     out = generate(model, sp, "a red", max_new_tokens=8)
     # greedy decoding of a 4-step model may stop at eos at once: what it returns must be valid ids
