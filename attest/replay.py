@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,12 +30,6 @@ PLUGIN = "kai_train.replay"  # the one implementation this verifier runs
 # reach it, but a stray LD_PRELOAD, PYTHONSTARTUP or DeepSpeed variable of the evaluator's shell
 # should not change a replay either).
 PASS_ENV = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "SYSTEMROOT")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def plugin_available() -> str | None:
@@ -65,9 +58,9 @@ def run_plan(plan: dict[str, Any], timeout_s: int = 3600) -> tuple[dict[str, Any
         scratch = Path(tmp)
         (scratch / "plan.json").write_text(json.dumps(plan))
         out = scratch / "result.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(plan["world_size"]),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", PLUGIN,
-               "--plan", str(scratch / "plan.json"), "--out", str(out)]
+        # --standalone: torchrun binds a free local port itself (no window for another process to take it)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(plan["world_size"]),
+               "-m", PLUGIN, "--plan", str(scratch / "plan.json"), "--out", str(out)]
         try:
             p = subprocess.run(cmd, env=replay_env(scratch), cwd=scratch, capture_output=True, text=True,
                                timeout=timeout_s, stdin=subprocess.DEVNULL)
