@@ -33,6 +33,7 @@ DEFAULT_LIMITS = {
     "max_chain_bytes": 64 << 20,  # chain.jsonl (parsed, it takes up to about 30 times this in memory)
     "max_archive_members": 200_000,  # files in a bundle .tar / .tar.gz
     "max_genesis_params": 20_000_000_000,  # elements a genesis re-derivation may generate
+    "max_replay_ranks": 8,  # processes one segment replay may start (the world size the segment recorded)
 }
 
 # Checks whose "skipped" always fails the verdict: the ones that apply to every bundle kai-train

@@ -172,8 +172,18 @@ def build_plan(ctx: Context, k: int) -> dict[str, Any]:
     gens, runs, toks = ctx.of_kind("genesis"), ctx.of_kind("run"), ctx.of_kind("tokenizer")
     if len(gens) != 1 or len(runs) != 1 or len(toks) != 1:
         raise PlanError(f"{len(runs)} run, {len(gens)} genesis, {len(toks)} tokenizer statements; replay needs one each")
+    if "genesis" in ctx.failed:  # not the committed model, or above the policy's re-derivation budget
+        raise PlanError("not replayed: the genesis check failed (genesis reports why)")
     target = ckpts[k]
     prev = ckpts[k - 1] if k > 0 else gens[0]
+    tp = target.predicate
+    consumed = as_dict(tp.get("data_consumed"))
+    sampler = as_dict(consumed.get("sampler"))
+    world = sampler.get("world_size")
+    max_ranks = ctx.policy.limits["max_replay_ranks"]
+    if not (_is_int(world) and 1 <= world <= max_ranks):
+        raise PlanError(f"{ctx.where(target)}: sampler.world_size {str(world)[:20]!r}: replay runs 1 to {max_ranks} "
+                        "CPU processes here (policy limits.max_replay_ranks)")
     cfg = ctx.run_config
     train = validate(cfg.get("train"), TRAIN_SCHEMA, "run config train")
     missing = sorted(set(TRAIN_SCHEMA) - set(train) - {"stop_at"})
@@ -185,12 +195,6 @@ def build_plan(ctx: Context, k: int) -> dict[str, Any]:
     if not _is_int(seed):
         raise PlanError(f"run config seed = {str(seed)[:40]!r}: expected an integer")
 
-    tp = target.predicate
-    consumed = as_dict(tp.get("data_consumed"))
-    sampler = as_dict(consumed.get("sampler"))
-    world = sampler.get("world_size")
-    if not (_is_int(world) and 1 <= world <= 1024):
-        raise PlanError(f"{ctx.where(target)}: sampler.world_size {str(world)[:20]!r} is not a rank count")
     # Every replay parameter comes from the signed run config; the checkpoint's record must agree.
     agree = {"sampler.seed": (sampler.get("seed"), seed), "sampler.micro_batch": (sampler.get("micro_batch"), train["micro_batch"]),
              "holdout_every": (consumed.get("holdout_every"), train["holdout_every"])}

@@ -1,7 +1,7 @@
 """Sharded, signed checkpoints: every rank writes and hashes its share; the signed state is the state
 training continues from.
 
-Layout of one checkpoint (docs/bundle-format.md "Checkpoint shards"):
+Layout of one checkpoint (docs/bundle-format.md, the `checkpoint` statement):
 
     checkpoints/step-NNNNNN/model-RRRRR-of-WWWWW.safetensors      float32 master weights of rank R's tensors
     checkpoints/step-NNNNNN/optimizer-RRRRR-of-WWWWW.safetensors  their AdamW moments (exp_avg/…, exp_avg_sq/…)
@@ -61,12 +61,6 @@ def assign(sizes: Mapping[str, int], world: int) -> dict[str, int]:
     return owner
 
 
-def _link(engine) -> None:
-    from kai_train.engine import _link_optimizer_state
-
-    _link_optimizer_state(engine)
-
-
 def collect_share(engine, rank: int, world: int, with_optimizer: bool
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int | None]:
     """This rank's share of the float32 master weights and AdamW moments, as CPU tensors.
@@ -76,10 +70,12 @@ def collect_share(engine, rank: int, world: int, with_optimizer: bool
     and kept only by its owner. Peak memory per rank: its share plus the largest tensor."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    from kai_train.engine import _link_optimizer_state
+
     params = dict(sorted(engine.module.named_parameters()))
     owner = assign({n: p.ds_numel if hasattr(p, "ds_numel") else p.numel() for n, p in params.items()}, world)
     if with_optimizer:
-        _link(engine)
+        _link_optimizer_state(engine)
     weights: dict[str, torch.Tensor] = {}
     moments: dict[str, torch.Tensor] = {}
     for name, p in params.items():
@@ -128,10 +124,14 @@ def write_share(run_dir: Path, step: int, rank: int, world: int, weights: Mappin
     return out
 
 
+class ShareError(RuntimeError):
+    """A rank's share of a checkpoint was not written; the message names the rank and the problem."""
+
+
 class ShareWriter:
     """A per-rank background thread that writes and hashes this rank's shares in step order, so the
-    training loop only pays for assembling the tensors. `drain()` waits for every pending write;
-    a failure is raised there (or by `check()`), never swallowed."""
+    training loop only pays for assembling the tensors. A failure is raised by the next `check()`
+    or by `close()` (which waits for every pending write), never swallowed."""
 
     def __init__(self, run_dir: Path, rank: int, world: int, background: bool = True) -> None:
         self.run_dir, self.rank, self.world, self.background = run_dir, rank, world, background
@@ -150,12 +150,8 @@ class ShareWriter:
 
     def check(self) -> None:
         if self._error is not None:
-            raise RuntimeError(f"rank {self.rank}: checkpoint shard not written: {self._error}")
-
-    def drain(self) -> None:
-        if self.background:
-            self._jobs.join()
-        self.check()
+            raise ShareError(f"rank {self.rank}: checkpoint shard not written: {type(self._error).__name__}: "
+                             f"{self._error}")
 
     def close(self) -> None:
         if self.background and self._thread.is_alive():
@@ -165,9 +161,10 @@ class ShareWriter:
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
+            step, weights, moments, opt_step = job
             try:
                 if self._error is None:
-                    write_share(self.run_dir, *job[:1], self.rank, self.world, *job[1:])
+                    write_share(self.run_dir, step, self.rank, self.world, weights, moments, opt_step)
             except BaseException as e:  # noqa: BLE001 - reaches the training loop through check()
                 self._error = e
             finally:

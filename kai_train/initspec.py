@@ -35,6 +35,7 @@ import numpy as np
 
 from attest.digest import tensor_digest
 from kai_train.modelspec import ModelConfig, param_specs
+from kai_train.modelspec import param_count as modelspec_param_count
 
 RECIPE = "kai-init/v2"
 DERIVER = "kai_train.initspec:derive"
@@ -185,7 +186,7 @@ def _config(rec: dict[str, Any]) -> tuple[ModelConfig, int]:
 def param_count(rec: dict[str, Any]) -> int:
     """Elements the recipe's re-derivation makes (from the model config alone, no generation)."""
     cfg, _ = _config(rec)
-    return sum(math.prod(shape) for _, shape, _ in param_specs(cfg))
+    return modelspec_param_count(cfg)
 
 
 def tensor_chunks(seed: int, name: str, shape: tuple[int, ...], rule: str, chunk: int = CHUNK) -> Iterator[bytes]:

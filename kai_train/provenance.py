@@ -133,6 +133,18 @@ class _Checkpoint:
     optimizer: bool  # optimizer shards were written
 
 
+def _merged(shares: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """Every rank's file sha256s, weight leaves and optimizer leaves, as one checkpoint's."""
+    digests: dict[str, str] = {}
+    leaves: dict[str, str] = {}
+    opt_leaves: dict[str, str] = {}
+    for sh in shares:
+        digests.update(sh["files"])
+        leaves.update(sh["leaves"])
+        opt_leaves.update(sh["optimizer_leaves"])
+    return digests, leaves, opt_leaves
+
+
 class Provenance:
     def __init__(self, run_dir: Path, signer: Signer, run_id: str, oms: bool = True, background: bool = True) -> None:
         self.run_dir = run_dir
@@ -201,9 +213,7 @@ class Provenance:
         """Recorded before step 1 (not in the background), once every rank's share of the initial
         weights is written and hashed (kai_train.checkpoint.write_share at step 0)."""
         self._wait()
-        shares = self._shares(0, world)
-        digests = {n: sha for sh in shares for n, sha in sh["files"].items()}
-        leaves = {n: leaf for sh in shares for n, leaf in sh["leaves"].items()}
+        digests, leaves, _ = _merged(self._shares(0, world))
         root = merkle_root(leaves)
         subs = self._signed_subjects(0, digests)
         self.chain.append("genesis", subs, {"recipe": recipe, "weights_root": root,
@@ -316,13 +326,7 @@ class Provenance:
     def _record_checkpoint(self, job: _Checkpoint) -> None:
         t0 = time.perf_counter()
         shares = self._shares(job.step, job.world)
-        digests: dict[str, str] = {}
-        leaves: dict[str, str] = {}
-        opt_leaves: dict[str, str] = {}
-        for sh in shares:
-            digests.update(sh["files"])
-            leaves.update(sh["leaves"])
-            opt_leaves.update(sh["optimizer_leaves"])
+        digests, leaves, opt_leaves = _merged(shares)
         failpoints.reached("checkpoint-hashed")
         subs = self._signed_subjects(job.step, digests)
         root = merkle_root(leaves)

@@ -162,7 +162,7 @@ def fit(cfg: DictConfig) -> None:
     try:
         train_loop(cfg, train, engine, data, shards, train_ids, eval_ids, mcfg, run_dir, prov, writer, tracker, start,
                    position, t_start)
-    except ProvenanceError as e:  # the background worker failed: nothing more may be recorded
+    except (ProvenanceError, ckpt.ShareError) as e:  # a writer or the worker failed: nothing more may be recorded
         fail(str(e))
     dist.barrier()
 

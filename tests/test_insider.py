@@ -168,3 +168,21 @@ def test_nothing_is_hashed_derived_or_replayed_before_the_signatures_verify(tmp_
     held = {f.check for f in r.findings if f.skipped and "unauthenticated input" in f.detail}
     assert held == {"subject-digest", "weights-digest", "oms-signature", "genesis", "trajectory", "release",
                     "data-replay", "replay"}
+
+
+def test_replay_is_bounded_by_the_policy_not_by_the_rank_count_a_bundle_records(tmp_path: Path) -> None:
+    """A segment claiming 512 ranks would make the evaluator's machine start 512 processes."""
+    from attest.chain import read_chain
+    from attest.findings import Context
+    from attest.policy import Policy
+    from attest.replay_plan import build_plan
+
+    root, _ = make_bundle(tmp_path / "b", mutate=lambda sts: kinds(sts, "checkpoint")[0]["data_consumed"]["sampler"]
+                          .update(world_size=512))
+    entries, _ = read_chain(root / "chain.jsonl")
+    ctx = Context(root, entries, [], False, False, policy=Policy())
+    with pytest.raises(PlanError, match="max_replay_ranks"):
+        build_plan(ctx, 0)
+    ctx.failed.add("genesis")
+    with pytest.raises(PlanError, match="genesis check failed"):
+        build_plan(ctx, 0)
