@@ -43,6 +43,16 @@ def _replay_arg(v: str) -> int | str:
     return n
 
 
+def _worlds_arg(v: str) -> tuple[int, ...]:
+    try:
+        worlds = tuple(int(x) for x in v.split(","))
+    except ValueError:
+        worlds = ()
+    if len(worlds) != 2 or worlds[0] == worlds[1] or min(worlds) < 1:
+        raise argparse.ArgumentTypeError(f"--replay-worlds takes two different rank counts, e.g. 1,2; not {v!r}")
+    return worlds
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     # Imported here so that `kai-attest keygen` never pays for numpy.
     from attest.archive import ArchiveError, opened_bundle
@@ -52,7 +62,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         policy = load_policy(args.policy) if args.policy else Policy()
         with opened_bundle(args.bundle, policy.limits["max_bundle_bytes"], policy.limits["max_archive_members"]) as root:
             report = verify_bundle(root, args.trust, policy, replay=args.replay, replay_seed=args.replay_seed,
-                                   replay_data=args.replay_data)
+                                   replay_data=args.replay_data, replay_mode=args.replay_mode,
+                                   replay_worlds=args.replay_worlds)
             report.bundle = args.bundle
     except (PolicyError, ArchiveError) as e:
         print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
@@ -107,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--replay", type=_replay_arg, metavar="N|all",
                    help="replay N randomly chosen checkpoint segments, or all of them")
     v.add_argument("--replay-seed", type=int, metavar="S", help="seed of the segment choice (default: fresh randomness)")
+    v.add_argument("--replay-mode", choices=("auto", "exact", "tolerance"), default="auto",
+                   help="exact: bit for bit (same hardware class and world size as recorded); tolerance: two replays "
+                        "on other world sizes measure the noise floor, the claimed state must sit within it; auto "
+                        "(default): exact where the segment's record allows it")
+    v.add_argument("--replay-worlds", type=_worlds_arg, metavar="A,B",
+                   help="tolerance mode's two world sizes (default 1,2)")
     v.add_argument("--replay-data", action="store_true",
                    help="recompute the dedup and pack shards from the ingest shards and the declared tokenizer "
                         "(needs the shards in the bundle and kai-train's data pipelines)")

@@ -73,6 +73,8 @@ class Context:
     replay: int | str | None = None  # --replay: None (not asked), a count N, or "all"
     replay_seed: int | None = None  # --replay-seed: which segments; None = fresh randomness
     replay_data: bool = False  # --replay-data: recompute dedup and pack shards
+    replay_mode: str = "auto"  # --replay-mode: auto | exact | tolerance (attest.replay)
+    replay_worlds: tuple[int, ...] | None = None  # --replay-worlds: tolerance mode's two world sizes
     facts: dict[str, Any] = field(default_factory=dict)  # what checks measured: --json, --report
     files: FileDigests = field(init=False)
     failed: set[str] = field(default_factory=set)  # checks that failed so far (for dependent checks)

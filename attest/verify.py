@@ -210,7 +210,8 @@ def bundle_size(root: Path, limit: int) -> int:
 
 def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Policy | None = None,
                   replay: int | str | None = None, replay_seed: int | None = None,
-                  checks: list[Callable[[Context], Iterator[Finding]]] | None = None, replay_data: bool = False) -> Report:
+                  checks: list[Callable[[Context], Iterator[Finding]]] | None = None, replay_data: bool = False,
+                  replay_mode: str = "auto", replay_worlds: tuple[int, ...] | None = None) -> Report:
     policy = policy or Policy()
     root = Path(bundle)
     if not root.is_dir() or root.is_symlink():
@@ -231,7 +232,7 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
     except KeyError_ as e:
         raise BundleUnreadable(str(e)) from None
     ctx = Context(root, entries, trusted, from_bundle, torn, policy=policy, replay=replay, replay_seed=replay_seed,
-                  replay_data=replay_data)
+                  replay_data=replay_data, replay_mode=replay_mode, replay_worlds=replay_worlds)
     if from_bundle:
         ctx.notes.append("no --trust key and no policy keys: trusted the public key shipped in the bundle "
                          "(proves integrity, not identity)")

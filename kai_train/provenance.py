@@ -92,7 +92,9 @@ def hardware(world_size: int) -> dict[str, Any]:
 def environment(world_size: int) -> dict[str, Any]:
     """Library versions and hardware of this process, recorded with each checkpoint (a run may be
     resumed elsewhere)."""
-    return {"versions": library_versions(), "hardware": hardware(world_size)}
+    from kai_train.determinism import record
+
+    return {"versions": library_versions(), "hardware": hardware(world_size), "determinism": record()}
 
 
 def rng_state_digest() -> tuple[list[str], str]:

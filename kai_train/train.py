@@ -47,8 +47,8 @@ def fit(cfg: DictConfig) -> None:
 
     from attest.digest import sha256_file
     from kai_train import checkpoint as ckpt
+    from kai_train import determinism, genesis
     from kai_train import engine as eng
-    from kai_train import genesis
     from kai_train.data import ShardDataset
     from kai_train.evaluate import split_rows
     from kai_train.init import RECIPE, genesis_values, init_rules
@@ -64,6 +64,7 @@ def fit(cfg: DictConfig) -> None:
     from kai_train.tracking import Tracker
 
     t_start = time.time()
+    determinism.configure()  # before the process group: NCCL's algorithm is read at its creation
     deepspeed.init_distributed(dist_backend=eng.backend())
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0 and cfg.attest.get("backend") != "keyless":
@@ -74,7 +75,6 @@ def fit(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     train: dict[str, Any] = OmegaConf.to_container(cfg.train, resolve=True)  # type: ignore[assignment]
     torch.manual_seed(cfg.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
     shards = shard_paths(run_dir, cfg.data_dir)
     try:
@@ -179,13 +179,14 @@ def train_loop(cfg: DictConfig, train: dict[str, Any], engine, data, shards: lis
 
     rank, world = dist.get_rank(), dist.get_world_size()
     micro, accum, steps = train["micro_batch"], train["grad_accum"], train["steps"]
-    seg_start, last_eval = position, {}
+    seg_start, last_eval, seg_losses = position, {}, []
     for step in range(start + 1, steps + 1):
         losses, tokens, position = train_step(engine, data, train_ids, cfg.seed, position, rank, world, micro, accum,
                                               mcfg.image_size, mcfg.audio_samples)
         mean = torch.stack(losses).mean()
         dist.all_reduce(mean)
         metrics = {"loss": float(mean) / world, "lr": float(engine.get_lr()[0])}
+        seg_losses.append(metrics["loss"])  # per-step commitments: a replay names the first step that differs
         if tracker:
             tracker.step(step, tokens, metrics, train["log_every"])
         if prov is not None:
@@ -218,9 +219,10 @@ def train_loop(cfg: DictConfig, train: dict[str, Any], engine, data, shards: lis
                 }
                 m = {**metrics, "grad_norm": grad_norm, **{f"eval_{k}": v for k, v in last_eval.items()},
                      "wandb_run": tracker.run_id if tracker else None}
-                extra = {"rng_state": {"sources": sources, "ranks": rngs}, "environment": environment(world)}
+                extra = {"rng_state": {"sources": sources, "ranks": rngs}, "environment": environment(world),
+                         "step_losses": seg_losses}
                 prov.record_checkpoint(step, world, consumed, m, bool(cfg.attest.optimizer_state), extra)
-            seg_start = position
+            seg_start, seg_losses = position, []
         writer.check()
         if train["stop_at"] is not None and step >= train["stop_at"]:
             log(f"stopping at step {step} (train.stop_at); continue with resume=auto")
