@@ -46,8 +46,14 @@ def safe_file(root: Path, name: str, max_bytes: int = MAX_FILE_BYTES) -> Path:
     return cur
 
 
-def make_bundle(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], include_data: bool = True) -> Path:
-    """Copy the chain, public keys, resolved config and every subject file into `out_dir`."""
+def make_bundle(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], include_data: bool = True,
+                light: bool = False) -> Path:
+    """Copy the chain, public keys, resolved config and every subject file into `out_dir`. `light`:
+    leave out the heavy state the team holds and produces on challenge (attest.challenge.held:
+    genesis and checkpoint state shards, data shard files), so the size does not grow with the
+    number of checkpoints."""
+    from attest.challenge import held
+
     run, out = Path(run_dir), Path(out_dir)
     entries, _ = read_chain(run / CHAIN_NAME)
     names = {CHAIN_NAME, CONFIG_NAME}
@@ -55,6 +61,8 @@ def make_bundle(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     for e in entries:
         for s in e.statement.get("subject", []):
             # shards can be large; their manifests (also subjects) always travel
+            if light and held(e, s["name"]):
+                continue
             if include_data or not (e.kind == "data-shard" and s["name"].endswith(".parquet")):
                 names.add(s["name"])
     if out.exists():

@@ -1,17 +1,19 @@
-"""`kai-attest`: keygen, bundle and verify.
+"""`kai-attest`: keygen, bundle, verify, challenge, respond, lineage.
 
 Exit codes follow docs/bundle-format.md: 0 every check holds against a trust root the evaluator
 supplied (--trust or policy keys), 1 a check failed (one line per failure: check, file, expected,
 found), 2 usage error or unreadable input, 3 every check holds but only against the key shipped in
-the bundle (integrity only: who signed is not established, so this is not a pass).
+the bundle (integrity only: who signed is not established, so this is not a pass), 4 every check of
+a light bundle holds but its held state has not been produced on challenge (incomplete, not a pass).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from attest.bundle import make_bundle
+from attest.bundle import BundlePathError, make_bundle
 from attest.chain import ChainError
 from attest.findings import term_safe
 from attest.signing import KeyError_, keygen
@@ -26,7 +28,8 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_bundle(args: argparse.Namespace) -> int:
-    out = make_bundle(args.run_dir, args.out or f"{args.run_dir}/bundle", include_data=not args.no_data)
+    out = make_bundle(args.run_dir, args.out or f"{args.run_dir}/bundle", include_data=not args.no_data,
+                      light=args.light)
     print(f"bundle: {out}")
     return 0
 
@@ -56,16 +59,19 @@ def _worlds_arg(v: str) -> tuple[int, ...]:
 def _cmd_verify(args: argparse.Namespace) -> int:
     # Imported here so that `kai-attest keygen` never pays for numpy.
     from attest.archive import ArchiveError, opened_bundle
+    from attest.challenge import ChallengeError, load_challenge
     from attest.policy import Policy, PolicyError, load_policy
 
     try:
         policy = load_policy(args.policy) if args.policy else Policy()
+        challenge = load_challenge(Path(args.challenge)) if args.challenge else None
         with opened_bundle(args.bundle, policy.limits["max_bundle_bytes"], policy.limits["max_archive_members"]) as root:
             report = verify_bundle(root, args.trust, policy, replay=args.replay, replay_seed=args.replay_seed,
                                    replay_data=args.replay_data, replay_mode=args.replay_mode,
-                                   replay_worlds=args.replay_worlds)
+                                   replay_worlds=args.replay_worlds, light=args.light,
+                                   packs=Path(args.packs) if args.packs else None, challenge=challenge)
             report.bundle = args.bundle
-    except (PolicyError, ArchiveError) as e:
+    except (PolicyError, ArchiveError, ChallengeError) as e:
         print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
         return 2
     except (BundleUnreadable, ChainError, KeyError_, FileNotFoundError):
@@ -105,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("run_dir")
     b.add_argument("--out", help="output folder (default RUN_DIR/bundle)")
     b.add_argument("--no-data", action="store_true", help="leave shard files out (manifests stay)")
+    b.add_argument("--light", action="store_true",
+                   help="leave out the heavy state (genesis and checkpoint shards, data shard files): held by the "
+                        "team and produced on challenge (docs/evaluators-guide.md)")
     b.set_defaults(func=_cmd_bundle)
     v = sub.add_parser("verify", help="verify a bundle offline (docs/evaluators-guide.md)",
                        description="Verify a bundle folder, .tar or .tar.gz offline. Exit 0: every check holds against "
@@ -127,11 +136,58 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--replay-data", action="store_true",
                    help="recompute the dedup and pack shards from the ingest shards and the declared tokenizer "
                         "(needs the shards in the bundle and kai-train's data pipelines)")
+    v.add_argument("--light", action="store_true",
+                   help="a light bundle: heavy state it leaves out is held by the team (verdict INCOMPLETE, exit 4, "
+                        "until a challenge is answered)")
+    v.add_argument("--challenge", metavar="CHALLENGE.json", help="your challenge (kai-attest challenge); with --packs")
+    v.add_argument("--packs", metavar="PACKS", help="the team's packs answering --challenge: their segments are replayed")
     v.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=_cmd_verify)
+    c = sub.add_parser("challenge", help="draw segments to audit from a received bundle (evaluator)",
+                       description="Draw K segments with fresh randomness (or --seed) and bind them to the bundle's "
+                       "chain; send the challenge file to the team, keep your copy for verify --challenge.")
+    c.add_argument("bundle")
+    c.add_argument("--segments", type=int, required=True, metavar="K")
+    c.add_argument("--seed", type=int, help="seed of the draw (default: fresh randomness, recorded in the file)")
+    c.add_argument("--out", required=True, metavar="CHALLENGE.json")
+    c.set_defaults(func=_cmd_challenge)
+    r = sub.add_parser("respond", help="write the segment packs a challenge asks for (team)")
+    r.add_argument("run_dir")
+    r.add_argument("challenge", metavar="CHALLENGE.json")
+    r.add_argument("--out", required=True, metavar="PACKS")
+    r.set_defaults(func=_cmd_respond)
     _add_lineage_parser(sub)
     return p
+
+
+def _cmd_challenge(args: argparse.Namespace) -> int:
+    import json
+
+    from attest.challenge import ChallengeError, draw
+
+    try:
+        c = draw(Path(args.bundle), args.segments, args.seed)
+    except (ChallengeError, ChainError, FileNotFoundError, BundlePathError) as e:
+        print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
+        return 2
+    Path(args.out).write_text(json.dumps(c, indent=1) + "\n")
+    print(f"challenge: segments {[s['segment'] for s in c['segments']]} of {c['segments_total']} "
+          f"(steps {[s['step'] for s in c['segments']]}) -> {args.out}")
+    return 0
+
+
+def _cmd_respond(args: argparse.Namespace) -> int:
+    from attest.challenge import ChallengeError, respond
+
+    try:
+        packs = respond(Path(args.run_dir), Path(args.challenge), Path(args.out))
+    except (ChallengeError, ChainError, FileNotFoundError, BundlePathError) as e:
+        print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
+        return 2
+    for p in packs:
+        print(f"pack: {p}")
+    return 0
 
 
 def _cmd_lineage(args: argparse.Namespace) -> int:

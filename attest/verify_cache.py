@@ -35,10 +35,20 @@ class FileDigests:
         self._leaves: dict[str, dict[str, str]] = {}
         self._by_path: dict[str, str] = {}  # absolute path -> sha256, for oms.cross_check
         self._lock = threading.Lock()
+        self.overlays: list[Path] = []  # challenge packs: read only for names the bundle lacks
 
     def path(self, name: str) -> Path:
-        """The file's path; FileNotFoundError or BundlePathError (outside, symlink, too big)."""
-        return safe_file(self.root, name, self.max_file_bytes)
+        """The file's path; FileNotFoundError or BundlePathError (outside, symlink, too big). A name
+        the bundle lacks is looked up in the packs (attest.challenge), in order, under the same rules."""
+        try:
+            return safe_file(self.root, name, self.max_file_bytes)
+        except FileNotFoundError:
+            for root in self.overlays:
+                try:
+                    return safe_file(root, name, self.max_file_bytes)
+                except FileNotFoundError:
+                    continue
+            raise
 
     def _fill(self, name: str) -> None:
         p = self.path(name)

@@ -130,3 +130,19 @@ def test_a_false_per_step_loss_names_the_first_diverging_step(audit_bundle: Path
     bad = failing(rep, "replay")
     assert rc == 1 and len(bad) == 1 and bad[0]["file"].endswith("(step 4)"), rep["findings"]
     assert "first diverging step 4" in bad[0]["detail"]
+
+
+def test_a_light_bundle_passes_once_the_team_answers_the_evaluators_challenge(audit_run: Path, tmp_path: Path) -> None:
+    """Light bundle → challenge drawn after it is received → the team's packs → replay of exactly
+    the challenged segment from pack bytes checked against the chain; the assurance is stated."""
+    light = tmp_path / "light"
+    must(kai_attest("bundle", str(audit_run), "--light", "--out", str(light)))
+    ch, packs = tmp_path / "challenge.json", tmp_path / "packs"
+    must(kai_attest("challenge", str(light), "--segments", "1", "--out", str(ch)))
+    must(kai_attest("respond", str(audit_run), str(ch), "--out", str(packs)))
+    drawn = json.loads(ch.read_text())["segments"][0]["segment"]
+    rc, rep = verify_json(light, "--packs", str(packs), "--challenge", str(ch))
+    assert rc == 0, [f for f in rep["findings"] if not f["ok"]]
+    assert [(f["segment"], f["mode"], f["ok"]) for f in rep["facts"]["replay"]] == [(drawn, "exact", True)]
+    assert rep["facts"]["replay_coverage"] == {"replayed": 1, "segments": 2, "escape_probability": {"1": 0.5, "2": 0.0}}
+    assert rep["facts"]["held_files"] > 0
