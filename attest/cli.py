@@ -1,4 +1,4 @@
-"""`kai-attest`: keygen, bundle and verify.
+"""`kai-attest`: keygen, bundle, verify (optionally signing the verdict as a VSA) and check-vsa.
 
 Exit codes follow docs/bundle-format.md: 0 every check holds against a trust root the evaluator
 supplied (--trust or policy keys), 1 a check failed (one line per failure: check, file, expected,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from attest.bundle import make_bundle
 from attest.chain import ChainError
@@ -48,14 +49,31 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from attest.archive import ArchiveError, opened_bundle
     from attest.policy import Policy, PolicyError, load_policy
 
+    if bool(args.vsa) != bool(args.sign_key):
+        print("kai-attest: error: --vsa OUT and --sign-key KEY.pem go together", file=sys.stderr)
+        return 2
+    if args.sign_key:
+        from attest.signing import PemSigner
+
+        PemSigner.from_file(args.sign_key)  # a bad key fails now (exit 2), not after the verification
     try:
         policy = load_policy(args.policy) if args.policy else Policy()
         with opened_bundle(args.bundle, policy.limits["max_bundle_bytes"], policy.limits["max_archive_members"]) as root:
             report = verify_bundle(root, args.trust, policy, replay=args.replay, replay_seed=args.replay_seed,
                                    replay_data=args.replay_data)
             report.bundle = args.bundle
+            if args.vsa:  # the VSA names the released files; read them while the bundle is open
+                from attest.signing import PemSigner
+                from attest.slsa import write_vsa
+
+                write_vsa(report, root, args.bundle, args.policy, Path(args.vsa), PemSigner.from_file(args.sign_key))
     except (PolicyError, ArchiveError) as e:
         print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --vsa OUT not writable
+        if getattr(e, "filename", None) != args.vsa:
+            raise
+        print(f"kai-attest: error: cannot write {args.vsa} ({e.strerror})", file=sys.stderr)
         return 2
     except (BundleUnreadable, ChainError, KeyError_, FileNotFoundError):
         raise
@@ -81,6 +99,20 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         print(term_safe(report.verdict_line()), flush=True)
     return report.exit_code
+
+
+def _cmd_check_vsa(args: argparse.Namespace) -> int:
+    from attest.dsse import EnvelopeError
+    from attest.signing import PublicKeyVerifier
+    from attest.slsa import check_vsa
+
+    try:
+        ok, line = check_vsa(Path(args.vsa), PublicKeyVerifier.from_file(args.key))
+    except EnvelopeError as e:
+        print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
+        return 2
+    print(term_safe(line))
+    return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs the shards in the bundle and kai-train's data pipelines)")
     v.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("--vsa", metavar="OUT", help="also write the verdict as a signed SLSA Verification Summary "
+                   "Attestation (in-toto, DSSE in a Sigstore bundle); needs --sign-key")
+    v.add_argument("--sign-key", metavar="KEY.pem", help="the evaluator's private key that signs --vsa")
     v.set_defaults(func=_cmd_verify)
+    c = sub.add_parser("check-vsa", help="check a verification summary written by verify --vsa",
+                       description="Exit 0: signed by KEY and PASSED; 1: FAILED, or not signed by KEY; 2: unreadable.")
+    c.add_argument("vsa")
+    c.add_argument("--key", required=True, metavar="PUBKEY.pem", help="the evaluator's public key")
+    c.set_defaults(func=_cmd_check_vsa)
     _add_lineage_parser(sub)
     return p
 
