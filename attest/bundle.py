@@ -18,6 +18,7 @@ from attest.chain import read_chain
 CHAIN_NAME = "chain.jsonl"
 KEYS_DIR = "keys"
 CONFIG_NAME = "config/run.yaml"
+SLSA_NAME = "release.slsa.json"  # attest.slsa writes and checks it
 MAX_FILE_BYTES = 1 << 40  # 1 TiB: a bound, not a quota
 
 
@@ -57,6 +58,8 @@ def make_bundle(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     run, out = Path(run_dir), Path(out_dir)
     entries, _ = read_chain(run / CHAIN_NAME)
     names = {CHAIN_NAME, CONFIG_NAME}
+    if (run / SLSA_NAME).is_file():  # the release's SLSA provenance (attest.slsa)
+        names.add(SLSA_NAME)
     names |= {f"{KEYS_DIR}/{p.name}" for p in (run / KEYS_DIR).glob("*.pub.pem")}
     for e in entries:
         for s in e.statement.get("subject", []):

@@ -1,4 +1,5 @@
-"""`kai-attest`: keygen, bundle, verify, challenge, respond, lineage.
+"""`kai-attest`: keygen, bundle, verify (optionally signing the verdict as a VSA), check-vsa, challenge,
+respond, lineage.
 
 Exit codes follow docs/bundle-format.md: 0 every check holds against a trust root the evaluator
 supplied (--trust or policy keys), 1 a check failed (one line per failure: check, file, expected,
@@ -62,6 +63,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from attest.challenge import ChallengeError, load_challenge
     from attest.policy import Policy, PolicyError, load_policy
 
+    if bool(args.vsa) != bool(args.sign_key):
+        print("kai-attest: error: --vsa OUT and --sign-key KEY.pem go together", file=sys.stderr)
+        return 2
+    if args.sign_key:
+        from attest.signing import PemSigner
+
+        PemSigner.from_file(args.sign_key)  # a bad key fails now (exit 2), not after the verification
     try:
         policy = load_policy(args.policy) if args.policy else Policy()
         challenge = load_challenge(Path(args.challenge)) if args.challenge else None
@@ -71,8 +79,18 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                                    replay_worlds=args.replay_worlds, light=args.light,
                                    packs=Path(args.packs) if args.packs else None, challenge=challenge)
             report.bundle = args.bundle
+            if args.vsa:  # the VSA names the released files; read them while the bundle is open
+                from attest.signing import PemSigner
+                from attest.slsa import write_vsa
+
+                write_vsa(report, root, args.bundle, args.policy, Path(args.vsa), PemSigner.from_file(args.sign_key))
     except (PolicyError, ArchiveError, ChallengeError) as e:
         print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --vsa OUT not writable
+        if getattr(e, "filename", None) != args.vsa:
+            raise
+        print(f"kai-attest: error: cannot write {args.vsa} ({e.strerror})", file=sys.stderr)
         return 2
     except (BundleUnreadable, ChainError, KeyError_, FileNotFoundError):
         raise
@@ -98,6 +116,20 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         print(term_safe(report.verdict_line()), flush=True)
     return report.exit_code
+
+
+def _cmd_check_vsa(args: argparse.Namespace) -> int:
+    from attest.dsse import EnvelopeError
+    from attest.signing import PublicKeyVerifier
+    from attest.slsa import check_vsa
+
+    try:
+        ok, line = check_vsa(Path(args.vsa), PublicKeyVerifier.from_file(args.key))
+    except EnvelopeError as e:
+        print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
+        return 2
+    print(term_safe(line))
+    return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--packs", metavar="PACKS", help="the team's packs answering --challenge: their segments are replayed")
     v.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("--vsa", metavar="OUT", help="also write the verdict as a signed SLSA Verification Summary "
+                   "Attestation (in-toto, DSSE in a Sigstore bundle); needs --sign-key")
+    v.add_argument("--sign-key", metavar="KEY.pem", help="the evaluator's private key that signs --vsa")
     v.set_defaults(func=_cmd_verify)
     c = sub.add_parser("challenge", help="draw segments to audit from a received bundle (evaluator)",
                        description="Draw K segments with fresh randomness (or --seed) and bind them to the bundle's "
@@ -157,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("challenge", metavar="CHALLENGE.json")
     r.add_argument("--out", required=True, metavar="PACKS")
     r.set_defaults(func=_cmd_respond)
+    c = sub.add_parser("check-vsa", help="check a verification summary written by verify --vsa",
+                       description="Exit 0: signed by KEY and PASSED; 1: FAILED, or not signed by KEY; 2: unreadable.")
+    c.add_argument("vsa")
+    c.add_argument("--key", required=True, metavar="PUBKEY.pem", help="the evaluator's public key")
+    c.set_defaults(func=_cmd_check_vsa)
     _add_lineage_parser(sub)
     return p
 

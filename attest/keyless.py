@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -30,6 +31,7 @@ PUBLIC = {"Fulcio": "https://fulcio.sigstore.dev", "Rekor": "https://rekor.sigst
           "TUF": "https://tuf-repo-cdn.sigstore.dev"}
 STAGING = {"Fulcio": "https://fulcio.sigstage.dev", "Rekor": "https://rekor.sigstage.dev",
            "TUF": "https://tuf-repo-cdn.sigstage.dev"}
+CERT_RENEW_S = 480.0  # a new Fulcio certificate after this many seconds (they are valid for 600)
 AIR_GAPPED = "use backend=pem or backend=pkcs11 on air-gapped clusters"
 
 
@@ -105,6 +107,7 @@ class SigstoreSigner:
             raise SignerError(f"sigstore: cannot load the trust root ({type(e).__name__}: {e})") from None
         self._raw_token = identity_token
         self._signer: Any = None
+        self._signer_since = 0.0
         self.identity = self._token().identity
         self.keyid = f"sigstore:{self.identity}"
 
@@ -126,26 +129,27 @@ class SigstoreSigner:
 
     def sign_statement(self, statement_json: bytes) -> dict[str, Any]:
         """Sign the statement's exact bytes; returns the Sigstore bundle (v0.3) as a JSON object."""
-        from sigstore._internal.fulcio import ExpiredCertificate
         from sigstore.dsse import Statement
         from sigstore.oidc import ExpiredIdentity
         from sigstore.sign import Signer
 
         stmt = Statement(statement_json)
-        for attempt in range(2):  # the 10-minute certificate (or the token) may have expired
-            try:
-                if self._signer is None:
-                    self._signer = Signer(self._token(), self._ctx, cache=True)
-                return json.loads(self._signer.sign_dsse(stmt).to_json())
-            except (ExpiredCertificate, ExpiredIdentity):
-                self._signer = None
-                if attempt:
-                    raise SignerError("sigstore: the OIDC identity token has expired; give a fresh one") from None
-            except SignerError:
-                raise
-            except Exception as e:
-                raise SignerError(f"sigstore: keyless signing failed ({type(e).__name__}: {e})") from None
-        raise AssertionError("unreachable")
+        # Fulcio certificates live 10 minutes: a signer (and its cached certificate) is renewed
+        # before that, so an expired certificate is never used.
+        if self._signer is not None and time.monotonic() - self._signer_since > CERT_RENEW_S:
+            self._signer = None
+        try:
+            if self._signer is None:
+                self._signer = Signer(self._token(), self._ctx, cache=True)
+                self._signer_since = time.monotonic()
+            return json.loads(self._signer.sign_dsse(stmt).to_json())
+        except ExpiredIdentity:
+            self._signer = None
+            raise SignerError("sigstore: the OIDC identity token has expired; give a fresh one") from None
+        except SignerError:
+            raise
+        except Exception as e:
+            raise SignerError(f"sigstore: keyless signing failed ({type(e).__name__}: {e})") from None
 
     def sign(self, data: bytes) -> bytes:
         raise SignerError("sigstore: keyless signing makes whole bundles (sign_statement), not bare signatures")

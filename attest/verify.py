@@ -13,7 +13,8 @@ established).
 
 Checks, in order (docs/bundle-format.md "What kai-attest verify checks" is the contract):
 statement-format, signature, chain-sequence, chain-link, statement-order, timestamps,
-subject-digest, weights-digest, oms-signature, run-config, genesis, trajectory, release, data-lineage,
+subject-digest, weights-digest, oms-signature, run-config, genesis, trajectory, release, slsa-provenance,
+data-lineage,
 data-licence, data-replay, replay.
 """
 
@@ -57,6 +58,7 @@ from attest.findings import HELD, BundleUnreadable, Context, Finding, as_dict, s
 from attest.policy import Policy
 from attest.replay import register as _register_replay
 from attest.signing import KeyError_, PublicKeyVerifier
+from attest.slsa import check_slsa_provenance
 
 _register_replay()  # the kai_train.replay plug-in (runs in a subprocess; torch is not imported here)
 
@@ -80,6 +82,7 @@ CHECKS: list[Callable[[Context], Iterator[Finding]]] = [
     check_genesis,
     check_trajectory,
     check_release,
+    check_slsa_provenance,
     check_data_lineage,
     check_data_licence,
     check_data_replay,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -67,11 +66,6 @@ def fit(cfg: DictConfig) -> None:
     determinism.configure()  # before the process group: NCCL's algorithm is read at its creation
     deepspeed.init_distributed(dist_backend=eng.backend())
     rank, world = dist.get_rank(), dist.get_world_size()
-    if rank == 0 and cfg.attest.get("backend") != "keyless":
-        from attest.oms import preload
-
-        # the checkpoint-signing library's imports (~0.6 s) overlap data loading and the model build
-        threading.Thread(target=preload, name="kai-oms-import", daemon=True).start()
     run_dir = Path(cfg.run_dir)
     train: dict[str, Any] = OmegaConf.to_container(cfg.train, resolve=True)  # type: ignore[assignment]
     torch.manual_seed(cfg.seed)

@@ -103,7 +103,8 @@ def test_packs_answering_the_challenge_complete_the_light_bundle(run: Path, ligh
     assert rep.verdict == "pass", [f.line() for f in rep.failed]
     assert rep.facts["challenge"]["segments"] == [s["segment"] for s in load_challenge(ch)["segments"]]
     traj = [f for f in rep.findings if f.check == "trajectory" and f.ok]
-    assert traj and "2 segments" in traj[0].detail  # the challenged segments were measured from the packs
+    measured = int(traj[0].detail.split()[0])  # the challenged segments (and any two packs adjoin) were measured
+    assert traj and 2 <= measured <= 4, traj[0].detail
 
 
 def test_a_pack_file_that_is_not_the_signed_one_fails_subject_digest(run: Path, light: Path, tmp_path: Path) -> None:
