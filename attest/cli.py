@@ -52,7 +52,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         policy = load_policy(args.policy) if args.policy else Policy()
         with opened_bundle(args.bundle, policy.limits["max_bundle_bytes"], policy.limits["max_archive_members"]) as root:
             report = verify_bundle(root, args.trust, policy, replay=args.replay, replay_seed=args.replay_seed,
-                                   replay_data=args.replay_data)
+                                   replay_data=args.replay_data, progress=args.progress)
             report.bundle = args.bundle
     except (PolicyError, ArchiveError) as e:
         print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs the shards in the bundle and kai-train's data pipelines)")
     v.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                   help="hashing and replay progress on stderr: a bar on a terminal; elsewhere plain lines for "
+                        "work that runs longer than a few seconds (auto), from the start (always), or none")
     v.set_defaults(func=_cmd_verify)
     _add_lineage_parser(sub)
     return p
