@@ -72,7 +72,10 @@ def _record_for_torchrun(message: str) -> None:
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
         from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-        ErrorHandler().record_exception(AppError(message))
+        try:  # raised here so that the file's traceback is this one line, not Hydra's frames
+            raise AppError(message) from None
+        except AppError as e:
+            ErrorHandler().record_exception(e)
 
 
 def run(app: str, config_name: str, task: Callable[[DictConfig], None], dir_key: str,
@@ -103,26 +106,25 @@ def run(app: str, config_name: str, task: Callable[[DictConfig], None], dir_key:
     main = hydra.main(config_path=CONFIG_PATH, config_name=config_name, version_base=None)(job)
     full = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's errors reach this function, which words them
+    outcome: tuple[str, int] | None = None
     try:
         main()
         if failed:  # a single run's error, already printed as its one line
-            _record_for_torchrun(one_line(failed[0]))
-            raise SystemExit(1)
+            outcome = one_line(failed[0]), 1
     except Exception as e:
         if full:
             raise
         if any(e is f for f in failed):  # a multirun: each failed job has printed its line
-            message = f"{len(failed)} of {jobs[0]} multirun jobs failed"
-            print(f"{app}: error: {message}", file=sys.stderr, flush=True)
-            code = 1
+            outcome = f"{len(failed)} of {jobs[0]} multirun jobs failed", 1
         elif isinstance(e, (HydraException, OmegaConfBaseException)):
-            message, code = one_line(e), 2
-            print(f"{app}: error: {message}", file=sys.stderr, flush=True)
+            outcome = one_line(e), 2
         else:
             raise
-        _record_for_torchrun(message)
-        raise SystemExit(code) from None
+        if outcome[1] == 2 or jobs[0] > 1:
+            print(f"{app}: error: {outcome[0]}", file=sys.stderr, flush=True)
     finally:
         if full is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
-
+    if outcome is not None:
+        _record_for_torchrun(outcome[0])
+        raise SystemExit(outcome[1])
