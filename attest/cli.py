@@ -77,7 +77,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             report = verify_bundle(root, args.trust, policy, replay=args.replay, replay_seed=args.replay_seed,
                                    replay_data=args.replay_data, replay_mode=args.replay_mode,
                                    replay_worlds=args.replay_worlds, light=args.light,
-                                   packs=Path(args.packs) if args.packs else None, challenge=challenge)
+                                   packs=Path(args.packs) if args.packs else None, challenge=challenge,
+                                   progress=args.progress)
             report.bundle = args.bundle
             if args.vsa:  # the VSA names the released files; read them while the bundle is open
                 from attest.signing import PemSigner
@@ -178,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--vsa", metavar="OUT", help="also write the verdict as a signed SLSA Verification Summary "
                    "Attestation (in-toto, DSSE in a Sigstore bundle); needs --sign-key")
     v.add_argument("--sign-key", metavar="KEY.pem", help="the evaluator's private key that signs --vsa")
+    v.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                   help="hashing and replay progress on stderr: a bar on a terminal; elsewhere plain lines for "
+                        "work that runs longer than a few seconds (auto), from the start (always), or none")
     v.set_defaults(func=_cmd_verify)
     c = sub.add_parser("challenge", help="draw segments to audit from a received bundle (evaluator)",
                        description="Draw K segments with fresh randomness (or --seed) and bind them to the bundle's "

@@ -56,6 +56,7 @@ from attest.checks_model import (
 )
 from attest.findings import HELD, BundleUnreadable, Context, Finding, as_dict, skipped, subjects_of
 from attest.policy import Policy
+from attest.progress import Progress
 from attest.replay import register as _register_replay
 from attest.signing import KeyError_, PublicKeyVerifier
 from attest.slsa import check_slsa_provenance
@@ -221,9 +222,10 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
                   replay: int | str | None = None, replay_seed: int | None = None,
                   checks: list[Callable[[Context], Iterator[Finding]]] | None = None, replay_data: bool = False,
                   replay_mode: str = "auto", replay_worlds: tuple[int, ...] | None = None, light: bool = False,
-                  packs: Path | None = None, challenge: dict[str, Any] | None = None) -> Report:
+                  packs: Path | None = None, challenge: dict[str, Any] | None = None, progress: str = "never") -> Report:
     """Verify `bundle`. `light`: heavy state absent from it is held by the team (attest.challenge);
-    `packs` + `challenge`: the team's packs for the evaluator's challenge, whose segments are replayed."""
+    `packs` + `challenge`: the team's packs for the evaluator's challenge, whose segments are replayed;
+    `progress` (auto | always | never): hashing and replay progress on stderr (attest.progress)."""
     policy = policy or Policy()
     root = Path(bundle)
     if not root.is_dir() or root.is_symlink():
@@ -280,12 +282,18 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
                                         "failed, and no bulk work is done on unauthenticated input"))
                 continue
             if not prefetched:  # hash every subject in the background while the checks start
-                ctx.files.prefetch(s["name"] for e in entries for s in subjects_of(e))
+                with Progress("hashing", 0, "bytes", progress) as bar:
+                    ctx.files.prefetch((s["name"] for e in entries for s in subjects_of(e)), bar.update)
                 prefetched = True
+        bar = _replay_progress(ctx, progress) if check is check_replay else None
         for f in check(ctx):
             if not f.ok and not f.skipped:
                 ctx.failed.add(f.check)
             findings.append(f)
+            if bar is not None and f.check == "replay" and not f.skipped:
+                bar.advance()
+        if bar is not None:
+            bar.close()
     asked = ("replay",) * (replay is not None) + ("data-replay",) * bool(replay_data)
     gated = set(BULK.values()) if ctx.failed & set(GATE) else set()
     findings = _apply_required(findings, policy, whole=checks is None, asked=asked, gated=gated)
@@ -294,6 +302,14 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
                                              if isinstance(v, (int, float, str)) or v is None}}
         for e in ctx.of_kind("checkpoint")]
     return Report(str(root), findings, ctx.notes, "integrity-only" if from_bundle else "identity", ctx.facts)
+
+
+def _replay_progress(ctx: Context, mode: str) -> Progress | None:
+    """A bar over the segments replay will re-run (one finding each)."""
+    if ctx.replay is None:
+        return None
+    n = len(ctx.of_kind("checkpoint"))
+    return Progress("replay", n if ctx.replay == "all" else min(n, max(0, int(ctx.replay))), "segments", mode)
 
 
 def _apply_required(findings: list[Finding], policy: Policy, whole: bool = True,

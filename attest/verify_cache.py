@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -93,22 +93,28 @@ class FileDigests:
         got = self._by_path.get(str(path))
         return got if got is not None else sha256_file(path)
 
-    def prefetch(self, names: Iterable[str]) -> None:
-        """Hash many files in parallel; errors are left for the checks to report."""
+    def prefetch(self, names: Iterable[str], progress: Callable[[int, int], None] | None = None) -> None:
+        """Hash many files in parallel; errors are left for the checks to report. `progress(done,
+        total)` hears the bytes hashed so far after each file."""
         todo = sorted({n for n in names if n not in self._sha})
+        sizes: dict[str, int] = {}
+        for n in todo:
+            try:
+                sizes[n] = os.lstat(self.root / n).st_size
+            except (OSError, ValueError):
+                pass
+        total, done = sum(sizes.values()), [0]
 
         def one(n: str) -> None:
             try:
                 self._fill(n)
             except (FileNotFoundError, BundlePathError, DigestError, OSError):
                 pass
+            if progress is not None:
+                with self._lock:
+                    done[0] += sizes.get(n, 0)
+                    progress(done[0], total)
 
-        total = 0
-        for n in todo:
-            try:
-                total += os.lstat(self.root / n).st_size
-            except (OSError, ValueError):
-                pass
         if len(todo) <= 1 or total < PARALLEL_BYTES:
             for n in todo:
                 one(n)

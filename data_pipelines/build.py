@@ -6,22 +6,23 @@ Every source in `data.sources` is validated before any work (data_pipelines.sour
 stages run in order (data_pipelines.stages): ingest → dedup → tokenizer → pack, each shard and the
 tokenizer signed into `OUT/chain.jsonl` as it is written. Running the same command again after a
 crash continues where the chain ends. Paths in statements are relative to `out_dir`, the future
-bundle root; training reads `out_dir/data/shards`.
+bundle root; training reads `out_dir/data/shards`. Configs: kai_train/conf/kai_data.yaml (typed by
+kai_train/conf/schema.py); `kai-data --help` lists the common overrides; kai_train.app runs the app
+(one-line errors, multirun jobs in `out_dir/N`).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from attest.chain import ChainError, ChainWriter, set_aside_torn_tail
 from attest.digest import sha256_file
+from attest.progress import Progress
 from attest.signers import ensure_public_key, make_signer
 from attest.signing import PUBLIC_KEY_NAME
 from attest.statements import subject
@@ -29,8 +30,8 @@ from data_pipelines import demo_corpus, stages, tokenizer
 from data_pipelines.dedup import DedupConfig
 from data_pipelines.sources import Normalize, SourceError, check_sources
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 STAGE_KEYS = ("shards", "normalize", "dedup", "tokenizer", "pack")
+STAGES = ("ingest", "dedup", "tokenizer", "pack")
 
 
 def tokenizer_stage(b: stages.Build, inputs: list[str], prefix: Path, cfg: dict[str, Any]) -> Path:
@@ -77,14 +78,20 @@ def build(cfg: DictConfig) -> None:
     chain_path = out / "chain.jsonl"
     if chain_path.exists() and set_aside_torn_tail(chain_path):
         print(f"[kai-data] {chain_path}: set aside an interrupted final line (in chain.jsonl.torn)")
-    b = stages.Build(out, ChainWriter(chain_path, signer, cfg.run_id), params["shards"]["rows"], params["shards"]["max_mb"])
-
-    ingested = stages.ingest_all(b, sources, norm, int(cfg.jobs))
-    deduped = stages.dedup(b, sources, ingested, dedup_cfg)
-    model = tokenizer_stage(b, [n for s in sources for n in deduped[s.name]], Path(cfg.tokenizer_prefix),
-                            params["tokenizer"])
-    packed = stages.pack(b, sources, deduped, tokenizer.load_tokenizer(model), params["pack"]["seq_len"],
-                         {"name": str(model.relative_to(out)), "sha256": sha256_file(model)})
+    # one step per stage; the stages' log lines print above the bar
+    with Progress("kai-data stages", len(STAGES), "stages", cfg.progress) as bar:
+        b = stages.Build(out, ChainWriter(chain_path, signer, cfg.run_id), params["shards"]["rows"],
+                         params["shards"]["max_mb"], log=bar.note)
+        ingested = stages.ingest_all(b, sources, norm, int(cfg.jobs))
+        bar.advance()
+        deduped = stages.dedup(b, sources, ingested, dedup_cfg)
+        bar.advance()
+        model = tokenizer_stage(b, [n for s in sources for n in deduped[s.name]], Path(cfg.tokenizer_prefix),
+                                params["tokenizer"])
+        bar.advance()
+        packed = stages.pack(b, sources, deduped, tokenizer.load_tokenizer(model), params["pack"]["seq_len"],
+                             {"name": str(model.relative_to(out)), "sha256": sha256_file(model)})
+        bar.advance()
     for s in sources:
         removed = sum(sum(b.recorded[n]["counts"].values()) for n in deduped[s.name])
         dropped = sum(sum(b.recorded[n]["counts"].values()) for n in ingested[s.name])
@@ -93,17 +100,10 @@ def build(cfg: DictConfig) -> None:
               f"{rows} packed rows in {len(packed[s.name])} shards")
 
 
-@hydra.main(config_path=CONF_DIR, config_name="kai_data", version_base=None)
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        build(cfg)
-    except (SourceError, ChainError, ValueError, OSError) as e:
-        print(f"kai-data: error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 def main() -> None:
-    _hydra_main()
+    from kai_train.app import run
+
+    run("kai-data", "kai_data", build, "out_dir", errors=(SourceError, ChainError, ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from kai_train.checkpoint import folder as ckpt_folder
 from kai_train.genesis import tensor_table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CODE_DIRS = ("attest", "data_pipelines", "kai_train", "conf")
+CODE_DIRS = ("attest", "data_pipelines", "kai_train")  # kai_train/conf/ included
 LIBRARIES = ("torch", "deepspeed", "numpy", "pyarrow", "sentencepiece", "safetensors", "hydra-core", "cryptography")
 # Checkpoints written but not yet recorded before `record_checkpoint` waits for the worker.
 PENDING = 2
