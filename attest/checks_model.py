@@ -444,15 +444,18 @@ def _first_difference(want: Any, got: Any) -> str:
 # ---------------------------------------------------------------- replay (hook)
 
 
-def replay_segments(ctx: Context) -> list[Entry]:
-    """The checkpoints whose segments to replay: all, or N chosen at random by the verifier after
-    it received the bundle (seeded by --replay-seed for a reproducible choice)."""
+def replay_segments(ctx: Context, draw: bool = True) -> list[Entry]:
+    """The checkpoints whose segments to replay: all, the challenge's, or N chosen at random by the
+    verifier after it received the bundle (seeded by --replay-seed for a reproducible choice).
+    `draw=False`: only how many (the first N; nothing drawn or recorded)."""
     ckpts = ctx.of_kind("checkpoint")
     if ctx.replay == "all" or ctx.replay is None:
         return ckpts if ctx.replay == "all" else []
     if isinstance(ctx.replay, list):  # a challenge's segments (attest.challenge), drawn by the evaluator
         return [ckpts[i] for i in sorted(set(ctx.replay)) if 0 <= i < len(ckpts)]
     n = max(0, min(int(ctx.replay), len(ckpts)))
+    if not draw:
+        return ckpts[:n]
     seed = ctx.replay_seed if ctx.replay_seed is not None else int.from_bytes(os.urandom(8), "little")
     ctx.facts["replay_seed"] = seed
     picked = sorted(random.Random(seed).sample(range(len(ckpts)), n))

@@ -308,8 +308,7 @@ def _replay_progress(ctx: Context, mode: str) -> Progress | None:
     """A bar over the segments replay will re-run (one finding each)."""
     if ctx.replay is None:
         return None
-    n = len(ctx.of_kind("checkpoint"))
-    return Progress("replay", n if ctx.replay == "all" else min(n, max(0, int(ctx.replay))), "segments", mode)
+    return Progress("replay", len(replay_segments(ctx, draw=False)), "segments", mode)
 
 
 def _apply_required(findings: list[Finding], policy: Policy, whole: bool = True,
