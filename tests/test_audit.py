@@ -49,17 +49,14 @@ def failing(report: dict, check: str) -> list[dict]:
 
 
 def test_tolerance_mode_accepts_the_honest_run_replayed_on_other_world_sizes(audit_bundle: Path) -> None:
-    rc, rep = verify_json(audit_bundle, "--replay", "all", "--replay-mode", "tolerance")
+    rc, rep = verify_json(audit_bundle, *SEGMENT_1, "--replay-mode", "tolerance")
     assert rc == 0, [f for f in rep["findings"] if not f["ok"]]
     facts = rep["facts"]["replay"]
-    assert [f["mode"] for f in facts] == ["tolerance", "tolerance"] and all(f["worlds"] == [1, 2] for f in facts)
-    for f in facts:
-        tol = f["tolerance"]
-        assert f["bit_exact"][0] is False  # one rank sums the step's micro-batches in another order
-        assert 0 < tol["floor_ratio"] < 1e-4 and tol["margin"] <= 1.0 and tol["drift_budget"] < 1e-3
-    # auto mode on CPU at the recorded world size is exact, and exact holds for the honest run
-    rc, rep = verify_json(audit_bundle, *SEGMENT_1)
-    assert rc == 0 and [(f["mode"], f["step"]) for f in rep["facts"]["replay"]] == [("exact", 4)]
+    assert [(f["mode"], f["step"], f["worlds"]) for f in facts] == [("tolerance", 4, [1, 2])]
+    tol = facts[0]["tolerance"]
+    assert facts[0]["bit_exact"][0] is False  # one rank sums the step's micro-batches in another order
+    assert 0 < tol["floor_ratio"] < 1e-4 and tol["margin"] <= 1.0 and tol["drift_budget"] < 1e-3
+    # (auto mode on CPU at the recorded world size is exact: the challenge test below replays that way)
 
 
 def _drift(bundle: Path, key: Path, step: int, rel: float, only: str | None = None) -> None:
