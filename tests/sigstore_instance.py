@@ -103,6 +103,7 @@ class Instance:
         self.log_key = ec.generate_private_key(ec.SECP256R1())
         self.leaves: list[bytes] = []
         self.time_shift = timedelta(0)  # added to the log's integrated time (a late entry)
+        self.signing_ca: tuple[Any, x509.Certificate] | None = None  # another CA issues the leaves when set
 
     # -------------------------------------------------------------- Fulcio
 
@@ -148,8 +149,14 @@ class Instance:
         """Fulcio's signing-certificate call: the chain (leaf, intermediate, root) as PEM."""
         csr = x509.load_pem_x509_csr(csr_pem)
         assert csr.is_signature_valid and token == "test-token"
-        cert = self.issue(csr.public_key())
-        return [c.public_bytes(serialization.Encoding.PEM) for c in (cert, self.ca, self.root)]
+        cert = self.issue(csr.public_key(), ca=self.signing_ca)
+        chain = [self.signing_ca[1]] if self.signing_ca else [self.ca, self.root]
+        return [c.public_bytes(serialization.Encoding.PEM) for c in (cert, *chain)]
+
+    def other_ca(self) -> tuple[Any, x509.Certificate]:
+        """A CA of the same shape that no trusted root names."""
+        key = ec.generate_private_key(ec.SECP384R1())
+        return key, _ca("kai-test-fulcio-intermediate", key, None)
 
     # -------------------------------------------------------------- Rekor
 
