@@ -229,7 +229,8 @@ def fulcio_http(base_url: str, timeout_s: float) -> Fulcio:
     def call(csr_pem: bytes, token: str) -> list[bytes]:
         got = _post_json(base_url.rstrip("/") + "/api/v2/signingCert",
                          {"certificateSigningRequest": base64.b64encode(csr_pem).decode()},
-                         {"Authorization": f"Bearer {token}"}, timeout_s, "Fulcio")
+                         {"Authorization": f"Bearer {token}", "Accept": "application/pem-certificate-chain"},
+                         timeout_s, "Fulcio")
         try:
             return [c.encode() for c in got["signedCertificateEmbeddedSct"]["chain"]["certificates"]]
         except (KeyError, TypeError, AttributeError):
