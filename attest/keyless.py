@@ -353,7 +353,7 @@ def verify_keyless(bundle: dict[str, Any], trusted_root: Any, identities: list[t
     try:
         parsed = Bundle.from_json(json.dumps(bundle))
         policy = AnyOf([Identity(identity=i, issuer=iss) for i, iss in identities])
-        kind, payload = Verifier(trusted_root=trusted_root).verify_dsse(parsed, policy)
+        kind, payload = _verifier(trusted_root, Verifier).verify_dsse(parsed, policy)
     except Error as e:
         if str(e).startswith(f"0 of {len(identities)} policies"):  # AnyOf: no identity matched
             return f"the certificate names {certificate_identity(bundle)}, none of the policy's sigstore_identities"
@@ -366,6 +366,17 @@ def verify_keyless(bundle: dict[str, Any], trusted_root: Any, identities: list[t
     if not isinstance(envelope, dict) or base64.b64decode(str(envelope.get("payload", ""))) != payload:
         return "the verified payload is not the envelope's"
     return None
+
+
+_VERIFIERS: dict[int, tuple[Any, Any]] = {}
+
+
+def _verifier(trusted_root: Any, cls: Any) -> Any:
+    """One sigstore Verifier per trusted root (it loads the root's certificates once)."""
+    hit = _VERIFIERS.get(id(trusted_root))
+    if hit is None or hit[0] is not trusted_root:
+        hit = _VERIFIERS[id(trusted_root)] = (trusted_root, cls(trusted_root=trusted_root))
+    return hit[1]
 
 
 def certificate_identity(bundle: dict[str, Any]) -> str:
