@@ -238,7 +238,9 @@ def check_timestamps(ctx: Context) -> Iterator[Finding]:
         for t in as_list(tvd.get("rfc3161Timestamps")):
             tokens.append((e, as_dict(t).get("signedTimestamp")))
     if not tokens:
-        yield skipped("timestamps", CHAIN_NAME, "no RFC 3161 timestamps in the chain (key-mode signatures carry no trusted time)")
+        why = ("keyless lines carry their log's integrated time instead, checked by signature" if
+               ctx.facts.get("keyless_entries") else "key-mode signatures carry no trusted time")
+        yield skipped("timestamps", CHAIN_NAME, f"no RFC 3161 timestamps in the chain ({why})")
         return
     try:
         import rfc3161_client  # noqa: F401

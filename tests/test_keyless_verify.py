@@ -83,6 +83,8 @@ def test_keyless_chain_passes_with_pinned_root_and_identity(signed: tuple[Path, 
     (sig,) = [f for f in report.findings if f.check == "signature"]
     assert sig.ok and f"keyless identities {IDENTITY} ({ISSUER})" in sig.detail
     assert report.facts["keyless_entries"] == len(statements(bundle))
+    (ts,) = [f for f in report.findings if f.check == "timestamps"]
+    assert ts.skipped and "keyless lines carry their log's integrated time" in ts.detail
     assert main(["verify", str(bundle), "--policy", str(policy)]) == 0
     assert "verdict: PASS" in capsys.readouterr().out
 
