@@ -244,3 +244,11 @@ def _root(inst: Instance) -> Any:
 
     with tempfile.TemporaryDirectory() as d:
         return load_trusted_root(inst.trusted_root(Path(d) / "trusted_root.json"))
+
+
+def test_keyless_bundle_without_a_policy_names_the_policy_keys(signed: tuple[Path, Instance],
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    bundle, _ = signed
+    assert main(["verify", str(bundle)]) == 2  # no --trust key, no keys/ folder, no policy: nothing to trust
+    err = capsys.readouterr().err
+    assert "sigstore_trusted_root and sigstore_identities" in err and len(err.strip().splitlines()) == 1, err
