@@ -216,10 +216,12 @@ def _post_json(url: str, body: dict[str, Any], headers: dict[str, str], timeout_
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
             return json.loads(r.read(16 << 20))
     except urllib.error.HTTPError as e:
-        raise SignerError(f"sigstore: {service} {url} answered HTTP {e.code} ({e.read(300).decode(errors='replace')})") from None
+        why = e.read(300).decode(errors="replace")
+        raise SignerError(f"sigstore: {service} {url} answered HTTP {e.code} ({why})") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise SignerError(f"sigstore: cannot reach {service} {url} ({getattr(reason, 'strerror', None) or reason})") from None
+        why = getattr(reason, "strerror", None) or reason
+        raise SignerError(f"sigstore: cannot reach {service} {url} ({why})") from None
     except ValueError:
         raise SignerError(f"sigstore: {service} {url} answered with other than JSON") from None
 
