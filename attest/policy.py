@@ -3,8 +3,8 @@
 A policy says what the evaluator accepts, independently of anything the bundle claims: which
 keys (or keyless identities, with the Sigstore trusted root they chain to) may sign, which hash
 settings an OMS signature must use, which data licences and collection methods are allowed, which
-checks must run, and size limits on what the verifier reads. The schema is documented in docs/evaluators-guide.md; docs/policy.example.json
-is a complete example.
+checks must run, and size limits on what the verifier reads. The schema is documented in
+docs/evaluators-guide.md; docs/policy.example.json is a complete example.
 
 JSON is the format. A `.yaml`/`.yml` file is read too when PyYAML happens to be installed (it is
 not a dependency of the evaluator's light install). Unknown keys are refused, so a typo in a
