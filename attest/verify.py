@@ -195,7 +195,8 @@ def _bundle_keys(root: Path, required: bool) -> list[PublicKeyVerifier]:
     keys_dir = root / KEYS_DIR
     names = sorted(p.name for p in keys_dir.glob("*.pub.pem")) if keys_dir.is_dir() and not keys_dir.is_symlink() else []
     if not names and required:
-        raise BundleUnreadable(f"{root}: no --trust key given and no {KEYS_DIR}/*.pub.pem in the bundle")
+        raise BundleUnreadable(f"{root}: no --trust key given and no {KEYS_DIR}/*.pub.pem in the bundle (a keyless "
+                               "chain verifies against a policy's sigstore_trusted_root and sigstore_identities)")
     try:
         return [PublicKeyVerifier.from_file(safe_file(root, f"{KEYS_DIR}/{n}", 1 << 20)) for n in names]
     except (BundlePathError, FileNotFoundError) as e:
@@ -266,9 +267,6 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
     if from_bundle:
         ctx.notes.append("no --trust key and no policy keys: trusted the public key shipped in the bundle "
                          "(proves integrity, not identity)")
-    if policy.sigstore_identities:
-        ctx.notes.append(f"policy names {len(policy.sigstore_identities)} Sigstore identities: keyless entries are "
-                         "not verified offline by this version")
     findings: list[Finding] = [Finding("challenge", False, "", "packs holding exactly the challenged segments' signed "
                                        "files", p) for p in pack_problems]
     if challenge is not None and not pack_problems:
