@@ -171,7 +171,8 @@ def open_packs(bundle: Path, packs: Path, challenge: dict[str, Any], entries: li
     if sha256_file(safe_file(bundle, CHAIN_NAME)) != challenge["chain_sha256"]:
         return [], [f"{CHAIN_NAME}: the challenge was drawn for another chain (chain_sha256 differs)"]
     signed = committed(entries)
-    folders = []
+    folders: list[Path] = []
+    seen: set[str] = set()  # names an earlier pack holds: the verifier reads that copy, so check this one here
     for seg in challenge["segments"]:
         k = seg["segment"]
         folder = pack_dir(packs, k)
@@ -190,6 +191,16 @@ def open_packs(bundle: Path, packs: Path, challenge: dict[str, Any], entries: li
                     continue
                 if rel not in need or rel not in signed:
                     problems.append(f"{folder}/{rel}: not a signed file of segment {k}; a pack holds nothing else")
+                elif rel in seen:
+                    try:
+                        sha = sha256_file(safe_file(folder, rel))
+                    except (OSError, ValueError) as ex:
+                        problems.append(f"{folder}/{rel}: {ex}")
+                        continue
+                    if sha != signed[rel]:
+                        problems.append(f"{folder}/{rel}: sha256 {sha[:16]}… differs from the signed "
+                                        f"{signed[rel][:16]}…")
+        seen |= need
         missing = sorted(n for n in need if not (folder / n).is_file())
         if missing:
             problems.append(f"{folder}: {len(missing)} file(s) of segment {k} missing, first {missing[0]}")
