@@ -20,6 +20,7 @@ import queue
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,9 @@ class Build:
         self.root, self.chain, self.rows, self.max_bytes, self.log = root, chain, rows, int(max_mb * 2**20), log
         self.out = root  # where new shards are written (a replay writes elsewhere)
         self.bounds = {"rows": rows, "max_mb": max_mb}
-        for stale in root.glob("data/*/.*.tmp-*"):  # left by a build that died mid-shard; never recorded
-            stale.unlink()
+        for pattern in ("data/*/.*.tmp-*", f"data/*/{shards.MANIFEST_DIR}/.*.tmp-*"):
+            for stale in root.glob(pattern):  # left by a build that died mid-shard; never recorded
+                stale.unlink()
         entries, _ = read_chain(chain.path) if chain.path.exists() else ([], False)
         self.recorded: dict[str, dict[str, Any]] = {}
         self.tokenizer: dict[str, Any] | None = None
@@ -207,8 +209,8 @@ def ingest(b: Build, source: Source, norm: Normalize) -> list[str]:
     done = b.recorded_of("ingest", source.name)
     start = done[-1][1]["positions"][1] if done else 0
     params = {"normalize": asdict(norm), "format": source.format}
-    sink = ShardSink(b, "ingest", source, params, shards.records_table, shards.SCHEMA, start_index=len(done),
-                     start_pos=start)
+    sink = ShardSink(b, "ingest", source, params, partial(shards.records_table, sample_rate=norm.sample_rate),
+                     shards.with_features(shards.SCHEMA, norm.sample_rate), start_index=len(done), start_pos=start)
     stats: Counter[str] = Counter()
     seen: Counter[str] = Counter()
     for pos, record in iter_records(source, norm, stats, start=start):
@@ -279,9 +281,7 @@ def _stream(b: Build, names: list[str], columns: list[str] | None = None) -> Ite
         pf = pq.ParquetFile(b.input_path(name))
         for batch in pf.iter_batches(batch_size=256, columns=columns):
             for row in batch.to_pylist():
-                if row.get("audio") is not None:
-                    row["audio"] = np.asarray(row["audio"], dtype=np.float32)
-                yield name, row
+                yield name, shards.decode_row(row)
 
 
 def dedup(b: Build, sources: list[Source], inputs: dict[str, list[str]], cfg: DedupConfig) -> dict[str, list[str]]:
@@ -290,7 +290,9 @@ def dedup(b: Build, sources: list[Source], inputs: dict[str, list[str]], cfg: De
     params = {**asdict(cfg), "scheme": SCHEME, "shingle_hash": SHINGLE_HASH}
     out: dict[str, list[str]] = {}
     for source in sources:
-        sink = ShardSink(b, "dedup", source, params, shards.records_table, shards.SCHEMA)
+        rate = shards.sample_rate_of(b.root / inputs[source.name][0])
+        sink = ShardSink(b, "dedup", source, params, partial(shards.records_table, sample_rate=rate),
+                         shards.with_features(shards.SCHEMA, rate))
         for origin, row in _stream(b, inputs[source.name]):
             reason = deduper.check(row)
             if reason is None:
@@ -308,7 +310,9 @@ def pack(b: Build, sources: list[Source], inputs: dict[str, list[str]], sp: Any,
     out: dict[str, list[str]] = {}
     for source in sources:
         packer = Packer(sp, seq_len)
-        sink = ShardSink(b, "pack", source, params, packed_table, PACKED_SCHEMA)
+        rate = shards.sample_rate_of(b.root / inputs[source.name][0])
+        sink = ShardSink(b, "pack", source, params, partial(packed_table, sample_rate=rate),
+                         shards.with_features(PACKED_SCHEMA, rate))
         for origin, row in _stream(b, inputs[source.name]):
             for packed, origins in packer.add(source.name, row, origin):
                 sink.add(packed, 4 * seq_len + record_bytes({**packed, "text": ""}), origins)

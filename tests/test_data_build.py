@@ -25,6 +25,7 @@ from PIL import Image
 
 from attest.chain import read_chain
 from attest.digest import sha256_file
+from data_pipelines import shards
 from conftest import kai_attest, must, run
 
 N_FILES, N_EXACT, N_NEAR = 200, 10, 10
@@ -140,9 +141,9 @@ def test_ingest_counts_what_it_drops_and_normalizes_media(built) -> None:
             counts.update(m["counts"])
     assert counts == {"bad-json": 1, "empty": 1, "broken-image": 1}
     images = pq.read_table(out / "data/ingest/images-00000.parquet").to_pylist()
-    assert len(images) == 20 and {Image.open(io.BytesIO(r["image"])).size for r in images} == {(32, 32)}
+    assert len(images) == 20 and {Image.open(io.BytesIO(r["image"]["bytes"])).size for r in images} == {(32, 32)}
     speech = pq.read_table(out / "data/ingest/speech-00000.parquet").to_pylist()
-    assert [len(r["audio"]) for r in speech] == [8000] * 4
+    assert [len(shards.decode_row(r)["audio"]) for r in speech] == [8000] * 4
     # positions tile the raw input: shards of one source cover [0, n) without a gap
     texts = sorted((n, m) for n, m in manifests.items() if m["stage"] == "ingest" and n.startswith("data/ingest/texts"))
     spans = [m["positions"] for _, m in texts]
