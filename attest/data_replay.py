@@ -102,6 +102,15 @@ def _replay(ctx: Context, staged: dict[str, dict[str, dict[str, Any]]], stages: 
     if "shards" not in dparams or "shards" not in pparams:
         yield skipped(CHECK, "", "the manifests do not record their shard bounds (built by an older kai-data)")
         return
+    engine = None
+    if dparams.get("scheme") == "datatrove-minhash/v1":  # built on datatrove's executors (data_pipelines.engine)
+        try:
+            from data_pipelines import engine
+        except ImportError as e:
+            yield skipped(CHECK, "", f"dedup recorded by kai-data on datatrove; needs datatrove "
+                                     f"(pip install 'kai-train[train]'): {e}")
+            return
+        scheme = engine.ENGINE
     if (dparams.get("scheme"), dparams.get("shingle_hash")) != (scheme, shingle_hash):
         yield skipped(CHECK, "", f"dedup recorded with MinHash {dparams.get('scheme')}/{dparams.get('shingle_hash')}; "
                                  f"this version computes {scheme}/{shingle_hash}")
@@ -115,8 +124,11 @@ def _replay(ctx: Context, staged: dict[str, dict[str, dict[str, Any]]], stages: 
     with tempfile.TemporaryDirectory(prefix="kai-data-replay-") as tmp:
         b = stages.Build.replay(ctx.root, Path(tmp), staged["ingest"], dparams["shards"],
                                 lambda name, m: made.__setitem__(name, m))
-        config = {k: v for k, v in dparams.items() if k not in ("scheme", "shingle_hash", "shards")}
-        stages.dedup(b, sources, inputs, DedupConfig(**config))
+        if engine is not None:  # the recorded task layout, on datatrove's local executor
+            made.update(engine.replay_dedup(ctx.root, Path(tmp), sources, staged["ingest"], dparams))
+        else:
+            config = {k: v for k, v in dparams.items() if k not in ("scheme", "shingle_hash", "shards")}
+            stages.dedup(b, sources, inputs, DedupConfig(**config))
         tok = pparams["tokenizer"]
         b.rows, b.max_bytes = int(pparams["shards"]["rows"]), int(float(pparams["shards"]["max_mb"]) * 2**20)
         b.bounds = dict(pparams["shards"])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -31,30 +30,6 @@ from data_pipelines.sources import Normalize, SourceError, check_sources
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 STAGE_KEYS = ("shards", "normalize", "dedup", "tokenizer", "pack")
-
-
-def tokenizer_stage(b: stages.Build, inputs: list[str], prefix: Path, cfg: dict[str, Any]) -> Path:
-    """Train the tokenizer on the declared sample of `inputs`, or reuse the one the chain records."""
-    trained_on = [{"name": n, "sha256": b.recorded[n]["sha256"]} for n in inputs]
-    sample = {"every": cfg["every"], "max_sentences": cfg["max_sentences"]}
-    rec = b.tokenizer
-    if rec is not None:
-        path = b.root / rec["subject"]["name"]
-        same = (rec["trained_on"] == trained_on and rec["params"].get("vocab_size") == cfg["vocab_size"]
-                and rec["params"].get("sample") == sample)
-        if not same:
-            raise stages.ResumeConflict(f"{b.chain.path}: records a tokenizer trained on other shards or parameters; "
-                                        "use the recorded config or a new out_dir")
-        if not path.is_file() or sha256_file(path) != rec["subject"]["digest"]["sha256"]:
-            raise stages.ResumeConflict(f"{path}: missing or not the tokenizer the chain records")
-        return path
-    model, params = tokenizer.train_tokenizer([b.input_path(n) for n in inputs], prefix, cfg["vocab_size"],
-                                              cfg["max_sentences"], cfg["every"])
-    b.chain.append("tokenizer", [subject(str(model.relative_to(b.root)), sha256_file(model))],
-                   {"trainer": f"sentencepiece {metadata.version('sentencepiece')}", "params": params,
-                    "trained_on": trained_on})
-    b.log(f"[kai-data] tokenizer {model.relative_to(b.root)} ({params['sentences']} sentences)")
-    return model
 
 
 def build(cfg: DictConfig) -> None:
@@ -79,12 +54,31 @@ def build(cfg: DictConfig) -> None:
         print(f"[kai-data] {chain_path}: set aside an interrupted final line (in chain.jsonl.torn)")
     b = stages.Build(out, ChainWriter(chain_path, signer, cfg.run_id), params["shards"]["rows"], params["shards"]["max_mb"])
 
-    ingested = stages.ingest_all(b, sources, norm, int(cfg.jobs))
-    deduped = stages.dedup(b, sources, ingested, dedup_cfg)
-    model = tokenizer_stage(b, [n for s in sources for n in deduped[s.name]], Path(cfg.tokenizer_prefix),
-                            params["tokenizer"])
-    packed = stages.pack(b, sources, deduped, tokenizer.load_tokenizer(model), params["pack"]["seq_len"],
-                         {"name": str(model.relative_to(out)), "sha256": sha256_file(model)})
+    kind = cfg.executor.kind
+    if kind == "inline":
+        ingested = stages.ingest_all(b, sources, norm, int(cfg.jobs))
+        deduped = stages.dedup(b, sources, ingested, dedup_cfg)
+        model = stages.tokenizer_stage(b, [n for s in sources for n in deduped[s.name]], Path(cfg.tokenizer_prefix),
+                                       params["tokenizer"])
+        packed = stages.pack(b, sources, deduped, tokenizer.load_tokenizer(model), params["pack"]["seq_len"],
+                             {"name": str(model.relative_to(out)), "sha256": sha256_file(model)})
+    elif kind in ("local", "slurm"):
+        try:
+            from data_pipelines import engine
+        except ImportError as e:
+            raise ValueError(f"executor.kind={kind} needs datatrove (pip install 'kai-train[train]'): {e}") from None
+        plan = engine.Plan(out, sources, norm, dedup_cfg, int(cfg.executor.tasks), params["shards"], params["tokenizer"],
+                           Path(cfg.tokenizer_prefix), params["pack"]["seq_len"],
+                           OmegaConf.to_container(cfg.attest, resolve=True), cfg.run_id)  # type: ignore[arg-type]
+        if kind == "slurm":
+            submit = engine.write_slurm(plan, OmegaConf.to_container(cfg.executor.slurm, resolve=True))  # type: ignore[arg-type]
+            print(f"[kai-data] sbatch scripts written; submit the stages in order with: bash {submit}")
+            return
+        sealed = engine.run_local(plan, b, int(cfg.executor.workers))
+        ingested, deduped, packed = ({s.name: [n for n in sealed[st] if b.recorded[n]["source"]["name"] == s.name]
+                                      for s in sources} for st in ("ingest", "dedup", "pack"))
+    else:
+        raise ValueError(f"executor.kind must be inline, local or slurm, got {kind!r}")
     for s in sources:
         removed = sum(sum(b.recorded[n]["counts"].values()) for n in deduped[s.name])
         dropped = sum(sum(b.recorded[n]["counts"].values()) for n in ingested[s.name])
@@ -97,7 +91,7 @@ def build(cfg: DictConfig) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         build(cfg)
-    except (SourceError, ChainError, ValueError, OSError) as e:
+    except (SourceError, ChainError, ValueError, OSError) as e:  # SealError and ResumeConflict are ValueErrors
         print(f"kai-data: error: {e}", file=sys.stderr)
         sys.exit(1)
 
