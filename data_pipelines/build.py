@@ -23,7 +23,6 @@ from attest.chain import ChainError, ChainWriter, set_aside_torn_tail
 from attest.digest import sha256_file
 from attest.signers import ensure_public_key, make_signer
 from attest.signing import PUBLIC_KEY_NAME
-from attest.statements import subject
 from data_pipelines import demo_corpus, stages, tokenizer
 from data_pipelines.dedup import DedupConfig
 from data_pipelines.sources import Normalize, SourceError, check_sources

@@ -69,6 +69,7 @@ from datatrove.pipeline.dedup.minhash import (
 )
 from datatrove.utils.hashing import HashConfig
 
+from attest import failpoints
 from attest.digest import sha256_file
 from data_pipelines import shards, stages
 from data_pipelines.dedup import SHINGLE_HASH, DedupConfig, content_key, shingle_hashes
@@ -279,6 +280,7 @@ class DedupWriter(PipelineStep):
                                                     f"gives {now!r}; use the recorded config or a new out_dir")
             else:
                 file.close([{"path": name, "sha256": b.recorded[name]["sha256"]}], extra)
+                failpoints.reached("task-shard-written")
             written.append(out)
         if doc is not None:
             raise ValueError(f"dedup task {rank}: a record of {doc.metadata['shard']} arrived out of order")
@@ -311,6 +313,27 @@ class PackTask(PipelineStep):
         return iter(())
 
 
+class PeakMemory(PipelineStep):
+    """Last step of every task: records the worker's peak RSS (VmHWM, Linux) in work/memory/STAGE/RANK,
+    the figure that must stay flat as the corpus grows."""
+
+    name = "kai-data peak memory"
+
+    def __init__(self, plan: Plan, stage: str) -> None:
+        super().__init__()
+        self.plan, self.stage = plan, stage
+
+    def run(self, data: Any, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+        yield from data or ()
+        try:
+            line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            return
+        path = self.plan.work / "memory" / self.stage / f"{rank:05d}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{int(line.split()[1]) * 1024}\n")
+
+
 class Seal(PipelineStep):
     """The one step that signs: the finished tasks' shards into the chain, in task order."""
 
@@ -336,12 +359,14 @@ def task_count(plan: Plan, stage: str) -> int:
 
 def seal(plan: Plan, b: stages.Build, stage: str) -> list[str]:
     """Sign every shard the finished tasks of `stage` wrote, in task order; after dedup, the tokenizer too."""
+    failpoints.reached(f"seal-{stage}")
     names: list[str] = []
     for rank in range(task_count(plan, stage)):
         path = plan.result(stage, rank)
         if not path.is_file():
             raise SealError(f"{path}: task {rank} of the {stage} stage has not finished; run kai-data again")
         names += json.loads(path.read_text())["shards"]
+    todo = []  # every shard is checked before any is signed: a bad task output leaves the chain as it was
     for name in names:
         if name in b.recorded:  # sealed by an earlier run (its bytes are checked again where it is read)
             continue
@@ -351,6 +376,8 @@ def seal(plan: Plan, b: stages.Build, stage: str) -> list[str]:
         if digest != manifest["sha256"]:
             raise SealError(f"{shard}: sha256 {digest[:12]}… is not the {manifest['sha256'][:12]}… its manifest "
                             f"records; the {stage} task's output is refused")
+        todo.append((name, manifest))
+    for name, manifest in todo:
         b.record(name, manifest)
     if stage == "dedup":
         stages.tokenizer_stage(b, names, plan.tokenizer_prefix, plan.tokenizer)
@@ -385,7 +412,8 @@ def pipelines(plan: Plan) -> list[tuple[str, int, list[PipelineStep]]]:
             ("seal-dedup", 1, [Seal(plan, "dedup")]),
             ("pack", len(plan.sources), [PackTask(plan)]),
             ("seal-pack", 1, [Seal(plan, "pack")])]
-    return out
+    return [(stage, tasks, steps if stage.startswith("seal-") else [*steps, PeakMemory(plan, stage)])
+            for stage, tasks, steps in out]
 
 
 def run_local(plan: Plan, b: stages.Build, workers: int) -> dict[str, list[str]]:

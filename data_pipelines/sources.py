@@ -276,12 +276,12 @@ def _record(rid: str, modality: str, text: str, image: bytes | None = None,
 def _text_items(source: Source, norm: Normalize, start: int) -> Iterator[Item]:
     for position, path in enumerate(source.files):
         if position >= start:
-            yield position, _text_document(source, path)
+            yield position, _text_document(source, path, norm.unicode)
 
 
-def _text_document(source: Source, path: Path) -> dict[str, Any] | Drop:
+def _text_document(source: Source, path: Path, form: str) -> dict[str, Any] | Drop:
     try:
-        text = normalize_text(path.read_bytes().decode("utf-8").removeprefix("\ufeff"), norm.unicode)
+        text = normalize_text(path.read_bytes().decode("utf-8").removeprefix("\ufeff"), form)
     except UnicodeDecodeError:
         return Drop("not-utf8")
     return _record(f"{source.name}/{_rel(path, source.root)}", "text", text) if text else Drop("empty")
