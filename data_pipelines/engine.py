@@ -45,6 +45,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from collections import Counter
 from collections.abc import Iterator
 from copy import deepcopy
@@ -424,8 +425,10 @@ def run_local(plan: Plan, b: stages.Build, workers: int) -> dict[str, list[str]]
         if stage.startswith("seal-"):
             sealed[stage.removeprefix("seal-")] = seal(plan, b, stage.removeprefix("seal-"))
             continue
+        t0 = time.perf_counter()
         LocalPipelineExecutor(steps, tasks=tasks, workers=min(workers, tasks), start_method="fork",
                               logging_dir=str(plan.work / "logs" / stage)).run()
+        b.log(f"[kai-data] {stage}: {tasks} tasks in {time.perf_counter() - t0:.1f} s")
         failed = [r for r in range(tasks) if not (plan.work / "logs" / stage / "completions" / f"{r:05d}").exists()]
         if failed:
             raise ValueError(f"{plan.work / 'logs' / stage}: {len(failed)} of {tasks} {stage} tasks failed "
