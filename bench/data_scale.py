@@ -5,7 +5,9 @@ For each size in --sizes (MiB) it writes a synthetic corpus (half Korean, half E
 about 1.5 KiB in --sources JSONL sources, with 1% planted exact copies and 1% planted near copies,
 a few characters edited), then runs the whole `kai-data` build on datatrove's local executor
 (`executor.kind=local`, --tasks dedup tasks, the tokenizer on a bounded sample) once per worker
-count in --workers. Figures per run:
+count in --workers, with ceil(MiB / --mib-per-task) dedup tasks (the layout grows with the corpus
+so that a task's share, and with it a worker's memory, stays what the configuration sets). Figures
+per run:
 
 - peak RSS per worker: the largest VmHWM any task's worker reached, per stage (each task records it,
   data_pipelines.engine.PeakMemory); with 1 worker the tasks run in the main process, so the
@@ -18,13 +20,14 @@ count in --workers. Figures per run:
   threshold over the same ingest shards, in a child process whose peak RSS is printed too (its
   index grows with the corpus), run for sizes up to --baseline-max MiB.
 
-    python bench/data_scale.py --sizes 32,128 --workers 1,2 [--tasks 4] [--threshold 0.8]
+    python bench/data_scale.py --sizes 32,128 --workers 1,2 [--mib-per-task 8] [--threshold 0.8]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shutil
 import subprocess
@@ -174,7 +177,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="32,128", help="corpus sizes in MiB, comma-separated")
     ap.add_argument("--workers", default="1,2", help="worker counts, comma-separated")
-    ap.add_argument("--tasks", type=int, default=4, help="dedup tasks (the layout)")
+    ap.add_argument("--mib-per-task", type=float, default=8,
+                    help="dedup tasks = corpus MiB / this: the layout grows with the corpus, a task's share does not")
     ap.add_argument("--sources", type=int, default=4, help="JSONL sources (ingest and pack tasks)")
     ap.add_argument("--threshold", type=float, default=0.8)
     ap.add_argument("--baseline-max", type=int, default=128, help="run the in-process baseline up to this size (MiB)")
@@ -191,7 +195,8 @@ def main() -> None:
         write_conf(root / "conf", root / "corpus", args.sources)
         walls = {}
         for w in workers:
-            r = build(root / "conf", root / f"out-w{w}", w, args.tasks, args.threshold)
+            tasks = max(1, math.ceil(mib / args.mib_per_task))
+            r = build(root / "conf", root / f"out-w{w}", w, tasks, args.threshold)
             walls[w] = r["wall"]
             removed, ingest = removed_ids(root / f"out-w{w}")
             p, rc = score(removed, pairs)
@@ -205,7 +210,7 @@ def main() -> None:
             rss = ", ".join(f"{k}: {v / 2**20:.0f}" for k, v in sorted(r["rss"].items(), key=lambda kv: -kv[1])[:4])
             print(f"{mib:>5} {w:>2} {r['wall']:>7.1f} {mib / r['wall']:>6.2f}  {rss:<48} {r['main'] / 2**20:>5.0f}  "
                   f"{p:.3f}/{rc:.3f}{base}  ({len(pairs)} planted pairs)", flush=True)
-            print(f"      stages (s): {json.dumps(r['stages'])}", flush=True)
+            print(f"      {tasks} dedup tasks; stages (s): {json.dumps(r['stages'])}", flush=True)
         if len(walls) > 1:
             lo, hi = min(walls), max(walls)
             print(f"      throughput {hi} workers / {lo} worker at {mib} MiB: {walls[lo] / walls[hi]:.2f}x", flush=True)
