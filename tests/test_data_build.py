@@ -258,6 +258,20 @@ def test_training_refuses_packed_rows_of_another_length_naming_the_shard(built) 
     assert data.tokens(0) == pq.read_table(packed[0]).column("tokens")[0].as_py()
 
 
+def test_training_batches_decode_the_images_and_audio_the_shards_store(built) -> None:
+    from kai_train.data import ShardDataset
+
+    out = built[2]
+    packed = sorted((out / "data/shards").glob("*.parquet"))
+    data = ShardDataset(packed, out / "tokenizer/tokenizer.model", 32)
+    modality = [m for p in packed for m in pq.read_table(p, columns=["modality"]).column("modality").to_pylist()]
+    b = data.batch(list(range(len(data))), 32, 8000)
+    assert b["has_image"].tolist() == [m == "image" for m in modality]
+    assert b["has_audio"].tolist() == [m == "audio" for m in modality]
+    assert b["images"][b["has_image"]].abs().sum(dim=(1, 2, 3)).min() > 0 and b["images"].max() <= 1
+    assert b["audio"][b["has_audio"]].abs().amax(dim=1).min() > 0.01
+
+
 def test_ingesting_sources_in_parallel_gives_the_same_shards(built, tmp_path: Path) -> None:
     _, conf, clean, _ = built
     out = tmp_path / "out"
