@@ -70,6 +70,9 @@ def build(cfg: DictConfig) -> None:
                            Path(cfg.tokenizer_prefix), params["pack"]["seq_len"],
                            OmegaConf.to_container(cfg.attest, resolve=True), cfg.run_id)  # type: ignore[arg-type]
         if kind == "slurm":
+            if not out.is_absolute():
+                raise ValueError(f"out_dir={out}: executor.kind=slurm needs an absolute out_dir on a filesystem "
+                                 "every node sees (the jobs do not run here)")
             submit = engine.write_slurm(plan, OmegaConf.to_container(cfg.executor.slurm, resolve=True))  # type: ignore[arg-type]
             print(f"[kai-data] sbatch scripts written; submit the stages in order with: bash {submit}")
             return

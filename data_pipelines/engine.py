@@ -345,9 +345,11 @@ class Seal(PipelineStep):
         self.plan, self.stage = plan, stage
 
     def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
-        from attest.chain import ChainWriter
+        from attest.chain import ChainWriter, set_aside_torn_tail
         from attest.signers import make_signer
 
+        if self.plan.chain_path.exists():
+            set_aside_torn_tail(self.plan.chain_path)  # a seal killed mid-append: its line was never whole
         b = stages.Build(self.plan.root, ChainWriter(self.plan.chain_path, make_signer(self.plan.signer), self.plan.run_id),
                          self.plan.bounds["rows"], self.plan.bounds["max_mb"])
         seal(self.plan, b, self.stage)
