@@ -73,10 +73,10 @@ from datatrove.utils.hashing import HashConfig
 from attest import failpoints
 from attest.digest import sha256_file
 from data_pipelines import shards, stages
-from data_pipelines.dedup import SHINGLE_HASH, DedupConfig, content_key, shingle_hashes
+from data_pipelines.dedup import DATATROVE_SCHEME, SHINGLE_HASH, DedupConfig, content_key, shingle_hashes
 from data_pipelines.sources import Normalize, Source
 
-ENGINE = "datatrove-minhash/v1"  # dedup as this module computes it (recorded as params.scheme)
+ENGINE = DATATROVE_SCHEME  # dedup as this module computes it (recorded as params.scheme)
 HASH = HashConfig(precision=64, hash_fc="sha1")  # hashlib: no extra dependency, same on every machine
 
 
@@ -286,8 +286,7 @@ class DedupWriter(PipelineStep):
         if doc is not None:
             raise ValueError(f"dedup task {rank}: a record of {doc.metadata['shard']} arrived out of order")
         _write_result(self.plan, "dedup", rank, written)
-        return
-        yield
+        yield from ()
 
 
 class PackTask(PipelineStep):
