@@ -4,7 +4,7 @@ workers, and dedup precision/recall on planted pairs against the in-process Dedu
 For each size in --sizes (MiB) it writes a synthetic corpus (half Korean, half English documents of
 about 1.5 KiB in --sources JSONL sources, with 1% planted exact copies and 1% planted near copies,
 a few characters edited), then runs the whole `kai-data` build on datatrove's local executor
-(`executor.kind=local`, --tasks dedup tasks, the tokenizer on a bounded sample) once per worker
+(`executor.kind=local`, the tokenizer on a sample of 5000 sentences, which every size fills) once per worker
 count in --workers, with ceil(MiB / --mib-per-task) dedup tasks (the layout grows with the corpus
 so that a task's share, and with it a worker's memory, stays what the configuration sets). Figures
 per run:
@@ -127,7 +127,7 @@ def build(conf: Path, out: Path, workers: int, tasks: int, threshold: float) -> 
     keygen(out / "keys")
     cmd = [sys.executable, "-c", MAIN, "--config-dir", str(conf), "data=scale", f"out_dir={out}", "run_id=scale",
            "executor.kind=local", f"executor.tasks={tasks}", f"executor.workers={workers}",
-           f"dedup.threshold={threshold}", "tokenizer.max_sentences=20000", "tokenizer.vocab_size=2000",
+           f"dedup.threshold={threshold}", "tokenizer.max_sentences=5000", "tokenizer.vocab_size=2000",
            "shards.rows=8192", "pack.seq_len=256"]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
