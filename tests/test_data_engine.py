@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,8 @@ import pytest
 import yaml
 
 from attest.chain import read_chain
-from conftest import REPO, env, kai_attest, must
+from attest.digest import sha256_file
+from conftest import REPO, env, kai_attest, must, resign
 from test_data_build import ARGS, PROVENANCE, data_statements, kai_data_user, make_corpus, write_config
 
 LOCAL = ["executor.kind=local", "executor.tasks=3", "executor.workers=2"]
@@ -125,6 +127,29 @@ def test_a_local_build_verifies_and_its_dedup_and_pack_replay_byte_identical(loc
     lines = {line.split()[1]: line for line in p.stdout.splitlines() if line.startswith(("ok", "FAIL", "SKIP"))}
     assert lines["data-lineage"].startswith("ok"), p.stdout
     assert lines["data-replay"].startswith("ok") and "0 with equal rows" in lines["data-replay"], p.stdout
+
+
+def test_replay_refuses_dedup_recorded_with_a_banding_the_threshold_does_not_give(local_built, tmp_path: Path) -> None:
+    """An insider re-signs the build with `bands` 8 in every dedup manifest (statement and file alike):
+    lineage still closes, but the replay will not run dedup with a banding other than the threshold's."""
+    out = tmp_path / "out"
+    shutil.copytree(local_built[0] / "out", out, ignore=shutil.ignore_patterns("work"))
+
+    def rebanded(statements: list[dict]) -> None:
+        for st in statements:
+            m = st["predicate"].get("manifest", {})
+            if m.get("stage") == "dedup":
+                m["params"]["bands"] = 8
+                sub = next(x for x in st["subject"] if x["name"].endswith(".manifest.json"))
+                (out / sub["name"]).write_text(json.dumps(m, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+                sub["digest"]["sha256"] = sha256_file(out / sub["name"])
+
+    resign(out, out / "keys/signing-key.pem", rebanded)
+    p = kai_attest("verify", str(out), "--trust", str(out / "keys/signing-key.pub.pem"), "--replay-data")
+    lines = {line.split()[1]: line for line in p.stdout.splitlines() if line.startswith(("ok", "FAIL", "SKIP"))}
+    assert lines["data-lineage"].startswith("ok"), p.stdout
+    assert lines["data-replay"].startswith("FAIL") and "8 bands" in lines["data-replay"], p.stdout
 
 
 def test_a_killed_dedup_task_leaves_nothing_signed_and_the_rerun_gives_the_same_shards(local_built, tmp_path: Path) -> None:
