@@ -18,6 +18,7 @@ from attest.chain import read_chain
 CHAIN_NAME = "chain.jsonl"
 KEYS_DIR = "keys"
 CONFIG_NAME = "config/run.yaml"
+SLSA_NAME = "release.slsa.json"  # attest.slsa writes and checks it
 MAX_FILE_BYTES = 1 << 40  # 1 TiB: a bound, not a quota
 # A shard `d/NAME.parquet` has its manifest at `d/.manifests/NAME.manifest.json`: beside it, but in a
 # hidden folder that `pyarrow.dataset(d)` and `datasets.load_dataset(d)` skip.
@@ -55,15 +56,25 @@ def shard_manifest_name(shard: str) -> str:
     return f"{folder + '/' if folder else ''}{MANIFEST_DIR}/{name.removesuffix('.parquet')}.manifest.json"
 
 
-def make_bundle(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], include_data: bool = True) -> Path:
-    """Copy the chain, public keys, resolved config and every subject file into `out_dir`."""
+def make_bundle(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], include_data: bool = True,
+                light: bool = False) -> Path:
+    """Copy the chain, public keys, resolved config and every subject file into `out_dir`. `light`:
+    leave out the heavy state the team holds and produces on challenge (attest.challenge.held:
+    genesis and checkpoint state shards, data shard files), so the size does not grow with the
+    number of checkpoints."""
+    from attest.challenge import held
+
     run, out = Path(run_dir), Path(out_dir)
     entries, _ = read_chain(run / CHAIN_NAME)
     names = {CHAIN_NAME, CONFIG_NAME}
+    if (run / SLSA_NAME).is_file():  # the release's SLSA provenance (attest.slsa)
+        names.add(SLSA_NAME)
     names |= {f"{KEYS_DIR}/{p.name}" for p in (run / KEYS_DIR).glob("*.pub.pem")}
     for e in entries:
         for s in e.statement.get("subject", []):
             # shards can be large; their manifests (also subjects) always travel
+            if light and held(e, s["name"]):
+                continue
             if include_data or not (e.kind == "data-shard" and s["name"].endswith(".parquet")):
                 names.add(s["name"])
     if out.exists():

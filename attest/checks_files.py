@@ -15,6 +15,7 @@ from attest.findings import (
     Context,
     Finding,
     as_dict,
+    held_skip,
     short,
     skipped,
     subjects_of,
@@ -27,13 +28,18 @@ MAX_CONFIG_BYTES = 16 << 20
 
 def check_subjects(ctx: Context) -> Iterator[Finding]:
     """Every subject file in the bundle has the digest its statement records."""
-    checked = absent = bad = 0
+    from attest.challenge import held
+
+    checked = absent = bad = kept = 0
     for e in ctx.entries:
         for s in subjects_of(e):
             name, want = s["name"], s["sha256"]
             try:
                 got = ctx.files.sha256(name)
             except FileNotFoundError:
+                if ctx.light and held(e, name):
+                    kept += 1
+                    continue
                 if e.kind == "data-shard" and name.endswith(".parquet"):
                     absent += 1  # shards may travel separately; their manifests are checked
                     continue
@@ -50,6 +56,10 @@ def check_subjects(ctx: Context) -> Iterator[Finding]:
                 yield Finding("subject-digest", False, name, f"sha256 {short(want)}", f"sha256 {short(got)}")
     if absent:
         ctx.notes.append(f"{absent} data shard file(s) not in the bundle: their digests were not checked")
+    if kept:
+        ctx.facts["held_files"] = kept
+        ctx.notes.append(f"{kept} file(s) of heavy state held by the team (light bundle), committed by their signed "
+                         "sha256: checked only where a challenge's pack brings them")
     if not bad:
         yield Finding("subject-digest", True, "", detail=f"{checked} files match")
 
@@ -63,6 +73,13 @@ def check_weights(ctx: Context) -> Iterator[Finding]:
         files = weights_files(e)
         try:
             root = merkle_root(ctx.files.leaves(files)) if files else None
+        except FileNotFoundError as ex:
+            if ctx.light:
+                yield held_skip(ctx, "weights-digest", ctx.where(e), "the weights of this statement")
+                continue
+            bad += 1
+            yield Finding("weights-digest", False, ",".join(files), "readable safetensors", str(ex))
+            continue
         except UNREADABLE as ex:
             bad += 1
             yield Finding("weights-digest", False, ",".join(files), "readable safetensors", str(ex))
@@ -96,6 +113,10 @@ def _optimizer_state(ctx: Context, e: Entry) -> Iterator[Finding]:
         return
     try:
         root = merkle_root(ctx.files.leaves(names))
+    except FileNotFoundError as ex:
+        if not ctx.light:
+            yield Finding("weights-digest", False, ",".join(names), "readable safetensors", str(ex))
+        return  # held: the weights of the same statement report it
     except UNREADABLE as ex:
         yield Finding("weights-digest", False, ",".join(names), "readable safetensors", str(ex))
         return

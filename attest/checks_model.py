@@ -23,6 +23,7 @@ from attest.findings import (
     Context,
     Finding,
     as_dict,
+    held_skip,
     short,
     skipped,
     subjects_of,
@@ -172,11 +173,13 @@ def check_trajectory(ctx: Context) -> Iterator[Finding]:
             yield wrong
     pairs = list(zip(sets, sets[1:]))
 
-    def delta(pair: tuple[tuple[Entry, int], tuple[Entry, int]]) -> traj.SegmentDelta | str:
+    def delta(pair: tuple[tuple[Entry, int], tuple[Entry, int]]) -> traj.SegmentDelta | str | None:
         (a, _), (b, _) = pair
         try:
             return traj.segment_delta([ctx.files.path(f) for f in weights_files(a)],
                                       [ctx.files.path(f) for f in weights_files(b)])
+        except FileNotFoundError as ex:
+            return None if ctx.light else str(ex)  # None: held by the team (light bundle)
         except UNREADABLE as ex:
             return str(ex)
 
@@ -190,6 +193,9 @@ def check_trajectory(ctx: Context) -> Iterator[Finding]:
     for ((a, sa), (b, sb)), d in zip(pairs, deltas):
         seg = f"step {sa}→{sb}"
         where = ",".join(weights_files(b)) or ctx.where(b)
+        if d is None:
+            yield held_skip(ctx, "trajectory", where, f"the weights of {seg}")
+            continue
         if isinstance(d, str) or not weights_files(a) or not weights_files(b):
             why = d if isinstance(d, str) else "a statement names no weights file"
             yield skipped("trajectory", where, f"{seg} not measured: {why} (weights-digest reports it)")
@@ -438,13 +444,18 @@ def _first_difference(want: Any, got: Any) -> str:
 # ---------------------------------------------------------------- replay (hook)
 
 
-def replay_segments(ctx: Context) -> list[Entry]:
-    """The checkpoints whose segments to replay: all, or N chosen at random by the verifier after
-    it received the bundle (seeded by --replay-seed for a reproducible choice)."""
+def replay_segments(ctx: Context, draw: bool = True) -> list[Entry]:
+    """The checkpoints whose segments to replay: all, the challenge's, or N chosen at random by the
+    verifier after it received the bundle (seeded by --replay-seed for a reproducible choice).
+    `draw=False`: only how many (the first N; nothing drawn or recorded)."""
     ckpts = ctx.of_kind("checkpoint")
     if ctx.replay == "all" or ctx.replay is None:
         return ckpts if ctx.replay == "all" else []
+    if isinstance(ctx.replay, list):  # a challenge's segments (attest.challenge), drawn by the evaluator
+        return [ckpts[i] for i in sorted(set(ctx.replay)) if 0 <= i < len(ckpts)]
     n = max(0, min(int(ctx.replay), len(ckpts)))
+    if not draw:
+        return ckpts[:n]
     seed = ctx.replay_seed if ctx.replay_seed is not None else int.from_bytes(os.urandom(8), "little")
     ctx.facts["replay_seed"] = seed
     picked = sorted(random.Random(seed).sample(range(len(ckpts)), n))

@@ -1,17 +1,20 @@
-"""`kai-attest`: keygen, bundle and verify.
+"""`kai-attest`: keygen, bundle, verify (optionally signing the verdict as a VSA), check-vsa, challenge,
+respond, lineage.
 
 Exit codes follow docs/bundle-format.md: 0 every check holds against a trust root the evaluator
 supplied (--trust or policy keys), 1 a check failed (one line per failure: check, file, expected,
 found), 2 usage error or unreadable input, 3 every check holds but only against the key shipped in
-the bundle (integrity only: who signed is not established, so this is not a pass).
+the bundle (integrity only: who signed is not established, so this is not a pass), 4 every check of
+a light bundle holds but its held state has not been produced on challenge (incomplete, not a pass).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from attest.bundle import make_bundle
+from attest.bundle import BundlePathError, make_bundle
 from attest.chain import ChainError
 from attest.findings import term_safe
 from attest.signing import KeyError_, keygen
@@ -26,7 +29,8 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_bundle(args: argparse.Namespace) -> int:
-    out = make_bundle(args.run_dir, args.out or f"{args.run_dir}/bundle", include_data=not args.no_data)
+    out = make_bundle(args.run_dir, args.out or f"{args.run_dir}/bundle", include_data=not args.no_data,
+                      light=args.light)
     print(f"bundle: {out}")
     return 0
 
@@ -43,19 +47,51 @@ def _replay_arg(v: str) -> int | str:
     return n
 
 
+def _worlds_arg(v: str) -> tuple[int, ...]:
+    try:
+        worlds = tuple(int(x) for x in v.split(","))
+    except ValueError:
+        worlds = ()
+    if len(worlds) != 2 or worlds[0] == worlds[1] or min(worlds) < 1:
+        raise argparse.ArgumentTypeError(f"--replay-worlds takes two different rank counts, e.g. 1,2; not {v!r}")
+    return worlds
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     # Imported here so that `kai-attest keygen` never pays for numpy.
     from attest.archive import ArchiveError, opened_bundle
+    from attest.challenge import ChallengeError, load_challenge
     from attest.policy import Policy, PolicyError, load_policy
 
+    if bool(args.vsa) != bool(args.sign_key):
+        print("kai-attest: error: --vsa OUT and --sign-key KEY.pem go together", file=sys.stderr)
+        return 2
+    if args.sign_key:
+        from attest.signing import PemSigner
+
+        PemSigner.from_file(args.sign_key)  # a bad key fails now (exit 2), not after the verification
     try:
         policy = load_policy(args.policy) if args.policy else Policy()
+        challenge = load_challenge(Path(args.challenge)) if args.challenge else None
         with opened_bundle(args.bundle, policy.limits["max_bundle_bytes"], policy.limits["max_archive_members"]) as root:
             report = verify_bundle(root, args.trust, policy, replay=args.replay, replay_seed=args.replay_seed,
-                                   replay_data=args.replay_data)
+                                   replay_data=args.replay_data, replay_mode=args.replay_mode,
+                                   replay_worlds=args.replay_worlds, light=args.light,
+                                   packs=Path(args.packs) if args.packs else None, challenge=challenge,
+                                   progress=args.progress)
             report.bundle = args.bundle
-    except (PolicyError, ArchiveError) as e:
+            if args.vsa:  # the VSA names the released files; read them while the bundle is open
+                from attest.signing import PemSigner
+                from attest.slsa import write_vsa
+
+                write_vsa(report, root, args.bundle, args.policy, Path(args.vsa), PemSigner.from_file(args.sign_key))
+    except (PolicyError, ArchiveError, ChallengeError) as e:
         print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --vsa OUT not writable
+        if getattr(e, "filename", None) != args.vsa:
+            raise
+        print(f"kai-attest: error: cannot write {args.vsa} ({e.strerror})", file=sys.stderr)
         return 2
     except (BundleUnreadable, ChainError, KeyError_, FileNotFoundError):
         raise
@@ -83,6 +119,20 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def _cmd_check_vsa(args: argparse.Namespace) -> int:
+    from attest.dsse import EnvelopeError
+    from attest.signing import PublicKeyVerifier
+    from attest.slsa import check_vsa
+
+    try:
+        ok, line = check_vsa(Path(args.vsa), PublicKeyVerifier.from_file(args.key))
+    except EnvelopeError as e:
+        print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
+        return 2
+    print(term_safe(line))
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kai-attest", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"%(prog)s {tool_version()}")
@@ -94,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("run_dir")
     b.add_argument("--out", help="output folder (default RUN_DIR/bundle)")
     b.add_argument("--no-data", action="store_true", help="leave shard files out (manifests stay)")
+    b.add_argument("--light", action="store_true",
+                   help="leave out the heavy state (genesis and checkpoint shards, data shard files): held by the "
+                        "team and produced on challenge (docs/evaluators-guide.md)")
     b.set_defaults(func=_cmd_bundle)
     v = sub.add_parser("verify", help="verify a bundle offline (docs/evaluators-guide.md)",
                        description="Verify a bundle folder, .tar or .tar.gz offline. Exit 0: every check holds against "
@@ -107,14 +160,78 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--replay", type=_replay_arg, metavar="N|all",
                    help="replay N randomly chosen checkpoint segments, or all of them")
     v.add_argument("--replay-seed", type=int, metavar="S", help="seed of the segment choice (default: fresh randomness)")
+    v.add_argument("--replay-mode", choices=("auto", "exact", "tolerance"), default="auto",
+                   help="exact: bit for bit (same hardware class and world size as recorded); tolerance: two replays "
+                        "on other world sizes measure the noise floor, the claimed state must sit within it; auto "
+                        "(default): exact where the segment's record allows it")
+    v.add_argument("--replay-worlds", type=_worlds_arg, metavar="A,B",
+                   help="tolerance mode's two world sizes (default 1,2)")
     v.add_argument("--replay-data", action="store_true",
                    help="recompute the dedup and pack shards from the ingest shards and the declared tokenizer "
                         "(needs the shards in the bundle and kai-train's data pipelines)")
+    v.add_argument("--light", action="store_true",
+                   help="a light bundle: heavy state it leaves out is held by the team (verdict INCOMPLETE, exit 4, "
+                        "until a challenge is answered)")
+    v.add_argument("--challenge", metavar="CHALLENGE.json", help="your challenge (kai-attest challenge); with --packs")
+    v.add_argument("--packs", metavar="PACKS", help="the team's packs answering --challenge: their segments are replayed")
     v.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("--vsa", metavar="OUT", help="also write the verdict as a signed SLSA Verification Summary "
+                   "Attestation (in-toto, DSSE in a Sigstore bundle); needs --sign-key")
+    v.add_argument("--sign-key", metavar="KEY.pem", help="the evaluator's private key that signs --vsa")
+    v.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                   help="hashing and replay progress on stderr: a bar on a terminal; elsewhere plain lines for "
+                        "work that runs longer than a few seconds (auto), from the start (always), or none")
     v.set_defaults(func=_cmd_verify)
+    c = sub.add_parser("challenge", help="draw segments to audit from a received bundle (evaluator)",
+                       description="Draw K segments with fresh randomness (or --seed) and bind them to the bundle's "
+                       "chain; send the challenge file to the team, keep your copy for verify --challenge.")
+    c.add_argument("bundle")
+    c.add_argument("--segments", type=int, required=True, metavar="K")
+    c.add_argument("--seed", type=int, help="seed of the draw (default: fresh randomness, recorded in the file)")
+    c.add_argument("--out", required=True, metavar="CHALLENGE.json")
+    c.set_defaults(func=_cmd_challenge)
+    r = sub.add_parser("respond", help="write the segment packs a challenge asks for (team)")
+    r.add_argument("run_dir")
+    r.add_argument("challenge", metavar="CHALLENGE.json")
+    r.add_argument("--out", required=True, metavar="PACKS")
+    r.set_defaults(func=_cmd_respond)
+    c = sub.add_parser("check-vsa", help="check a verification summary written by verify --vsa",
+                       description="Exit 0: signed by KEY and PASSED; 1: FAILED, or not signed by KEY; 2: unreadable.")
+    c.add_argument("vsa")
+    c.add_argument("--key", required=True, metavar="PUBKEY.pem", help="the evaluator's public key")
+    c.set_defaults(func=_cmd_check_vsa)
     _add_lineage_parser(sub)
     return p
+
+
+def _cmd_challenge(args: argparse.Namespace) -> int:
+    import json
+
+    from attest.challenge import ChallengeError, draw
+
+    try:
+        c = draw(Path(args.bundle), args.segments, args.seed)
+    except (ChallengeError, ChainError, FileNotFoundError, BundlePathError) as e:
+        print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
+        return 2
+    Path(args.out).write_text(json.dumps(c, indent=1) + "\n")
+    print(f"challenge: segments {[s['segment'] for s in c['segments']]} of {c['segments_total']} "
+          f"(steps {[s['step'] for s in c['segments']]}) -> {args.out}")
+    return 0
+
+
+def _cmd_respond(args: argparse.Namespace) -> int:
+    from attest.challenge import ChallengeError, respond
+
+    try:
+        packs = respond(Path(args.run_dir), Path(args.challenge), Path(args.out))
+    except (ChallengeError, ChainError, FileNotFoundError, BundlePathError) as e:
+        print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
+        return 2
+    for p in packs:
+        print(f"pack: {p}")
+    return 0
 
 
 def _cmd_lineage(args: argparse.Namespace) -> int:

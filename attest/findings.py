@@ -61,6 +61,16 @@ def skipped(check: str, file: str, why: str) -> Finding:
     return Finding(check, False, file, detail=why, skipped=True)
 
 
+HELD = "held by the team"  # how a skip for heavy state a light bundle leaves out begins (attest.challenge)
+
+
+def held_skip(ctx: "Context", check: str, file: str, what: str) -> Finding:
+    """A part of a check not run on a light bundle because the state it reads is held by the team."""
+    ctx.facts.setdefault("held_parts", 0)
+    ctx.facts["held_parts"] += 1
+    return skipped(check, file, f"{HELD}: {what} (light bundle; produced on challenge: kai-attest challenge)")
+
+
 @dataclass
 class Context:
     root: Path
@@ -70,9 +80,12 @@ class Context:
     torn_tail: bool
     notes: list[str] = field(default_factory=list)
     policy: Policy = field(default_factory=Policy)
-    replay: int | str | None = None  # --replay: None (not asked), a count N, or "all"
+    replay: int | str | list[int] | None = None  # --replay: None, a count N, "all"; or a challenge's segments
     replay_seed: int | None = None  # --replay-seed: which segments; None = fresh randomness
     replay_data: bool = False  # --replay-data: recompute dedup and pack shards
+    replay_mode: str = "auto"  # --replay-mode: auto | exact | tolerance (attest.replay)
+    replay_worlds: tuple[int, ...] | None = None  # --replay-worlds: tolerance mode's two world sizes
+    light: bool = False  # --light / --packs: heavy state absent from the bundle is held by the team, not missing
     facts: dict[str, Any] = field(default_factory=dict)  # what checks measured: --json, --report
     files: FileDigests = field(init=False)
     failed: set[str] = field(default_factory=set)  # checks that failed so far (for dependent checks)

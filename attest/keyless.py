@@ -1,4 +1,4 @@
-"""Sigstore keyless signing (Fulcio certificate + Rekor entry) and the reachability probe it needs.
+"""Sigstore keyless chain entries: signing (Fulcio certificate + Rekor entry) and offline verification.
 
 Keyless signing ties each chain entry to an OIDC identity (a CI workload, a service account)
 instead of a long-lived key: Fulcio issues a 10-minute certificate for an ephemeral key and Rekor
@@ -6,30 +6,46 @@ logs the signature, which also gives each entry a trusted time. It needs both se
 or a private Sigstore given by `trust_config`) and an OIDC token, so it is for networked
 clusters only. Air-gapped clusters use `backend: pem` or `backend: pkcs11`.
 
+Signing is split so that the two service calls are the only network parts: `KeylessSigner` makes
+the ephemeral key and its CSR, signs the DSSE envelope, and assembles the Sigstore bundle
+(`keyless_bundle`) from what two callables return: `fulcio(csr_pem, token)` (the certificate
+chain, leaf first, with its embedded SCT) and `rekor(proposed_entry)` (Rekor's v1 answer: the
+canonicalized body, integrated time, SET, inclusion proof and signed checkpoint).
+`SigstoreSigner` wires them to Fulcio's and Rekor's REST APIs; tests wire a private Sigstore
+instance, so what is tested is what production writes. Each bundle is verified against the
+trust root and the signer's own identity before it is written.
+
 Before anything slow (TUF refresh, token exchange) the services are probed in parallel with a
 short timeout; an unreachable service fails at once with one line saying what to use instead.
 
-A keyless entry's signature is bound to a certificate, not to a keyid: the signer makes whole
-Sigstore bundles (`sign_statement`) rather than bare signatures, and a verifier checks them
-with sigstore-python against an identity policy. sigstore is imported lazily.
+`verify_keyless` is the verifier's side: sigstore-python's public `Verifier.verify_dsse`, offline,
+against a trusted root the evaluator pins (`sigstore_trusted_root` in the policy) and an identity
+policy (`sigstore_identities`), using only the log material in the bundle (inclusion proof,
+signed checkpoint, SET). sigstore is imported lazily.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import threading
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from attest.dsse import BUNDLE_MEDIA_TYPE, PAYLOAD_TYPE, pae
 from attest.signing import SignerError
 
 PUBLIC = {"Fulcio": "https://fulcio.sigstore.dev", "Rekor": "https://rekor.sigstore.dev",
           "TUF": "https://tuf-repo-cdn.sigstore.dev"}
 STAGING = {"Fulcio": "https://fulcio.sigstage.dev", "Rekor": "https://rekor.sigstage.dev",
            "TUF": "https://tuf-repo-cdn.sigstage.dev"}
+CERT_RENEW_S = 480.0  # a new Fulcio certificate after this many seconds (they are valid for 600)
 AIR_GAPPED = "use backend=pem or backend=pkcs11 on air-gapped clusters"
 
 
@@ -75,24 +91,179 @@ def services_of(trust_config: str | None, staging: bool) -> dict[str, str]:
         return dict(STAGING if staging else PUBLIC)
     try:
         signing = json.loads(Path(trust_config).read_text())["signingConfig"]
-        return {"Fulcio": signing["caUrls"][0]["url"], "Rekor": signing["rekorTlogUrls"][0]["url"]}
+        tlogs = signing["rekorTlogUrls"]
+        v1 = [t for t in tlogs if t.get("majorApiVersion", 1) == 1]  # the v1 entries API this signer speaks
+        if not v1:
+            raise SignerError(f"sigstore: {trust_config}: no Rekor v1 log in signingConfig.rekorTlogUrls")
+        return {"Fulcio": signing["caUrls"][0]["url"], "Rekor": v1[0]["url"]}
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise SignerError(f"sigstore: {trust_config}: not a Sigstore ClientTrustConfig ({type(e).__name__}: {e})") from None
 
 
-class SigstoreSigner:
-    """Keyless signer: each statement becomes a Sigstore bundle with a Fulcio certificate and a Rekor entry."""
+
+
+# The two service calls a keyless signature needs (the network parts).
+Fulcio = Callable[[bytes, str], list[bytes]]  # (CSR PEM, OIDC token) -> certificate chain PEMs, leaf first
+Rekor = Callable[[dict[str, Any]], dict[str, Any]]  # proposed entry -> Rekor's v1 answer {uuid: entry}
+
+
+def dsse_entry_request(envelope: dict[str, Any], cert_pem: bytes) -> dict[str, Any]:
+    """The Rekor `dsse` 0.0.1 proposed entry for a DSSE envelope signed by the certificate's key."""
+    return {"kind": "dsse", "apiVersion": "0.0.1",
+            "spec": {"proposedContent": {"envelope": json.dumps(envelope, separators=(",", ":")),
+                                         "verifiers": [base64.b64encode(cert_pem).decode()]}}}
+
+
+def keyless_bundle(cert_der: bytes, envelope: dict[str, Any], rekor_answer: dict[str, Any]) -> dict[str, Any]:
+    """The Sigstore bundle (v0.3, protobuf JSON) of a keyless chain entry: the leaf certificate, the
+    DSSE envelope and the log entry Rekor answered with (inclusion proof, checkpoint, SET)."""
+    if not isinstance(rekor_answer, dict) or len(rekor_answer) != 1:
+        raise SignerError("sigstore: Rekor answered with other than one log entry")
+    (entry,) = rekor_answer.values()
+    try:
+        body = json.loads(base64.b64decode(entry["body"]))
+        proof = entry["verification"]["inclusionProof"]
+        tlog = {
+            "logIndex": str(entry["logIndex"]),
+            "logId": {"keyId": base64.b64encode(bytes.fromhex(entry["logID"])).decode()},
+            "kindVersion": {"kind": body["kind"], "version": body["apiVersion"]},
+            "integratedTime": str(entry["integratedTime"]),
+            "inclusionPromise": {"signedEntryTimestamp": entry["verification"]["signedEntryTimestamp"]},
+            "inclusionProof": {
+                "logIndex": str(proof["logIndex"]),
+                "rootHash": base64.b64encode(bytes.fromhex(proof["rootHash"])).decode(),
+                "treeSize": str(proof["treeSize"]),
+                "hashes": [base64.b64encode(bytes.fromhex(h)).decode() for h in proof["hashes"]],
+                "checkpoint": {"envelope": proof["checkpoint"]},
+            },
+            "canonicalizedBody": entry["body"],
+        }
+    except (KeyError, TypeError, ValueError) as e:
+        raise SignerError(f"sigstore: Rekor's answer is not a v1 log entry ({type(e).__name__}: {e})") from None
+    return {
+        "mediaType": BUNDLE_MEDIA_TYPE,
+        "verificationMaterial": {"certificate": {"rawBytes": base64.b64encode(cert_der).decode()},
+                                 "tlogEntries": [tlog]},
+        "dsseEnvelope": envelope,
+    }
+
+
+class KeylessSigner:
+    """Keyless signer over two service calls: each statement becomes a Sigstore bundle with a
+    Fulcio certificate (for an ephemeral P-256 key, renewed every CERT_RENEW_S) and a Rekor entry.
+    `token()` gives the OIDC token; `check(bundle)` (when given) verifies each bundle before it
+    is returned, raising SignerError."""
+
+    def __init__(self, fulcio: Fulcio, rekor: Rekor, token: Callable[[], str], identity: str,
+                 check: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self._fulcio, self._rekor, self._token, self._check = fulcio, rekor, token, check
+        self.identity = identity
+        self.keyid = f"sigstore:{identity}"
+        self._key: Any = None
+        self._cert: Any = None
+        self._since = 0.0
+
+    def _certificate(self) -> tuple[Any, Any]:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        # Fulcio certificates live 10 minutes: a key and its certificate are renewed before that,
+        # so an expired certificate is never used.
+        fresh = self._cert is not None and time.monotonic() - self._since <= CERT_RENEW_S and \
+            datetime.now(timezone.utc) < self._cert.not_valid_after_utc
+        if not fresh:
+            key = ec.generate_private_key(ec.SECP256R1())
+            csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+            chain = self._fulcio(csr.public_bytes(serialization.Encoding.PEM), self._token())
+            try:
+                cert = x509.load_pem_x509_certificate(chain[0])
+            except (IndexError, ValueError) as e:
+                raise SignerError(f"sigstore: Fulcio sent no usable certificate ({type(e).__name__}: {e})") from None
+            if cert.public_key() != key.public_key():
+                raise SignerError("sigstore: Fulcio's certificate is for another key than the request's")
+            self._key, self._cert, self._since = key, cert, time.monotonic()
+        return self._key, self._cert
+
+    def sign_statement(self, statement_json: bytes) -> dict[str, Any]:
+        """Sign the statement's exact bytes; returns the Sigstore bundle (v0.3) as a JSON object."""
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        key, cert = self._certificate()
+        sig = key.sign(pae(PAYLOAD_TYPE, statement_json), ec.ECDSA(hashes.SHA256()))
+        envelope = {"payload": base64.b64encode(statement_json).decode(), "payloadType": PAYLOAD_TYPE,
+                    "signatures": [{"sig": base64.b64encode(sig).decode()}]}
+        answer = self._rekor(dsse_entry_request(envelope, cert.public_bytes(serialization.Encoding.PEM)))
+        bundle = keyless_bundle(cert.public_bytes(serialization.Encoding.DER), envelope, answer)
+        if self._check is not None:
+            self._check(bundle)
+        return bundle
+
+    def sign(self, data: bytes) -> bytes:
+        raise SignerError("sigstore: keyless signing makes whole bundles (sign_statement), not bare signatures")
+
+    def public_pem(self) -> bytes:
+        return b""  # no long-lived key: the identity is in each entry's certificate
+
+
+def _post_json(url: str, body: dict[str, Any], headers: dict[str, str], timeout_s: float, service: str) -> Any:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "Accept": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return json.loads(r.read(16 << 20))
+    except urllib.error.HTTPError as e:
+        why = e.read(300).decode(errors="replace")
+        raise SignerError(f"sigstore: {service} {url} answered HTTP {e.code} ({why})") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        why = getattr(reason, "strerror", None) or reason
+        raise SignerError(f"sigstore: cannot reach {service} {url} ({why})") from None
+    except ValueError:
+        raise SignerError(f"sigstore: {service} {url} answered with other than JSON") from None
+
+
+def fulcio_http(base_url: str, timeout_s: float) -> Fulcio:
+    """Fulcio's v2 REST API: POST /api/v2/signingCert."""
+    def call(csr_pem: bytes, token: str) -> list[bytes]:
+        got = _post_json(base_url.rstrip("/") + "/api/v2/signingCert",
+                         {"certificateSigningRequest": base64.b64encode(csr_pem).decode()},
+                         {"Authorization": f"Bearer {token}", "Accept": "application/pem-certificate-chain"},
+                         timeout_s, "Fulcio")
+        try:
+            return [c.encode() for c in got["signedCertificateEmbeddedSct"]["chain"]["certificates"]]
+        except (KeyError, TypeError, AttributeError):
+            raise SignerError("sigstore: Fulcio's answer holds no certificate chain with an embedded SCT") from None
+    return call
+
+
+def rekor_http(base_url: str, timeout_s: float) -> Rekor:
+    """Rekor's v1 REST API: POST /api/v1/log/entries."""
+    def call(proposed: dict[str, Any]) -> dict[str, Any]:
+        got = _post_json(base_url.rstrip("/") + "/api/v1/log/entries", proposed, {}, timeout_s, "Rekor")
+        if not isinstance(got, dict):
+            raise SignerError("sigstore: Rekor's answer is not a JSON object")
+        return got
+    return call
+
+
+class SigstoreSigner(KeylessSigner):
+    """Keyless signing against Fulcio and Rekor (public, staging, or a private Sigstore's
+    ClientTrustConfig): probes the services, loads the trust root, takes the OIDC token."""
 
     def __init__(self, *, staging: bool = False, trust_config: str | None = None,
                  identity_token: str | None = None, timeout_s: float = 3.0) -> None:
-        down = unreachable(services_of(trust_config, staging), timeout_s)
+        services = services_of(trust_config, staging)
+        down = unreachable(services, timeout_s)
         if down:
             raise SignerError(
                 f"sigstore keyless signing needs network access to Fulcio and Rekor (unreachable: "
                 f"{'; '.join(down.values())}): {AIR_GAPPED}")
         try:
             from sigstore.models import ClientTrustConfig
-            from sigstore.sign import SigningContext
         except ImportError:
             raise SignerError("sigstore: sigstore-python is not installed (pip install sigstore)") from None
         try:
@@ -100,15 +271,23 @@ class SigstoreSigner:
                 trust = ClientTrustConfig.from_json(Path(trust_config).read_text())
             else:
                 trust = ClientTrustConfig.staging() if staging else ClientTrustConfig.production()
-            self._ctx = SigningContext.from_trust_config(trust)
+            root = trust.trusted_root
         except Exception as e:  # sigstore raises many types here (TUF, network, parsing)
             raise SignerError(f"sigstore: cannot load the trust root ({type(e).__name__}: {e})") from None
         self._raw_token = identity_token
-        self._signer: Any = None
-        self.identity = self._token().identity
-        self.keyid = f"sigstore:{self.identity}"
+        token = self._identity()
+        identity, issuer = token.identity, token.federated_issuer
 
-    def _token(self) -> Any:
+        def check(bundle: dict[str, Any]) -> None:
+            why = verify_keyless(bundle, root, [(identity, issuer)])
+            if why:
+                raise SignerError(f"sigstore: the signed entry does not verify against the trust root: {why}")
+
+        super().__init__(fulcio_http(services["Fulcio"], max(timeout_s, 30.0)),
+                         rekor_http(services["Rekor"], max(timeout_s, 30.0)),
+                         lambda: str(self._identity()), identity, check)
+
+    def _identity(self) -> Any:
         from sigstore.oidc import IdentityError, IdentityToken, detect_credential
 
         raw = self._raw_token or os.environ.get("SIGSTORE_ID_TOKEN")
@@ -120,35 +299,110 @@ class SigstoreSigner:
             raise SignerError("sigstore: no OIDC identity token (set SIGSTORE_ID_TOKEN, pass attest.identity_token, "
                               "or run where ambient credentials exist, e.g. GitHub Actions with id-token: write)")
         try:
-            return IdentityToken(raw)
+            token = IdentityToken(raw)
         except Exception as e:
             raise SignerError(f"sigstore: the OIDC identity token is not usable ({type(e).__name__}: {e})") from None
+        if not token.in_validity_period():
+            raise SignerError("sigstore: the OIDC identity token has expired; give a fresh one")
+        return token
 
-    def sign_statement(self, statement_json: bytes) -> dict[str, Any]:
-        """Sign the statement's exact bytes; returns the Sigstore bundle (v0.3) as a JSON object."""
-        from sigstore._internal.fulcio import ExpiredCertificate
-        from sigstore.dsse import Statement
-        from sigstore.oidc import ExpiredIdentity
-        from sigstore.sign import Signer
 
-        stmt = Statement(statement_json)
-        for attempt in range(2):  # the 10-minute certificate (or the token) may have expired
-            try:
-                if self._signer is None:
-                    self._signer = Signer(self._token(), self._ctx, cache=True)
-                return json.loads(self._signer.sign_dsse(stmt).to_json())
-            except (ExpiredCertificate, ExpiredIdentity):
-                self._signer = None
-                if attempt:
-                    raise SignerError("sigstore: the OIDC identity token has expired; give a fresh one") from None
-            except SignerError:
-                raise
-            except Exception as e:
-                raise SignerError(f"sigstore: keyless signing failed ({type(e).__name__}: {e})") from None
-        raise AssertionError("unreachable")
+# ------------------------------------------------------------------ verification (offline)
 
-    def sign(self, data: bytes) -> bytes:
-        raise SignerError("sigstore: keyless signing makes whole bundles (sign_statement), not bare signatures")
 
-    def public_pem(self) -> bytes:
-        return b""  # no long-lived key: the identity is in each entry's certificate
+def is_keyless(bundle: dict[str, Any]) -> bool:
+    """A chain line signed keyless: its verification material is a certificate, not a key hint."""
+    material = bundle.get("verificationMaterial")
+    return isinstance(material, dict) and ("certificate" in material or "x509CertificateChain" in material)
+
+
+def load_trusted_root(path: Path, max_bytes: int = 1 << 20) -> Any:
+    """A Sigstore trusted_root.json (sigstore.models.TrustedRoot); ValueError says what is wrong."""
+    from sigstore.models import TrustedRoot
+
+    try:
+        raw = path.read_bytes()[: max_bytes + 1]
+    except OSError as e:
+        raise ValueError(f"cannot read ({e.strerror})") from None
+    if len(raw) > max_bytes:
+        raise ValueError(f"larger than {max_bytes} bytes")
+    try:
+        doc = json.loads(raw)
+        root = TrustedRoot.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - pydantic, sigstore and cryptography errors all mean "not a root"
+        raise ValueError(f"not a Sigstore trusted root ({type(e).__name__}: {_one_line(str(e))[:200]})") from None
+    # A root that names no CA, no Rekor log or no CT log verifies nothing.
+    missing = [k for k in ("certificateAuthorities", "tlogs", "ctlogs") if not doc.get(k)]
+    if missing:
+        raise ValueError(f"a trusted root naming no {', no '.join(missing)}: keyless entries cannot verify against it")
+    return root
+
+
+def verify_keyless(bundle: dict[str, Any], trusted_root: Any, identities: list[tuple[str, str]]) -> str | None:
+    """None when sigstore-python's verifier accepts the bundle's DSSE envelope against
+    `trusted_root` and one of `identities` ((SAN, OIDC issuer) pairs), offline; else why not, in
+    one line. Checked: the certificate chains to a CA of the root at the log's integrated time,
+    its embedded SCT by a CT log of the root, the identity and issuer, the inclusion proof against
+    a checkpoint signed by a Rekor key of the root, the SET, the time within the certificate's
+    validity, the envelope's signature, and that the log entry is this envelope's."""
+    from sigstore.errors import Error
+    from sigstore.models import Bundle
+    from sigstore.verify import Verifier
+    from sigstore.verify.policy import AnyOf, Identity
+
+    if not identities:
+        return "no identity to verify against"
+    try:
+        parsed = Bundle.from_json(json.dumps(bundle))
+        policy = AnyOf([Identity(identity=i, issuer=iss) for i, iss in identities])
+        kind, payload = _verifier(trusted_root, Verifier).verify_dsse(parsed, policy)
+    except Error as e:
+        if str(e).startswith(f"0 of {len(identities)} policies"):  # AnyOf: no identity matched
+            return f"the certificate names {certificate_identity(bundle)}, none of the policy's sigstore_identities"
+        return _one_line(str(e))
+    except Exception as e:  # noqa: BLE001 - hostile input: any parser or verifier failure is "not verified"
+        return _one_line(f"{type(e).__name__}: {e}")
+    if kind != PAYLOAD_TYPE:
+        return f"payload type {kind!r}, not {PAYLOAD_TYPE}"
+    envelope = bundle.get("dsseEnvelope")
+    if not isinstance(envelope, dict) or base64.b64decode(str(envelope.get("payload", ""))) != payload:
+        return "the verified payload is not the envelope's"
+    return None
+
+
+_VERIFIERS: dict[int, tuple[Any, Any]] = {}
+
+
+def _verifier(trusted_root: Any, cls: Any) -> Any:
+    """One sigstore Verifier per trusted root (it loads the root's certificates once)."""
+    hit = _VERIFIERS.get(id(trusted_root))
+    if hit is None or hit[0] is not trusted_root:
+        hit = _VERIFIERS[id(trusted_root)] = (trusted_root, cls(trusted_root=trusted_root))
+    return hit[1]
+
+
+def certificate_identity(bundle: dict[str, Any]) -> str:
+    """The SAN(s) and OIDC issuer a keyless line's certificate names (unverified: for messages)."""
+    from cryptography import x509
+
+    try:
+        der = base64.b64decode(bundle["verificationMaterial"]["certificate"]["rawBytes"])
+        cert = x509.load_der_x509_certificate(der)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(v) for t in (x509.RFC822Name, x509.UniformResourceIdentifier) for v in sans.get_values_for_type(t)]
+        try:
+            issuer = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(OIDC_ISSUER_OID)).value.value.decode()
+        except x509.ExtensionNotFound:
+            issuer = "no issuer"
+        return f"{','.join(names) or 'no SAN'} from {issuer}"
+    except Exception:  # noqa: BLE001 - a message helper over hostile bytes
+        return "an unreadable certificate"
+
+
+OIDC_ISSUER_OID = "1.3.6.1.4.1.57264.1.1"  # Fulcio's OIDC issuer extension (raw bytes)
+OIDC_ISSUER_V2_OID = "1.3.6.1.4.1.57264.1.8"  # the same, as a DER UTF8String
+
+
+def _one_line(s: str) -> str:
+    s = " ".join(s.split())
+    return s[:400] + "…" if len(s) > 400 else s

@@ -10,17 +10,20 @@ subject, ROOT = sha256 over the concatenated resource digests. The upstream tool
 So a checkpoint can be checked by tools that know nothing of kai-train; the chain's own statements
 still carry the canonical weight digest, and `cross_check` ties the two together.
 
-Signing uses the model_signing package (imported lazily; not in the evaluator's light install):
-with a PEM key file, its public `use_elliptic_key_signer` API; with any other `attest` signer
-(a PKCS#11 token), the same bundle built around our `Signer.sign`. Reading and cross-checking are
-plain JSON and hashlib, so the light install can do them. Note the OMS key hint is sha256 of the
-public key's PEM text (upstream's choice), not our DER keyid.
+Signing writes that format itself, with any `attest` signer (a PEM key file, a PKCS#11 token),
+the bytes upstream's key signer writes: the statement, a DSSE envelope over it, and a Sigstore
+bundle whose key hint is sha256 of the public key's PEM text (upstream's choice, not our DER
+keyid). Files whose sha256 the caller already holds (the trainer's one-pass hash) are not read
+again. tests/test_oms.py checks that upstream's public verifier (`model_signing.verifying`, and
+its CLI) accepts what is written. Reading and cross-checking are plain JSON and hashlib, so the
+light install can do all of it; model_signing itself is needed only to verify with upstream.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +32,13 @@ from typing import Any
 
 from attest import jsonread
 from attest.digest import sha256_file
-from attest.dsse import PAYLOAD_TYPE, pae
+from attest.dsse import BUNDLE_MEDIA_TYPE, PAYLOAD_TYPE, pae
 from attest.findings import Finding
-from attest.signing import PublicKeyVerifier, Signer, SignerError
+from attest.signing import PemSigner, PublicKeyVerifier, Signer, SignerError
 
 SIGNATURE_NAME = "model.sig"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 MAX_SIG_BYTES = 64 << 20  # a files-mode manifest is ~150 bytes per file
 IGNORED_BY_DEFAULT = (".git", ".gitattributes", ".github", ".gitignore")  # upstream's ignore_git_paths
 
@@ -58,88 +62,59 @@ def sign_checkpoint_dir(checkpoint_dir: Path, key: Path | Signer, sig_name: str 
     `key` is a PEM private key file (ECDSA P-256, as `kai-attest keygen` writes) or a Signer.
     `known` maps file names (relative to the folder) to the sha256 the caller has just computed
     for them (the trainer's one-pass hash): those files are not read again; the others are."""
-    try:
-        from model_signing import hashing, signing
-    except ImportError:
-        raise SignerError("oms: model-signing is not installed (pip install model-signing)") from None
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise OmsError(f"{checkpoint_dir}: not a checkpoint folder")
-    hashing_cfg = hashing.Config().set_ignored_paths(paths=[sig_name], ignore_git_paths=True)
-    if known:
-        _reuse_digests(hashing_cfg, checkpoint_dir, known)
+    signer = PemSigner.from_file(key) if isinstance(key, (str, os.PathLike)) else key
+    ignore = [sig_name, *IGNORED_BY_DEFAULT]
+    files, odd = _folder_files(checkpoint_dir, set(ignore))
+    if odd:
+        raise SignerError(f"oms: {checkpoint_dir / odd[0]}: a symlink; a signed folder holds regular files only")
+    known = known or {}
+    try:
+        resources = {rel: known.get(rel) or sha256_file(p) for rel, p in files.items()}
+    except OSError as e:
+        raise SignerError(f"oms: cannot read {e.filename} ({e.strerror})") from None
+    payload = manifest_statement(checkpoint_dir.name, resources, ignore)
     # Written outside the folder, then moved in: a crash never leaves a half signature (or a
     # temporary file that a later signing would hash) inside the folder.
     tmp = checkpoint_dir.parent / f".{checkpoint_dir.name}.{sig_name}.tmp"
-    try:
-        if isinstance(key, (str, os.PathLike)):
-            signing.Config().use_elliptic_key_signer(private_key=Path(key)).set_hashing_config(hashing_cfg).sign(
-                checkpoint_dir, tmp)
-        else:
-            from model_signing._signing import signing as ms_payload
-
-            _AttestOmsSigner(key).sign(ms_payload.Payload(hashing_cfg.hash(checkpoint_dir))).write(tmp)
-    except (OSError, ValueError) as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, SignerError):
-            raise
-        raise SignerError(f"oms: cannot sign {checkpoint_dir} ({type(e).__name__}: {e})") from None
+    tmp.write_text(json.dumps(oms_bundle(payload, signer), indent=2))
     out = checkpoint_dir / sig_name
     os.replace(tmp, out)
     return out
 
 
-def preload() -> None:
-    """Import model-signing and the protobuf modules signing uses (about 0.6 s), e.g. in a thread at
-    start-up so that the first checkpoint signature does not wait for the imports."""
-    try:
-        import model_signing.signing  # noqa: F401
-        from model_signing._signing import sign_sigstore_pb  # noqa: F401
-    except ImportError:
-        pass  # sign_checkpoint_dir reports it when it is needed
+def manifest_statement(name: str, resources: Mapping[str, str], ignore_paths: list[str]) -> bytes:
+    """The in-toto statement of an OMS v1.0 files-mode signature, as upstream serializes it: one
+    subject (the folder's name, ROOT = sha256 over the resource digests in name order) and the
+    sorted resources with their sha256."""
+    ordered = sorted(resources.items())
+    root = hashlib.sha256(b"".join(bytes.fromhex(d) for _, d in ordered)).hexdigest()
+    statement = {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": name, "digest": {"sha256": root}}],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "serialization": {"hash_type": "sha256", "allow_symlinks": False, "ignore_paths": ignore_paths,
+                              "method": "files"},
+            "resources": [{"name": n, "algorithm": "sha256", "digest": d} for n, d in ordered],
+        },
+    }
+    return json.dumps(statement, indent=2).encode()
 
 
-def _reuse_digests(hashing_cfg: Any, checkpoint_dir: Path, known: Mapping[str, str]) -> None:
-    """Make upstream's files serialization (sha256, 1 MiB chunks) take the digests in `known`
-    instead of reading those files; traversal, ignore rules and the manifest stay upstream's."""
-    from model_signing._hashing import hashing as ms_hashing
-    from model_signing._hashing import io as ms_io
-    from model_signing._hashing import memory as ms_memory
-    from model_signing._serialization import file as ms_file
-
-    by_path = {(checkpoint_dir / name).resolve(): bytes.fromhex(digest) for name, digest in known.items()}
-
-    class KnownOrHashed(ms_io.SimpleFileHasher):
-        def compute(self) -> Any:
-            digest = by_path.get(Path(self._file).resolve())
-            return ms_hashing.Digest(self.digest_name, digest) if digest is not None else super().compute()
-
-    hashing_cfg._serializer = ms_file.Serializer(lambda path: KnownOrHashed(path, ms_memory.SHA256()),
-                                                 allow_symlinks=False)
-
-
-def _AttestOmsSigner(signer: Signer) -> Any:  # noqa: N802 - a class built on first use (lazy import)
-    """An upstream OMS signer that signs with an `attest` Signer, mirroring its EC key signer."""
-    from google.protobuf import json_format
-    from model_signing._signing import sign_sigstore_pb as sigstore_pb
-    from model_signing._signing import signing as ms_signing
-    from sigstore_models import intoto as intoto_pb
-    from sigstore_models.bundle import v1 as bundle_pb
-    from sigstore_models.common import v1 as common_pb
-
-    class AttestOmsSigner(sigstore_pb.Signer):
-        def sign(self, payload: Any) -> Any:
-            raw = json_format.MessageToJson(payload.statement.pb).encode("utf-8")
-            sig = intoto_pb.Signature(sig=base64.b64encode(signer.sign(sigstore_pb.pae(raw))), keyid="")
-            envelope = intoto_pb.Envelope(payload=base64.b64encode(raw),
-                                          payload_type=ms_signing._IN_TOTO_JSON_PAYLOAD_TYPE, signatures=[sig])
-            hint = hashlib.sha256(signer.public_pem()).hexdigest()
-            material = bundle_pb.VerificationMaterial(public_key=common_pb.PublicKeyIdentifier(hint=hint),
-                                                      tlog_entries=[])
-            return sigstore_pb.Signature(bundle_pb.Bundle(media_type=sigstore_pb._BUNDLE_MEDIA_TYPE,
-                                                          verification_material=material, dsse_envelope=envelope))
-
-    return AttestOmsSigner()
+def oms_bundle(payload: bytes, signer: Signer) -> dict[str, Any]:
+    """The Sigstore bundle (v0.3) an OMS key signature is: a DSSE envelope over `payload` and, as
+    the key hint, sha256 of the signer's public key PEM text (upstream's choice, not our keyid)."""
+    sig = signer.sign(pae(PAYLOAD_TYPE, payload))
+    return {
+        "mediaType": BUNDLE_MEDIA_TYPE,
+        "verificationMaterial": {"publicKey": {"hint": hashlib.sha256(signer.public_pem()).hexdigest()},
+                                 "tlogEntries": []},
+        "dsseEnvelope": {"payload": base64.b64encode(payload).decode(), "payloadType": PAYLOAD_TYPE,
+                         "signatures": [{"sig": base64.b64encode(sig).decode(), "keyid": ""}]},
+    }
 
 
 def _load(sig_path: Path) -> tuple[bytes, list[bytes], dict[str, Any]]:

@@ -1,10 +1,10 @@
 """The evaluator's verification policy (`kai-attest verify --policy FILE`).
 
 A policy says what the evaluator accepts, independently of anything the bundle claims: which
-keys (or keyless identities) may sign, which hash settings an OMS signature must use, which data
-licences and collection methods are allowed, which checks must run, and size limits on what the
-verifier reads. The schema is documented in docs/evaluators-guide.md; docs/policy.example.json
-is a complete example.
+keys (or keyless identities, with the Sigstore trusted root they chain to) may sign, which hash
+settings an OMS signature must use, which data licences and collection methods are allowed, which
+checks must run, and size limits on what the verifier reads. The schema is documented in
+docs/evaluators-guide.md; docs/policy.example.json is a complete example.
 
 JSON is the format. A `.yaml`/`.yml` file is read too when PyYAML happens to be installed (it is
 not a dependency of the evaluator's light install). Unknown keys are refused, so a typo in a
@@ -45,7 +45,7 @@ DEFAULT_REQUIRED = ("statement-format", "signature", "chain-sequence", "chain-li
 
 KNOWN_KEYS = {"policy_version", "keys", "sigstore_identities", "oms", "allowed_licenses",
               "allowed_collection_methods", "synthetic_requires_generator", "required_checks", "limits",
-              "description", "tsa_roots", "tsa_intermediates"}
+              "description", "tsa_roots", "tsa_intermediates", "sigstore_trusted_root"}
 OMS_KEYS = {"hash_type", "method", "allow_symlinks"}
 
 
@@ -65,6 +65,10 @@ class Policy:
     key_files: list[Path] = field(default_factory=list)  # PEM public keys
     keyids: list[str] = field(default_factory=list)  # hex sha256 of the DER public key
     sigstore_identities: list[SigstoreIdentity] = field(default_factory=list)
+    # Keyless entries verify against this Sigstore trusted root (sigstore.models.TrustedRoot: Fulcio
+    # CAs, Rekor and CT log keys), read from the trusted_root.json the policy names.
+    sigstore_trusted_root: Any = None
+    sigstore_trusted_root_path: Path | None = None
     oms: dict[str, Any] = field(default_factory=dict)  # pinned serialization settings
     allowed_licenses: list[str] | None = None  # SPDX ids; None = not judged
     allowed_collection_methods: list[str] | None = None
@@ -78,7 +82,13 @@ class Policy:
 
     @property
     def pins_keys(self) -> bool:
-        return bool(self.key_files or self.keyids)
+        """The policy names who may sign: keys, or keyless identities (whose entries then need
+        `sigstore_trusted_root`); the bundle's own key is not trusted then."""
+        return bool(self.key_files or self.keyids or self.sigstore_identities)
+
+    @property
+    def pins_keyless(self) -> bool:
+        return bool(self.sigstore_identities) and self.sigstore_trusted_root is not None
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -141,6 +151,22 @@ def parse_policy(raw: Any, where: str = "policy", base: Path | None = None) -> P
                 isinstance(v, str) and v for v in ident.values()):
             raise PolicyError(f"{where}: sigstore_identities[{i}] must be {{identity, issuer}} (non-empty strings)")
         p.sigstore_identities.append(SigstoreIdentity(ident["identity"], ident["issuer"]))
+    root = raw.get("sigstore_trusted_root")
+    if root is not None:
+        if not isinstance(root, str) or not root:
+            raise PolicyError(f"{where}: `sigstore_trusted_root` must be the path of a Sigstore trusted_root.json")
+        if not p.sigstore_identities:
+            raise PolicyError(f"{where}: sigstore_trusted_root needs sigstore_identities (who may sign keyless)")
+        from attest.keyless import load_trusted_root
+
+        path = Path(root) if Path(root).is_absolute() or base is None else base / root
+        try:
+            p.sigstore_trusted_root = load_trusted_root(path, MAX_POLICY_BYTES)
+        except ValueError as e:
+            raise PolicyError(f"{where}: sigstore_trusted_root {path}: {e}") from None
+        except ImportError:
+            raise PolicyError(f"{where}: sigstore_trusted_root needs sigstore-python (pip install sigstore)") from None
+        p.sigstore_trusted_root_path = path
     oms = raw.get("oms") or {}
     if not isinstance(oms, dict) or set(oms) - OMS_KEYS:
         raise PolicyError(f"{where}: `oms` pins only {sorted(OMS_KEYS)}")

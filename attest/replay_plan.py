@@ -166,8 +166,11 @@ def _state(ctx: Context, e: Entry, with_optimizer: bool) -> dict[str, Any]:
 # ---------------------------------------------------------------- the plan
 
 
-def build_plan(ctx: Context, k: int) -> dict[str, Any]:
-    """The closed plan of segment k (0-based over the chain's checkpoints); PlanError when it cannot be built."""
+def build_plan(ctx: Context, k: int, replay_world: int | None = None) -> dict[str, Any]:
+    """The closed plan of segment k (0-based over the chain's checkpoints); PlanError when it cannot be built.
+
+    `replay_world`: run on that many ranks instead of the recorded world size (tolerance mode). The
+    rows of each optimizer step stay the same: grad_accum becomes world × grad_accum / replay_world."""
     ckpts = ctx.of_kind("checkpoint")
     gens, runs, toks = ctx.of_kind("genesis"), ctx.of_kind("run"), ctx.of_kind("tokenizer")
     if len(gens) != 1 or len(runs) != 1 or len(toks) != 1:
@@ -180,9 +183,12 @@ def build_plan(ctx: Context, k: int) -> dict[str, Any]:
     consumed = as_dict(tp.get("data_consumed"))
     sampler = as_dict(consumed.get("sampler"))
     world = sampler.get("world_size")
+    if not (_is_int(world) and 1 <= world <= 1 << 24):
+        raise PlanError(f"{ctx.where(target)}: sampler.world_size {str(world)[:20]!r}: expected a whole number of ranks")
+    ranks = world if replay_world is None else replay_world
     max_ranks = ctx.policy.limits["max_replay_ranks"]
-    if not (_is_int(world) and 1 <= world <= max_ranks):
-        raise PlanError(f"{ctx.where(target)}: sampler.world_size {str(world)[:20]!r}: replay runs 1 to {max_ranks} "
+    if not (_is_int(ranks) and 1 <= ranks <= max_ranks):
+        raise PlanError(f"{ctx.where(target)}: replay on {str(ranks)[:20]} ranks: replay runs 1 to {max_ranks} "
                         "CPU processes here (policy limits.max_replay_ranks)")
     cfg = ctx.run_config
     train = validate(cfg.get("train"), TRAIN_SCHEMA, "run config train")
@@ -227,10 +233,23 @@ def build_plan(ctx: Context, k: int) -> dict[str, Any]:
 
     start = _state(ctx, prev, with_optimizer=k > 0)
     expect = _state(ctx, target, with_optimizer=True)
-    return {"segment": k, "world_size": world, "seed": seed, "model": model, "train": train, "deepspeed": deepspeed,
+    run_train = dict(train)
+    if ranks != world:  # the same rows per optimizer step, split over other ranks and micro-steps
+        rows_per_micro_step = world * train["grad_accum"]
+        if rows_per_micro_step % ranks:
+            raise PlanError(f"{ctx.where(target)}: recorded on {world} ranks × grad_accum {train['grad_accum']}: "
+                            f"cannot keep each step's rows on {ranks} ranks (not a divisor of {rows_per_micro_step})")
+        run_train["grad_accum"] = rows_per_micro_step // ranks
+    losses = tp.get("step_losses")
+    recorded_losses = losses if isinstance(losses, list) and len(losses) == steps and all(
+        _is_num(x) for x in losses) else None
+    return {"segment": k, "world_size": ranks, "recorded_world": world, "seed": seed, "model": model,
+            "train": run_train, "deepspeed": deepspeed,
             "shards": shards, "tokenizer": tokenizer, "holdout_every": train["holdout_every"],
             "num_rows": sampler.get("num_rows"), "position_start": sampler["position_start"],
             "position_end": want_end, "start": start, "target_step": tp["step"],
+            "start_step": start["step"], "step_losses": recorded_losses,
+            "claimed": [*expect["weights"], *expect["optimizer"]],
             "expect": {"weights_root": expect["weights_root"], "optimizer_root": expect["optimizer_root"],
                        "optimizer_step": expect["optimizer_step"]}}
 

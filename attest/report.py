@@ -201,12 +201,25 @@ def _replay_table(report: Report) -> str:
         why = found[0].detail if found else "replay not run"
         return (f'<table><tr><th>segment</th><th>result</th><th>detail</th></tr>'
                 f'<tr><td>—</td><td class="s SKIP">not run</td><td>{_e(why)}</td></tr></table>')
-    rows = ["<table><tr><th>segment</th><th>result</th><th>expected</th><th>found</th><th>detail</th></tr>"]
-    for f in ran:
+    facts = report.facts.get("replay") if isinstance(report.facts.get("replay"), list) else []
+    modes = [f"{x.get('mode')} on {x.get('worlds')} rank(s)" + (
+        f"; floor {x['tolerance'].get('floor_ratio', 0):.2g} of the update, margin {x['tolerance'].get('margin', 0):.3g}, "
+        f"drift budget {x['tolerance'].get('drift_budget', 0):.2g}" if isinstance(x.get("tolerance"), dict)
+        and "margin" in x["tolerance"] else "") for x in facts if isinstance(x, dict)]
+    rows = ["<table><tr><th>segment</th><th>result</th><th>mode</th><th>expected</th><th>found</th><th>detail</th></tr>"]
+    for i, f in enumerate(ran):
         status = "ok" if f.ok else "FAIL"
         rows.append(f'<tr><td><code>{_e(f.file)}</code></td><td class="s {status}">{"reproduced" if f.ok else "differs"}</td>'
+                    f"<td>{_e(modes[i] if i < len(modes) else '')}</td>"
                     f"<td>{_e(f.expected)}</td><td>{_e(f.found)}</td><td>{_e(f.detail)}</td></tr>")
     rows.append("</table>")
+    cov = report.facts.get("replay_coverage")
+    if isinstance(cov, dict):
+        esc = ", ".join(f"{p:.3g} (m={m})" for m, p in (cov.get("escape_probability") or {}).items()
+                        if isinstance(p, (int, float)))
+        drawn = " drawn by the evaluator's challenge" if report.facts.get("challenge") else ""
+        rows.append(f"<p>{_e(cov.get('replayed'))} of {_e(cov.get('segments'))} segments replayed{drawn}; a forgery "
+                    f"spanning m segments escapes with probability {_e(esc)}.</p>")
     return "".join(rows)
 
 

@@ -1,6 +1,6 @@
 """Choosing a signing back-end from config, optional RFC 3161 timestamps, and the run's public key.
 
-`make_signer(cfg)` reads the `attest` config group (conf/attest/*.yaml):
+`make_signer(cfg)` reads the `attest` config group (kai_train/conf/attest/*.yaml):
 
     backend: pem       key: PATH                                (attest.signing.PemSigner)
     backend: pkcs11    uri: "pkcs11:token=…;object=…?module-path=…"  pin_env: VAR   (attest.pkcs11)

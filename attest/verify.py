@@ -13,7 +13,8 @@ established).
 
 Checks, in order (docs/bundle-format.md "What kai-attest verify checks" is the contract):
 statement-format, signature, chain-sequence, chain-link, statement-order, timestamps,
-subject-digest, weights-digest, oms-signature, run-config, genesis, trajectory, release, data-lineage,
+subject-digest, weights-digest, oms-signature, run-config, genesis, trajectory, release, slsa-provenance,
+data-lineage,
 data-licence, data-replay, replay.
 """
 
@@ -53,10 +54,12 @@ from attest.checks_model import (
     check_trajectory,
     replay_segments,
 )
-from attest.findings import BundleUnreadable, Context, Finding, as_dict, skipped, subjects_of
+from attest.findings import HELD, BundleUnreadable, Context, Finding, as_dict, skipped, subjects_of
 from attest.policy import Policy
+from attest.progress import Progress
 from attest.replay import register as _register_replay
 from attest.signing import KeyError_, PublicKeyVerifier
+from attest.slsa import check_slsa_provenance
 
 _register_replay()  # the kai_train.replay plug-in (runs in a subprocess; torch is not imported here)
 
@@ -80,6 +83,7 @@ CHECKS: list[Callable[[Context], Iterator[Finding]]] = [
     check_genesis,
     check_trajectory,
     check_release,
+    check_slsa_provenance,
     check_data_lineage,
     check_data_licence,
     check_data_replay,
@@ -122,11 +126,13 @@ class Report:
         """"pass", "fail", or "integrity-only": every check holds, but only against the bundle's own key."""
         if not self.ok:
             return "fail"
-        return "integrity-only" if self.trust == "integrity-only" else "pass"
+        if self.trust == "integrity-only":
+            return "integrity-only"
+        return "incomplete" if self.facts.get("held_files") and not self.facts.get("challenge") else "pass"
 
     @property
     def exit_code(self) -> int:
-        return {"pass": 0, "fail": 1, "integrity-only": 3}[self.verdict]
+        return {"pass": 0, "fail": 1, "integrity-only": 3, "incomplete": 4}[self.verdict]
 
     def verdict_line(self) -> str:
         if not self.ok:
@@ -135,6 +141,10 @@ class Report:
         if self.trust == "integrity-only":
             extra.insert(0, "signed by the key shipped in the bundle; pass --trust KEY.pem or a policy with keys")
             return f"verdict: INTEGRITY ONLY, not a pass ({'; '.join(extra)})  {self.bundle}"
+        if self.verdict == "incomplete":
+            return (f"verdict: INCOMPLETE, not a pass (light bundle: every check of what it holds passes; "
+                    f"{self.facts['held_files']} held file(s) are checked through a challenge: kai-attest challenge, "
+                    f"then verify --packs)  {self.bundle}")
         return f"verdict: PASS{' (' + '; '.join(extra) + ')' if extra else ''}  {self.bundle}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,7 +195,8 @@ def _bundle_keys(root: Path, required: bool) -> list[PublicKeyVerifier]:
     keys_dir = root / KEYS_DIR
     names = sorted(p.name for p in keys_dir.glob("*.pub.pem")) if keys_dir.is_dir() and not keys_dir.is_symlink() else []
     if not names and required:
-        raise BundleUnreadable(f"{root}: no --trust key given and no {KEYS_DIR}/*.pub.pem in the bundle")
+        raise BundleUnreadable(f"{root}: no --trust key given and no {KEYS_DIR}/*.pub.pem in the bundle (a keyless "
+                               "chain verifies against a policy's sigstore_trusted_root and sigstore_identities)")
     try:
         return [PublicKeyVerifier.from_file(safe_file(root, f"{KEYS_DIR}/{n}", 1 << 20)) for n in names]
     except (BundlePathError, FileNotFoundError) as e:
@@ -210,7 +221,12 @@ def bundle_size(root: Path, limit: int) -> int:
 
 def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Policy | None = None,
                   replay: int | str | None = None, replay_seed: int | None = None,
-                  checks: list[Callable[[Context], Iterator[Finding]]] | None = None, replay_data: bool = False) -> Report:
+                  checks: list[Callable[[Context], Iterator[Finding]]] | None = None, replay_data: bool = False,
+                  replay_mode: str = "auto", replay_worlds: tuple[int, ...] | None = None, light: bool = False,
+                  packs: Path | None = None, challenge: dict[str, Any] | None = None, progress: str = "never") -> Report:
+    """Verify `bundle`. `light`: heavy state absent from it is held by the team (attest.challenge);
+    `packs` + `challenge`: the team's packs for the evaluator's challenge, whose segments are replayed;
+    `progress` (auto | always | never): hashing and replay progress on stderr (attest.progress)."""
     policy = policy or Policy()
     root = Path(bundle)
     if not root.is_dir() or root.is_symlink():
@@ -230,15 +246,32 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
         trusted, from_bundle = load_trust(root, trust or [], policy)
     except KeyError_ as e:
         raise BundleUnreadable(str(e)) from None
+    pack_problems: list[str] = []
+    if challenge is not None:
+        from attest.challenge import open_packs
+
+        if packs is None:
+            raise BundleUnreadable("a challenge is answered by packs: give --packs PACKS with --challenge")
+        folders, pack_problems = open_packs(root, packs, challenge, entries)
+        replay = [s["segment"] for s in challenge["segments"]]
+        light = True
+    elif packs is not None:
+        raise BundleUnreadable("--packs needs --challenge CHALLENGE.json: the evaluator's own copy of the challenge "
+                               "(a pack folder does not choose which segments are audited)")
     ctx = Context(root, entries, trusted, from_bundle, torn, policy=policy, replay=replay, replay_seed=replay_seed,
-                  replay_data=replay_data)
+                  replay_data=replay_data, replay_mode=replay_mode, replay_worlds=replay_worlds, light=light)
+    if challenge is not None:
+        ctx.files.overlays = folders
+        ctx.facts["challenge"] = {"segments": replay, "of": challenge.get("segments_total"),
+                                  "seed": challenge.get("seed"), "created": challenge.get("created")}
     if from_bundle:
         ctx.notes.append("no --trust key and no policy keys: trusted the public key shipped in the bundle "
                          "(proves integrity, not identity)")
-    if policy.sigstore_identities:
-        ctx.notes.append(f"policy names {len(policy.sigstore_identities)} Sigstore identities: keyless entries are "
-                         "not verified offline by this version")
-    findings: list[Finding] = []
+    findings: list[Finding] = [Finding("challenge", False, "", "packs holding exactly the challenged segments' signed "
+                                       "files", p) for p in pack_problems]
+    if challenge is not None and not pack_problems:
+        findings.append(Finding("challenge", True, str(packs), detail=f"{len(replay)} segment pack(s) for a challenge "
+                                f"drawn on this chain; every pack file is a signed subject (subject-digest checks it)"))
     prefetched = False
     for check in checks if checks is not None else CHECKS:
         if check in BULK:
@@ -247,12 +280,18 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
                                         "failed, and no bulk work is done on unauthenticated input"))
                 continue
             if not prefetched:  # hash every subject in the background while the checks start
-                ctx.files.prefetch(s["name"] for e in entries for s in subjects_of(e))
+                with Progress("hashing", 0, "bytes", progress) as bar:
+                    ctx.files.prefetch((s["name"] for e in entries for s in subjects_of(e)), bar.update)
                 prefetched = True
+        bar = _replay_progress(ctx, progress) if check is check_replay else None
         for f in check(ctx):
             if not f.ok and not f.skipped:
                 ctx.failed.add(f.check)
             findings.append(f)
+            if bar is not None and f.check == "replay" and not f.skipped:
+                bar.advance()
+        if bar is not None:
+            bar.close()
     asked = ("replay",) * (replay is not None) + ("data-replay",) * bool(replay_data)
     gated = set(BULK.values()) if ctx.failed & set(GATE) else set()
     findings = _apply_required(findings, policy, whole=checks is None, asked=asked, gated=gated)
@@ -261,6 +300,13 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
                                              if isinstance(v, (int, float, str)) or v is None}}
         for e in ctx.of_kind("checkpoint")]
     return Report(str(root), findings, ctx.notes, "integrity-only" if from_bundle else "identity", ctx.facts)
+
+
+def _replay_progress(ctx: Context, mode: str) -> Progress | None:
+    """A bar over the segments replay will re-run (one finding each)."""
+    if ctx.replay is None:
+        return None
+    return Progress("replay", len(replay_segments(ctx, draw=False)), "segments", mode)
 
 
 def _apply_required(findings: list[Finding], policy: Policy, whole: bool = True,
@@ -273,7 +319,9 @@ def _apply_required(findings: list[Finding], policy: Policy, whole: bool = True,
     judged = {f.check for f in findings if not f.skipped}  # ran: a skipped part (one segment, say) is explained there
     out = []
     for f in findings:
-        if f.skipped and f.check in required and f.check not in (gated or ()) and f.check not in judged:
+        if f.skipped and f.detail.startswith(HELD):
+            pass  # the verdict says "incomplete" (light bundle, no challenge answered), never pass
+        elif f.skipped and f.check in required and f.check not in (gated or ()) and f.check not in judged:
             why = "asked for on the command line" if f.check in asked and f.check not in policy.required else "required by policy"
             f = Finding(f.check, False, f.file, f"the check to run ({why})", f"skipped: {f.detail}")
         out.append(f)

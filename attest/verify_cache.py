@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,10 +35,20 @@ class FileDigests:
         self._leaves: dict[str, dict[str, str]] = {}
         self._by_path: dict[str, str] = {}  # absolute path -> sha256, for oms.cross_check
         self._lock = threading.Lock()
+        self.overlays: list[Path] = []  # challenge packs: read only for names the bundle lacks
 
     def path(self, name: str) -> Path:
-        """The file's path; FileNotFoundError or BundlePathError (outside, symlink, too big)."""
-        return safe_file(self.root, name, self.max_file_bytes)
+        """The file's path; FileNotFoundError or BundlePathError (outside, symlink, too big). A name
+        the bundle lacks is looked up in the packs (attest.challenge), in order, under the same rules."""
+        try:
+            return safe_file(self.root, name, self.max_file_bytes)
+        except FileNotFoundError:
+            for root in self.overlays:
+                try:
+                    return safe_file(root, name, self.max_file_bytes)
+                except FileNotFoundError:
+                    continue
+            raise
 
     def _fill(self, name: str) -> None:
         p = self.path(name)
@@ -83,22 +93,28 @@ class FileDigests:
         got = self._by_path.get(str(path))
         return got if got is not None else sha256_file(path)
 
-    def prefetch(self, names: Iterable[str]) -> None:
-        """Hash many files in parallel; errors are left for the checks to report."""
+    def prefetch(self, names: Iterable[str], progress: Callable[[int, int], None] | None = None) -> None:
+        """Hash many files in parallel; errors are left for the checks to report. `progress(done,
+        total)` hears the bytes hashed so far after each file."""
         todo = sorted({n for n in names if n not in self._sha})
+        sizes: dict[str, int] = {}
+        for n in todo:
+            try:
+                sizes[n] = os.lstat(self.root / n).st_size
+            except (OSError, ValueError):
+                pass
+        total, done = sum(sizes.values()), [0]
 
         def one(n: str) -> None:
             try:
                 self._fill(n)
             except (FileNotFoundError, BundlePathError, DigestError, OSError):
                 pass
+            if progress is not None:
+                with self._lock:
+                    done[0] += sizes.get(n, 0)
+                    progress(done[0], total)
 
-        total = 0
-        for n in todo:
-            try:
-                total += os.lstat(self.root / n).st_size
-            except (OSError, ValueError):
-                pass
         if len(todo) <= 1 or total < PARALLEL_BYTES:
             for n in todo:
                 one(n)

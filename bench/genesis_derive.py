@@ -8,7 +8,7 @@ Prints, for the numpy deriver (`kai_train.initspec.derive`, torch-free: what `ka
 runs): elements/s for generation alone and with the leaf hashing (sha256 over the float32 bytes,
 as the verifier does), peak Python-heap memory (tracemalloc, numpy buffers included) and the
 process's peak RSS; then `kai_train.init.init_slice` (torch) elements/s on CPU and, when asked,
-on an accelerator; and the time of a whole-genesis re-derivation of every conf/model preset
+on an accelerator; and the time of a whole-genesis re-derivation of every kai_train/conf/model preset
 extrapolated per parameter from the measured rate. One core: the deriver is single-threaded.
 `--tensors N` derives only the first N tensors (by name) of the preset, for a quick figure.
 """
@@ -36,7 +36,7 @@ from kai_train.modelspec import ModelConfig, param_count, param_specs  # noqa: E
 
 
 def preset(name: str) -> ModelConfig:
-    return ModelConfig.from_dict(yaml.safe_load((REPO / "conf/model" / f"{name}.yaml").read_text()))
+    return ModelConfig.from_dict(yaml.safe_load((REPO / "kai_train/conf/model" / f"{name}.yaml").read_text()))
 
 
 def commit() -> str:
@@ -127,7 +127,7 @@ def main() -> None:
                   f"{torch.get_num_threads()} CPU threads)")
 
     print("whole-genesis re-derivation, extrapolated per parameter at the numpy derive rate (one core):")
-    for p in sorted((REPO / "conf/model").glob("*.yaml"), key=lambda p: param_count(preset(p.stem))):
+    for p in sorted((REPO / "kai_train/conf/model").glob("*.yaml"), key=lambda p: param_count(preset(p.stem))):
         count = param_count(preset(p.stem))
         print(f"  {p.stem:5s} {count:>15,} parameters  {count / rate / 60:7.1f} min")
 

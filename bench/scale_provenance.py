@@ -66,11 +66,11 @@ def rank_main(args: argparse.Namespace) -> None:
     base = rss_mib()
     out: dict = {"rank": rank, "world": world, "base_mib": base}
 
-    model_cfg = yaml.safe_load((REPO / f"conf/model/{args.model}.yaml").read_text())
+    model_cfg = yaml.safe_load((REPO / f"kai_train/conf/model/{args.model}.yaml").read_text())
     mcfg = ModelConfig.from_dict({**model_cfg, **SMALL_MEDIA})
-    train = yaml.safe_load((REPO / "conf/train/demo.yaml").read_text())
+    train = yaml.safe_load((REPO / "kai_train/conf/train/demo.yaml").read_text())
     train.update(micro_batch=1, grad_accum=1)
-    zero = yaml.safe_load((REPO / f"conf/deepspeed/{args.zero}.yaml").read_text())
+    zero = yaml.safe_load((REPO / f"kai_train/conf/deepspeed/{args.zero}.yaml").read_text())
     # Genesis as the trainer makes it: build (partitioned under ZeRO-3), engine, fill this rank's values.
     t = time.perf_counter()
     model = eng.build_model(mcfg, zero, train, world)

@@ -7,7 +7,7 @@ Every path trains the same model (the same genesis weights, `build_genesis_model
 random batches (tokens, images and audio of the model's shapes, fixed seed) for the same steps:
 
 - deepspeed: `kai_train.engine.build_engine` exactly as `kai_train.train` calls it, with the ZeRO
-  config from conf/deepspeed/zeroN.yaml and the train config from conf/train/demo.yaml;
+  config from kai_train/conf/deepspeed/zeroN.yaml and the train config from kai_train/conf/train/demo.yaml;
 - plain: the model, `torch.optim.AdamW` with the same parameter groups, LR schedule and gradient
   clipping, `loss.backward()`; no DeepSpeed, no communication;
 - ddp (world size > 1 only): plain wrapped in torch's DistributedDataParallel, the PyTorch way to
@@ -42,7 +42,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-ZERO_CONFIGS = sorted(p.stem.removeprefix("zero") for p in (REPO / "conf/deepspeed").glob("zero*.yaml"))
+ZERO_CONFIGS = sorted(p.stem.removeprefix("zero") for p in (REPO / "kai_train/conf/deepspeed").glob("zero*.yaml"))
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, no sparsity
 
 
@@ -72,12 +72,12 @@ def git_rev() -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tiny", help="conf/model preset name or YAML path [tiny]")
+    ap.add_argument("--model", default="tiny", help="kai_train/conf/model preset name or YAML path [tiny]")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a model field, e.g. --set dim=256 (repeatable)")
     ap.add_argument("--zero", default="2", choices=ZERO_CONFIGS,
-                    help="ZeRO stage: conf/deepspeed/zero<ZERO>.yaml [2]")
-    ap.add_argument("--train", default="demo", help="conf/train preset for lr, clipping, schedule [demo]")
+                    help="ZeRO stage: kai_train/conf/deepspeed/zero<ZERO>.yaml [2]")
+    ap.add_argument("--train", default="demo", help="kai_train/conf/train preset for lr, clipping, schedule [demo]")
     ap.add_argument("--micro-batch", type=int, default=8, help="samples per rank per step [8]")
     ap.add_argument("--seq-len", type=int, default=32, help="text tokens per sample [32]")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per path per round [10]")
@@ -154,10 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.seq_len > cfg.max_seq_len:
         raise SystemExit(f"train_throughput: error: --seq-len {args.seq_len} > max_seq_len {cfg.max_seq_len}")
     total_steps = args.warmup + args.rounds * args.steps
-    train = OmegaConf.to_container(OmegaConf.load(REPO / "conf/train" / f"{args.train}.yaml"), resolve=True)
+    train = OmegaConf.to_container(OmegaConf.load(REPO / "kai_train/conf/train" / f"{args.train}.yaml"), resolve=True)
     train.update(micro_batch=args.micro_batch, grad_accum=1, text_len=args.seq_len, steps=total_steps,
                  activation_checkpointing=args.activation_checkpointing)
-    zero = OmegaConf.to_container(OmegaConf.load(REPO / "conf/deepspeed" / f"zero{args.zero}.yaml"), resolve=True)
+    zero = OmegaConf.to_container(OmegaConf.load(REPO / "kai_train/conf/deepspeed" / f"zero{args.zero}.yaml"), resolve=True)
     if args.bf16 is not None:
         zero["bf16"] = {"enabled": args.bf16}
     # what the engine will run: ds_config turns bf16 off on CPU (gloo) ranks

@@ -6,29 +6,30 @@ Every source in `data.sources` is validated before any work (data_pipelines.sour
 stages run in order (data_pipelines.stages): ingest → dedup → tokenizer → pack, each shard and the
 tokenizer signed into `OUT/chain.jsonl` as it is written. Running the same command again after a
 crash continues where the chain ends. Paths in statements are relative to `out_dir`, the future
-bundle root; training reads `out_dir/data/shards`.
+bundle root; training reads `out_dir/data/shards`. Configs: kai_train/conf/kai_data.yaml (typed by
+kai_train/conf/schema.py); `kai-data --help` lists the common overrides; kai_train.app runs the app
+(one-line errors, multirun jobs in `out_dir/N`).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from attest.chain import ChainError, ChainWriter, set_aside_torn_tail
 from attest.digest import sha256_file
+from attest.progress import Progress
 from attest.signers import ensure_public_key, make_signer
 from attest.signing import PUBLIC_KEY_NAME
 from data_pipelines import demo_corpus, stages, tokenizer
 from data_pipelines.dedup import DedupConfig
 from data_pipelines.sources import Normalize, SourceError, check_sources
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 STAGE_KEYS = ("shards", "normalize", "dedup", "tokenizer", "pack")
+STAGES = ("ingest", "dedup", "tokenizer", "pack")
 
 
 def build(cfg: DictConfig) -> None:
@@ -51,36 +52,44 @@ def build(cfg: DictConfig) -> None:
     chain_path = out / "chain.jsonl"
     if chain_path.exists() and set_aside_torn_tail(chain_path):
         print(f"[kai-data] {chain_path}: set aside an interrupted final line (in chain.jsonl.torn)")
-    b = stages.Build(out, ChainWriter(chain_path, signer, cfg.run_id), params["shards"]["rows"], params["shards"]["max_mb"])
-
+    # inline: one step per stage, the stages' log lines print above the bar; on datatrove, one step
+    # per executor stage (data_pipelines.engine prints each stage's time)
     kind = cfg.executor.kind
-    if kind == "inline":
-        ingested = stages.ingest_all(b, sources, norm, int(cfg.jobs))
-        deduped = stages.dedup(b, sources, ingested, dedup_cfg)
-        model = stages.tokenizer_stage(b, [n for s in sources for n in deduped[s.name]], Path(cfg.tokenizer_prefix),
-                                       params["tokenizer"])
-        packed = stages.pack(b, sources, deduped, tokenizer.load_tokenizer(model), params["pack"]["seq_len"],
-                             {"name": str(model.relative_to(out)), "sha256": sha256_file(model)})
-    elif kind in ("local", "slurm"):
-        try:
-            from data_pipelines import engine
-        except ImportError as e:
-            raise ValueError(f"executor.kind={kind} needs datatrove (pip install 'kai-train[train]'): {e}") from None
-        plan = engine.Plan(out, sources, norm, dedup_cfg, int(cfg.executor.tasks), params["shards"], params["tokenizer"],
-                           Path(cfg.tokenizer_prefix), params["pack"]["seq_len"],
-                           OmegaConf.to_container(cfg.attest, resolve=True), cfg.run_id)  # type: ignore[arg-type]
-        if kind == "slurm":
-            if not out.is_absolute():
-                raise ValueError(f"out_dir={out}: executor.kind=slurm needs an absolute out_dir on a filesystem "
-                                 "every node sees (the jobs do not run here)")
-            submit = engine.write_slurm(plan, OmegaConf.to_container(cfg.executor.slurm, resolve=True))  # type: ignore[arg-type]
-            print(f"[kai-data] sbatch scripts written; submit the stages in order with: bash {submit}")
-            return
-        sealed = engine.run_local(plan, b, int(cfg.executor.workers))
-        ingested, deduped, packed = ({s.name: [n for n in sealed[st] if b.recorded[n]["source"]["name"] == s.name]
-                                      for s in sources} for st in ("ingest", "dedup", "pack"))
-    else:
+    if kind not in ("inline", "local", "slurm"):
         raise ValueError(f"executor.kind must be inline, local or slurm, got {kind!r}")
+    with Progress("kai-data stages", len(STAGES), "stages", cfg.progress) as bar:
+        b = stages.Build(out, ChainWriter(chain_path, signer, cfg.run_id), params["shards"]["rows"],
+                         params["shards"]["max_mb"], log=bar.note)
+        if kind == "inline":
+            ingested = stages.ingest_all(b, sources, norm, int(cfg.jobs))
+            bar.advance()
+            deduped = stages.dedup(b, sources, ingested, dedup_cfg)
+            bar.advance()
+            model = stages.tokenizer_stage(b, [n for s in sources for n in deduped[s.name]],
+                                           Path(cfg.tokenizer_prefix), params["tokenizer"])
+            bar.advance()
+            packed = stages.pack(b, sources, deduped, tokenizer.load_tokenizer(model), params["pack"]["seq_len"],
+                                 {"name": str(model.relative_to(out)), "sha256": sha256_file(model)})
+            bar.advance()
+        else:
+            try:
+                from data_pipelines import engine
+            except ImportError as e:
+                raise ValueError(f"executor.kind={kind} needs datatrove (pip install 'kai-train[train]'): {e}") from None
+            plan = engine.Plan(out, sources, norm, dedup_cfg, int(cfg.executor.tasks), params["shards"],
+                               params["tokenizer"], Path(cfg.tokenizer_prefix), params["pack"]["seq_len"],
+                               OmegaConf.to_container(cfg.attest, resolve=True), cfg.run_id)  # type: ignore[arg-type]
+            if kind == "slurm":
+                if not out.is_absolute():
+                    raise ValueError(f"out_dir={out}: executor.kind=slurm needs an absolute out_dir on a filesystem "
+                                     "every node sees (the jobs do not run here)")
+                submit = engine.write_slurm(plan, OmegaConf.to_container(cfg.executor.slurm, resolve=True))  # type: ignore[arg-type]
+                print(f"[kai-data] sbatch scripts written; submit the stages in order with: bash {submit}")
+                return
+            sealed = engine.run_local(plan, b, int(cfg.executor.workers))
+            bar.advance(len(STAGES))
+            ingested, deduped, packed = ({s.name: [n for n in sealed[st] if b.recorded[n]["source"]["name"] == s.name]
+                                          for s in sources} for st in ("ingest", "dedup", "pack"))
     for s in sources:
         removed = sum(sum(b.recorded[n]["counts"].values()) for n in deduped[s.name])
         dropped = sum(sum(b.recorded[n]["counts"].values()) for n in ingested[s.name])
@@ -89,17 +98,10 @@ def build(cfg: DictConfig) -> None:
               f"{rows} packed rows in {len(packed[s.name])} shards")
 
 
-@hydra.main(config_path=CONF_DIR, config_name="kai_data", version_base=None)
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        build(cfg)
-    except (SourceError, ChainError, ValueError, OSError) as e:  # SealError and ResumeConflict are ValueErrors
-        print(f"kai-data: error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 def main() -> None:
-    _hydra_main()
+    from kai_train.app import run
+
+    run("kai-data", "kai_data", build, "out_dir", errors=(SourceError, ChainError, ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
-from datasketch.minhash import _fmix  # the scheme's pre-mix; tests/test_dedup.py checks signatures equal datasketch's
 from numpy.lib.stride_tricks import sliding_window_view
 
 
@@ -30,6 +29,16 @@ SCHEME = "affine32"  # datasketch's permutation scheme, fixed: another scheme gi
 SHINGLE_HASH = "poly1000003-u32"  # how shingles are hashed before MinHash (recorded in dedup params)
 DATATROVE_SCHEME = "datatrove-minhash/v1"  # the sharded form on datatrove (data_pipelines.engine)
 _POLY = np.uint64(1_000_003)
+
+
+def fmix32(hv: np.ndarray) -> np.ndarray:
+    """The MurmurHash3 32-bit finalizer, the affine32 scheme's pre-mix (uint32 in and out, products
+    wrap mod 2^32); tests/test_dedup.py checks signatures equal datasketch's own."""
+    hv = hv ^ (hv >> np.uint32(16))
+    hv = hv * np.uint32(0x85EBCA6B)
+    hv = hv ^ (hv >> np.uint32(13))
+    hv = hv * np.uint32(0xC2B2AE35)
+    return hv ^ (hv >> np.uint32(16))
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,7 @@ class Deduper:
         """The MinHash values datasketch computes for these shingle hashes (`MinHash(hashfunc=identity)
         .update_batch(...)`, scheme affine32: MurmurHash3 finalizer, then a*h+b mod 2^32 per
         permutation, then the minimum), in one (num_perm x shingles) array operation."""
-        hv = _fmix(shingle_hashes(text, self.cfg.shingle), 32)
+        hv = fmix32(shingle_hashes(text, self.cfg.shingle))
         x = np.multiply.outer(self._a, hv)  # uint32: wraps mod 2^32, as the scheme intends
         x += self._b[:, None]
         return x.min(axis=1)

@@ -200,7 +200,7 @@ def make_demo_corpus(out_dir: Path, seed: int = 0, *, n_text: int, n_image: int,
                      n_audio: int) -> dict[str, Path]:
     """Write the demo corpus under `out_dir`; returns {"text", "images", "audio"} source folders.
 
-    The sizes have no defaults here: conf/data/demo.yaml is the one place they are set.
+    The sizes have no defaults here: kai_train/conf/data/demo.yaml is the one place they are set.
     """
     out_dir = Path(out_dir)
     dirs = {"text": out_dir / "text", "images": out_dir / "images", "audio": out_dir / "audio"}

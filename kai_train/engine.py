@@ -1,7 +1,7 @@
 """DeepSpeed wiring: the engine config, optimizer groups, the LR schedule, loading optimizer state.
 
 All parallelism lives here; the model stays a plain nn.Module. The DeepSpeed config is composed
-from `conf/deepspeed/*.yaml` (ZeRO stage and its options) and `conf/train/*.yaml` (batch sizes,
+from `kai_train/conf/deepspeed/*.yaml` (ZeRO stage and its options) and `kai_train/conf/train/*.yaml` (batch sizes,
 clipping), so each default has one home.
 """
 

@@ -35,11 +35,17 @@ MODEL_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 TOKENIZER_NAME = "tokenizer.model"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+CARD_NAME = "README.md"
+# the model code transformers loads with trust_remote_code, copied byte for byte from this package
+CODE_FILES = ("modeling_kai.py", "model.py", "modelspec.py", "tokenization_kai.py")
 
 
 def export_config(model: dict[str, Any] | None, step: int, weights_root: str, run_id: Any,
-                  tokenizer: str | None) -> str:
-    """The bytes of export/config.json (the verifier parses them; keys and order are fixed here)."""
+                  tokenizer: str | None, special: dict[str, int] | None = None) -> str:
+    """The bytes of export/config.json (the verifier parses them; keys and order are fixed here):
+    the chain's facts, then what transformers reads (model_type, auto_map, token ids)."""
     config: dict[str, Any] = {
         "architecture": "kai-train MultimodalLM",
         "model": model,
@@ -47,6 +53,15 @@ def export_config(model: dict[str, Any] | None, step: int, weights_root: str, ru
         "weights_root": weights_root,
         "run_id": run_id,
         "tokenizer": tokenizer,
+        "model_type": "kai_multimodal",
+        "architectures": ["KaiForCausalLM"],
+        "auto_map": {"AutoConfig": "modeling_kai.KaiConfig", "AutoModelForCausalLM": "modeling_kai.KaiForCausalLM"},
+        "vocab_size": (model or {}).get("vocab_size"),
+        "max_position_embeddings": (model or {}).get("max_seq_len"),
+        "torch_dtype": "float32",
+        "tie_word_embeddings": False,
+        "use_cache": False,
+        **(special or {}),
     }
     return json.dumps(config, indent=2) + "\n"
 
@@ -86,9 +101,126 @@ def export(run_dir: Path, step: int | None = None, out: Path | None = None) -> P
         shutil.copy2(tokenizer, out / TOKENIZER_NAME)
     recipe = genesis.get("recipe")
     model = recipe.get("model") if isinstance(recipe, dict) else None  # verify fails a release without one
+    special = hf_files(out, model or {}, tokenizer.is_file())
     (out / CONFIG_NAME).write_text(export_config(model, step, root, entries[0].predicate.get("run_id"),
-                                                 TOKENIZER_NAME if tokenizer.is_file() else None))
+                                                 TOKENIZER_NAME if tokenizer.is_file() else None, special))
+    (out / CARD_NAME).write_text(model_card(entries, step, root, model or {}, run_cfg if isinstance(run_cfg, dict) else {},
+                                            genesis))
     return out
+
+
+def hf_files(out: Path, model: dict[str, Any], has_tokenizer: bool) -> dict[str, int]:
+    """The small files transformers reads beside the weights: the model code (auto_map),
+    generation_config.json and tokenizer_config.json. Returns the special token ids for config.json."""
+    here = Path(__file__).resolve().parent
+    for name in CODE_FILES:
+        shutil.copyfile(here / name, out / name)
+    special: dict[str, int] = {}
+    if has_tokenizer:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(out / TOKENIZER_NAME))
+        ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id(), "unk": sp.unk_id()}
+        special = {f"{k}_token_id": v for k, v in ids.items() if k != "unk" and v >= 0}
+        tok_cfg: dict[str, Any] = {
+            "tokenizer_class": "KaiTokenizer",  # sentencepiece's own encoding (kai_train/tokenization_kai.py)
+            "auto_map": {"AutoTokenizer": ["tokenization_kai.KaiTokenizer", None]},
+            "model_max_length": model.get("max_seq_len"),
+            "clean_up_tokenization_spaces": False, "legacy": True,  # sentencepiece encodes the text as it is
+            **{f"{k}_token": sp.id_to_piece(v) for k, v in ids.items() if v >= 0},
+        }
+        (out / TOKENIZER_CONFIG_NAME).write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    gen = {"do_sample": False, "use_cache": False, "max_new_tokens": 16, **special}
+    (out / GENERATION_CONFIG_NAME).write_text(json.dumps(gen, indent=2) + "\n")
+    return special
+
+
+def model_card(entries: list[Any], step: int, root: str, model: dict[str, Any], run_cfg: dict[str, Any],
+               genesis: dict[str, Any]) -> str:
+    """export/README.md, a Hugging Face model card: licence, the training data by source and
+    licence, parameter counts, the chain head, the weights root and how to verify. Every fact comes
+    from the signed chain (exporting the same checkpoint again gives the same bytes)."""
+    license_ = run_cfg.get("license") or "other"
+    sources: dict[tuple[str, str], list[int]] = {}
+    for e in entries:  # ingest shards (derived from nothing): the declared sources
+        m = e.predicate.get("manifest") if e.kind == "data-shard" else None
+        if isinstance(m, dict) and not m.get("derived_from") and isinstance(m.get("source"), dict):
+            src = m["source"]
+            row = sources.setdefault((str(src.get("name")), str(src.get("license"))), [0, 0])
+            row[0] += 1
+            row[1] += int(m.get("rows") or 0)
+    counts: dict[str, int] = {}
+    for name, t in (genesis.get("tensors") or {}).items():
+        n = 1
+        for d in t.get("shape", []):
+            n *= int(d)
+        part = {"text": "text decoder", "vision": "image encoder", "speech": "speech encoder"}.get(
+            name.split(".", 1)[0], "absent-modality vectors")
+        counts[part] = counts.get(part, 0) + n
+    head = entries[-1].digest
+    licences = sorted({lic for _, lic in sources})
+    lines = [
+        "---",
+        f"license: {license_.lower() if license_ != 'other' else 'other'}",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [kai-train, from-scratch, provenance]",
+        "---",
+        "",
+        f"# {run_cfg.get('run_id') or entries[0].predicate.get('run_id')} (kai-train, step {step})",
+        "",
+        "A multimodal language model (Llama-style text decoder, ViT image encoder, log-mel speech encoder) "
+        "trained from freshly initialized weights with kai-train. Every data shard, the tokenizer, the initial "
+        "weights and every checkpoint are recorded in a signed, hash-linked provenance chain.",
+        "",
+        "## Licence",
+        "",
+        f"Model: `{license_}`" + ("" if run_cfg.get("license") else " (the run config names none)") +
+        f". Training data licences: {', '.join(f'`{x}`' for x in licences) or 'none recorded'}.",
+        "",
+        "## Training data (by source and licence)",
+        "",
+        "| source | licence | shards | rows |",
+        "|---|---|---|---|",
+        *[f"| {n} | {lic} | {sh} | {rows} |" for (n, lic), (sh, rows) in sorted(sources.items())],
+        "",
+        "## Parameters",
+        "",
+        "| part | parameters |",
+        "|---|---|",
+        *[f"| {part} | {n:,} |" for part, n in sorted(counts.items())],
+        f"| total | {sum(counts.values()):,} |",
+        "",
+        "## Provenance",
+        "",
+        f"- weights root (canonical digest of the released weights): `{root}`",
+        f"- chain head (sha256 of the last chain line before the release): `{head}`",
+        f"- step: {step}; genesis seed: {(genesis.get('recipe') or {}).get('seed')}",
+        "",
+        "Verify the bundle this export came with (offline, no GPU), and the export folder's OpenSSF "
+        "model-signing signature:",
+        "",
+        "```bash",
+        "kai-attest verify BUNDLE --trust signing-key.pub.pem",
+        "model_signing verify key --public_key signing-key.pub.pem --signature export/model.sig export",
+        "```",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(\"export\", trust_remote_code=True)",
+        "tok = AutoTokenizer.from_pretrained(\"export\", trust_remote_code=True)",
+        "out = model.generate(**tok(\"a red\", return_tensors=\"pt\"), max_new_tokens=16)",
+        "```",
+        "",
+        "The model and tokenizer code (modeling_kai.py, model.py, modelspec.py, tokenization_kai.py) is in this folder and signed with it. "
+        "Images (`pixel_values`) and audio (`audio_values`) go to `forward`/`generate` with the prompt starting "
+        "with `<image>` / `<audio>`; `python -m kai_train.generate export --image x.png` does the same with "
+        "kai-train installed.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def shard_file(i: int, n: int) -> str:

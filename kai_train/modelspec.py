@@ -1,6 +1,6 @@
 """The model's architecture config and its parameter list, without torch.
 
-`ModelConfig` holds the architecture hyperparameters (conf/model/*.yaml). `param_specs` gives the
+`ModelConfig` holds the architecture hyperparameters (kai_train/conf/model/*.yaml). `param_specs` gives the
 (name, shape, init rule) of every parameter `kai_train.model.MultimodalLM` creates, as a pure
 function of the config: the genesis deriver (`kai_train.initspec`) uses it on an evaluator's
 light install, where torch is absent. tests/test_genesis_v2.py checks that it equals the list
@@ -19,7 +19,7 @@ from typing import Any
 
 @dataclass
 class ModelConfig:
-    """Architecture hyperparameters. Defaults equal conf/model/tiny.yaml (the config is where
+    """Architecture hyperparameters. Defaults equal kai_train/conf/model/tiny.yaml (the config is where
     defaults live; these only let unit tests write `ModelConfig()`)."""
 
     # text decoder
@@ -64,7 +64,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
-        """Build from a plain mapping (e.g. OmegaConf.to_container of conf/model/*.yaml).
+        """Build from a plain mapping (e.g. OmegaConf.to_container of kai_train/conf/model/*.yaml).
 
         Unknown keys are an error rather than ignored: a misspelt field would otherwise silently
         train the default architecture.

@@ -13,7 +13,7 @@ file. It takes one checkpoint at a time, in step order, so statements keep their
 `parent_root` is the root recorded before it.
 Run, genesis and release statements wait for it first. The release exports the last checkpoint
 to `export/` (kai_train.export), signs that folder like a checkpoint folder and names every file of
-it as a subject. A worker error stops it; the next call
+it as a subject; `release.slsa.json` then states the release as signed SLSA Provenance v1 (attest.slsa). A worker error stops it; the next call
 raises it as a ProvenanceError.
 """
 
@@ -45,12 +45,13 @@ from attest.digest import hash_safetensors, merkle_root, sha256_file, tree_diges
 from attest.oms import SIGNATURE_NAME as OMS_SIGNATURE
 from attest.oms import sign_checkpoint_dir
 from attest.signing import Signer
+from attest.slsa import write_provenance
 from attest.statements import subject
 from kai_train.checkpoint import folder as ckpt_folder
 from kai_train.genesis import tensor_table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CODE_DIRS = ("attest", "data_pipelines", "kai_train", "conf")
+CODE_DIRS = ("attest", "data_pipelines", "kai_train")  # kai_train/conf/ included
 LIBRARIES = ("torch", "deepspeed", "numpy", "pyarrow", "sentencepiece", "safetensors", "hydra-core", "cryptography")
 # Checkpoints written but not yet recorded before `record_checkpoint` waits for the worker.
 PENDING = 2
@@ -92,7 +93,9 @@ def hardware(world_size: int) -> dict[str, Any]:
 def environment(world_size: int) -> dict[str, Any]:
     """Library versions and hardware of this process, recorded with each checkpoint (a run may be
     resumed elsewhere)."""
-    return {"versions": library_versions(), "hardware": hardware(world_size)}
+    from kai_train.determinism import record
+
+    return {"versions": library_versions(), "hardware": hardware(world_size), "determinism": record()}
 
 
 def rng_state_digest() -> tuple[list[str], str]:
@@ -273,6 +276,7 @@ class Provenance:
             (out / OMS_SIGNATURE).unlink(missing_ok=True)  # an earlier signature would not list this export
         subjects = [subject(f"{EXPORT_DIR}/{rel}", sha) for rel, sha in sorted(digests.items())]
         self.chain.append("release", subjects, {"step": self.last_step, "weights_root": self.last_root})
+        write_provenance(self.run_dir, self.chain.signer)  # release.slsa.json: the same facts as SLSA Provenance v1
         return out
 
     # --- files and the worker's side -----------------------------------------------------------

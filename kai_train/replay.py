@@ -11,6 +11,13 @@ optimizer state are safetensors, never pickles. The result is the canonical root
 *and* of the optimizer state reached, so the verifier can close the segment against the next
 checkpoint. On CPU in deterministic mode the result is bit-identical to the original run when
 that ran on CPU.
+
+Tolerance mode (another world size or hardware class than recorded): the plan also names the
+claimed end state (the next checkpoint's files) and, for the second of the verifier's two
+replays, the end state the first one dumped. Each rank then reports, for every tensor it owns,
+the float64 norms ||reached - claimed||, ||claimed - start||, ||claimed|| and ||reached - other||,
+reading those tensors one at a time: the comparison costs O(model / world) per rank, like the
+replay. The per-step losses are returned too, so the verifier can name the first step that differs.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from attest.digest import merkle_root
     from kai_train import checkpoint as ckpt
+    from kai_train import determinism
     from kai_train import engine as eng
     from kai_train.data import ShardDataset
     from kai_train.evaluate import split_rows
@@ -47,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     from kai_train.weights import state_dict_leaves
 
     plan = json.loads(a.plan.read_text())
+    determinism.configure()  # the trainer's settings, before the process group
     deepspeed.init_distributed(dist_backend=eng.backend())
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != plan["world_size"]:
         raise SystemExit(f"kai-train replay: segment {plan['segment']} ran on {plan['world_size']} ranks; launch with that many")
-    torch.use_deterministic_algorithms(True, warn_only=True)
     train, start = plan["train"], plan["start"]
     mcfg = ModelConfig.from_dict(plan["model"])
     model = eng.build_model(mcfg, plan["deepspeed"], train, world)  # partitioned as built under ZeRO-3
@@ -65,23 +73,58 @@ def main(argv: list[str] | None = None) -> int:
     train_ids, _ = split_rows(len(data), plan["holdout_every"])
     if len(train_ids) != plan["num_rows"]:
         raise SystemExit(f"kai-train replay: {len(train_ids)} training rows, the statement says {plan['num_rows']}")
-    position = plan["position_start"]
+    position, losses = plan["position_start"], []
     for _ in range(start["step"], plan["target_step"]):
-        _, _, position = train_step(engine, data, train_ids, plan["seed"], position, rank, world,
-                                    train["micro_batch"], train["grad_accum"], mcfg.image_size, mcfg.audio_samples)
+        step_losses, _, position = train_step(engine, data, train_ids, plan["seed"], position, rank, world,
+                                              train["micro_batch"], train["grad_accum"], mcfg.image_size,
+                                              mcfg.audio_samples)
+        mean = torch.stack(step_losses).mean()
+        dist.all_reduce(mean)
+        losses.append(float(mean) / world)  # what the trainer records per step
     # The roots of the state reached, from each rank's share (as the trainer's checkpoints are made).
     weights, moments, opt_step = ckpt.collect_share(engine, rank, world, True)
+    stats = None
+    if plan.get("compare"):
+        stats = compare_share({**weights, **moments}, plan["compare"], start, rank)
     leaves: list[Any] | None = [None] * world if rank == 0 else None
-    dist.gather_object((state_dict_leaves(weights), state_dict_leaves(moments)), leaves, dst=0)
+    dist.gather_object((state_dict_leaves(weights), state_dict_leaves(moments), stats), leaves, dst=0)
     if rank == 0:
         assert leaves is not None
-        w = {k: v for lw, _ in leaves for k, v in lw.items()}
-        m = {k: v for _, lm in leaves for k, v in lm.items()}
+        w = {k: v for lw, _, _ in leaves for k, v in lw.items()}
+        m = {k: v for _, lm, _ in leaves for k, v in lm.items()}
         result = {"segment": plan["segment"], "step": plan["target_step"], "weights_root": merkle_root(w),
-                  "optimizer_root": merkle_root(m), "optimizer_step": opt_step, "position_end": position}
+                  "optimizer_root": merkle_root(m), "optimizer_step": opt_step, "position_end": position,
+                  "world_size": world, "step_losses": losses}
+        if plan.get("compare"):
+            result["tensors"] = {k: v for _, _, st in leaves for k, v in (st or {}).items()}
         a.out.write_text(json.dumps(result))
     dist.barrier()
     return 0
+
+
+def compare_share(reached: dict[str, Any], compare: dict[str, Any], start: dict[str, Any], rank: int
+                  ) -> dict[str, list[float | None]]:
+    """For each tensor this rank owns: [||reached - claimed||, ||claimed - start||, ||claimed||,
+    ||reached - other|| or None], float64; and this rank's share dumped for the verifier's other replay."""
+    import torch
+
+    from kai_train.checkpoint import SignedTensors
+    from kai_train.weights import save_weights
+
+    claimed = SignedTensors([Path(p) for p in compare["claimed"]])
+    begin = SignedTensors([Path(p) for p in [*start["weights"], *start.get("optimizer", [])]])
+    other = SignedTensors([Path(p) for p in compare["other"]]) if compare.get("other") else None
+    out: dict[str, list[float | None]] = {}
+    for name, r in reached.items():
+        r64, c64 = r.double(), claimed[name].double()
+        s64 = begin[name].double() if name in begin else torch.zeros_like(c64)  # genesis: no moments yet
+        f = float((r64 - other[name].double()).norm()) if other is not None else None
+        out[name] = [float((r64 - c64).norm()), float((c64 - s64).norm()), float(c64.norm()), f]
+    if compare.get("dump"):
+        dump = Path(compare["dump"])
+        dump.mkdir(parents=True, exist_ok=True)
+        save_weights(reached, dump / f"rank-{rank:05d}.safetensors")
+    return out
 
 
 if __name__ == "__main__":

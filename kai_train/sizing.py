@@ -1,6 +1,6 @@
 """How big a preset is and how much memory it needs per GPU under each ZeRO stage.
 
-`python -m kai_train.sizing [--world-size N]` prints, for every `conf/model/*.yaml`, the parameter
+`python -m kai_train.sizing [--world-size N]` prints, for every `kai_train/conf/model/*.yaml`, the parameter
 count per component and the GiB per GPU for ZeRO 1, 2, 3 and 3 with the optimizer offloaded.
 
 Parameter counts come from `kai_train.init.tensor_specs` (the model built on the meta device), so
@@ -26,7 +26,7 @@ from pathlib import Path
 from kai_train.init import tensor_specs
 from kai_train.model import ModelConfig, _swiglu_hidden
 
-CONF_MODEL = Path(__file__).resolve().parent.parent / "conf" / "model"
+CONF_MODEL = Path(__file__).resolve().parent / "conf" / "model"
 GiB = 1024**3
 OPTIMIZER_BYTES = 12  # fp32 master weights + Adam m + Adam v, per parameter
 # kai_train.train builds the float32 genesis model on the CPU of every rank before DeepSpeed
@@ -166,7 +166,7 @@ def flops_per_sample(cfg: ModelConfig, seq_len: int) -> int:
 
 
 def load_preset(name_or_path: str | Path) -> ModelConfig:
-    """A model preset by name (conf/model/NAME.yaml) or by path to a YAML file."""
+    """A model preset by name (kai_train/conf/model/NAME.yaml) or by path to a YAML file."""
     from omegaconf import OmegaConf
 
     path = Path(name_or_path)
@@ -179,7 +179,7 @@ def load_preset(name_or_path: str | Path) -> ModelConfig:
 
 
 def presets() -> dict[str, ModelConfig]:
-    """Every conf/model/*.yaml, smallest first."""
+    """Every kai_train/conf/model/*.yaml, smallest first."""
     cfgs = {p.stem: load_preset(p) for p in CONF_MODEL.glob("*.yaml")}
     return dict(sorted(cfgs.items(), key=lambda kv: param_counts(kv[1])["total"]))
 

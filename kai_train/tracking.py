@@ -2,21 +2,46 @@
 terminal, plain log lines otherwise, and wandb.
 
 wandb runs `offline` by default (it writes under RUN_DIR/wandb and needs no network; sync later
-with `wandb sync`). `online` needs WANDB_API_KEY and network and fails fast with one line when
-either is missing; `disabled` turns it off.
+with `wandb sync`). `online` needs an API key (WANDB_API_KEY, or a netrc entry for the wandb host as `wandb login`
+writes) and network: without a key the trainer stops with one line before anything is signed
+(`check_wandb`); `disabled` turns it off.
 """
 
 from __future__ import annotations
 
+import netrc
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 
 class TrackingError(RuntimeError):
     pass
+
+
+def has_wandb_key() -> bool:
+    """WANDB_API_KEY is set, or the netrc file (NETRC or ~/.netrc) holds a password for the wandb host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
+
+
+def check_wandb(wandb_cfg: dict[str, Any]) -> None:
+    """The `wandb` config can work here: a known mode, and a key for `online` (TrackingError)."""
+    mode = wandb_cfg.get("mode", "offline")
+    if mode not in ("offline", "online", "disabled"):
+        raise TrackingError(f"wandb.mode must be offline, online or disabled, got {mode!r}")
+    if mode == "online" and not has_wandb_key():
+        raise TrackingError("wandb.mode=online needs an API key (WANDB_API_KEY or `wandb login`) and network access; "
+                            "use wandb.mode=offline (default) and `wandb sync RUN_DIR/wandb` later")
 
 
 class Tracker:
@@ -26,12 +51,8 @@ class Tracker:
         self.t0 = time.time()
         self.tokens = 0
         self.run = None
+        check_wandb(wandb_cfg)
         mode = wandb_cfg.get("mode", "offline")
-        if mode not in ("offline", "online", "disabled"):
-            raise TrackingError(f"wandb.mode must be offline, online or disabled, got {mode!r}")
-        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-            raise TrackingError("wandb.mode=online needs WANDB_API_KEY and network access; use wandb.mode=offline "
-                                "(default) and `wandb sync RUN_DIR/wandb` later")
         if mode != "disabled":
             import wandb
 

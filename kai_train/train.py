@@ -1,28 +1,28 @@
 """`python -m kai_train.train` (also `kai-train`): the Hydra app run under torchrun.
 
-setup (config, distributed, data, resume point) → genesis (seeded init, recorded before step 1)
+setup (config checks, distributed, data, resume point) → genesis (seeded init, recorded before step 1)
 → fit (DeepSpeed steps; held-out eval; a signed checkpoint statement every `train.ckpt_every`
 steps) → release and export. Provenance is written by rank 0 only; every rank takes part in the
 collectives. `resume=auto` (the default) continues from the last whole checkpoint in the chain,
-data position included; a fresh run_dir starts at genesis.
+data position included; a fresh run_dir starts at genesis. Errors the user can fix are raised as
+`AppError` (kai_train.app words them as one line; under torchrun `@record` files them).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.errors import record
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from kai_train.app import AppError, run
+from kai_train.tracking import TrackingError
 
 
 def log(msg: str) -> None:
@@ -30,15 +30,10 @@ def log(msg: str) -> None:
         print(f"[kai-train] {msg}", flush=True)
 
 
-def fail(msg: str) -> None:
-    print(f"kai-train: error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(1)
-
-
 def shard_paths(run_dir: Path, data_dir: str) -> list[Path]:
     paths = sorted((run_dir / data_dir).glob("*.parquet"))
     if not paths:
-        fail(f"no *.parquet shards in {run_dir / data_dir} (run kai-data first)")
+        raise AppError(f"no *.parquet shards in {run_dir / data_dir} (run kai-data first)")
     return paths
 
 
@@ -47,8 +42,8 @@ def fit(cfg: DictConfig) -> None:
 
     from attest.digest import sha256_file
     from kai_train import checkpoint as ckpt
+    from kai_train import determinism, genesis
     from kai_train import engine as eng
-    from kai_train import genesis
     from kai_train.data import ShardDataset
     from kai_train.evaluate import split_rows
     from kai_train.init import RECIPE, genesis_values, init_rules
@@ -61,33 +56,30 @@ def fit(cfg: DictConfig) -> None:
         find_resume_point,
         recorded_run_config,
     )
-    from kai_train.tracking import Tracker
+    from kai_train.tracking import Tracker, check_wandb
 
     t_start = time.time()
+    # What the config alone decides fails here, on every rank, before any work or signature.
+    check_wandb(OmegaConf.to_container(cfg.wandb, resolve=True))  # type: ignore[arg-type]
+    if cfg.resume not in ("auto", "never"):
+        raise AppError(f"resume must be auto or never, got {cfg.resume!r}")
+    shards = shard_paths(Path(cfg.run_dir), cfg.data_dir)
+    determinism.configure()  # before the process group: NCCL's algorithm is read at its creation
     deepspeed.init_distributed(dist_backend=eng.backend())
     rank, world = dist.get_rank(), dist.get_world_size()
-    if rank == 0 and cfg.attest.get("backend") != "keyless":
-        from attest.oms import preload
-
-        # the checkpoint-signing library's imports (~0.6 s) overlap data loading and the model build
-        threading.Thread(target=preload, name="kai-oms-import", daemon=True).start()
     run_dir = Path(cfg.run_dir)
     train: dict[str, Any] = OmegaConf.to_container(cfg.train, resolve=True)  # type: ignore[assignment]
     torch.manual_seed(cfg.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
-    shards = shard_paths(run_dir, cfg.data_dir)
     try:
         data = ShardDataset(shards, run_dir / cfg.tokenizer, train["text_len"])
     except ValueError as e:
-        fail(str(e))
+        raise AppError(str(e)) from e
     train_ids, eval_ids = split_rows(len(data), train["holdout_every"])
     mcfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))  # type: ignore[arg-type]
     if data.sp.vocab_size() > mcfg.vocab_size:
-        fail(f"tokenizer has {data.sp.vocab_size()} pieces, model.vocab_size is {mcfg.vocab_size}")
+        raise AppError(f"tokenizer has {data.sp.vocab_size()} pieces, model.vocab_size is {mcfg.vocab_size}")
 
-    if cfg.resume not in ("auto", "never"):
-        fail(f"resume must be auto or never, got {cfg.resume!r}")
     box: list[Any] = [None, RECIPE]  # resume point, init recipe (a resumed run keeps the chain's)
     if rank == 0:
         try:
@@ -95,9 +87,9 @@ def fit(cfg: DictConfig) -> None:
             if box[0] is not None:
                 box[1] = genesis.recorded_recipe(run_dir / "chain.jsonl")
         except (ResumeError, ValueError) as e:
-            fail(str(e))
+            raise AppError(str(e)) from e
         if box[0] is not None and cfg.resume == "never":
-            fail(f"{run_dir / 'chain.jsonl'} already holds a genesis; use resume=auto or a new run_dir")
+            raise AppError(f"{run_dir / 'chain.jsonl'} already holds a genesis; use resume=auto or a new run_dir")
         discard_unrecorded(run_dir, box[0].step if box[0] is not None else None)  # before any rank writes
     dist.broadcast_object_list(box, src=0)
     resume, recipe_name = box
@@ -132,12 +124,12 @@ def fit(cfg: DictConfig) -> None:
             signer = make_signer(OmegaConf.to_container(cfg.attest, resolve=True))  # type: ignore[arg-type]
             ensure_public_key(signer, run_dir / "keys" / PUBLIC_KEY_NAME)
         except ValueError as e:  # SignerError / KeyError_: one line naming the key or token
-            fail(str(e))
+            raise AppError(str(e)) from e
         prov = Provenance(run_dir, signer, cfg.run_id, background=bool(cfg.attest.get("background", True)))
         resolved["data_shards"] = [{"name": str(p.relative_to(run_dir)), "sha256": sha256_file(p)} for p in shards]
         earlier = recorded_run_config(run_dir)  # a resumed run, or a start that died before its genesis
         if earlier is not None and (key := config_difference(earlier, resolved)):
-            fail(f"{run_dir / 'chain.jsonl'}: config key {key} differs from the run statement's; "
+            raise AppError(f"{run_dir / 'chain.jsonl'}: config key {key} differs from the run statement's; "
                  "resume with the recorded config or use a new run_dir")
         if resume is None:
             if earlier is None:
@@ -145,7 +137,7 @@ def fit(cfg: DictConfig) -> None:
                 (run_dir / "config/run.yaml").write_text(render_yaml(resolved))  # what verify compares
                 prov.record_run(resolved, "config/run.yaml", world)
         elif resume.genesis_recipe != rec:
-            fail("this config's genesis differs from the chain's (seed or model changed); use a new run_dir")
+            raise AppError("this config's genesis differs from the chain's (seed or model changed); use a new run_dir")
         else:
             prov.last_root, prov.last_step = resume.weights_root, resume.step
     if resume is None:  # the genesis, written and hashed by every rank (its share), recorded by rank 0
@@ -163,7 +155,7 @@ def fit(cfg: DictConfig) -> None:
         train_loop(cfg, train, engine, data, shards, train_ids, eval_ids, mcfg, run_dir, prov, writer, tracker, start,
                    position, t_start)
     except (ProvenanceError, ckpt.ShareError) as e:  # a writer or the worker failed: nothing more may be recorded
-        fail(str(e))
+        raise AppError(str(e)) from e
     dist.barrier()
 
 
@@ -179,13 +171,14 @@ def train_loop(cfg: DictConfig, train: dict[str, Any], engine, data, shards: lis
 
     rank, world = dist.get_rank(), dist.get_world_size()
     micro, accum, steps = train["micro_batch"], train["grad_accum"], train["steps"]
-    seg_start, last_eval = position, {}
+    seg_start, last_eval, seg_losses = position, {}, []
     for step in range(start + 1, steps + 1):
         losses, tokens, position = train_step(engine, data, train_ids, cfg.seed, position, rank, world, micro, accum,
                                               mcfg.image_size, mcfg.audio_samples)
         mean = torch.stack(losses).mean()
         dist.all_reduce(mean)
         metrics = {"loss": float(mean) / world, "lr": float(engine.get_lr()[0])}
+        seg_losses.append(metrics["loss"])  # per-step commitments: a replay names the first step that differs
         if tracker:
             tracker.step(step, tokens, metrics, train["log_every"])
         if prov is not None:
@@ -218,9 +211,10 @@ def train_loop(cfg: DictConfig, train: dict[str, Any], engine, data, shards: lis
                 }
                 m = {**metrics, "grad_norm": grad_norm, **{f"eval_{k}": v for k, v in last_eval.items()},
                      "wandb_run": tracker.run_id if tracker else None}
-                extra = {"rng_state": {"sources": sources, "ranks": rngs}, "environment": environment(world)}
+                extra = {"rng_state": {"sources": sources, "ranks": rngs}, "environment": environment(world),
+                         "step_losses": seg_losses}
                 prov.record_checkpoint(step, world, consumed, m, bool(cfg.attest.optimizer_state), extra)
-            seg_start = position
+            seg_start, seg_losses = position, []
         writer.check()
         if train["stop_at"] is not None and step >= train["stop_at"]:
             log(f"stopping at step {step} (train.stop_at); continue with resume=auto")
@@ -261,17 +255,13 @@ def grad_norm_of(engine) -> float | None:
     return g if math.isfinite(g) else None
 
 
-@hydra.main(config_path=CONF_DIR, config_name="train", version_base=None)
-def _hydra_main(cfg: DictConfig) -> None:
-    fit(cfg)
-
-
+@record  # under torchrun, an uncaught error goes to the rank's error file and torchrun's summary
 def main() -> None:
     from kai_train.extensions import prepare
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     prepare()  # per-environment JIT build folder, stale build locks cleared, before DeepSpeed loads
-    _hydra_main()
+    run("kai-train", "train", fit, "run_dir", errors=(TrackingError,))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 #   NPROC=4 launch/single_node.sh model=1b run_dir=runs/1b              # 4 ranks
 #   DS_ACCELERATOR=cpu NPROC=2 launch/single_node.sh run_dir=runs/demo  # CPU ranks over gloo
 #
-# Arguments are Hydra overrides for `python -m kai_train.train` (conf/train.yaml). Run from the
+# Arguments are Hydra overrides for `python -m kai_train.train` (kai_train/conf/train.yaml). Run from the
 # repo root with the venv active. Environment:
 #   NPROC            ranks on this node (default: the GPUs `nvidia-smi -L` lists)
 #   PYTHON           interpreter for launch/check_env.py (default: python)

@@ -17,6 +17,7 @@ import pytest
 
 from attest.chain import ChainWriter, read_chain
 from attest.signing import PemSigner
+from attest.slsa import SLSA_NAME, write_provenance
 from attest.statements import CHAIN_FIELDS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,6 +107,8 @@ def resign(b: Path, key: Path, mutate: Callable[[list[dict]], None]) -> None:
     w = ChainWriter(b / "chain.jsonl", PemSigner.from_file(key), run_id)
     for st in statements:
         w.append(st["predicate"]["kind"], st["subject"], {k: v for k, v in st["predicate"].items() if k not in CHAIN_FIELDS})
+    if (b / SLSA_NAME).is_file() and statements and statements[-1]["predicate"]["kind"] == "release":
+        write_provenance(b, PemSigner.from_file(key))  # the release's SLSA provenance, re-signed with it
 
 
 @contextlib.contextmanager

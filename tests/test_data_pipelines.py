@@ -195,7 +195,7 @@ def test_write_shard_refuses_a_source_without_licence_or_consent(tmp_path: Path)
 def test_demo_config_sources_name_a_reader_and_every_provenance_field() -> None:
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf/data/demo.yaml"))
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "kai_train/conf/data/demo.yaml"))
     assert {s["name"]: s["format"] for s in cfg["sources"]} == KINDS
     for source in cfg["sources"]:
         assert shards.source_record(source)["license"] == "CC0-1.0"

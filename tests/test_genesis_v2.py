@@ -33,7 +33,7 @@ from kai_train.modelspec import param_count, param_specs
 from kai_train.weights import state_dict_leaves
 
 REPO = Path(__file__).resolve().parent.parent
-PRESETS = sorted((REPO / "conf/model").glob("*.yaml"))
+PRESETS = sorted((REPO / "kai_train/conf/model").glob("*.yaml"))
 # The unit tests' config and two odd ones: GQA off, many encoder layers, widths not powers of two.
 TEST_CONFIGS = {
     "default": ModelConfig(),
@@ -72,7 +72,7 @@ def test_param_specs_equal_the_torch_model_for_test_configs(name: str) -> None:
 
 
 def test_param_count_of_the_7b_preset_is_the_documented_one() -> None:
-    assert param_count(preset(REPO / "conf/model/7b.yaml")) == 8_484_998_656  # conf/model/7b.yaml's header
+    assert param_count(preset(REPO / "kai_train/conf/model/7b.yaml")) == 8_484_998_656  # kai_train/conf/model/7b.yaml's header
 
 
 # ------------------------------------------------------------------ numpy == torch, bit for bit

@@ -561,7 +561,7 @@ def test_verify_leaves_tmpdir_as_it_was(base, tmp_path) -> None:
     from kai_train import genesis, init
     from kai_train.model import ModelConfig
 
-    cfg = ModelConfig.from_dict(yaml.safe_load((REPO / "conf/model/tiny.yaml").read_text()))
+    cfg = ModelConfig.from_dict(yaml.safe_load((REPO / "kai_train/conf/model/tiny.yaml").read_text()))
     recipe = genesis.recipe(cfg, 7, name=init.RECIPE_V1)  # the torch deriver; seed 7 as the run config says
 
     def real_deriver(sts: list[dict[str, Any]]) -> None:

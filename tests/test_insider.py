@@ -127,9 +127,9 @@ def test_the_shipped_deepspeed_and_train_configs_fit_the_replay_schema() -> None
     import yaml
 
     repo = Path(__file__).resolve().parent.parent
-    for f in sorted((repo / "conf/deepspeed").glob("*.yaml")):
+    for f in sorted((repo / "kai_train/conf/deepspeed").glob("*.yaml")):
         validate(yaml.safe_load(f.read_text()), DEEPSPEED_SCHEMA, str(f))
-    for f in sorted((repo / "conf/train").glob("*.yaml")):
+    for f in sorted((repo / "kai_train/conf/train").glob("*.yaml")):
         validate(yaml.safe_load(f.read_text()), TRAIN_SCHEMA, str(f))
 
 

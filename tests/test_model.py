@@ -169,7 +169,7 @@ def test_from_dict_round_trips_and_rejects_bad_values() -> None:
 
 
 def test_tiny_yaml_lists_every_field_with_the_dataclass_defaults() -> None:
-    path = Path(__file__).resolve().parents[1] / "conf" / "model" / "tiny.yaml"
+    path = Path(__file__).resolve().parents[1] / "kai_train" / "conf" / "model" / "tiny.yaml"
     d = yaml.safe_load(path.read_text())
     assert set(d) == set(CFG.to_dict())
     assert ModelConfig.from_dict(d) == CFG

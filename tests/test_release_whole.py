@@ -113,15 +113,15 @@ def test_foreign_model_config_in_export_resigned_fails_release(bundle: Path, key
 
 
 def test_extra_unsigned_file_in_export_fails_release(bundle: Path, capsys) -> None:
-    (bundle / "export/generation_config.json").write_text('{"temperature": 0.7}\n')
+    (bundle / "export/special_config.json").write_text('{"temperature": 0.7}\n')
     failed, out = failed_checks(capsys, bundle)
     assert "release" in failed, out
-    assert "export/generation_config.json: expected a subject of the release statement, found a file the release " \
+    assert "export/special_config.json: expected a subject of the release statement, found a file the release " \
            "does not name" in out
 
 
 def test_extra_file_in_export_signed_by_model_signing_only_still_fails_release(bundle: Path, key: Path, capsys) -> None:
-    (bundle / "export/generation_config.json").write_text('{"temperature": 0.7}\n')
+    (bundle / "export/special_config.json").write_text('{"temperature": 0.7}\n')
     sign_checkpoint_dir(bundle / "export", key)  # the OMS signature lists it; the release does not
 
     def resig(sts: list[dict]) -> None:
@@ -133,7 +133,7 @@ def test_extra_file_in_export_signed_by_model_signing_only_still_fails_release(b
     resign(bundle, key, resig)
     failed, out = failed_checks(capsys, bundle)
     assert failed == {"release"}, out
-    assert "export/generation_config.json" in out
+    assert "export/special_config.json" in out
 
 
 def test_tokenizer_in_export_that_is_not_the_declared_one_fails_release(bundle: Path, key: Path, capsys) -> None:

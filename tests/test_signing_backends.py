@@ -309,7 +309,7 @@ def test_signing_config_files_name_every_backend_key() -> None:
     import yaml
 
     for name, keys in {"pem": {"backend", "key", "tsa_url"}, "pkcs11": {"backend", "uri", "pin_env", "tsa_url"}}.items():
-        cfg = yaml.safe_load((REPO / "conf" / "attest" / f"{name}.yaml").read_text())
+        cfg = yaml.safe_load((REPO / "kai_train" / "conf" / "attest" / f"{name}.yaml").read_text())
         assert cfg["backend"] == name and keys <= set(cfg)
 
 

@@ -26,7 +26,7 @@ PRESET_DECODERS = {
     "7b": (7.0e9, 8.0e9),
     "13b": (11.0e9, 13.5e9),
 }
-TINY_PARAMS = 306_752  # conf/model/tiny.yaml header
+TINY_PARAMS = 306_752  # kai_train/conf/model/tiny.yaml header
 
 
 def load(name: str) -> ModelConfig:

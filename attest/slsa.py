@@ -1,0 +1,217 @@
+"""Standard statements in and out: SLSA Provenance v1 for the release, and the evaluator's
+verdict as a signed SLSA Verification Summary Attestation (VSA v1).
+
+Provenance (write side, rank 0 at release): `release.slsa.json` beside the chain, a Sigstore
+bundle (v0.3) holding a DSSE envelope over an in-toto Statement v1 with predicateType
+https://slsa.dev/provenance/v1. Its subjects are the release's (every file of export/); the build
+definition names the run config, and its resolved dependencies are the declared data shards and
+the tokenizer; `runDetails.metadata.invocationId` is the chain digest of the release statement,
+so the provenance points at the chain and the chain does not need to know about it. Anyone who
+speaks in-toto/SLSA reads it without knowing kai-train's statement kinds; `kai-attest verify`
+checks it (check `slsa-provenance`).
+
+Verdict (read side): `kai-attest verify BUNDLE --vsa OUT --sign-key KEY` signs a VSA whose subjects
+are the released files, with `verificationResult` PASSED or FAILED, the policy's digest and the
+chain as input attestation. `kai-attest check-vsa OUT --key KEY.pub` (or any DSSE verifier:
+securesystemslib, sigstore-js) checks it with the evaluator's public key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from attest import jsonread
+from attest.bundle import SLSA_NAME
+from attest.dsse import PAYLOAD_TYPE, EnvelopeError, open_bundle, pae, sign_statement
+from attest.findings import CHAIN_NAME, Context, Finding, short, skipped, subjects_of
+from attest.signing import PublicKeyVerifier, Signer
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PROVENANCE_TYPE = "https://slsa.dev/provenance/v1"
+VSA_TYPE = "https://slsa.dev/verification_summary/v1"
+BUILD_TYPE = "https://kai-train.dev/training/v1"  # docs/bundle-format.md describes its parameters
+BUILDER_ID = "https://kai-train.dev/trainer"
+VERIFIER_ID = "https://kai-train.dev/kai-attest"
+MAX_BYTES = 64 << 20
+
+
+def provenance_statement(entries: list[Any], release_digest: str) -> dict[str, Any]:
+    """The SLSA Provenance v1 statement of a release, from the chain's entries (the release last)."""
+    release = entries[-1]
+    run = next((e for e in entries if e.kind == "run"), None)
+    deps = [{"name": s["name"], "digest": dict(s["digest"])}
+            for e in entries if e.kind in ("data-shard", "tokenizer") for s in e.statement["subject"]]
+    run_pred = run.predicate if run is not None else {}
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": s["name"], "digest": dict(s["digest"])} for s in release.statement["subject"]],
+        "predicateType": PROVENANCE_TYPE,
+        "predicate": {
+            "buildDefinition": {
+                "buildType": BUILD_TYPE,
+                "externalParameters": {"config": run_pred.get("config"),
+                                       "config_file": [dict(s) for s in (run.statement["subject"] if run else [])]},
+                "internalParameters": {"code_digest": run_pred.get("code_digest"), "versions": run_pred.get("versions")},
+                "resolvedDependencies": deps,
+            },
+            "runDetails": {
+                "builder": {"id": BUILDER_ID},
+                "metadata": {"invocationId": f"{CHAIN_NAME}#sha256:{release_digest}"},
+                "byproducts": [{"name": CHAIN_NAME, "digest": {"sha256": release_digest},
+                                "annotations": {"step": release.predicate.get("step"),
+                                                "weights_root": release.predicate.get("weights_root")}}],
+            },
+        },
+    }
+
+
+def write_provenance(run_dir: Path, signer: Signer) -> Path:
+    """Sign the SLSA provenance of the chain's release into RUN_DIR/release.slsa.json."""
+    from attest.chain import read_chain
+
+    entries, _ = read_chain(run_dir / CHAIN_NAME)
+    if not entries or entries[-1].kind != "release":
+        raise ValueError(f"{run_dir / CHAIN_NAME}: the last statement is not a release")
+    statement = provenance_statement(entries, entries[-1].digest)
+    out = run_dir / SLSA_NAME
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sign_statement(statement, signer)) + "\n")
+    tmp.replace(out)
+    return out
+
+
+def _open(path: Path) -> tuple[bytes, list[tuple[str, bytes]], dict[str, Any]]:
+    try:
+        doc = jsonread.load_file(path, MAX_BYTES)
+        return open_bundle(doc)
+    except (jsonread.JsonReadError, EnvelopeError) as e:
+        raise EnvelopeError(f"{path}: {e}") from None
+
+
+def signed_by(payload: bytes, sigs: list[tuple[str, bytes]], keys: list[PublicKeyVerifier]) -> bool:
+    msg = pae(PAYLOAD_TYPE, payload)
+    return any(k.verify(msg, s) for k in keys for _, s in sigs)
+
+
+def check_slsa_provenance(ctx: Context) -> Iterator[Finding]:
+    """release.slsa.json: signed by a trusted key, SLSA Provenance v1, subjects = the release's,
+    invocationId = the release statement's chain digest."""
+    releases = ctx.of_kind("release")
+    path = ctx.root / SLSA_NAME
+    if not path.is_file():
+        yield skipped("slsa-provenance", SLSA_NAME, "no SLSA provenance in the bundle")
+        return
+    if not releases:
+        yield skipped("slsa-provenance", SLSA_NAME, "no release statement to compare with (release reports it)")
+        return
+    try:
+        payload, sigs, st = _open(path)
+    except EnvelopeError as e:
+        yield Finding("slsa-provenance", False, SLSA_NAME, "a Sigstore bundle with an in-toto statement", str(e)[:200])
+        return
+    bad = []
+    if not signed_by(payload, sigs, ctx.trusted):
+        bad.append(("a signature by a trusted key", "no valid signature"))
+    if st.get("predicateType") != PROVENANCE_TYPE or st.get("_type") != STATEMENT_TYPE:
+        bad.append((f"predicateType {PROVENANCE_TYPE}", str(st.get("predicateType"))[:80]))
+    r = releases[-1]
+    want = sorted((s["name"], s["sha256"]) for s in subjects_of(r))
+    got = sorted((str(s.get("name")), str((s.get("digest") or {}).get("sha256")))
+                 for s in st.get("subject") or [] if isinstance(s, dict))
+    if got != want:
+        bad.append((f"the release's {len(want)} subjects", f"{len(got)} subjects, {len(set(got) ^ set(want))} differ"))
+    pred = st.get("predicate") if isinstance(st.get("predicate"), dict) else {}
+    inv = ((pred.get("runDetails") or {}).get("metadata") or {}).get("invocationId") if isinstance(
+        pred.get("runDetails"), dict) else None
+    if inv != f"{CHAIN_NAME}#sha256:{r.digest}":
+        bad.append((f"invocationId {CHAIN_NAME}#sha256:{short(r.digest)}", str(inv)[:100]))
+    for expected, found in bad:
+        yield Finding("slsa-provenance", False, SLSA_NAME, expected, found)
+    if not bad:
+        yield Finding("slsa-provenance", True, SLSA_NAME, detail=f"SLSA Provenance v1 of the release, {len(want)} subjects")
+
+
+def vsa_statement(report: Any, resource: str, policy_file: str | None, chain_sha: str | None,
+                  subjects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Verification Summary Attestation (SLSA VSA v1) of a verify report."""
+    from attest.verify import tool_version
+
+    policy: dict[str, Any] = {"uri": policy_file or "kai-attest default policy"}
+    if policy_file:
+        policy["digest"] = {"sha256": hashlib.sha256(Path(policy_file).read_bytes()).hexdigest()}
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": subjects,
+        "predicateType": VSA_TYPE,
+        "predicate": {
+            "verifier": {"id": VERIFIER_ID, "version": {"kai-attest": tool_version()}},
+            "timeVerified": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "resourceUri": resource,
+            "policy": policy,
+            "inputAttestations": [{"uri": CHAIN_NAME, "digest": {"sha256": chain_sha}}] if chain_sha else [],
+            "verificationResult": "PASSED" if report.verdict == "pass" else "FAILED",
+            "verifiedLevels": [],
+            "slsaVersion": "1.0",
+            "kai_verdict": report.verdict,
+            "failed_checks": sorted({f.check for f in report.failed}),
+        },
+    }
+
+
+def write_vsa(report: Any, bundle_root: Path, resource: str, policy_file: str | None, out: Path,
+              signer: Signer) -> Path:
+    """Sign the VSA of `report` into `out` (a Sigstore bundle v0.3, one JSON line). Subjects: the
+    release's files (what the verdict is about), else the chain file."""
+    from attest.chain import read_chain
+
+    chain = bundle_root / CHAIN_NAME
+    chain_sha = hashlib.sha256(chain.read_bytes()).hexdigest() if chain.is_file() else None
+    subjects: list[dict[str, Any]] = []
+    try:
+        entries, _ = read_chain(chain)
+        releases = [e for e in entries if e.kind == "release"]
+        if releases:
+            subjects = [{"name": s["name"], "digest": {"sha256": s["sha256"]}} for s in subjects_of(releases[-1])]
+    except Exception:  # noqa: BLE001 - the verdict already says what is wrong with the chain
+        pass
+    if not subjects and chain_sha:
+        subjects = [{"name": CHAIN_NAME, "digest": {"sha256": chain_sha}}]
+    statement = vsa_statement(report, resource, policy_file, chain_sha, subjects)
+    out.write_text(json.dumps(sign_statement(statement, signer)) + "\n")
+    return out
+
+
+def check_vsa(path: Path, key: PublicKeyVerifier) -> tuple[bool, str]:
+    """(holds, one line): a VSA signed by `key`, and its verificationResult."""
+    try:
+        payload, sigs, st = _open(path)
+    except EnvelopeError as e:
+        return False, str(e)
+    if not signed_by(payload, sigs, [key]):
+        return False, f"{path}: no valid signature by key {key.keyid[:16]}…"
+    if st.get("predicateType") != VSA_TYPE:
+        return False, f"{path}: predicateType {str(st.get('predicateType'))[:80]!r}, expected {VSA_TYPE}"
+    pred = st.get("predicate") if isinstance(st.get("predicate"), dict) else {}
+    result = pred.get("verificationResult")
+    names = ", ".join(str(s.get("name")) for s in (st.get("subject") or [])[:3] if isinstance(s, dict))
+    line = (f"{path}: {result} by {(pred.get('verifier') or {}).get('id')} at {pred.get('timeVerified')} "
+            f"for {pred.get('resourceUri')} ({len(st.get('subject') or [])} subjects: {names}…), signed by "
+            f"{key.keyid[:16]}…")
+    return result == "PASSED", line
+
+
+def envelope_of(path: Path) -> dict[str, Any]:
+    """The bare DSSE envelope of a signed file (for DSSE tools that take an envelope)."""
+    doc = jsonread.load_file(path, MAX_BYTES)
+    env = doc.get("dsseEnvelope") if isinstance(doc, dict) else None
+    if not isinstance(env, dict):
+        raise EnvelopeError(f"{path}: no dsseEnvelope")
+    return {"payload": env["payload"], "payloadType": env["payloadType"],
+            "signatures": [{"keyid": s.get("keyid", ""), "sig": s["sig"]} for s in env["signatures"]]}
+
+
