@@ -20,6 +20,9 @@ KEYS_DIR = "keys"
 CONFIG_NAME = "config/run.yaml"
 SLSA_NAME = "release.slsa.json"  # attest.slsa writes and checks it
 MAX_FILE_BYTES = 1 << 40  # 1 TiB: a bound, not a quota
+# A shard `d/NAME.parquet` has its manifest at `d/.manifests/NAME.manifest.json`: beside it, but in a
+# hidden folder that `pyarrow.dataset(d)` and `datasets.load_dataset(d)` skip.
+MANIFEST_DIR = ".manifests"
 
 
 class BundlePathError(ValueError):
@@ -45,6 +48,12 @@ def safe_file(root: Path, name: str, max_bytes: int = MAX_FILE_BYTES) -> Path:
     if st.st_size > max_bytes:
         raise BundlePathError(f"{name!r}: {st.st_size} bytes exceeds the {max_bytes}-byte bound")
     return cur
+
+
+def shard_manifest_name(shard: str) -> str:
+    """The bundle-relative manifest name of the bundle-relative shard name `shard` (POSIX)."""
+    folder, _, name = shard.rpartition("/")
+    return f"{folder + '/' if folder else ''}{MANIFEST_DIR}/{name.removesuffix('.parquet')}.manifest.json"
 
 
 def make_bundle(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], include_data: bool = True,

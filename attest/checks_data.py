@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from attest import jsonread
+from attest.bundle import shard_manifest_name
 from attest.chain import Entry
 from attest.findings import (
     UNREADABLE,
@@ -46,6 +47,11 @@ def check_data_lineage(ctx: Context) -> Iterator[Finding]:
         subs = subjects_of(e)
         parquet = [s for s in subs if s["name"].endswith(".parquet")]
         mfiles = [s["name"] for s in subs if s["name"].endswith(".json")]
+        if len(parquet) != 1 or mfiles != [shard_manifest_name(parquet[0]["name"])]:
+            bad += 1
+            yield Finding("data-lineage", False, ctx.where(e),
+                          "one .parquet shard and its manifest at DIR/.manifests/NAME.manifest.json",
+                          f"subjects {[s['name'] for s in subs][:4]}")
         if parquet and manifest.get("sha256") != parquet[0]["sha256"]:
             bad += 1
             yield Finding("data-lineage", False, parquet[0]["name"], f"manifest sha256 {short(parquet[0]['sha256'])} (the subject)",

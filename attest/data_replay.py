@@ -2,8 +2,9 @@
 and declared tokenizer, and the tokenizer itself from its declared sample, and compare them with the
 shards and the tokenizer the chain declares.
 
-The stages are kai-train's own (data_pipelines.stages), run with the parameters each manifest
-records, reading only bundle files whose digests the chain signs and writing into a temporary
+The stages are kai-train's own (data_pipelines.stages; for a build on datatrove, the dedup stages of
+data_pipelines.engine on datatrove's local executor with the recorded task layout), run with the
+parameters each manifest records, reading only bundle files whose digests the chain signs and writing into a temporary
 folder. A shard is reproduced when its sha256 matches, or, where the local pyarrow writes other
 bytes for the same rows, when its rows are equal. This proves the training rows follow from the
 declared ingest shards by the declared dedup and packing; ingest itself reads raw files that a
@@ -102,6 +103,17 @@ def _replay(ctx: Context, staged: dict[str, dict[str, dict[str, Any]]], stages: 
     if "shards" not in dparams or "shards" not in pparams:
         yield skipped(CHECK, "", "the manifests do not record their shard bounds (built by an older kai-data)")
         return
+    from data_pipelines.dedup import DATATROVE_SCHEME
+
+    engine = None
+    if dparams.get("scheme") == DATATROVE_SCHEME:  # built on datatrove's executors (data_pipelines.engine)
+        try:
+            from data_pipelines import engine
+        except ImportError as e:
+            yield skipped(CHECK, "", f"dedup recorded by kai-data on datatrove; needs datatrove "
+                                     f"(pip install 'kai-train[train]'): {e}")
+            return
+        scheme = engine.ENGINE
     if (dparams.get("scheme"), dparams.get("shingle_hash")) != (scheme, shingle_hash):
         yield skipped(CHECK, "", f"dedup recorded with MinHash {dparams.get('scheme')}/{dparams.get('shingle_hash')}; "
                                  f"this version computes {scheme}/{shingle_hash}")
@@ -115,8 +127,11 @@ def _replay(ctx: Context, staged: dict[str, dict[str, dict[str, Any]]], stages: 
     with tempfile.TemporaryDirectory(prefix="kai-data-replay-") as tmp:
         b = stages.Build.replay(ctx.root, Path(tmp), staged["ingest"], dparams["shards"],
                                 lambda name, m: made.__setitem__(name, m))
-        config = {k: v for k, v in dparams.items() if k not in ("scheme", "shingle_hash", "shards")}
-        stages.dedup(b, sources, inputs, DedupConfig(**config))
+        if engine is not None:  # the recorded task layout, on datatrove's local executor
+            made.update(engine.replay_dedup(ctx.root, Path(tmp), sources, staged["ingest"], dparams))
+        else:
+            config = {k: v for k, v in dparams.items() if k not in ("scheme", "shingle_hash", "shards")}
+            stages.dedup(b, sources, inputs, DedupConfig(**config))
         tok = pparams["tokenizer"]
         b.rows, b.max_bytes = int(pparams["shards"]["rows"]), int(float(pparams["shards"]["max_mb"]) * 2**20)
         b.bounds = dict(pparams["shards"])

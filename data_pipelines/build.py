@@ -14,7 +14,6 @@ kai_train/conf/schema.py); `kai-data --help` lists the common overrides; kai_tra
 from __future__ import annotations
 
 import os
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -25,37 +24,12 @@ from attest.digest import sha256_file
 from attest.progress import Progress
 from attest.signers import ensure_public_key, make_signer
 from attest.signing import PUBLIC_KEY_NAME
-from attest.statements import subject
 from data_pipelines import demo_corpus, stages, tokenizer
 from data_pipelines.dedup import DedupConfig
 from data_pipelines.sources import Normalize, SourceError, check_sources
 
 STAGE_KEYS = ("shards", "normalize", "dedup", "tokenizer", "pack")
 STAGES = ("ingest", "dedup", "tokenizer", "pack")
-
-
-def tokenizer_stage(b: stages.Build, inputs: list[str], prefix: Path, cfg: dict[str, Any]) -> Path:
-    """Train the tokenizer on the declared sample of `inputs`, or reuse the one the chain records."""
-    trained_on = [{"name": n, "sha256": b.recorded[n]["sha256"]} for n in inputs]
-    sample = {"every": cfg["every"], "max_sentences": cfg["max_sentences"]}
-    rec = b.tokenizer
-    if rec is not None:
-        path = b.root / rec["subject"]["name"]
-        same = (rec["trained_on"] == trained_on and rec["params"].get("vocab_size") == cfg["vocab_size"]
-                and rec["params"].get("sample") == sample)
-        if not same:
-            raise stages.ResumeConflict(f"{b.chain.path}: records a tokenizer trained on other shards or parameters; "
-                                        "use the recorded config or a new out_dir")
-        if not path.is_file() or sha256_file(path) != rec["subject"]["digest"]["sha256"]:
-            raise stages.ResumeConflict(f"{path}: missing or not the tokenizer the chain records")
-        return path
-    model, params = tokenizer.train_tokenizer([b.input_path(n) for n in inputs], prefix, cfg["vocab_size"],
-                                              cfg["max_sentences"], cfg["every"])
-    b.chain.append("tokenizer", [subject(str(model.relative_to(b.root)), sha256_file(model))],
-                   {"trainer": f"sentencepiece {metadata.version('sentencepiece')}", "params": params,
-                    "trained_on": trained_on})
-    b.log(f"[kai-data] tokenizer {model.relative_to(b.root)} ({params['sentences']} sentences)")
-    return model
 
 
 def build(cfg: DictConfig) -> None:
@@ -78,20 +52,44 @@ def build(cfg: DictConfig) -> None:
     chain_path = out / "chain.jsonl"
     if chain_path.exists() and set_aside_torn_tail(chain_path):
         print(f"[kai-data] {chain_path}: set aside an interrupted final line (in chain.jsonl.torn)")
-    # one step per stage; the stages' log lines print above the bar
+    # inline: one step per stage, the stages' log lines print above the bar; on datatrove, one step
+    # per executor stage (data_pipelines.engine prints each stage's time)
+    kind = cfg.executor.kind
+    if kind not in ("inline", "local", "slurm"):
+        raise ValueError(f"executor.kind must be inline, local or slurm, got {kind!r}")
     with Progress("kai-data stages", len(STAGES), "stages", cfg.progress) as bar:
         b = stages.Build(out, ChainWriter(chain_path, signer, cfg.run_id), params["shards"]["rows"],
                          params["shards"]["max_mb"], log=bar.note)
-        ingested = stages.ingest_all(b, sources, norm, int(cfg.jobs))
-        bar.advance()
-        deduped = stages.dedup(b, sources, ingested, dedup_cfg)
-        bar.advance()
-        model = tokenizer_stage(b, [n for s in sources for n in deduped[s.name]], Path(cfg.tokenizer_prefix),
-                                params["tokenizer"])
-        bar.advance()
-        packed = stages.pack(b, sources, deduped, tokenizer.load_tokenizer(model), params["pack"]["seq_len"],
-                             {"name": str(model.relative_to(out)), "sha256": sha256_file(model)})
-        bar.advance()
+        if kind == "inline":
+            ingested = stages.ingest_all(b, sources, norm, int(cfg.jobs))
+            bar.advance()
+            deduped = stages.dedup(b, sources, ingested, dedup_cfg)
+            bar.advance()
+            model = stages.tokenizer_stage(b, [n for s in sources for n in deduped[s.name]],
+                                           Path(cfg.tokenizer_prefix), params["tokenizer"])
+            bar.advance()
+            packed = stages.pack(b, sources, deduped, tokenizer.load_tokenizer(model), params["pack"]["seq_len"],
+                                 {"name": str(model.relative_to(out)), "sha256": sha256_file(model)})
+            bar.advance()
+        else:
+            try:
+                from data_pipelines import engine
+            except ImportError as e:
+                raise ValueError(f"executor.kind={kind} needs datatrove (pip install 'kai-train[train]'): {e}") from None
+            plan = engine.Plan(out, sources, norm, dedup_cfg, int(cfg.executor.tasks), params["shards"],
+                               params["tokenizer"], Path(cfg.tokenizer_prefix), params["pack"]["seq_len"],
+                               OmegaConf.to_container(cfg.attest, resolve=True), cfg.run_id)  # type: ignore[arg-type]
+            if kind == "slurm":
+                if not out.is_absolute():
+                    raise ValueError(f"out_dir={out}: executor.kind=slurm needs an absolute out_dir on a filesystem "
+                                     "every node sees (the jobs do not run here)")
+                submit = engine.write_slurm(plan, OmegaConf.to_container(cfg.executor.slurm, resolve=True))  # type: ignore[arg-type]
+                print(f"[kai-data] sbatch scripts written; submit the stages in order with: bash {submit}")
+                return
+            sealed = engine.run_local(plan, b, int(cfg.executor.workers))
+            bar.advance(len(STAGES))
+            ingested, deduped, packed = ({s.name: [n for n in sealed[st] if b.recorded[n]["source"]["name"] == s.name]
+                                          for s in sources} for st in ("ingest", "dedup", "pack"))
     for s in sources:
         removed = sum(sum(b.recorded[n]["counts"].values()) for n in deduped[s.name])
         dropped = sum(sum(b.recorded[n]["counts"].values()) for n in ingested[s.name])

@@ -27,6 +27,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 SCHEME = "affine32"  # datasketch's permutation scheme, fixed: another scheme gives other signatures
 SHINGLE_HASH = "poly1000003-u32"  # how shingles are hashed before MinHash (recorded in dedup params)
+DATATROVE_SCHEME = "datatrove-minhash/v1"  # the sharded form on datatrove (data_pipelines.engine)
 _POLY = np.uint64(1_000_003)
 
 

@@ -11,9 +11,11 @@ Packed rows (PACKED_SCHEMA):
     id        string          "<source>-p<n>", unique within a build
     modality  string          "text" | "image" | "audio"
     tokens    list<int32>     exactly seq_len ids, padded with the tokenizer's pad id
-    image     binary?         PNG bytes (image rows only)
-    audio     list<float32>?  samples (audio rows only)
+    image     struct?         datasets `Image` storage: {bytes: PNG, path: null} (image rows only)
+    audio     struct?         datasets `Audio` storage: {bytes: WAV, path: null} (audio rows only)
     rows      list<string>    ids of the records whose tokens are in this row
+
+with the same `datasets` feature metadata as record shards (data_pipelines.shards).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from data_pipelines.shards import MEDIA_TYPE, media, with_features
+
 IMAGE_TOKEN, AUDIO_TOKEN = "<image>", "<audio>"
 PLACEHOLDERS = (IMAGE_TOKEN, AUDIO_TOKEN)
 
@@ -31,8 +35,8 @@ PACKED_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
     pa.field("modality", pa.string(), nullable=False),
     pa.field("tokens", pa.list_(pa.int32()), nullable=False),
-    pa.field("image", pa.binary(), nullable=True),
-    pa.field("audio", pa.list_(pa.float32()), nullable=True),
+    pa.field("image", MEDIA_TYPE, nullable=True),
+    pa.field("audio", MEDIA_TYPE, nullable=True),
     pa.field("rows", pa.list_(pa.string()), nullable=False),
 ])
 
@@ -95,12 +99,13 @@ class Packer:
             yield self._row(prefix, "text", take, [r for r, _ in rows]), list(dict.fromkeys(o for _, o in rows))
 
 
-def packed_table(rows: list[dict[str, Any]]) -> pa.Table:
+def packed_table(rows: list[dict[str, Any]], sample_rate: int) -> pa.Table:
+    image, audio = media(rows, sample_rate)
     return pa.Table.from_pydict({
         "id": pa.array([r["id"] for r in rows], pa.string()),
         "modality": pa.array([r["modality"] for r in rows], pa.string()),
         "tokens": pa.array([r["tokens"] for r in rows], pa.list_(pa.int32())),
-        "image": pa.array([r["image"] for r in rows], pa.binary()),
-        "audio": pa.array([r["audio"] for r in rows], pa.list_(pa.float32())),
+        "image": image,
+        "audio": audio,
         "rows": pa.array([r["rows"] for r in rows], pa.list_(pa.string())),
-    }, schema=PACKED_SCHEMA)
+    }, schema=with_features(PACKED_SCHEMA, sample_rate))

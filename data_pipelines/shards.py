@@ -9,19 +9,27 @@ Record shards (the ingest and dedup stages; one schema for every modality):
     id        string         unique within a build, e.g. "images-cat.png"
     modality  string         "text" | "image" | "audio"
     text      string         the document, caption or transcript (normalized)
-    image     binary?        PNG bytes at the configured size (null unless modality == "image")
-    audio     list<float32>? mono samples in [-1, 1] at the configured rate (null unless "audio")
+    image     struct?        {bytes: PNG at the configured size, path: null} (null unless modality == "image")
+    audio     struct?        {bytes: WAV, mono float32 in [-1, 1] at the configured rate, path: null}
+                             (null unless "audio")
+
+The media columns are the Hugging Face `datasets` storage of `Image()` and `Audio()`, and every
+shard carries the `datasets` feature metadata (schema key `huggingface`, `Audio` with its
+sampling rate), so `load_dataset("parquet", ...)` decodes images and audio without being told.
+In memory, stages see `image` as PNG bytes and `audio` as a float32 array (`decode_row`).
 
 Packed shards (the pack stage, what training reads) are described in data_pipelines.pack.
 
-Each `x/NAME-00000.parquet` gets `x/NAME-00000.manifest.json` (format kai-data-shard/v1: the keys
-in MANIFEST_KEYS, the `source` block in SOURCE_KEYS, plus the stage's fields; see docs/data.md).
+Each `x/NAME-00000.parquet` gets `x/.manifests/NAME-00000.manifest.json` (format kai-data-shard/v1:
+the keys in MANIFEST_KEYS, the `source` block in SOURCE_KEYS, plus the stage's fields; see
+docs/data.md). The hidden folder keeps manifests out of `pyarrow.dataset(x)` and `load_dataset(x)`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from attest.bundle import MANIFEST_DIR
 from attest.digest import sha256_file
 
 MANIFEST_FORMAT = "kai-data-shard/v1"
@@ -38,12 +47,13 @@ ROW_GROUP_ROWS = 1024           # a row group is cut at whichever bound comes fi
 ROW_GROUP_BYTES = 8 * 2**20
 MODALITIES = ("text", "image", "audio")
 
+MEDIA_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets' Image/Audio storage
 SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
     pa.field("modality", pa.string(), nullable=False),
     pa.field("text", pa.string(), nullable=False),
-    pa.field("image", pa.binary(), nullable=True),
-    pa.field("audio", pa.list_(pa.float32()), nullable=True),
+    pa.field("image", MEDIA_TYPE, nullable=True),
+    pa.field("audio", MEDIA_TYPE, nullable=True),
 ])
 MANIFEST_KEYS = ("kind", "shard", "sha256", "bytes", "rows", "schema", "modality_counts", "source",
                  "derived_from")
@@ -53,20 +63,86 @@ PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 3
                                    "write_statistics": True, "data_page_version": "2.0"}
 
 
+# --- media and feature metadata ------------------------------------------------------------------
+
+def wav_bytes(samples: Any, rate: int) -> bytes:
+    """Mono float32 samples as a WAV file (IEEE float, fmt + fact + data): fixed bytes for fixed samples."""
+    data = np.asarray(samples, dtype="<f4").tobytes()
+    n = len(data) // 4
+    fmt = struct.pack("<HHIIHHH", 3, 1, rate, 4 * rate, 4, 32, 0)  # IEEE float, mono, 32-bit, cbSize 0
+    body = (b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"fact" + struct.pack("<II", 4, n)
+            + b"data" + struct.pack("<I", len(data)) + data)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def wav_samples(data: bytes) -> np.ndarray:
+    """The samples of a WAV file written by `wav_bytes` (ValueError for any other layout)."""
+    if data[:4] != b"RIFF" or data[8:16] != b"WAVEfmt " or struct.unpack_from("<HH", data, 20) != (3, 1):
+        raise ValueError("audio: not a mono IEEE-float WAV written by kai-data")
+    off = 12
+    while off + 8 <= len(data):
+        tag, size = data[off:off + 4], struct.unpack_from("<I", data, off + 4)[0]
+        if tag == b"data":
+            return np.frombuffer(data, dtype="<f4", count=size // 4, offset=off + 8).astype(np.float32)
+        off += 8 + size
+    raise ValueError("audio: WAV without a data chunk")
+
+
+def with_features(schema: pa.Schema, sample_rate: int) -> pa.Schema:
+    """`schema` with the `datasets` feature metadata: Image/Audio for the media columns, Value and
+    List for the rest (written by hand: the format is stable, the `datasets` import is not needed)."""
+    def feature(t: pa.DataType) -> dict[str, Any]:
+        if pa.types.is_list(t):
+            return {"feature": feature(t.value_type), "_type": "List"}
+        return {"dtype": {"int32": "int32", "float": "float32", "string": "string"}[str(t)], "_type": "Value"}
+
+    features = {f.name: ({"_type": "Image"} if f.name == "image" else
+                         {"_type": "Audio", "sampling_rate": int(sample_rate)} if f.name == "audio" else feature(f.type))
+                for f in schema}
+    meta = json.dumps({"info": {"features": features}}, sort_keys=True)
+    return schema.with_metadata({"huggingface": meta})
+
+
+def sample_rate_of(path: Path) -> int:
+    """The audio sampling rate a shard's feature metadata declares."""
+    meta = pq.read_schema(path).metadata or {}
+    try:
+        return int(json.loads(meta[b"huggingface"])["info"]["features"]["audio"]["sampling_rate"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: no audio sampling rate in the shard's feature metadata") from e
+
+
+def media(rows: list[dict[str, Any]], sample_rate: int) -> tuple[pa.Array, pa.Array]:
+    """The image and audio columns (datasets storage) of in-memory rows."""
+    image = [None if r.get("image") is None else {"bytes": r["image"], "path": None} for r in rows]
+    audio = [None if r.get("audio") is None else {"bytes": wav_bytes(r["audio"], sample_rate), "path": None}
+             for r in rows]
+    return pa.array(image, MEDIA_TYPE), pa.array(audio, MEDIA_TYPE)
+
+
+def decode_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row read from a shard, with media as the stages hold it: PNG bytes and float32 samples."""
+    if row.get("image") is not None:
+        row["image"] = row["image"]["bytes"]
+    if row.get("audio") is not None:
+        row["audio"] = wav_samples(row["audio"]["bytes"])
+    return row
+
+
 # --- writing -------------------------------------------------------------------------------------
 
-def records_table(rows: list[dict[str, Any]]) -> pa.Table:
+def records_table(rows: list[dict[str, Any]], sample_rate: int) -> pa.Table:
     """Normalized records (SCHEMA columns) as a table; checks modality and media columns agree."""
     _validate(rows)
-    audio = [None if r.get("audio") is None else np.asarray(r["audio"], dtype=np.float32) for r in rows]
+    image, audio = media(rows, sample_rate)
     columns = {
         "id": pa.array([r["id"] for r in rows], pa.string()),
         "modality": pa.array([r["modality"] for r in rows], pa.string()),
         "text": pa.array([r["text"] for r in rows], pa.string()),
-        "image": pa.array([r.get("image") for r in rows], pa.binary()),
-        "audio": pa.array(audio, pa.list_(pa.float32())),
+        "image": image,
+        "audio": audio,
     }
-    return pa.Table.from_pydict(columns, schema=SCHEMA)
+    return pa.Table.from_pydict(columns, schema=with_features(SCHEMA, sample_rate))
 
 
 def _validate(rows: list[dict[str, Any]]) -> None:
@@ -145,7 +221,9 @@ class ShardFile:
             **extra,
         }
         text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-        _atomic_write(manifest_path(self.path), lambda p: p.write_text(text, encoding="utf-8"))
+        man = manifest_path(self.path)
+        man.parent.mkdir(exist_ok=True)
+        _atomic_write(man, lambda p: p.write_text(text, encoding="utf-8"))
         return manifest
 
     def abandon(self) -> None:
@@ -163,8 +241,8 @@ def write_shard(table: pa.Table, path: Path, source: Mapping[str, Any], derived_
 
 
 def manifest_path(shard: Path) -> Path:
-    """`x/prefix-00000.parquet` → `x/prefix-00000.manifest.json`."""
-    return shard.with_name(shard.name.removesuffix(".parquet") + ".manifest.json")
+    """`x/prefix-00000.parquet` → `x/.manifests/prefix-00000.manifest.json`."""
+    return shard.parent / MANIFEST_DIR / (shard.name.removesuffix(".parquet") + ".manifest.json")
 
 
 def load_manifest(path: Path) -> dict[str, Any]:

@@ -84,8 +84,12 @@ class Normalize:
     image_size: int = 32       # RGB, image_size x image_size, PNG
     sample_rate: int = 16000   # mono, resampled to this rate
     audio_samples: int = 8000  # zero-padded or trimmed to this many float32 samples
+    unicode: str = "NFC"       # text normal form: NFC keeps what was written; NFKC also folds
+                               # compatibility forms (full-width Latin, half-width jamo, circled digits)
 
     def __post_init__(self) -> None:
+        if self.unicode not in ("NFC", "NFKC"):
+            raise ValueError(f"normalize: unicode must be NFC or NFKC, got {self.unicode!r}")
         for key in ("image_size", "sample_rate", "audio_samples"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -246,9 +250,9 @@ def iter_records(source: Source, norm: Normalize, stats: collections.Counter, st
         yield position, item
 
 
-def normalize_text(s: str) -> str:
-    """NFC; CRLF/CR -> LF; horizontal whitespace runs -> one space; no trailing spaces; <= 1 blank line."""
-    s = unicodedata.normalize("NFC", s).replace("\r\n", "\n").replace("\r", "\n")
+def normalize_text(s: str, form: str = "NFC") -> str:
+    """NFC (or NFKC); CRLF/CR -> LF; horizontal whitespace runs -> one space; no trailing spaces; <= 1 blank line."""
+    s = unicodedata.normalize(form, s).replace("\r\n", "\n").replace("\r", "\n")
     s = _HSPACE.sub(" ", s)
     if " \n" in s:
         s = _TRAILING.sub("\n", s)
@@ -272,12 +276,12 @@ def _record(rid: str, modality: str, text: str, image: bytes | None = None,
 def _text_items(source: Source, norm: Normalize, start: int) -> Iterator[Item]:
     for position, path in enumerate(source.files):
         if position >= start:
-            yield position, _text_document(source, path)
+            yield position, _text_document(source, path, norm.unicode)
 
 
-def _text_document(source: Source, path: Path) -> dict[str, Any] | Drop:
+def _text_document(source: Source, path: Path, form: str) -> dict[str, Any] | Drop:
     try:
-        text = normalize_text(path.read_bytes().decode("utf-8").removeprefix("\ufeff"))
+        text = normalize_text(path.read_bytes().decode("utf-8").removeprefix("\ufeff"), form)
     except UnicodeDecodeError:
         return Drop("not-utf8")
     return _record(f"{source.name}/{_rel(path, source.root)}", "text", text) if text else Drop("empty")
@@ -293,7 +297,7 @@ def _jsonl_items(source: Source, norm: Normalize, start: int) -> Iterator[Item]:
                 if position < start:
                     continue
                 row = _json_line(line, lineno)
-                text = row if isinstance(row, Drop) else _text_of(row, source.text_field)
+                text = row if isinstance(row, Drop) else _text_of(row, source.text_field, norm.unicode)
                 yield position, text if isinstance(text, Drop) else _record(f"{prefix}:{lineno}", "text", text)
 
 
@@ -312,12 +316,12 @@ def _json_line(line: bytes, lineno: int) -> dict[str, Any] | Drop:
     return row if isinstance(row, dict) else Drop("bad-json")
 
 
-def _text_of(row: Mapping[str, Any], field: str) -> str | Drop:
+def _text_of(row: Mapping[str, Any], field: str, form: str) -> str | Drop:
     """The normalized text of a row, or the drop reason."""
     value = row.get(field)
     if not isinstance(value, str):
         return Drop("missing-text")
-    return normalize_text(value) or Drop("empty")
+    return normalize_text(value, form) or Drop("empty")
 
 
 def _parquet_items(source: Source, norm: Normalize, start: int) -> Iterator[Item]:
@@ -335,7 +339,7 @@ def _parquet_items(source: Source, norm: Normalize, start: int) -> Iterator[Item
             skip = max(0, start - offset)
             prefix = f"{source.name}/{_rel(path, source.root)}"
             for row, example in enumerate(_hf_parquet(path, source.text_field).skip(skip), skip):
-                text = _text_of(example, source.text_field)
+                text = _text_of(example, source.text_field, norm.unicode)
                 yield offset + row, text if isinstance(text, Drop) else _record(f"{prefix}:{row}", "text", text)
         offset += rows
 
@@ -374,7 +378,7 @@ def _folder_record(source: Source, norm: Normalize, folder: Path, lineno: int, l
     name = row.get("file_name")
     if not isinstance(name, str) or not _inside(name):
         return Drop("bad-file-name")
-    text = _text_of(row, source.text_field)
+    text = _text_of(row, source.text_field, norm.unicode)
     if isinstance(text, Drop):
         return text
     path = folder / name

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+from importlib import metadata
 import queue
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from data_pipelines import shards
 from data_pipelines.dedup import SCHEME, SHINGLE_HASH, Deduper, DedupConfig
 from data_pipelines.pack import PACKED_SCHEMA, Packer, packed_table
 from data_pipelines.sources import Normalize, Source, iter_records
+from data_pipelines.tokenizer import train_tokenizer
 
 STAGE_DIRS = {"ingest": "data/ingest", "dedup": "data/dedup", "pack": "data/shards"}
 
@@ -53,9 +56,25 @@ class Build:
         self.root, self.chain, self.rows, self.max_bytes, self.log = root, chain, rows, int(max_mb * 2**20), log
         self.out = root  # where new shards are written (a replay writes elsewhere)
         self.bounds = {"rows": rows, "max_mb": max_mb}
-        for stale in root.glob("data/*/.*.tmp-*"):  # left by a build that died mid-shard; never recorded
-            stale.unlink()
-        entries, _ = read_chain(chain.path) if chain.path.exists() else ([], False)
+        for pattern in ("data/*/.*.tmp-*", f"data/*/{shards.MANIFEST_DIR}/.*.tmp-*"):
+            for stale in root.glob(pattern):  # left by a build that died mid-shard; never recorded
+                stale.unlink()
+        self._read_chain(chain.path)
+
+    @classmethod
+    def worker(cls, root: Path, chain_path: Path, bounds: dict[str, Any]) -> Build:
+        """A Build for a task on any machine: it reads what the chain records, writes shards and
+        manifests, and signs nothing (the seal step does, after the task has finished)."""
+        b = cls.__new__(cls)
+        b.root = b.out = root
+        b.chain, b.log = None, lambda s: None  # type: ignore[assignment]
+        b.rows, b.max_bytes, b.bounds = int(bounds["rows"]), int(float(bounds["max_mb"]) * 2**20), dict(bounds)
+        b._read_chain(chain_path)
+        b.record = lambda name, manifest: b.recorded.__setitem__(name, manifest)  # type: ignore[method-assign]
+        return b
+
+    def _read_chain(self, path: Path) -> None:
+        entries, _ = read_chain(path) if path.exists() else ([], False)
         self.recorded: dict[str, dict[str, Any]] = {}
         self.tokenizer: dict[str, Any] | None = None
         for e in entries:
@@ -207,8 +226,8 @@ def ingest(b: Build, source: Source, norm: Normalize) -> list[str]:
     done = b.recorded_of("ingest", source.name)
     start = done[-1][1]["positions"][1] if done else 0
     params = {"normalize": asdict(norm), "format": source.format}
-    sink = ShardSink(b, "ingest", source, params, shards.records_table, shards.SCHEMA, start_index=len(done),
-                     start_pos=start)
+    sink = ShardSink(b, "ingest", source, params, partial(shards.records_table, sample_rate=norm.sample_rate),
+                     shards.with_features(shards.SCHEMA, norm.sample_rate), start_index=len(done), start_pos=start)
     stats: Counter[str] = Counter()
     seen: Counter[str] = Counter()
     for pos, record in iter_records(source, norm, stats, start=start):
@@ -279,9 +298,7 @@ def _stream(b: Build, names: list[str], columns: list[str] | None = None) -> Ite
         pf = pq.ParquetFile(b.input_path(name))
         for batch in pf.iter_batches(batch_size=256, columns=columns):
             for row in batch.to_pylist():
-                if row.get("audio") is not None:
-                    row["audio"] = np.asarray(row["audio"], dtype=np.float32)
-                yield name, row
+                yield name, shards.decode_row(row)
 
 
 def dedup(b: Build, sources: list[Source], inputs: dict[str, list[str]], cfg: DedupConfig) -> dict[str, list[str]]:
@@ -290,7 +307,9 @@ def dedup(b: Build, sources: list[Source], inputs: dict[str, list[str]], cfg: De
     params = {**asdict(cfg), "scheme": SCHEME, "shingle_hash": SHINGLE_HASH}
     out: dict[str, list[str]] = {}
     for source in sources:
-        sink = ShardSink(b, "dedup", source, params, shards.records_table, shards.SCHEMA)
+        rate = shards.sample_rate_of(b.root / inputs[source.name][0])
+        sink = ShardSink(b, "dedup", source, params, partial(shards.records_table, sample_rate=rate),
+                         shards.with_features(shards.SCHEMA, rate))
         for origin, row in _stream(b, inputs[source.name]):
             reason = deduper.check(row)
             if reason is None:
@@ -308,7 +327,9 @@ def pack(b: Build, sources: list[Source], inputs: dict[str, list[str]], sp: Any,
     out: dict[str, list[str]] = {}
     for source in sources:
         packer = Packer(sp, seq_len)
-        sink = ShardSink(b, "pack", source, params, packed_table, PACKED_SCHEMA)
+        rate = shards.sample_rate_of(b.root / inputs[source.name][0])
+        sink = ShardSink(b, "pack", source, params, partial(packed_table, sample_rate=rate),
+                         shards.with_features(PACKED_SCHEMA, rate))
         for origin, row in _stream(b, inputs[source.name]):
             for packed, origins in packer.add(source.name, row, origin):
                 sink.add(packed, 4 * seq_len + record_bytes({**packed, "text": ""}), origins)
@@ -316,3 +337,27 @@ def pack(b: Build, sources: list[Source], inputs: dict[str, list[str]], sp: Any,
             sink.add(packed, 4 * seq_len, origins)
         out[source.name] = sink.close()
     return out
+
+
+def tokenizer_stage(b: Build, inputs: list[str], prefix: Path, cfg: dict[str, Any]) -> Path:
+    """Train the tokenizer on the declared sample of `inputs`, or reuse the one the chain records."""
+    trained_on = [{"name": n, "sha256": b.recorded[n]["sha256"]} for n in inputs]
+    sample = {"every": cfg["every"], "max_sentences": cfg["max_sentences"]}
+    rec = b.tokenizer
+    if rec is not None:
+        path = b.root / rec["subject"]["name"]
+        same = (rec["trained_on"] == trained_on and rec["params"].get("vocab_size") == cfg["vocab_size"]
+                and rec["params"].get("sample") == sample)
+        if not same:
+            raise ResumeConflict(f"{b.chain.path}: records a tokenizer trained on other shards or parameters; "
+                                 "use the recorded config or a new out_dir")
+        if not path.is_file() or sha256_file(path) != rec["subject"]["digest"]["sha256"]:
+            raise ResumeConflict(f"{path}: missing or not the tokenizer the chain records")
+        return path
+    model, params = train_tokenizer([b.input_path(n) for n in inputs], prefix, cfg["vocab_size"],
+                                    cfg["max_sentences"], cfg["every"])
+    b.chain.append("tokenizer", [subject(str(model.relative_to(b.root)), sha256_file(model))],
+                   {"trainer": f"sentencepiece {metadata.version('sentencepiece')}", "params": params,
+                    "trained_on": trained_on})
+    b.log(f"[kai-data] tokenizer {model.relative_to(b.root)} ({params['sentences']} sentences)")
+    return model

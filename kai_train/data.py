@@ -20,6 +20,8 @@ import sentencepiece as spm
 import torch
 from PIL import Image
 
+from data_pipelines.shards import wav_samples
+
 
 class ShardDataset:
     def __init__(self, shard_paths: list[Path], tokenizer_path: Path, text_len: int) -> None:
@@ -37,8 +39,8 @@ class ShardDataset:
                                   for t in tables])
         self.modality = table.column("modality").to_pylist()
         self.text = table.column("tokens" if self.packed else "text").to_pylist()
-        self.image = table.column("image").to_pylist()
-        self.audio = table.column("audio")
+        self.image = table.column("image").combine_chunks().flatten()[0].to_pylist()  # PNG bytes or None
+        self.audio = table.column("audio").combine_chunks().flatten()[0]  # WAV bytes, decoded per batch
         self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
         self.text_len = text_len
         self.pad_id = max(self.sp.pad_id(), 0)
@@ -65,7 +67,7 @@ class ShardDataset:
                 has_image[j] = True
             wav = self.audio[i].as_py()
             if wav is not None:
-                a = torch.tensor(wav[:audio_samples], dtype=torch.float32)
+                a = torch.from_numpy(wav_samples(wav)[:audio_samples])
                 audio[j, : a.numel()] = a
                 has_audio[j] = True
         tokens = torch.tensor([self.tokens(i) for i in ids], dtype=torch.long)  # (B, T)

@@ -12,7 +12,7 @@ rm -rf "$RUN_DIR"
 echo "== 1/5 signing key"
 kai-attest keygen "$RUN_DIR/keys"
 echo "== 2/5 data: demo corpus → ingest → dedup → sentencepiece tokenizer → packed Parquet shards"
-kai-data out_dir="$RUN_DIR" run_id=demo
+kai-data out_dir="$RUN_DIR" run_id=demo executor.kind=local   # datatrove's local executor
 echo "== 3/5 training: torchrun --nproc_per_node $NPROC, DeepSpeed $ZERO"
 torchrun --nproc_per_node "$NPROC" -m kai_train.train run_dir="$RUN_DIR" run_id=demo deepspeed="$ZERO" "$@"
 echo "== 4/5 bundle"
@@ -23,7 +23,8 @@ cat <<MSG
 
 Done. Where everything is:
   $RUN_DIR/chain.jsonl         signed, hash-linked provenance chain (one Sigstore bundle per line)
-  $RUN_DIR/data/shards/        packed training shards + manifests (data/ingest, data/dedup: earlier stages)
+  $RUN_DIR/data/shards/        packed training shards, manifests in data/shards/.manifests/
+                               (data/ingest, data/dedup: earlier stages; work/: datatrove's task state)
   $RUN_DIR/tokenizer/          sentencepiece model
   $RUN_DIR/checkpoints/        signed state per checkpoint, one shard per rank (step-000000 = genesis);
                                resume and replay load these files

@@ -104,7 +104,8 @@ def make_bundle(root: Path, key_dir: Path | None = None, *, steps: tuple[int, ..
                     "source": {"name": "corpus", "origin": "test", "license": licence, "collection": collection,
                                "collected": "2026-01-01/2026-01-02", "consent": "n/a", "pii": "none", "generator": generator},
                     "derived_from": derived}
-        mname = shard.replace(".parquet", ".manifest.json")
+        mname = shard.replace("shards/", "shards/.manifests/").replace(".parquet", ".manifest.json")
+        (root / mname).parent.mkdir(exist_ok=True)
         (root / mname).write_text(json.dumps(manifest, sort_keys=True))
         shards.append((shard, sha))
         add("data-shard", [subject(shard, sha), subject(mname, sha256_file(root / mname))], {"manifest": manifest})

@@ -25,6 +25,7 @@ from PIL import Image
 
 from attest.chain import read_chain
 from attest.digest import sha256_file
+from data_pipelines import shards
 from conftest import kai_attest, must, run
 
 N_FILES, N_EXACT, N_NEAR = 200, 10, 10
@@ -140,9 +141,9 @@ def test_ingest_counts_what_it_drops_and_normalizes_media(built) -> None:
             counts.update(m["counts"])
     assert counts == {"bad-json": 1, "empty": 1, "broken-image": 1}
     images = pq.read_table(out / "data/ingest/images-00000.parquet").to_pylist()
-    assert len(images) == 20 and {Image.open(io.BytesIO(r["image"])).size for r in images} == {(32, 32)}
+    assert len(images) == 20 and {Image.open(io.BytesIO(r["image"]["bytes"])).size for r in images} == {(32, 32)}
     speech = pq.read_table(out / "data/ingest/speech-00000.parquet").to_pylist()
-    assert [len(r["audio"]) for r in speech] == [8000] * 4
+    assert [len(shards.decode_row(r)["audio"]) for r in speech] == [8000] * 4
     # positions tile the raw input: shards of one source cover [0, n) without a gap
     texts = sorted((n, m) for n, m in manifests.items() if m["stage"] == "ingest" and n.startswith("data/ingest/texts"))
     spans = [m["positions"] for _, m in texts]
@@ -255,6 +256,20 @@ def test_training_refuses_packed_rows_of_another_length_naming_the_shard(built) 
     data = ShardDataset(packed, out / "tokenizer/tokenizer.model", 32)
     assert len(data) == sum(pq.ParquetFile(p).metadata.num_rows for p in packed)
     assert data.tokens(0) == pq.read_table(packed[0]).column("tokens")[0].as_py()
+
+
+def test_training_batches_decode_the_images_and_audio_the_shards_store(built) -> None:
+    from kai_train.data import ShardDataset
+
+    out = built[2]
+    packed = sorted((out / "data/shards").glob("*.parquet"))
+    data = ShardDataset(packed, out / "tokenizer/tokenizer.model", 32)
+    modality = [m for p in packed for m in pq.read_table(p, columns=["modality"]).column("modality").to_pylist()]
+    b = data.batch(list(range(len(data))), 32, 8000)
+    assert b["has_image"].tolist() == [m == "image" for m in modality]
+    assert b["has_audio"].tolist() == [m == "audio" for m in modality]
+    assert b["images"][b["has_image"]].abs().sum(dim=(1, 2, 3)).min() > 0 and b["images"].max() <= 1
+    assert b["audio"][b["has_audio"]].abs().amax(dim=1).min() > 0.01
 
 
 def test_ingesting_sources_in_parallel_gives_the_same_shards(built, tmp_path: Path) -> None:

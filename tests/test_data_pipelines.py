@@ -42,7 +42,7 @@ def _build_shards(corpus: dict[str, Path], out_dir: Path) -> list[tuple[Path, di
     out = []
     for i in range(0, len(records), 16):
         path = out_dir / f"demo-{i // 16:05d}.parquet"
-        out.append((path, shards.write_shard(shards.records_table(records[i:i + 16]), path, SOURCE, [], {})))
+        out.append((path, shards.write_shard(shards.records_table(records[i:i + 16], Normalize().sample_rate), path, SOURCE, [], {})))
     return out
 
 
@@ -108,7 +108,7 @@ def test_shards_hold_every_row_with_correct_counts_and_manifest_digests(
 def test_image_rows_decode_to_32x32_rgb_and_audio_rows_have_8000_samples(
         built: list[tuple[Path, dict]]) -> None:
     table = pq.read_table([str(p) for p, _ in built])
-    for row in table.to_pylist():
+    for row in map(shards.decode_row, table.to_pylist()):
         if row["modality"] == "image":
             img = Image.open(io.BytesIO(row["image"]))
             assert (img.format, img.mode, img.size) == ("PNG", "RGB", (32, 32))
@@ -121,19 +121,42 @@ def test_image_rows_decode_to_32x32_rgb_and_audio_rows_have_8000_samples(
             assert row["image"] is None and row["audio"] is None and row["text"]
 
 
-def test_shards_load_with_hf_datasets_offline(built: list[tuple[Path, dict]], tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shards_load_with_hf_datasets_offline_and_decode_by_their_feature_metadata(
+        built: list[tuple[Path, dict]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     import datasets
+    import soundfile
 
     ds = datasets.load_dataset("parquet", data_files=[str(p) for p, _ in built], split="train",
                                cache_dir=str(tmp_path / "hf_cache"))
     assert ds.num_rows == sum(SIZES.values())
     assert set(ds.column_names) == {"id", "modality", "text", "image", "audio"}
-    audio_row = next(r for r in ds if r["modality"] == "audio")
-    assert len(audio_row["audio"]) == 8000
+    assert ds.features["image"] == datasets.Image()
+    assert ds.features["audio"] == datasets.Audio(sampling_rate=16000)
+    modality = ds["modality"]
+    img = ds[modality.index("image")]["image"]  # decoded by datasets from the metadata alone
+    assert (img.mode, img.size) == ("RGB", (32, 32))
+    # decoding audio to arrays needs torchcodec (and FFmpeg); the stored bytes are a WAV at the declared rate
+    raw = ds.cast_column("audio", datasets.Audio(decode=False))[modality.index("audio")]["audio"]
+    samples, rate = soundfile.read(io.BytesIO(raw["bytes"]), dtype="float32")
+    assert rate == 16000 and samples.shape == (8000,) and np.abs(samples).max() > 0.1
+    assert np.array_equal(samples, shards.wav_samples(raw["bytes"]))
+
+
+def test_shard_folders_open_as_datasets_with_the_manifests_beside_them(
+        built: list[tuple[Path, dict]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+    import pyarrow.dataset as pads
+
+    folder = built[0][0].parent
+    assert shards.manifest_path(built[0][0]).is_file()  # the manifests are there, in the hidden folder
+    assert pads.dataset(folder, format="parquet").count_rows() == sum(SIZES.values())
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    ds = datasets.load_dataset(str(folder), split="train", cache_dir=str(tmp_path / "hf_cache"))
+    assert ds.num_rows == sum(SIZES.values()) and ds.features["image"] == datasets.Image()
 
 
 def test_rewriting_the_same_records_gives_byte_identical_shards(
@@ -164,7 +187,7 @@ def test_write_shard_refuses_a_source_without_licence_or_consent(tmp_path: Path)
     rows = [{"id": "t", "modality": "text", "text": "hi", "image": None, "audio": None}]
     for key in ("license", "consent"):
         with pytest.raises(ValueError, match=key):
-            shards.write_shard(shards.records_table(rows), tmp_path / "x-00000.parquet",
+            shards.write_shard(shards.records_table(rows, 16000), tmp_path / "x-00000.parquet",
                                {k: v for k, v in SOURCE.items() if k != key}, [], {})
     assert not list(tmp_path.iterdir())
 

@@ -185,7 +185,7 @@ def test_hostile_safetensors_header_resigned(base, work, capsys, header: Any, bo
 @FEWER
 @given(manifest=json_values, shard=st.sampled_from(["alpha", "beta"]))
 def test_hostile_manifest_file(base, work, capsys, manifest: Any, shard: str) -> None:
-    name = f"data/shards/{shard}-00000.manifest.json"
+    name = f"data/shards/.manifests/{shard}-00000.manifest.json"
     (work / name).write_text(json.dumps(manifest))
     assert run_verify(work, capsys) == 1  # subject-digest at least
     restore(work, base, name)

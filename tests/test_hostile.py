@@ -393,7 +393,7 @@ def test_wrong_policy_is_an_error_naming_the_policy_file(base, tmp_path, capsys,
 def test_manifest_with_duplicate_keys_fails_data_lineage(base, work, capsys) -> None:
     """A shard manifest whose bytes are signed but hold a key twice (a last-wins reader would see
     the signed manifest) fails, naming the manifest."""
-    name = "data/shards/alpha-00000.manifest.json"
+    name = "data/shards/.manifests/alpha-00000.manifest.json"
     text = (work / name).read_text()
     (work / name).write_text('{"source": {"license": "proprietary"}, ' + text[1:])
     resign_file(work, base[1], name)
@@ -628,7 +628,7 @@ def _policy(text: str) -> Callable[[Path, Path, Path], list[str]]:
 
 
 CKPT = ckpt_name(4)
-MANIFEST = "data/shards/beta-00000.manifest.json"
+MANIFEST = "data/shards/.manifests/beta-00000.manifest.json"
 # name -> (how to make it, the file the verdict or error must name)
 CORPUS: dict[str, tuple[Callable[[Path, Path, Path], list[str]], str]] = {
     "chain-100k-digit-int": (_chain_raw(b"7" * 100_000), "chain.jsonl:"),

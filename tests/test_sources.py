@@ -196,6 +196,15 @@ def test_normalize_text() -> None:
     assert len(KOREAN_NFD) > len(KOREAN)  # the input really is decomposed jamo
 
 
+def test_nfkc_folds_compatibility_forms_that_nfc_keeps() -> None:
+    mixed = "ＫＡＩ ﾊﾝｸﾞﾙ ﾡ ①"  # full-width Latin, half-width katakana, a half-width jamo, a circled digit
+    assert normalize_text(mixed) == mixed
+    assert normalize_text(mixed, "NFKC") == "KAI ハングル \u1100 1"  # the jamo becomes a leading consonant
+    assert Normalize(unicode="NFKC").unicode == "NFKC"
+    with pytest.raises(ValueError, match="unicode must be NFC or NFKC"):
+        Normalize(unicode="NFD")
+
+
 def test_text_documents(corpus: Path) -> None:
     records, stats = load(corpus, "text", "docs")
     assert [(p, r["id"], r["text"]) for p, r in records] == [

@@ -204,7 +204,7 @@ def test_training_shard_relabelled_with_another_licence_than_its_parents_fails_d
 
 
 def test_manifest_file_that_disagrees_with_its_statement_fails_data_lineage(bundle, key, capsys) -> None:
-    mname = "data/shards/audio-00000.manifest.json"
+    mname = "data/shards/.manifests/audio-00000.manifest.json"
     m = json.loads((bundle / mname).read_text())
     m["source"]["license"] = "CC-BY-NC-4.0"
     (bundle / mname).write_text(json.dumps(m))

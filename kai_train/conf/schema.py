@@ -105,6 +105,7 @@ class NormalizeSchema:
     image_size: int = MISSING
     sample_rate: int = MISSING
     audio_samples: int = MISSING
+    unicode: str = MISSING
 
 
 @dataclass
@@ -130,6 +131,24 @@ class PackSchema:
 
 
 @dataclass
+class SlurmSchema:
+    partition: str = MISSING
+    time: str = MISSING
+    cpus_per_task: int = MISSING
+    mem_per_cpu_gb: int = MISSING
+    venv_path: Optional[str] = MISSING
+    sbatch_args: Dict[str, Any] = MISSING  # any further #SBATCH option
+
+
+@dataclass
+class ExecutorSchema:
+    kind: str = MISSING     # inline | local | slurm (data_pipelines.build)
+    tasks: int = MISSING
+    workers: int = MISSING
+    slurm: SlurmSchema = MISSING
+
+
+@dataclass
 class KaiDataApp:
     """`kai-data` (kai_train/conf/kai_data.yaml). A data file (data/NAME.yaml) is the user's own:
     its sources are checked by data_pipelines.sources, its stage parameters by the stages."""
@@ -140,6 +159,7 @@ class KaiDataApp:
     tokenizer_prefix: str = MISSING
     jobs: int = MISSING
     progress: str = MISSING
+    executor: ExecutorSchema = MISSING
     shards: ShardsSchema = MISSING
     normalize: NormalizeSchema = MISSING
     dedup: DedupSchema = MISSING
