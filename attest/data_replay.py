@@ -94,7 +94,7 @@ def check_data_replay(ctx: Context) -> Iterator[Finding]:
         yield Finding(CHECK, False, "", "the recorded stages to run again", f"{type(e).__name__}: {e}")
 
 
-def _replay(ctx: Context, staged: dict[str, dict[str, dict[str, Any]]], stages: Any, DedupConfig: Any,  # noqa: N803
+def _replay(ctx: Context, staged: dict[str, dict[str, dict[str, Any]]], stages: Any, DedupConfig: Any,
             scheme: str, shingle_hash: str, Source: Any, load_tokenizer: Any) -> Iterator[Finding]:
     import pyarrow.parquet as pq
 

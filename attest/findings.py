@@ -64,7 +64,7 @@ def skipped(check: str, file: str, why: str) -> Finding:
 HELD = "held by the team"  # how a skip for heavy state a light bundle leaves out begins (attest.challenge)
 
 
-def held_skip(ctx: "Context", check: str, file: str, what: str) -> Finding:
+def held_skip(ctx: Context, check: str, file: str, what: str) -> Finding:
     """A part of a check not run on a light bundle because the state it reads is held by the team."""
     ctx.facts.setdefault("held_parts", 0)
     ctx.facts["held_parts"] += 1

@@ -241,7 +241,7 @@ def ingest_all(b: Build, sources: list[Source], norm: Normalize, jobs: int = 1) 
             except queue.Empty:
                 dead = [n for n, p in running.items() if p.exitcode is not None and messages.empty()]
                 if dead:
-                    raise ValueError(f"source {dead[0]!r}: ingest worker died (exit {running[dead[0]].exitcode})")
+                    raise ValueError(f"source {dead[0]!r}: ingest worker died (exit {running[dead[0]].exitcode})") from None
                 continue
             if kind == "shard":
                 b.record(name, payload)

@@ -63,7 +63,7 @@ def build_engine(model: nn.Module, zero: dict[str, Any], train: dict[str, Any], 
     return engine
 
 
-def load_full_optimizer_state(engine, state: "Mapping[str, torch.Tensor]", step: int) -> None:
+def load_full_optimizer_state(engine, state: Mapping[str, torch.Tensor], step: int) -> None:
     """Scatter consolidated moments (`exp_avg/<name>`, `exp_avg_sq/<name>`) into the ZeRO partitions."""
     from deepspeed.utils import safe_set_full_optimizer_state
 

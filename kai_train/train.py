@@ -189,7 +189,7 @@ def train_loop(cfg: DictConfig, train: dict[str, Any], engine, data, shards: lis
             last_eval = held_out_loss(engine, data, eval_ids, micro, train["eval_batches"], mcfg.image_size, mcfg.audio_samples)
             if tracker:
                 tracker.log(step, {f"eval/{k}": v for k, v in last_eval.items()},
-                            "eval step %d: %s" % (step, "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items())))
+                            f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
         if step % train["ckpt_every"] == 0 or step == steps:
             grad_norm = grad_norm_of(engine)
             sources, rng = rng_state_digest()
