@@ -8,7 +8,7 @@ LIGHT  ?= .venv-light
 # normal build comes from PyPI. Override with `make TORCH_VERSION=...`.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test test-fast test-light install clean
+.PHONY: demo test test-fast test-light lint install clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,13 @@ test: install $(LIGHT)/.installed
 # The edit-test loop: everything but the real torchrun/DeepSpeed trainings (about two minutes).
 test-fast: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -ra -m "not slow"
+
+# ruff (style and bug patterns), the layer contracts (import-linter, [tool.importlinter]) and mypy, all
+# configured in pyproject.toml.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 # Rebuilt when the packaging or any installed source changes (a non-editable install copies them).
 $(LIGHT)/.installed: pyproject.toml Makefile $(wildcard attest/*.py kai_train/*.py kai_train/conf/*.py kai_train/conf/*.yaml kai_train/conf/*/*.yaml data_pipelines/*.py)

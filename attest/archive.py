@@ -59,7 +59,7 @@ class _HeaderBoundedTarInfo(tarfile.TarInfo):
     """A TarInfo that refuses, before tarfile reads them, sparse members and long-name or pax
     headers above MAX_META_BYTES (tarfile reads such a header's whole body into memory)."""
 
-    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type == tarfile.GNUTYPE_SPARSE:
             raise ArchiveError(f"member {self.name!r} is a sparse file; only plain files and folders are allowed")
         if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
@@ -90,7 +90,7 @@ def extract_to(archive: str | os.PathLike[str], dest: str | os.PathLike[str],
     seen: set[str] = set()
     written = members = 0
     try:
-        with tarfile.open(archive, _open_mode(archive), tarinfo=_HeaderBoundedTarInfo) as tar:
+        with tarfile.open(archive, _open_mode(archive), tarinfo=_HeaderBoundedTarInfo) as tar:  # type: ignore[call-overload]
             for m in tar:
                 members += 1
                 if members > max_members:

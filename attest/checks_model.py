@@ -211,7 +211,7 @@ def check_trajectory(ctx: Context) -> Iterator[Finding]:
             continue
         metrics = as_dict(b.predicate.get("metrics"))
         lr_sum = sched.lr_sum(sa, sb)  # the signed schedule's lr summed over the segment's steps
-        row = {"segment": seg, "step_start": sa, "step_end": sb, "steps": steps, "update_norm": d.norm,
+        row: dict[str, Any] = {"segment": seg, "step_start": sa, "step_end": sb, "steps": steps, "update_norm": d.norm,
                "weight_norm": d.weight_norm, "numel": d.numel, "loss": metrics.get("loss"), "lr_sum": lr_sum,
                "flags": []}
         rows.append(row)
@@ -489,6 +489,7 @@ def check_replay(ctx: Context) -> Iterator[Finding]:
     cov = ctx.facts["replay_coverage"] = coverage(len(segments), total)
     ctx.notes.append(f"replay coverage: {len(segments)} of {total} segments; a forgery confined to m segments escapes "
                      "with probability " + ", ".join(f"{p:.3g} (m={m})" for m, p in cov["escape_probability"].items()))
+    assert replayer is not None  # `missing` above returned otherwise
     yield from replayer(ctx, segments)
 
 

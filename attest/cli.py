@@ -18,7 +18,8 @@ from attest.bundle import BundlePathError, make_bundle
 from attest.chain import ChainError
 from attest.findings import term_safe
 from attest.signing import KeyError_, keygen
-from attest.verify import BundleUnreadable, tool_version, verify_bundle
+from attest import tool_version
+from attest.verify import BundleUnreadable, verify_bundle
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:

@@ -43,7 +43,7 @@ class Schedule:
 
     def __init__(self, train: dict[str, Any]) -> None:
         def num(key: str, lo: float, hi: float, integer: bool = False) -> Any:
-            v = train.get(key)
+            v: Any = train.get(key)
             ok = isinstance(v, int) if integer else isinstance(v, (int, float))
             if not ok or isinstance(v, bool) or not (lo <= v <= hi) or (isinstance(v, float) and not math.isfinite(v)):
                 raise ValueError(f"train.{key} = {v!r}: expected a {'whole ' if integer else ''}number in [{lo:g}, {hi:g}]")

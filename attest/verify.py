@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attest import tool_version
 from attest.bundle import CHAIN_NAME, KEYS_DIR, BundlePathError, safe_file
 from attest.chain import ChainError, read_chain
 from attest.checks_chain import (
@@ -157,16 +158,6 @@ class Report:
         return json.dumps(_plain(self.to_dict()), indent=2, default=str)
 
 
-def tool_version() -> str:
-    """The installed kai-train distribution's version (what the report and --json name)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("kai-train")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def _plain(x: Any) -> Any:
     """JSON-safe: non-finite floats (an infinite update norm) become strings, as strict JSON wants."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -252,7 +243,7 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
         if packs is None:
             raise BundleUnreadable("a challenge is answered by packs: give --packs PACKS with --challenge")
         folders, pack_problems = open_packs(root, packs, challenge, entries)
-        replay = [s["segment"] for s in challenge["segments"]]
+        replay = [s["segment"] for s in challenge["segments"]]  # type: ignore[assignment]
         light = True
     elif packs is not None:
         raise BundleUnreadable("--packs needs --challenge CHALLENGE.json: the evaluator's own copy of the challenge "
@@ -272,7 +263,7 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
     findings: list[Finding] = [Finding("challenge", False, "", "packs holding exactly the challenged segments' signed "
                                        "files", p) for p in pack_problems]
     if challenge is not None and not pack_problems:
-        findings.append(Finding("challenge", True, str(packs), detail=f"{len(replay)} segment pack(s) for a challenge "
+        findings.append(Finding("challenge", True, str(packs), detail=f"{len(challenge['segments'])} segment pack(s) for a challenge "
                                 f"drawn on this chain; every pack file is a signed subject (subject-digest checks it)"))
     prefetched = False
     for check in checks if checks is not None else CHECKS:
@@ -282,8 +273,8 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
                                         "failed, and no bulk work is done on unauthenticated input"))
                 continue
             if not prefetched:  # hash every subject in the background while the checks start
-                with Progress("hashing", 0, "bytes", progress) as bar:
-                    ctx.files.prefetch((s["name"] for e in entries for s in subjects_of(e)), bar.update)
+                with Progress("hashing", 0, "bytes", progress) as hashing:
+                    ctx.files.prefetch((s["name"] for e in entries for s in subjects_of(e)), hashing.update)
                 prefetched = True
         bar = _replay_progress(ctx, progress) if check is check_replay else None
         for f in check(ctx):

@@ -41,7 +41,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from attest.checks_data import NO_GENERATOR, SYNTHETIC_MARKERS
+from attest.statements import NO_GENERATOR, SYNTHETIC_MARKERS
 
 # Local files only: `datasets` must never reach for the Hub (read when `datasets` is imported).
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
