@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from attest.errors import KaiError
+from attest.layout import CHAIN_NAME
 from attest.policy import DEFAULT_LIMITS
 from attest.scratch import verifier_scratch
 
@@ -36,7 +38,7 @@ REFUSED_COMPRESSION = (("bzip2", b"BZh"), ("xz", b"\xfd7zXZ\x00"), ("zstd", b"\x
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class ArchiveError(ValueError):
+class ArchiveError(KaiError, ValueError):
     """The archive is unreadable or holds something the verifier refuses; names archive and member."""
 
 
@@ -136,7 +138,7 @@ def extract_to(archive: str | os.PathLike[str], dest: str | os.PathLike[str],
         why = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise ArchiveError(f"{archive}: not a readable tar archive ({type(e).__name__}: {why})") from None
     tops = {n.split("/")[0] for n in seen}
-    if len(tops) == 1 and not (dest / "chain.jsonl").exists():
+    if len(tops) == 1 and not (dest / CHAIN_NAME).exists():
         only = dest / tops.pop()
         if only.is_dir():
             return only

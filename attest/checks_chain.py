@@ -16,7 +16,6 @@ from typing import Any
 from attest.chain import Entry
 from attest.dsse import PAYLOAD_TYPE, pae
 from attest.findings import (
-    CHAIN_NAME,
     Context,
     Finding,
     as_dict,
@@ -25,6 +24,7 @@ from attest.findings import (
     short,
     skipped,
 )
+from attest.layout import CHAIN_NAME
 from attest.signing import PublicKeyVerifier
 from attest.statements import validate_statement
 

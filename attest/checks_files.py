@@ -7,7 +7,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterator
 
-from attest.bundle import CHAIN_NAME, BundlePathError, folder_entries
+from attest.bundle import BundlePathError, folder_entries
 from attest.chain import Entry
 from attest.digest import merkle_root
 from attest.findings import (
@@ -21,6 +21,7 @@ from attest.findings import (
     subjects_of,
     weights_files,
 )
+from attest.layout import CHAIN_NAME
 
 RUN_CONFIG = "run-config"
 MAX_CONFIG_BYTES = 16 << 20

@@ -16,9 +16,9 @@ from attest import trajectory as traj
 from attest.bundle import BundlePathError, folder_entries
 from attest.chain import Entry
 from attest.digest import merkle_root
+from attest.layout import CHAIN_NAME, EXPORT_DIR
 from attest.schedule import Schedule
 from attest.findings import (
-    CHAIN_NAME,
     UNREADABLE,
     Context,
     Finding,
@@ -259,7 +259,6 @@ def check_trajectory(ctx: Context) -> Iterator[Finding]:
                       f"schedule{profile}")
 
 
-EXPORT_DIR = "export"  # the folder a user loads; kai_train.export writes it, the release names every file of it
 NO_RELEASE = "no release statement: the from-scratch claim needs a released model"
 MAX_EXPORT_CONFIG_BYTES = 1 << 20
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from attest import jsonread
+from attest.errors import KaiError
 
 CHUNK = 1 << 20
 LEAF_DOMAIN = b"kai-tensor/v1\n"
@@ -43,7 +44,7 @@ DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0
 PARALLEL_BYTES = 32 << 20
 
 
-class DigestError(ValueError):
+class DigestError(KaiError, ValueError):
     """A file could not be parsed for digesting; the message names the file and the problem."""
 
 

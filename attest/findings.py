@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attest.bundle import CHAIN_NAME, BundlePathError
+from attest.bundle import BundlePathError
 from attest.chain import Entry
 from attest.digest import DigestError
+from attest.errors import KaiError
+from attest.layout import CHAIN_NAME
 from attest.policy import Policy
 from attest.signing import PublicKeyVerifier
 from attest.verify_cache import FileDigests
@@ -20,7 +22,7 @@ from attest.verify_cache import FileDigests
 UNREADABLE = (FileNotFoundError, BundlePathError, DigestError, OSError, ValueError, RecursionError)
 
 
-class BundleUnreadable(Exception):
+class BundleUnreadable(KaiError):
     """The bundle cannot be read at all (exit 2)."""
 
 

@@ -40,9 +40,11 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import t as student_t
 
-from attest.bundle import CHAIN_NAME, BundlePathError, safe_file
+from attest.bundle import BundlePathError, safe_file
 from attest.chain import ChainError, read_chain
 from attest.digest import DigestError, TensorEntry, read_safetensors_index
+from attest.errors import KaiError
+from attest.layout import CHAIN_NAME
 from attest.lineage_names import Axis, ModelMap, Slot, component_sort_key, map_names
 
 DEFAULT_ALPHA = 1e-3
@@ -60,7 +62,7 @@ CONTROL = "genesis (positive control)"
 _FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
 
-class LineageInputError(ValueError):
+class LineageInputError(KaiError, ValueError):
     """An input cannot be read as weights; the message names the file and the problem."""
 
 

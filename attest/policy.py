@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from attest import jsonread
+from attest.errors import KaiError
 
 MAX_POLICY_BYTES = 1 << 20
 KEYID = re.compile(r"^(sha256:)?([0-9a-f]{64})$")
@@ -49,7 +50,7 @@ KNOWN_KEYS = {"policy_version", "keys", "sigstore_identities", "oms", "allowed_l
 OMS_KEYS = {"hash_type", "method", "allow_symlinks"}
 
 
-class PolicyError(ValueError):
+class PolicyError(KaiError, ValueError):
     """The policy file is unreadable or invalid; the message names the file and the field (exit 2)."""
 
 

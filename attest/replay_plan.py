@@ -21,10 +21,11 @@ from typing import Any, TypeGuard
 
 from attest.chain import Entry
 from attest.digest import merkle_root
+from attest.errors import KaiError
 from attest.findings import UNREADABLE, Context, as_dict, shard_subjects, subjects_of, weights_files
 
 
-class PlanError(ValueError):
+class PlanError(KaiError, ValueError):
     """Segment k cannot be replayed as signed; the message names what is missing or disagrees."""
 
 

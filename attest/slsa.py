@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from attest import jsonread
-from attest.bundle import SLSA_NAME
 from attest.dsse import PAYLOAD_TYPE, EnvelopeError, open_bundle, pae, sign_statement
-from attest.findings import CHAIN_NAME, Context, Finding, short, skipped, subjects_of
+from attest.findings import Context, Finding, short, skipped, subjects_of
+from attest.layout import CHAIN_NAME, SLSA_NAME
 from attest.signing import PublicKeyVerifier, Signer
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from attest import tool_version
-from attest.bundle import CHAIN_NAME, KEYS_DIR, BundlePathError, safe_file
+from attest.bundle import BundlePathError, safe_file
 from attest.chain import ChainError, read_chain
 from attest.checks_chain import (
     check_links,
@@ -56,10 +56,11 @@ from attest.checks_model import (
     replay_segments,
 )
 from attest.findings import HELD, BundleUnreadable, Context, Finding, as_dict, skipped, subjects_of
+from attest.layout import CHAIN_NAME, KEYS_DIR
 from attest.policy import Policy
 from attest.progress import Progress
 from attest.replay import register as _register_replay
-from attest.signing import KeyError_, PublicKeyVerifier
+from attest.signing import SigningKeyError, PublicKeyVerifier
 from attest.slsa import check_slsa_provenance
 
 _register_replay()  # the kai_train.replay plug-in (runs in a subprocess; torch is not imported here)
@@ -234,7 +235,7 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
         raise BundleUnreadable(f"{root / CHAIN_NAME}: the chain is empty")
     try:
         trusted, from_bundle = load_trust(root, trust or [], policy)
-    except KeyError_ as e:
+    except SigningKeyError as e:
         raise BundleUnreadable(str(e)) from None
     pack_problems: list[str] = []
     if challenge is not None:

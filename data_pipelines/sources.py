@@ -41,6 +41,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from attest.errors import KaiError
 from attest.statements import NO_GENERATOR, SYNTHETIC_MARKERS
 
 # Local files only: `datasets` must never reach for the Hub (read when `datasets` is imported).
@@ -65,7 +66,7 @@ _MAGIC = re.compile(r"[*?[]")
 _ESCAPED = re.compile(r"\[[*?[]\]")  # glob.escape's form of a literal * ? [
 
 
-class SourceError(ValueError):
+class SourceError(KaiError, ValueError):
     """A declared source is invalid; the message is one line: "source 'NAME': problem"."""
 
 

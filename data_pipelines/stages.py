@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from attest import failpoints
 from attest.chain import ChainWriter, read_chain
 from attest.digest import sha256_file
+from attest.errors import KaiError
 from attest.statements import subject
 from data_pipelines import shards
 from data_pipelines.dedup import SCHEME, SHINGLE_HASH, Deduper, DedupConfig
@@ -39,7 +40,7 @@ from data_pipelines.sources import Normalize, Source, iter_records
 STAGE_DIRS = {"ingest": "data/ingest", "dedup": "data/dedup", "pack": "data/shards"}
 
 
-class ResumeConflict(ValueError):
+class ResumeConflict(KaiError, ValueError):
     """A rerun would change a shard the chain already records."""
 
 

@@ -21,8 +21,9 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from attest.errors import KaiError
+from attest.layout import CHAIN_NAME, CONFIG_NAME, KEYS_DIR, PUBLIC_KEY_NAME
 from kai_train.app import AppError, run
-from kai_train.tracking import TrackingError
 
 
 def log(msg: str) -> None:
@@ -85,11 +86,11 @@ def fit(cfg: DictConfig) -> None:
         try:
             box[0] = find_resume_point(run_dir)
             if box[0] is not None:
-                box[1] = genesis.recorded_recipe(run_dir / "chain.jsonl")
+                box[1] = genesis.recorded_recipe(run_dir / CHAIN_NAME)
         except (ResumeError, ValueError) as e:
             raise AppError(str(e)) from e
         if box[0] is not None and cfg.resume == "never":
-            raise AppError(f"{run_dir / 'chain.jsonl'} already holds a genesis; use resume=auto or a new run_dir")
+            raise AppError(f"{run_dir / CHAIN_NAME} already holds a genesis; use resume=auto or a new run_dir")
         discard_unrecorded(run_dir, box[0].step if box[0] is not None else None)  # before any rank writes
     dist.broadcast_object_list(box, src=0)
     resume, recipe_name = box
@@ -118,24 +119,23 @@ def fit(cfg: DictConfig) -> None:
     if rank == 0:
         from attest.runconfig import render_yaml
         from attest.signers import ensure_public_key, make_signer
-        from attest.signing import PUBLIC_KEY_NAME
 
         try:
             signer = make_signer(OmegaConf.to_container(cfg.attest, resolve=True))  # type: ignore[arg-type]
-            ensure_public_key(signer, run_dir / "keys" / PUBLIC_KEY_NAME)
-        except ValueError as e:  # SignerError / KeyError_: one line naming the key or token
+            ensure_public_key(signer, run_dir / KEYS_DIR / PUBLIC_KEY_NAME)
+        except KaiError as e:  # SignerError / SigningKeyError: one line naming the key or token
             raise AppError(str(e)) from e
         prov = Provenance(run_dir, signer, cfg.run_id, background=bool(cfg.attest.get("background", True)))
         resolved["data_shards"] = [{"name": str(p.relative_to(run_dir)), "sha256": sha256_file(p)} for p in shards]
         earlier = recorded_run_config(run_dir)  # a resumed run, or a start that died before its genesis
         if earlier is not None and (key := config_difference(earlier, resolved)):
-            raise AppError(f"{run_dir / 'chain.jsonl'}: config key {key} differs from the run statement's; "
+            raise AppError(f"{run_dir / CHAIN_NAME}: config key {key} differs from the run statement's; "
                  "resume with the recorded config or use a new run_dir")
         if resume is None:
             if earlier is None:
-                (run_dir / "config").mkdir(parents=True, exist_ok=True)
-                (run_dir / "config/run.yaml").write_text(render_yaml(resolved))  # what verify compares
-                prov.record_run(resolved, "config/run.yaml", world)
+                (run_dir / CONFIG_NAME).parent.mkdir(parents=True, exist_ok=True)
+                (run_dir / CONFIG_NAME).write_text(render_yaml(resolved))  # what verify compares
+                prov.record_run(resolved, CONFIG_NAME, world)
         elif resume.genesis_recipe != rec:
             raise AppError("this config's genesis differs from the chain's (seed or model changed); use a new run_dir")
         else:
@@ -261,7 +261,7 @@ def main() -> None:
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     prepare()  # per-environment JIT build folder, stale build locks cleared, before DeepSpeed loads
-    run("kai-train", "train", fit, "run_dir", errors=(TrackingError,))
+    run("kai-train", "train", fit, "run_dir")
 
 
 if __name__ == "__main__":

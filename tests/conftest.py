@@ -17,7 +17,8 @@ import pytest
 
 from attest.chain import ChainWriter, read_chain
 from attest.signing import PemSigner
-from attest.slsa import SLSA_NAME, write_provenance
+from attest.layout import SLSA_NAME
+from attest.slsa import write_provenance
 from attest.statements import CHAIN_FIELDS
 
 REPO = Path(__file__).resolve().parent.parent
