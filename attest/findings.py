@@ -10,6 +10,7 @@ from typing import Any
 
 from attest.bundle import BundlePathError
 from attest.chain import Entry
+from attest.checknames import CHECK_NAMES
 from attest.digest import DigestError
 from attest.errors import KaiError
 from attest.layout import CHAIN_NAME
@@ -35,6 +36,10 @@ class Finding:
     found: str = ""
     detail: str = ""
     skipped: bool = False
+
+    def __post_init__(self) -> None:
+        if self.check not in CHECK_NAMES:  # a check's name is code, never bundle data: a typo is a bug
+            raise ValueError(f"finding for an undeclared check {self.check!r} (attest.checknames)")
 
     def line(self) -> str:
         """One terminal line; every field is passed through `term_safe` (bundle strings are hostile)."""

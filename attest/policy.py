@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from attest import jsonread
+from attest.checknames import CHECK_NAMES
 from attest.errors import KaiError
 
 MAX_POLICY_BYTES = 1 << 20
@@ -158,6 +159,10 @@ def parse_policy(raw: Any, where: str = "policy", base: Path | None = None) -> P
         raise PolicyError(f"{where}: synthetic_requires_generator must be true or false")
     p.synthetic_requires_generator = srg
     p.required_checks = _str_list(raw, "required_checks", where)
+    unknown = [c for c in p.required_checks or [] if c not in CHECK_NAMES]
+    if unknown:
+        raise PolicyError(f"{where}: required_checks names {', '.join(map(repr, unknown[:5]))}, not a check of this "
+                          f"verifier (known: {', '.join(CHECK_NAMES)})")
     p.tsa_roots = _tsa_certs(raw, "tsa_roots", where, base)
     p.tsa_intermediates = _tsa_certs(raw, "tsa_intermediates", where, base)
     limits = raw.get("limits") or {}

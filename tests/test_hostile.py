@@ -161,7 +161,7 @@ def test_term_safe_escapes_every_unprintable_character() -> None:
     out = term_safe(s)
     assert out.isprintable() and out.isascii() is False  # é stays as it is
     assert "é" in out and "\\x1b" in out and "\\x9b" in out and "\\u202a" in out and "\\ud800" in out
-    f = Finding("x", False, "a\rb", "e\x1b", "f\n", "\u202e")
+    f = Finding("release", False, "a\rb", "e\x1b", "f\n", "\u202e")
     assert f.line().isprintable()
 
 
@@ -189,7 +189,7 @@ def test_report_survives_hostile_values_and_writes_atomically(tmp_path) -> None:
     write leaves no temp file and does not touch the target."""
     from attest.report import write_html
 
-    r = verify.Report("b\ud800", [Finding("c\ud800", False, "f\udfff", "1", str(10**200))], ["n\ud800"],
+    r = verify.Report("b\ud800", [Finding("release", False, "f\udfff", "1", str(10**200))], ["n\ud800"],
                       facts={"checkpoints": [{"step": 10**4000, "loss": 10**4000}, {"step": 1, "loss": float("nan")}],
                              "trajectory": [{"segment": "s\ud800", "update_norm": 10**4000, "update_bound": 1.0}],
                              "data": [{"source": "s\ud800", "license": "l\ud800", "rows": 10**4000}]})

@@ -116,10 +116,26 @@ def test_bad_policy_file_exits_2_with_one_line(bundle, tmp_path: Path, capsys) -
 
 def test_required_check_that_is_skipped_fails(bundle, tmp_path: Path) -> None:
     root, _ = bundle
-    r = verify.verify_bundle(root, policy=load_policy(policy_file(tmp_path, required_checks=["replay", "no-such-check"])))
+    r = verify.verify_bundle(root, policy=load_policy(policy_file(tmp_path, required_checks=["replay"])))
     lines = {f.check: f for f in r.failed}
-    assert set(lines) == {"replay", "no-such-check"}
+    assert set(lines) == {"replay"}
     assert "required by policy" in lines["replay"].expected and "replay not run" in lines["replay"].found
+
+
+def test_a_policy_requiring_an_unknown_check_fails_when_loaded(tmp_path: Path) -> None:
+    path = policy_file(tmp_path, required_checks=["replay", "genisis"])
+    with pytest.raises(PolicyError, match=r"policy.json: required_checks names 'genisis', not a check of this verifier"):
+        load_policy(path)
+
+
+def test_check_names_are_declared_once_and_every_list_of_checks_uses_them() -> None:
+    from attest.checknames import CHECK_NAMES
+    from attest.policy import DEFAULT_REQUIRED
+
+    assert len(set(CHECK_NAMES)) == len(CHECK_NAMES)
+    assert set(DEFAULT_REQUIRED) | set(verify.BULK.values()) | set(verify.GATE) <= set(CHECK_NAMES)
+    with pytest.raises(ValueError, match="undeclared check 'genisis'"):
+        verify.Finding("genisis", True)
 
 
 def test_oms_hash_settings_are_pinned_by_policy(tmp_path: Path) -> None:

@@ -62,7 +62,7 @@ def test_report_of_a_failing_bundle_marks_the_flagged_segments(tmp_path: Path, c
 
 
 def test_render_survives_hostile_facts() -> None:
-    rep = verify.Report("b", [verify.Finding("x", False, "<f>", "<e>", "<g>")], ["<n>"], "identity",
+    rep = verify.Report("b", [verify.Finding("release", False, "<f>", "<e>", "<g>")], ["<n>"], "identity",
                         {"checkpoints": [{"step": "NaN", "loss": float("inf")}, {"step": 2, "loss": None}],
                          "trajectory": [{"segment": "<s>", "update_norm": float("nan"), "flags": ["jump"]}],
                          "data": [{"source": None, "license": ["x"], "rows": -5}]})
