@@ -17,6 +17,7 @@ from attest.bundle import BundlePathError, folder_entries
 from attest.chain import Entry
 from attest.digest import merkle_root
 from attest.layout import CHAIN_NAME, EXPORT_DIR
+from attest.plugins import DERIVERS, REPLAY_PLUGIN
 from attest.schedule import Schedule
 from attest.findings import (
     UNREADABLE,
@@ -31,16 +32,13 @@ from attest.findings import (
 )
 from attest.verify_cache import PARALLEL_BYTES, workers
 
-# Genesis derivers a bundle may name. Never import a module merely because a bundle names it.
-DERIVERS = {"kai_train.genesis:derive": "kai_train.genesis", "kai_train.initspec:derive": "kai_train.initspec"}
-
 # Segment replay plug-ins by name (attest.replay registers its replayer here). A replayer gets the Context
 # and the checkpoint entries of the segments to replay (chosen by `replay_segments`), and yields
 # `replay` findings, one per segment: ok when re-running the segment from W_k on the recorded
 # data and config reproduces W_{k+1}'s canonical digest.
 Replayer = Callable[["Context", list[Entry]], Iterator["Finding"]]
 REPLAYERS: dict[str, Replayer] = {}
-DEFAULT_REPLAY_PLUGIN = "kai_train.replay"  # what attest.replay.PLUGIN names
+DEFAULT_REPLAY_PLUGIN = REPLAY_PLUGIN
 _DEFAULT_REPLAYER: list[Replayer] = []  # the one attest.replay registers (its dependencies are checked before use)
 
 

@@ -24,9 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from attest.plugins import REPLAY_PLUGIN
 from attest.replay_plan import PlanError, build_plan
 
-PLUGIN = "kai_train.replay"  # the one implementation this verifier runs
+PLUGIN = REPLAY_PLUGIN  # the one implementation this verifier runs
 # What the replay process inherits from the verifier's environment; nothing else (a bundle cannot
 # reach it, but a stray LD_PRELOAD, PYTHONSTARTUP or DeepSpeed variable of the evaluator's shell
 # should not change a replay either).

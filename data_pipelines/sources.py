@@ -43,6 +43,7 @@ import numpy as np
 
 from attest.errors import KaiError
 from attest.statements import NO_GENERATOR, SYNTHETIC_MARKERS
+from data_pipelines.shards import SOURCE_KEYS
 
 # Local files only: `datasets` must never reach for the Hub (read when `datasets` is imported).
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -51,7 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FORMATS = ("text", "jsonl", "parquet", "imagefolder", "audiofolder")
 FOLDER_FORMATS = ("imagefolder", "audiofolder")
 REQUIRED = ("name", "path", "format", "license", "origin", "collection", "collected", "consent", "pii")
-MANIFEST_SOURCE_KEYS = ("name", "origin", "license", "collection", "collected", "consent", "pii", "generator")
+MANIFEST_SOURCE_KEYS = SOURCE_KEYS  # the manifest `source` block (data_pipelines.shards)
 METADATA = "metadata.jsonl"
 # Files a folder `path` contributes, by format (case-insensitive suffix; hidden entries skipped).
 EXTENSIONS: dict[str, tuple[str, ...]] = {

@@ -46,6 +46,7 @@ from attest.errors import KaiError
 from attest.layout import CHAIN_NAME, EXPORT_DIR, checkpoint_dir
 from attest.oms import SIGNATURE_NAME as OMS_SIGNATURE
 from attest.oms import sign_checkpoint_dir
+from attest.plugins import REPLAY_PLUGIN
 from attest.signing import Signer
 from attest.slsa import write_provenance
 from attest.statements import subject
@@ -208,7 +209,7 @@ class Provenance:
             "run",
             [subject(config_file, sha256_file(self.run_dir / config_file))],
             {"config": config, "code_digest": code_digest(), "versions": library_versions(), "hardware": hardware(world_size),
-             "replay_plugin": "kai_train.replay"},
+             "replay_plugin": REPLAY_PLUGIN},
         )
 
     @_blocking
