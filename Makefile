@@ -44,9 +44,13 @@ $(LIGHT)/.installed: pyproject.toml Makefile $(wildcard attest/*.py kai_train/*.
 	@! $(LIGHT)/bin/python -c "import torch" 2>/dev/null || { echo "$(LIGHT): torch got installed; the light install must not need it"; exit 1; }
 	touch $@
 
-# The torch-free tier alone: the main venv trains a demo bundle, the light venv verifies it (tests -m light).
+# The torch-free tier alone: the main venv trains a demo bundle, the light venv verifies it (tests -m light);
+# then the quick tier runs on the light install itself (pytest added to it): tests that need the train
+# extra skip themselves there.
 test-light: install $(LIGHT)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" KAI_LIGHT_VENV="$(abspath $(LIGHT))" $(BIN)/python -m pytest -q -ra -m light
+	$(LIGHT)/bin/pip install -q pytest hypothesis
+	$(LIGHT)/bin/python -m pytest -q -ra -m "not slow" -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) $(LIGHT) build runs .pytest_cache

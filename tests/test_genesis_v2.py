@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+pytest.importorskip("torch", reason="the train extra; not on the evaluator's light install")
 import torch
 import yaml
 from bundlefactory import make_bundle

@@ -91,6 +91,7 @@ def test_a_run_config_without_a_valid_schedule_fails_trajectory_instead_of_skipp
 
 
 def test_the_schedule_is_the_trainers_own() -> None:
+    pytest.importorskip("torch", reason="the train extra; not on the evaluator's light install")
     from kai_train.engine import lr_lambda as trainer_lambda
 
     train = {"lr": 3e-3, "steps": 30, "warmup": 5, "schedule": "cosine", "min_lr_ratio": 0.1, "decay_frac": 0.2}
@@ -124,7 +125,7 @@ def test_replay_config_outside_the_schema_is_refused_naming_the_key(section: str
 
 def test_the_shipped_deepspeed_and_train_configs_fit_the_replay_schema() -> None:
     """No false alarm: every config the project ships validates (what an honest run records)."""
-    import yaml
+    yaml = pytest.importorskip("yaml", reason="the train extra; not on the evaluator's light install")
 
     repo = Path(__file__).resolve().parent.parent
     for f in sorted((repo / "kai_train/conf/deepspeed").glob("*.yaml")):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+pytest.importorskip("torch", reason="the train extra; not on the evaluator's light install")
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"

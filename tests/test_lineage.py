@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+pytest.importorskip("torch", reason="the train extra; not on the evaluator's light install")
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
