@@ -112,6 +112,14 @@ def build_model(mcfg, zero: dict[str, Any], train: dict[str, Any], world_size: i
         return MultimodalLM(mcfg)
 
 
+def setup(mcfg, zero: dict[str, Any], train: dict[str, Any], world_size: int) -> tuple[nn.Module, Any]:
+    """The model and its DeepSpeed engine, built as the trainer and replay both build them; the values
+    come next (`fill` for a genesis, `kai_train.checkpoint.restore` for a signed state)."""
+    model = build_model(mcfg, zero, train, world_size)
+    model.grad_checkpointing = bool(train["activation_checkpointing"])
+    return model, build_engine(model, zero, train, world_size)
+
+
 Values = Callable[[str, tuple[int, ...], int, int], torch.Tensor]  # (name, shape, start, stop) -> float32 1-D
 
 

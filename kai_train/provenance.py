@@ -172,6 +172,10 @@ class Provenance:
 
     # --- the training loop's side -------------------------------------------------------------
 
+    def resume_from(self, step: int, weights_root: str) -> None:
+        """A resumed run: the next checkpoint's parent is the signed state it continues from."""
+        self.last_root, self.last_step = weights_root, step
+
     def check(self) -> None:
         """Raise the worker's error, if it had one."""
         if self._error is not None:
