@@ -235,10 +235,10 @@ def _cmd_respond(args: argparse.Namespace) -> int:
 def _cmd_lineage(args: argparse.Namespace) -> int:
     # Imported here: scipy is needed by this command only.
     from attest.lineage import lineage
-    from attest.lineage_report import write_html
+    from attest.lineage.report import write_html
 
     given = {"alpha": args.alpha, "null_draws": args.null_draws, "seed": args.seed}
-    opts = {k: v for k, v in given.items() if v is not None}  # unset: the defaults in attest/lineage.py
+    opts = {k: v for k, v in given.items() if v is not None}  # unset: the defaults in attest/lineage/__init__.py
     try:
         report = lineage(args.candidate, args.reference, **opts)
         if args.report:

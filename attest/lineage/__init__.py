@@ -45,7 +45,7 @@ from attest.chain import ChainError, read_chain
 from attest.digest import DigestError, TensorEntry, read_safetensors_index
 from attest.errors import KaiError
 from attest.layout import CHAIN_NAME
-from attest.lineage_names import Axis, ModelMap, Slot, component_sort_key, map_names
+from attest.lineage.names import Axis, ModelMap, Slot, component_sort_key, map_names
 
 DEFAULT_ALPHA = 1e-3
 DEFAULT_NULL_DRAWS = 99
