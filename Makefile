@@ -37,7 +37,7 @@ lint: install
 	$(BIN)/mypy
 
 # Rebuilt when the packaging or any installed source changes (a non-editable install copies them).
-$(LIGHT)/.installed: pyproject.toml Makefile $(wildcard attest/*.py attest/*/*.py kai_train/*.py kai_train/conf/*.py kai_train/conf/*.yaml kai_train/conf/*/*.yaml data_pipelines/*.py)
+$(LIGHT)/.installed: pyproject.toml Makefile $(wildcard attest/*.py attest/*/*.py attest/*/*/*.py kai_train/*.py kai_train/conf/*.py kai_train/conf/*.yaml kai_train/conf/*/*.yaml data_pipelines/*.py)
 	test -x $(LIGHT)/bin/python || $(PYTHON) -m venv $(LIGHT)
 	$(LIGHT)/bin/pip install -q .
 	$(LIGHT)/bin/pip install -q --no-deps --force-reinstall .

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from attest.errors import KaiError
 from attest.layout import CHAIN_NAME
-from attest.policy import DEFAULT_LIMITS
+from attest.verify.policy import DEFAULT_LIMITS
 from attest.scratch import verifier_scratch
 
 CHUNK = 1 << 20

@@ -17,7 +17,7 @@ from pathlib import Path
 from attest import tool_version
 from attest.bundle import make_bundle
 from attest.errors import KaiError
-from attest.findings import term_safe
+from attest.verify.findings import term_safe
 from attest.signing import keygen
 from attest.verify import verify_bundle
 
@@ -62,7 +62,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     # Imported here so that `kai-attest keygen` never pays for numpy.
     from attest.archive import opened_bundle
     from attest.challenge import load_challenge
-    from attest.policy import Policy, load_policy
+    from attest.verify.policy import Policy, load_policy
 
     if bool(args.vsa) != bool(args.sign_key):
         print("kai-attest: error: --vsa OUT and --sign-key KEY.pem go together", file=sys.stderr)
@@ -99,7 +99,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if args.report:
-        from attest.report import write_html
+        from attest.verify.report import write_html
 
         try:
             write_html(report, args.report)

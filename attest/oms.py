@@ -34,7 +34,7 @@ from attest import jsonread
 from attest.digest import sha256_file
 from attest.dsse import BUNDLE_MEDIA_TYPE, PAYLOAD_TYPE, pae
 from attest.errors import KaiError
-from attest.findings import Finding
+from attest.verify.findings import Finding
 from attest.signing import PemSigner, PublicKeyVerifier, Signer, SignerError
 
 SIGNATURE_NAME = "model.sig"

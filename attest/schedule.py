@@ -2,7 +2,7 @@
 
 One home for the schedule: the trainer's LambdaLR (kai_train.engine) multiplies `train.lr` by
 `lr_lambda(...)(t)` at optimizer step t, and the verifier recomputes the same numbers from the run
-statement's config to bound each segment's update (attest.checks_model.check_trajectory) and to
+statement's config to bound each segment's update (attest.verify.checks.model.check_trajectory) and to
 check the lr a checkpoint reports. Nothing here reads a self-reported metric. torch-free.
 """
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from attest import jsonread
 from attest.dsse import PAYLOAD_TYPE, EnvelopeError, open_bundle, pae, sign_statement
-from attest.findings import Context, Finding, short, skipped, subjects_of
+from attest.verify.findings import Context, Finding, short, skipped, subjects_of
 from attest.layout import CHAIN_NAME, SLSA_NAME
 from attest.signing import PublicKeyVerifier, Signer
 

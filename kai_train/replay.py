@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node W -m kai_train.replay --plan plan.json --out result.json
 
-The plan (attest.replay_plan.build_plan) is everything this process may use: the signed start state
+The plan (attest.verify.replay_plan.build_plan) is everything this process may use: the signed start state
 (weights, and AdamW state after the first segment), the training shards and tokenizer, the run's
 validated train/DeepSpeed config and model config, and the sampler range. Every file in it was
 found through a signed statement and checked against its digest by the verifier before this

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from attest.checknames import CHECK_NAMES
+from attest.verify.checknames import CHECK_NAMES
 from attest.statements import CHAIN_FIELDS, REQUIRED
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "bundle-format.md"

@@ -21,9 +21,9 @@ from bundlefactory import make_bundle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attest.checks_model import DERIVERS, check_genesis
+from attest.verify.checks.model import DERIVERS, check_genesis
 from attest.digest import merkle_root
-from attest.policy import Policy
+from attest.verify.policy import Policy
 from attest.signing import keygen
 from attest.verify import check_signatures, verify_bundle
 from kai_train import init, initspec

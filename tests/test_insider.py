@@ -15,8 +15,8 @@ import pytest
 from bundlefactory import DERIVER, LR, make_bundle
 
 import attest.verify as verify
-from attest.checks_model import coverage
-from attest.replay_plan import DEEPSPEED_SCHEMA, TRAIN_SCHEMA, PlanError, validate
+from attest.verify.checks.model import coverage
+from attest.verify.replay_plan import DEEPSPEED_SCHEMA, TRAIN_SCHEMA, PlanError, validate
 from attest.schedule import Schedule
 
 
@@ -155,7 +155,7 @@ def test_nothing_is_hashed_derived_or_replayed_before_the_signatures_verify(tmp_
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Cheap first: a chain signed by a key nobody trusts makes the verifier read no weights at all."""
     from attest.signing import keygen
-    from attest.verify_cache import FileDigests
+    from attest.verify.cache import FileDigests
 
     root, _ = make_bundle(tmp_path / "b")
     _, other = keygen(tmp_path / "other")
@@ -174,9 +174,9 @@ def test_nothing_is_hashed_derived_or_replayed_before_the_signatures_verify(tmp_
 def test_replay_is_bounded_by_the_policy_not_by_the_rank_count_a_bundle_records(tmp_path: Path) -> None:
     """A segment claiming 512 ranks would make the evaluator's machine start 512 processes."""
     from attest.chain import read_chain
-    from attest.findings import Context
-    from attest.policy import Policy
-    from attest.replay_plan import build_plan
+    from attest.verify.findings import Context
+    from attest.verify.policy import Policy
+    from attest.verify.replay_plan import build_plan
 
     root, _ = make_bundle(tmp_path / "b", mutate=lambda sts: kinds(sts, "checkpoint")[0]["data_consumed"]["sampler"]
                           .update(world_size=512))

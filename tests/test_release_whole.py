@@ -18,9 +18,9 @@ import pytest
 
 from attest import verify
 from attest.chain import read_chain
-from attest.checks_model import NO_RELEASE
+from attest.verify.checks.model import NO_RELEASE
 from attest.cli import main
-from attest.data_replay import check_data_replay
+from attest.verify.data_replay import check_data_replay
 from attest.digest import sha256_file
 from attest.oms import sign_checkpoint_dir
 from attest.runconfig import render_yaml

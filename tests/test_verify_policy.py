@@ -17,11 +17,11 @@ from bundlefactory import DERIVER, ckpt_name, init_weights, make_bundle, stateme
 from test_signing_backends import local_tsa  # noqa: F401 - the real RFC 3161 TSA fixture
 
 import attest.verify as verify
-from attest import checks_chain
+from attest.verify.checks import chain as checks_chain
 from attest.archive import ArchiveError, extract_to
 from attest.cli import main
-from attest.policy import DEFAULT_REQUIRED, PolicyError, load_policy, parse_policy
-from attest.trajectory import adam_ratio_bound, by_component, robust_outliers
+from attest.verify.policy import DEFAULT_REQUIRED, PolicyError, load_policy, parse_policy
+from attest.verify.trajectory import adam_ratio_bound, by_component, robust_outliers
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -129,8 +129,8 @@ def test_a_policy_requiring_an_unknown_check_fails_when_loaded(tmp_path: Path) -
 
 
 def test_check_names_are_declared_once_and_every_list_of_checks_uses_them() -> None:
-    from attest.checknames import CHECK_NAMES
-    from attest.policy import DEFAULT_REQUIRED
+    from attest.verify.checknames import CHECK_NAMES
+    from attest.verify.policy import DEFAULT_REQUIRED
 
     assert len(set(CHECK_NAMES)) == len(CHECK_NAMES)
     assert set(DEFAULT_REQUIRED) | set(verify.BULK.values()) | set(verify.GATE) <= set(CHECK_NAMES)
@@ -215,7 +215,7 @@ def test_timestamps_going_backwards_fail(bundle, monkeypatch: pytest.MonkeyPatch
 def test_real_rfc3161_tokens_are_read_and_a_moved_token_fails(local_tsa, tmp_path: Path) -> None:  # noqa: F811
     pytest.importorskip("rfc3161_client")
     from attest.chain import ChainWriter
-    from attest.policy import Policy
+    from attest.verify.policy import Policy
     from attest.signers import make_signer
     from attest.signing import keygen
     from attest.statements import subject

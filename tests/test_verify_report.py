@@ -14,7 +14,7 @@ from bundlefactory import DERIVER, make_bundle
 
 import attest.verify as verify
 from attest.cli import main
-from attest.report import render_html
+from attest.verify.report import render_html
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

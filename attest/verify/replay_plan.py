@@ -22,7 +22,7 @@ from typing import Any, TypeGuard
 from attest.chain import Entry
 from attest.digest import merkle_root
 from attest.errors import KaiError
-from attest.findings import UNREADABLE, Context, as_dict, shard_subjects, subjects_of, weights_files
+from attest.verify.findings import UNREADABLE, Context, as_dict, shard_subjects, subjects_of, weights_files
 
 
 class PlanError(KaiError, ValueError):

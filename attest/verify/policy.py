@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from attest import jsonread
-from attest.checknames import CHECK_NAMES
+from attest.verify.checknames import CHECK_NAMES
 from attest.errors import KaiError
 
 MAX_POLICY_BYTES = 1 << 20

@@ -12,14 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from attest import jsonread
-from attest import trajectory as traj
+from attest.verify import trajectory as traj
 from attest.bundle import BundlePathError, folder_entries
 from attest.chain import Entry
 from attest.digest import merkle_root
 from attest.layout import CHAIN_NAME, EXPORT_DIR
 from attest.plugins import DERIVERS, REPLAY_PLUGIN
 from attest.schedule import Schedule
-from attest.findings import (
+from attest.verify.findings import (
     UNREADABLE,
     Context,
     Finding,
@@ -30,16 +30,16 @@ from attest.findings import (
     subjects_of,
     weights_files,
 )
-from attest.verify_cache import PARALLEL_BYTES, workers
+from attest.verify.cache import PARALLEL_BYTES, workers
 
-# Segment replay plug-ins by name (attest.replay registers its replayer here). A replayer gets the Context
+# Segment replay plug-ins by name (attest.verify.replay registers its replayer here). A replayer gets the Context
 # and the checkpoint entries of the segments to replay (chosen by `replay_segments`), and yields
 # `replay` findings, one per segment: ok when re-running the segment from W_k on the recorded
 # data and config reproduces W_{k+1}'s canonical digest.
 Replayer = Callable[["Context", list[Entry]], Iterator["Finding"]]
 REPLAYERS: dict[str, Replayer] = {}
 DEFAULT_REPLAY_PLUGIN = REPLAY_PLUGIN
-_DEFAULT_REPLAYER: list[Replayer] = []  # the one attest.replay registers (its dependencies are checked before use)
+_DEFAULT_REPLAYER: list[Replayer] = []  # the one attest.verify.replay registers (its dependencies are checked before use)
 
 
 def check_genesis(ctx: Context) -> Iterator[Finding]:
@@ -473,7 +473,7 @@ def check_replay(ctx: Context) -> Iterator[Finding]:
     replayer = REPLAYERS.get(DEFAULT_REPLAY_PLUGIN)
     missing = None if replayer is not None else f"no replay implementation registered ({DEFAULT_REPLAY_PLUGIN})"
     if missing is None and replayer is _DEFAULT_REPLAYER[0]:
-        from attest.replay import plugin_available
+        from attest.verify.replay import plugin_available
 
         missing = plugin_available()
     if missing is not None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from attest.chain import Entry
 from attest.dsse import PAYLOAD_TYPE, pae
-from attest.findings import (
+from attest.verify.findings import (
     Context,
     Finding,
     as_dict,

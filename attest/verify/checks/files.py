@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from attest.bundle import BundlePathError, folder_entries
 from attest.chain import Entry
 from attest.digest import merkle_root
-from attest.findings import (
+from attest.verify.findings import (
     UNREADABLE,
     Context,
     Finding,
@@ -101,7 +101,7 @@ def check_weights(ctx: Context) -> Iterator[Finding]:
 def _optimizer_state(ctx: Context, e: Entry) -> Iterator[Finding]:
     """A checkpoint's recorded optimizer state names files that are subjects of the same statement,
     and their canonical root is the recorded one."""
-    from attest.replay_plan import optimizer_files
+    from attest.verify.replay_plan import optimizer_files
 
     opt = e.predicate.get("optimizer") if e.kind == "checkpoint" else None
     if opt is None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from attest import jsonread
 from attest.chain import Entry
-from attest.findings import (
+from attest.verify.findings import (
     UNREADABLE,
     Context,
     Finding,

@@ -24,7 +24,7 @@ from typing import Any
 
 from attest.bundle import BundlePathError, safe_file
 from attest.layout import CHAIN_NAME
-from attest.findings import Context, Finding, as_dict, as_list, shard_subjects, skipped, subjects_of
+from attest.verify.findings import Context, Finding, as_dict, as_list, shard_subjects, skipped, subjects_of
 
 SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # as data_pipelines.sources requires
 

@@ -32,7 +32,7 @@ from typing import Any
 from attest import tool_version
 from attest.bundle import BundlePathError, safe_file
 from attest.chain import ChainError, read_chain
-from attest.checks_chain import (
+from attest.verify.checks.chain import (
     check_links,
     check_order,
     check_sequence,
@@ -41,10 +41,10 @@ from attest.checks_chain import (
     check_timestamps,
     token_time,
 )
-from attest.checks_data import check_data_licence, check_data_lineage
-from attest.data_replay import check_data_replay
-from attest.checks_files import check_oms, check_run_config, check_subjects, check_weights
-from attest.checks_model import (
+from attest.verify.checks.data import check_data_licence, check_data_lineage
+from attest.verify.data_replay import check_data_replay
+from attest.verify.checks.files import check_oms, check_run_config, check_subjects, check_weights
+from attest.verify.checks.model import (
     DEFAULT_REPLAY_PLUGIN,
     DERIVERS,
     REPLAYERS,
@@ -55,11 +55,11 @@ from attest.checks_model import (
     check_trajectory,
     replay_segments,
 )
-from attest.findings import HELD, BundleUnreadable, Context, Finding, as_dict, skipped, subjects_of
+from attest.verify.findings import HELD, BundleUnreadable, Context, Finding, as_dict, skipped, subjects_of
 from attest.layout import CHAIN_NAME, KEYS_DIR
-from attest.policy import Policy
+from attest.verify.policy import Policy
 from attest.progress import Progress
-from attest.replay import register as _register_replay
+from attest.verify.replay import register as _register_replay
 from attest.signing import SigningKeyError, PublicKeyVerifier
 from attest.slsa import check_slsa_provenance
 
