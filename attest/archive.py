@@ -25,7 +25,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from attest.policy import DEFAULT_LIMITS
+from attest.errors import KaiError
+from attest.layout import CHAIN_NAME
+from attest.verify.policy import DEFAULT_LIMITS
 from attest.scratch import verifier_scratch
 
 CHUNK = 1 << 20
@@ -36,7 +38,7 @@ REFUSED_COMPRESSION = (("bzip2", b"BZh"), ("xz", b"\xfd7zXZ\x00"), ("zstd", b"\x
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class ArchiveError(ValueError):
+class ArchiveError(KaiError, ValueError):
     """The archive is unreadable or holds something the verifier refuses; names archive and member."""
 
 
@@ -59,7 +61,7 @@ class _HeaderBoundedTarInfo(tarfile.TarInfo):
     """A TarInfo that refuses, before tarfile reads them, sparse members and long-name or pax
     headers above MAX_META_BYTES (tarfile reads such a header's whole body into memory)."""
 
-    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type == tarfile.GNUTYPE_SPARSE:
             raise ArchiveError(f"member {self.name!r} is a sparse file; only plain files and folders are allowed")
         if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
@@ -90,7 +92,7 @@ def extract_to(archive: str | os.PathLike[str], dest: str | os.PathLike[str],
     seen: set[str] = set()
     written = members = 0
     try:
-        with tarfile.open(archive, _open_mode(archive), tarinfo=_HeaderBoundedTarInfo) as tar:
+        with tarfile.open(archive, _open_mode(archive), tarinfo=_HeaderBoundedTarInfo) as tar:  # type: ignore[call-overload]
             for m in tar:
                 members += 1
                 if members > max_members:
@@ -136,7 +138,7 @@ def extract_to(archive: str | os.PathLike[str], dest: str | os.PathLike[str],
         why = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise ArchiveError(f"{archive}: not a readable tar archive ({type(e).__name__}: {why})") from None
     tops = {n.split("/")[0] for n in seen}
-    if len(tops) == 1 and not (dest / "chain.jsonl").exists():
+    if len(tops) == 1 and not (dest / CHAIN_NAME).exists():
         only = dest / tops.pop()
         if only.is_dir():
             return only

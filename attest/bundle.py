@@ -14,18 +14,16 @@ import stat
 from pathlib import Path
 
 from attest.chain import read_chain
+from attest.errors import KaiError
+from attest.layout import CHAIN_NAME, CONFIG_NAME, KEYS_DIR, SLSA_NAME
 
-CHAIN_NAME = "chain.jsonl"
-KEYS_DIR = "keys"
-CONFIG_NAME = "config/run.yaml"
-SLSA_NAME = "release.slsa.json"  # attest.slsa writes and checks it
 MAX_FILE_BYTES = 1 << 40  # 1 TiB: a bound, not a quota
 # A shard `d/NAME.parquet` has its manifest at `d/.manifests/NAME.manifest.json`: beside it, but in a
 # hidden folder that `pyarrow.dataset(d)` and `datasets.load_dataset(d)` skip.
 MANIFEST_DIR = ".manifests"
 
 
-class BundlePathError(ValueError):
+class BundlePathError(KaiError, ValueError):
     """A name in the bundle points outside it, through a symlink, or at something not a file."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from attest import failpoints, jsonread
 from attest.dsse import EnvelopeError, open_bundle, sign_statement
+from attest.errors import KaiError
 from attest.signing import Signer
 from attest.statements import build_statement
 
@@ -24,7 +25,7 @@ from attest.statements import build_statement
 MAX_LINE_BYTES = 64 << 20
 
 
-class ChainError(ValueError):
+class ChainError(KaiError, ValueError):
     """The chain file is unreadable or not well formed; the message names file and line."""
 
 

@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from attest import jsonread
-from attest.bundle import CHAIN_NAME, safe_file
+from attest.bundle import safe_file
 from attest.chain import Entry, read_chain
 from attest.digest import sha256_file
+from attest.errors import KaiError
+from attest.layout import CHAIN_NAME
 
 CHALLENGE_FORMAT = "kai-challenge/v1"
 PACK_FORMAT = "kai-pack/v1"
@@ -44,7 +46,7 @@ MAX_CHALLENGE_BYTES = 1 << 20
 MAX_PACK_MANIFEST_BYTES = 64 << 20
 
 
-class ChallengeError(ValueError):
+class ChallengeError(KaiError, ValueError):
     """A challenge or pack cannot be used; the message names the file and the problem."""
 
 

@@ -14,11 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from attest.bundle import BundlePathError, make_bundle
-from attest.chain import ChainError
-from attest.findings import term_safe
-from attest.signing import KeyError_, keygen
-from attest.verify import BundleUnreadable, tool_version, verify_bundle
+from attest import tool_version
+from attest.bundle import make_bundle
+from attest.errors import KaiError
+from attest.verify.findings import term_safe
+from attest.signing import keygen
+from attest.verify import verify_bundle
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -59,9 +60,9 @@ def _worlds_arg(v: str) -> tuple[int, ...]:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     # Imported here so that `kai-attest keygen` never pays for numpy.
-    from attest.archive import ArchiveError, opened_bundle
-    from attest.challenge import ChallengeError, load_challenge
-    from attest.policy import Policy, PolicyError, load_policy
+    from attest.archive import opened_bundle
+    from attest.challenge import load_challenge
+    from attest.verify.policy import Policy, load_policy
 
     if bool(args.vsa) != bool(args.sign_key):
         print("kai-attest: error: --vsa OUT and --sign-key KEY.pem go together", file=sys.stderr)
@@ -85,22 +86,20 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                 from attest.slsa import write_vsa
 
                 write_vsa(report, root, args.bundle, args.policy, Path(args.vsa), PemSigner.from_file(args.sign_key))
-    except (PolicyError, ArchiveError, ChallengeError) as e:
+    except KaiError as e:  # an unreadable bundle, policy, archive, challenge or key: one line, exit 2
         print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
         return 2
-    except OSError as e:  # --vsa OUT not writable
+    except OSError as e:  # --vsa OUT not writable; a missing bundle goes to main()
         if getattr(e, "filename", None) != args.vsa:
             raise
         print(f"kai-attest: error: cannot write {args.vsa} ({e.strerror})", file=sys.stderr)
         return 2
-    except (BundleUnreadable, ChainError, KeyError_, FileNotFoundError):
-        raise
-    except Exception as e:  # noqa: BLE001 - hostile input must never end in a traceback
+    except Exception as e:  # noqa: BLE001 - hostile input must never end in a traceback: a verifier bug is named as one
         print(term_safe(f"kai-attest: error: internal error while verifying {args.bundle} ({type(e).__name__}: {e})"),
               file=sys.stderr)
         return 2
     if args.report:
-        from attest.report import write_html
+        from attest.verify.report import write_html
 
         try:
             write_html(report, args.report)
@@ -120,13 +119,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_vsa(args: argparse.Namespace) -> int:
-    from attest.dsse import EnvelopeError
     from attest.signing import PublicKeyVerifier
     from attest.slsa import check_vsa
 
     try:
         ok, line = check_vsa(Path(args.vsa), PublicKeyVerifier.from_file(args.key))
-    except EnvelopeError as e:
+    except KaiError as e:
         print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
         return 2
     print(term_safe(line))
@@ -208,11 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_challenge(args: argparse.Namespace) -> int:
     import json
 
-    from attest.challenge import ChallengeError, draw
+    from attest.challenge import draw
 
     try:
         c = draw(Path(args.bundle), args.segments, args.seed)
-    except (ChallengeError, ChainError, FileNotFoundError, BundlePathError) as e:
+    except (KaiError, FileNotFoundError) as e:
         print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
         return 2
     Path(args.out).write_text(json.dumps(c, indent=1) + "\n")
@@ -222,11 +220,11 @@ def _cmd_challenge(args: argparse.Namespace) -> int:
 
 
 def _cmd_respond(args: argparse.Namespace) -> int:
-    from attest.challenge import ChallengeError, respond
+    from attest.challenge import respond
 
     try:
         packs = respond(Path(args.run_dir), Path(args.challenge), Path(args.out))
-    except (ChallengeError, ChainError, FileNotFoundError, BundlePathError) as e:
+    except (KaiError, FileNotFoundError) as e:
         print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
         return 2
     for p in packs:
@@ -236,17 +234,17 @@ def _cmd_respond(args: argparse.Namespace) -> int:
 
 def _cmd_lineage(args: argparse.Namespace) -> int:
     # Imported here: scipy is needed by this command only.
-    from attest.lineage import LineageInputError, lineage
-    from attest.lineage_report import write_html
+    from attest.lineage import lineage
+    from attest.lineage.report import write_html
 
     given = {"alpha": args.alpha, "null_draws": args.null_draws, "seed": args.seed}
-    opts = {k: v for k, v in given.items() if v is not None}  # unset: the defaults in attest/lineage.py
+    opts = {k: v for k, v in given.items() if v is not None}  # unset: the defaults in attest/lineage/__init__.py
     try:
         report = lineage(args.candidate, args.reference, **opts)
         if args.report:
             write_html(report, args.report)
-    except (LineageInputError, OSError) as e:
-        print(f"kai-attest: error: {e}", file=sys.stderr)
+    except (KaiError, OSError) as e:
+        print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
         return 2
     print(report.to_json() if args.json else "\n".join(report.lines()))
     return 1 if report.dependent else 0
@@ -275,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (BundleUnreadable, ChainError, KeyError_, FileNotFoundError) as e:
+    except (KaiError, FileNotFoundError) as e:  # a bug keeps its traceback
         print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
         return 2
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from attest import jsonread
+from attest.errors import KaiError
 
 CHUNK = 1 << 20
 LEAF_DOMAIN = b"kai-tensor/v1\n"
@@ -43,7 +44,7 @@ DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0
 PARALLEL_BYTES = 32 << 20
 
 
-class DigestError(ValueError):
+class DigestError(KaiError, ValueError):
     """A file could not be parsed for digesting; the message names the file and the problem."""
 
 
@@ -151,12 +152,12 @@ def read_safetensors_index(path: str | os.PathLike[str]) -> list[TensorEntry]:
         entries.append(TensorEntry(name, dtype, tuple(shape), base + lo, base + hi))
     entries.sort(key=lambda e: (e.start, e.end))
     pos = base
-    for e in entries:
-        if e.start != pos:
-            what = "overlaps another tensor's bytes" if e.start < pos else "leaves a gap before it"
-            raise DigestError(f"{path}: tensor {e.name!r} at [{e.start - base}, {e.end - base}) {what} "
+    for t in entries:
+        if t.start != pos:
+            what = "overlaps another tensor's bytes" if t.start < pos else "leaves a gap before it"
+            raise DigestError(f"{path}: tensor {t.name!r} at [{t.start - base}, {t.end - base}) {what} "
                               "(tensors must cover the data region exactly once)")
-        pos = e.end
+        pos = t.end
     if pos != size:
         raise DigestError(f"{path}: tensors end at byte {pos} but the file has {size} "
                           "(tensors must cover the data region exactly once)")

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from attest import jsonread
+from attest.errors import KaiError
 from attest.signing import Signer
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -19,7 +20,7 @@ BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 MAX_PAYLOAD_BYTES = 64 << 20  # a decoded statement; the chain line holding it has the same bound
 
 
-class EnvelopeError(ValueError):
+class EnvelopeError(KaiError, ValueError):
     """A chain line is not a well-formed bundle/envelope/statement."""
 
 

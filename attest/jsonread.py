@@ -32,6 +32,8 @@ import json
 import re
 from typing import Any
 
+from attest.errors import KaiError
+
 MAX_INT = (1 << 64) - 1  # covers int64 and uint64 (seeds, sizes); anything larger is refused
 MAX_INT_DIGITS = len(str(MAX_INT))  # 20: a longer literal is refused before int() sees it
 DEFAULT_MAX_DEPTH = 64  # statements nest about 8 deep; a policy or manifest a little less
@@ -39,11 +41,11 @@ DEFAULT_MAX_BYTES = 64 << 20
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
-class JsonReadError(ValueError):
+class JsonReadError(KaiError, ValueError):
     """A JSON input the verifier refuses; the message names the file and, where known, the field."""
 
 
-class _Refused(ValueError):
+class _Refused(KaiError, ValueError):
     """Raised inside the parser's hooks; turned into a JsonReadError naming the file."""
 
 

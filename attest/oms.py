@@ -33,7 +33,8 @@ from typing import Any
 from attest import jsonread
 from attest.digest import sha256_file
 from attest.dsse import BUNDLE_MEDIA_TYPE, PAYLOAD_TYPE, pae
-from attest.findings import Finding
+from attest.errors import KaiError
+from attest.verify.findings import Finding
 from attest.signing import PemSigner, PublicKeyVerifier, Signer, SignerError
 
 SIGNATURE_NAME = "model.sig"
@@ -43,7 +44,7 @@ MAX_SIG_BYTES = 64 << 20  # a files-mode manifest is ~150 bytes per file
 IGNORED_BY_DEFAULT = (".git", ".gitattributes", ".github", ".gitignore")  # upstream's ignore_git_paths
 
 
-class OmsError(ValueError):
+class OmsError(KaiError, ValueError):
     """An OMS signature is unreadable or not a v1.0 files-mode signature; names the file."""
 
 

@@ -192,7 +192,7 @@ class Pkcs11Signer:
         )
 
     def close(self) -> None:
-        session, self._session = getattr(self, "_session", None), None
+        session, self._session = getattr(self, "_session", None), None  # type: ignore[assignment]
         if session is not None:
             try:
                 session.close()

@@ -59,7 +59,10 @@ def _sequence(items: list[Any], indent: int, lines: list[str]) -> None:
     for it in items:
         if (isinstance(it, Mapping) or isinstance(it, list)) and it:
             sub: list[str] = []
-            (_mapping if isinstance(it, Mapping) else _sequence)(it, indent + 2, sub)  # type: ignore[operator]
+            if isinstance(it, Mapping):
+                _mapping(it, indent + 2, sub)
+            else:
+                _sequence(it, indent + 2, sub)
             sub[0] = pad + "- " + sub[0][indent + 2:]  # the first entry goes on the dash's line
             lines.extend(sub)
         else:

@@ -2,7 +2,7 @@
 
 One home for the schedule: the trainer's LambdaLR (kai_train.engine) multiplies `train.lr` by
 `lr_lambda(...)(t)` at optimizer step t, and the verifier recomputes the same numbers from the run
-statement's config to bound each segment's update (attest.checks_model.check_trajectory) and to
+statement's config to bound each segment's update (attest.verify.checks.model.check_trajectory) and to
 check the lr a checkpoint reports. Nothing here reads a self-reported metric. torch-free.
 """
 
@@ -43,7 +43,7 @@ class Schedule:
 
     def __init__(self, train: dict[str, Any]) -> None:
         def num(key: str, lo: float, hi: float, integer: bool = False) -> Any:
-            v = train.get(key)
+            v: Any = train.get(key)
             ok = isinstance(v, int) if integer else isinstance(v, (int, float))
             if not ok or isinstance(v, bool) or not (lo <= v <= hi) or (isinstance(v, float) and not math.isfinite(v)):
                 raise ValueError(f"train.{key} = {v!r}: expected a {'whole ' if integer else ''}number in [{lo:g}, {hi:g}]")

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from attest.keyless import SigstoreSigner, probe
-from attest.signing import KeyError_, PemSigner, PublicKeyVerifier, Signer, SignerError
+from attest.signing import SigningKeyError, PemSigner, PublicKeyVerifier, Signer, SignerError
 
 BACKENDS = ("pem", "pkcs11", "sigstore")
 
 
 def make_signer(cfg: Mapping[str, Any]) -> Signer:
-    """The signer the `attest` config asks for; raises SignerError/KeyError_ with one line."""
+    """The signer the `attest` config asks for; raises SignerError/SigningKeyError with one line."""
     backend = cfg.get("backend")
     if backend == "sigstore" and cfg.get("tsa_url"):
         raise SignerError("attest.tsa_url: keyless signing takes its TSAs from the Sigstore trust config; leave it null")
@@ -117,7 +117,7 @@ def ensure_public_key(signer: Signer, path: Path) -> Path:
     if path.exists():
         try:
             there = PublicKeyVerifier.from_file(path).keyid
-        except KeyError_ as e:
+        except SigningKeyError as e:
             raise SignerError(str(e)) from None
         if there != signer.keyid:
             raise SignerError(f"{path}: holds key {there[:16]}…, but the configured signer's key is "

@@ -18,15 +18,16 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-PRIVATE_KEY_NAME = "signing-key.pem"
-PUBLIC_KEY_NAME = "signing-key.pub.pem"
+from attest.errors import KaiError
+from attest.layout import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
 
 
-class KeyError_(ValueError):
+
+class SigningKeyError(KaiError, ValueError):
     """A key file is missing or unusable; the message names the file."""
 
 
-class SignerError(ValueError):
+class SignerError(KaiError, ValueError):
     """A signing back-end cannot be set up or cannot sign; one line naming the back-end and problem."""
 
 
@@ -50,7 +51,7 @@ class PemSigner:
 
     def __init__(self, key: ec.EllipticCurvePrivateKey) -> None:
         if not isinstance(key.curve, ec.SECP256R1):
-            raise KeyError_(f"signing key must be ECDSA P-256, got {key.curve.name}")
+            raise SigningKeyError(f"signing key must be ECDSA P-256, got {key.curve.name}")
         self._key = key
         self.keyid = keyid_of(key.public_key())
 
@@ -60,11 +61,11 @@ class PemSigner:
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except FileNotFoundError:
-            raise KeyError_(f"{path}: signing key not found (make one with `kai-attest keygen DIR`)") from None
+            raise SigningKeyError(f"{path}: signing key not found (make one with `kai-attest keygen DIR`)") from None
         except (ValueError, TypeError) as e:
-            raise KeyError_(f"{path}: not an unencrypted PEM private key ({e})") from None
+            raise SigningKeyError(f"{path}: not an unencrypted PEM private key ({e})") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise KeyError_(f"{path}: signing key must be ECDSA P-256")
+            raise SigningKeyError(f"{path}: signing key must be ECDSA P-256")
         return cls(key)
 
     def sign(self, data: bytes) -> bytes:
@@ -89,9 +90,9 @@ class PublicKeyVerifier:
         try:
             key = serialization.load_pem_public_key(pem)
         except (ValueError, TypeError) as e:
-            raise KeyError_(f"{source}: not a PEM public key ({e})") from None
+            raise SigningKeyError(f"{source}: not a PEM public key ({e})") from None
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-            raise KeyError_(f"{source}: public key must be ECDSA P-256")
+            raise SigningKeyError(f"{source}: public key must be ECDSA P-256")
         return cls(key, source)
 
     @classmethod
@@ -100,7 +101,7 @@ class PublicKeyVerifier:
         try:
             return cls.from_pem(path.read_bytes(), str(path))
         except OSError as e:
-            raise KeyError_(f"{path}: cannot read public key ({e.strerror})") from None
+            raise SigningKeyError(f"{path}: cannot read public key ({e.strerror})") from None
 
     def verify(self, data: bytes, signature: bytes) -> bool:
         try:
@@ -116,7 +117,7 @@ def keygen(out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     priv_path, pub_path = out / PRIVATE_KEY_NAME, out / PUBLIC_KEY_NAME
     if priv_path.exists():
-        raise KeyError_(f"{priv_path}: already exists; refusing to overwrite a signing key")
+        raise SigningKeyError(f"{priv_path}: already exists; refusing to overwrite a signing key")
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

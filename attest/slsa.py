@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from attest import jsonread
-from attest.bundle import SLSA_NAME
 from attest.dsse import PAYLOAD_TYPE, EnvelopeError, open_bundle, pae, sign_statement
-from attest.findings import CHAIN_NAME, Context, Finding, short, skipped, subjects_of
+from attest.verify.findings import Context, Finding, short, skipped, subjects_of
+from attest.layout import CHAIN_NAME, SLSA_NAME
 from attest.signing import PublicKeyVerifier, Signer
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -125,7 +125,7 @@ def check_slsa_provenance(ctx: Context) -> Iterator[Finding]:
                  for s in st.get("subject") or [] if isinstance(s, dict))
     if got != want:
         bad.append((f"the release's {len(want)} subjects", f"{len(got)} subjects, {len(set(got) ^ set(want))} differ"))
-    pred = st.get("predicate") if isinstance(st.get("predicate"), dict) else {}
+    pred: dict[str, Any] = st["predicate"] if isinstance(st.get("predicate"), dict) else {}
     inv = ((pred.get("runDetails") or {}).get("metadata") or {}).get("invocationId") if isinstance(
         pred.get("runDetails"), dict) else None
     if inv != f"{CHAIN_NAME}#sha256:{r.digest}":
@@ -139,7 +139,7 @@ def check_slsa_provenance(ctx: Context) -> Iterator[Finding]:
 def vsa_statement(report: Any, resource: str, policy_file: str | None, chain_sha: str | None,
                   subjects: list[dict[str, Any]]) -> dict[str, Any]:
     """The Verification Summary Attestation (SLSA VSA v1) of a verify report."""
-    from attest.verify import tool_version
+    from attest import tool_version
 
     policy: dict[str, Any] = {"uri": policy_file or "kai-attest default policy"}
     if policy_file:
@@ -196,7 +196,7 @@ def check_vsa(path: Path, key: PublicKeyVerifier) -> tuple[bool, str]:
         return False, f"{path}: no valid signature by key {key.keyid[:16]}…"
     if st.get("predicateType") != VSA_TYPE:
         return False, f"{path}: predicateType {str(st.get('predicateType'))[:80]!r}, expected {VSA_TYPE}"
-    pred = st.get("predicate") if isinstance(st.get("predicate"), dict) else {}
+    pred: dict[str, Any] = st["predicate"] if isinstance(st.get("predicate"), dict) else {}
     result = pred.get("verificationResult")
     names = ", ".join(str(s.get("name")) for s in (st.get("subject") or [])[:3] if isinstance(s, dict))
     line = (f"{path}: {result} by {(pred.get('verifier') or {}).get('id')} at {pred.get('timeVerified')} "

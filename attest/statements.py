@@ -32,6 +32,10 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "release": ("step", "weights_root"),
 }
 CHAIN_FIELDS = ("kind", "run_id", "sequence", "previous")
+# A data source whose `collection` contains one of these markers is synthetic and must name its
+# `generator`; these `generator` values name none (kai-data refuses them, the licences check fails them).
+SYNTHETIC_MARKERS = ("synthetic", "generated", "distill", "teacher")
+NO_GENERATOR = ("", "none", "unknown", "n/a", "na", "null", "undisclosed")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 

@@ -34,11 +34,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from attest.chain import ChainWriter, read_chain  # noqa: E402
-from attest.digest import CHUNK, merkle_root, sha256_file, tensor_digest  # noqa: E402
-from attest.signing import PemSigner, PublicKeyVerifier, keygen  # noqa: E402
-from attest.statements import subject  # noqa: E402
-from attest.verify import (  # noqa: E402
+from attest.chain import ChainWriter, read_chain
+from attest.digest import CHUNK, merkle_root, sha256_file, tensor_digest
+from attest.signing import PemSigner, PublicKeyVerifier, keygen
+from attest.statements import subject
+from attest.verify import (
     CHECKS,
     Context,
     check_genesis,

@@ -19,14 +19,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from attest.chain import ChainError, ChainWriter, set_aside_torn_tail
+from attest.chain import ChainWriter, set_aside_torn_tail
 from attest.digest import sha256_file
 from attest.progress import Progress
 from attest.signers import ensure_public_key, make_signer
-from attest.signing import PUBLIC_KEY_NAME
+from attest.layout import CHAIN_NAME, KEYS_DIR, PUBLIC_KEY_NAME
 from data_pipelines import demo_corpus, stages, tokenizer
 from data_pipelines.dedup import DedupConfig
-from data_pipelines.sources import Normalize, SourceError, check_sources
+from data_pipelines.sources import Normalize, check_sources
 
 STAGE_KEYS = ("shards", "normalize", "dedup", "tokenizer", "pack")
 STAGES = ("ingest", "dedup", "tokenizer", "pack")
@@ -48,8 +48,8 @@ def build(cfg: DictConfig) -> None:
     dedup_cfg = DedupConfig(**params["dedup"])
 
     signer = make_signer(OmegaConf.to_container(cfg.attest, resolve=True))  # type: ignore[arg-type]
-    ensure_public_key(signer, out / "keys" / PUBLIC_KEY_NAME)
-    chain_path = out / "chain.jsonl"
+    ensure_public_key(signer, out / KEYS_DIR / PUBLIC_KEY_NAME)
+    chain_path = out / CHAIN_NAME
     if chain_path.exists() and set_aside_torn_tail(chain_path):
         print(f"[kai-data] {chain_path}: set aside an interrupted final line (in chain.jsonl.torn)")
     # inline: one step per stage, the stages' log lines print above the bar; on datatrove, one step
@@ -101,7 +101,7 @@ def build(cfg: DictConfig) -> None:
 def main() -> None:
     from kai_train.app import run
 
-    run("kai-data", "kai_data", build, "out_dir", errors=(SourceError, ChainError, ValueError, OSError))
+    run("kai-data", "kai_data", build, "out_dir", errors=(ValueError, OSError))  # the readers' and stages' bad-input ValueErrors
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ from datatrove.utils.hashing import HashConfig
 
 from attest import failpoints
 from attest.digest import sha256_file
+from attest.errors import KaiError
 from data_pipelines import shards, stages
 from data_pipelines.dedup import DATATROVE_SCHEME, SHINGLE_HASH, DedupConfig, content_key, shingle_hashes
 from data_pipelines.sources import Normalize, Source
@@ -80,7 +81,7 @@ ENGINE = DATATROVE_SCHEME  # dedup as this module computes it (recorded as param
 HASH = HashConfig(precision=64, hash_fc="sha1")  # hashlib: no extra dependency, same on every machine
 
 
-class SealError(ValueError):
+class SealError(KaiError, ValueError):
     """A task's output cannot be signed: unfinished, or its bytes are not what its manifest says."""
 
 

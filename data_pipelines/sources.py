@@ -41,7 +41,9 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from attest.checks_data import NO_GENERATOR, SYNTHETIC_MARKERS
+from attest.errors import KaiError
+from attest.statements import NO_GENERATOR, SYNTHETIC_MARKERS
+from data_pipelines.shards import SOURCE_KEYS
 
 # Local files only: `datasets` must never reach for the Hub (read when `datasets` is imported).
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -50,7 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FORMATS = ("text", "jsonl", "parquet", "imagefolder", "audiofolder")
 FOLDER_FORMATS = ("imagefolder", "audiofolder")
 REQUIRED = ("name", "path", "format", "license", "origin", "collection", "collected", "consent", "pii")
-MANIFEST_SOURCE_KEYS = ("name", "origin", "license", "collection", "collected", "consent", "pii", "generator")
+MANIFEST_SOURCE_KEYS = SOURCE_KEYS  # the manifest `source` block (data_pipelines.shards)
 METADATA = "metadata.jsonl"
 # Files a folder `path` contributes, by format (case-insensitive suffix; hidden entries skipped).
 EXTENSIONS: dict[str, tuple[str, ...]] = {
@@ -65,7 +67,7 @@ _MAGIC = re.compile(r"[*?[]")
 _ESCAPED = re.compile(r"\[[*?[]\]")  # glob.escape's form of a literal * ? [
 
 
-class SourceError(ValueError):
+class SourceError(KaiError, ValueError):
     """A declared source is invalid; the message is one line: "source 'NAME': problem"."""
 
 

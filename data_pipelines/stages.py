@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from attest import failpoints
 from attest.chain import ChainWriter, read_chain
 from attest.digest import sha256_file
+from attest.errors import KaiError
 from attest.statements import subject
 from data_pipelines import shards
 from data_pipelines.dedup import SCHEME, SHINGLE_HASH, Deduper, DedupConfig
@@ -42,7 +43,7 @@ from data_pipelines.tokenizer import train_tokenizer
 STAGE_DIRS = {"ingest": "data/ingest", "dedup": "data/dedup", "pack": "data/shards"}
 
 
-class ResumeConflict(ValueError):
+class ResumeConflict(KaiError, ValueError):
     """A rerun would change a shard the chain already records."""
 
 
@@ -260,7 +261,7 @@ def ingest_all(b: Build, sources: list[Source], norm: Normalize, jobs: int = 1) 
             except queue.Empty:
                 dead = [n for n, p in running.items() if p.exitcode is not None and messages.empty()]
                 if dead:
-                    raise ValueError(f"source {dead[0]!r}: ingest worker died (exit {running[dead[0]].exitcode})")
+                    raise ValueError(f"source {dead[0]!r}: ingest worker died (exit {running[dead[0]].exitcode})") from None
                 continue
             if kind == "shard":
                 b.record(name, payload)

@@ -5,8 +5,8 @@
 - The `deepspeed` launcher's `--local_rank N` / `--local_rank=N` is taken off the command line
   into LOCAL_RANK (torchrun sets LOCAL_RANK itself).
 - A config error (`seed=abc`, an unknown key, a missing preset) ends with one line
-  `APP: error: ...` on stderr and exit status 2; a failure the task raises (`AppError` and the
-  app's own error types) with one line and status 1. Under torchrun the same message goes to the
+  `APP: error: ...` on stderr and exit status 2; a failure the task raises (any `KaiError`, `AppError`
+  among them, and the error types the app adds) with one line and status 1. Under torchrun the same message goes to the
   rank's error file, so torchrun's summary names it. Anything else is a bug: its traceback is shown
   (`HYDRA_FULL_ERROR=1` shows Hydra's own tracebacks too).
 - Multirun (`-m`): each job works in its own folder, `<run dir>/<job number>` (hydra.sweep in the
@@ -27,13 +27,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from attest.errors import KaiError
 from kai_train.conf.schema import register
 
 CONFIG_PATH = "pkg://kai_train.conf"
 _META = ("full_key:", "object_type=", "reference_type=", "To append to your config")
 
 
-class AppError(Exception):
+class AppError(KaiError):
     """A failure the user can fix: the message is one line naming the file or key and the problem."""
 
 
@@ -83,7 +84,7 @@ def run(app: str, config_name: str, task: Callable[[DictConfig], None], dir_key:
     """Run `task` as the Hydra app `app` (config `config_name`); `dir_key` names the config key
     that holds the run folder (a multirun job's becomes its own)."""
     register()
-    known = (AppError, *errors)
+    known = (KaiError, *errors)
     failed: list[BaseException] = []
     jobs = [0]
 

@@ -29,24 +29,13 @@ from typing import Any
 
 import torch
 
-from attest import failpoints
+from attest import failpoints, layout
 from attest.digest import hash_safetensors
+from attest.errors import KaiError
 from kai_train.weights import save_weights
 
-SIDECARS = ".provenance"
-
-
-def folder(step: int) -> str:
-    return f"checkpoints/step-{step:06d}"
-
-
-def shard_name(step: int, kind: str, rank: int, world: int) -> str:
-    """`kind` is "model" or "optimizer"."""
-    return f"{folder(step)}/{kind}-{rank:05d}-of-{world:05d}.safetensors"
-
-
 def sidecar(run_dir: Path, step: int, rank: int) -> Path:
-    return run_dir / SIDECARS / f"step-{step:06d}" / f"rank-{rank:05d}.json"
+    return run_dir / layout.sidecar(step, rank)
 
 
 def assign(sizes: Mapping[str, int], world: int) -> dict[str, int]:
@@ -106,11 +95,11 @@ def write_share(run_dir: Path, step: int, rank: int, world: int, weights: Mappin
     """Write this rank's shard files atomically, hash them in the same pass, then the sidecar."""
     out: dict[str, Any] = {"rank": rank, "world": world, "files": {}, "leaves": {}, "optimizer_leaves": {},
                            "optimizer_step": opt_step}
-    (run_dir / folder(step)).mkdir(parents=True, exist_ok=True)
+    (run_dir / layout.checkpoint_dir(step)).mkdir(parents=True, exist_ok=True)
     for kind, tensors, key in (("model", weights, "leaves"), ("optimizer", moments, "optimizer_leaves")):
         if kind == "optimizer" and opt_step is None:
             continue
-        name = shard_name(step, kind, rank, world)
+        name = layout.checkpoint_shard(step, kind, rank, world)
         save_weights(tensors, run_dir / name)
         failpoints.reached("shard-written")
         sha, leaves = hash_safetensors(run_dir / name)
@@ -124,7 +113,7 @@ def write_share(run_dir: Path, step: int, rank: int, world: int, weights: Mappin
     return out
 
 
-class ShareError(RuntimeError):
+class ShareError(KaiError, RuntimeError):
     """A rank's share of a checkpoint was not written; the message names the rank and the problem."""
 
 

@@ -63,7 +63,7 @@ def build_engine(model: nn.Module, zero: dict[str, Any], train: dict[str, Any], 
     return engine
 
 
-def load_full_optimizer_state(engine, state: "Mapping[str, torch.Tensor]", step: int) -> None:
+def load_full_optimizer_state(engine, state: Mapping[str, torch.Tensor], step: int) -> None:
     """Scatter consolidated moments (`exp_avg/<name>`, `exp_avg_sq/<name>`) into the ZeRO partitions."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
@@ -110,6 +110,14 @@ def build_model(mcfg, zero: dict[str, Any], train: dict[str, Any], world_size: i
         return MultimodalLM(mcfg)
     with deepspeed.zero.Init(config_dict_or_path=ds_config(zero, train, world_size), dtype=torch.float32):
         return MultimodalLM(mcfg)
+
+
+def setup(mcfg, zero: dict[str, Any], train: dict[str, Any], world_size: int) -> tuple[nn.Module, Any]:
+    """The model and its DeepSpeed engine, built as the trainer and replay both build them; the values
+    come next (`fill` for a genesis, `kai_train.checkpoint.restore` for a signed state)."""
+    model = build_model(mcfg, zero, train, world_size)
+    model.grad_checkpointing = bool(train["activation_checkpointing"])
+    return model, build_engine(model, zero, train, world_size)
 
 
 Values = Callable[[str, tuple[int, ...], int, int], torch.Tensor]  # (name, shape, start, stop) -> float32 1-D

@@ -11,9 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from data_pipelines.shards import MODALITIES
 from kai_train.data import ShardDataset
-
-MODALITIES = ("text", "image", "audio")
 
 
 def split_rows(n: int, holdout_every: int) -> tuple[list[int], list[int]]:

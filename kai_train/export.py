@@ -29,8 +29,8 @@ from typing import Any
 
 from attest.chain import read_chain
 from attest.digest import safetensors_root
+from attest.layout import CHAIN_NAME, EXPORT_DIR
 
-EXPORT_DIR = "export"
 MODEL_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -68,7 +68,7 @@ def export_config(model: dict[str, Any] | None, step: int, weights_root: str, ru
 
 def export(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
     """Write model.safetensors, config.json and the run's tokenizer into `out` (default RUN_DIR/export)."""
-    entries, _ = read_chain(run_dir / "chain.jsonl")
+    entries, _ = read_chain(run_dir / CHAIN_NAME)
     released = [e.predicate.get("step") for e in entries if e.kind == "release"]
     entries = [e for e in entries if e.kind != "release"]  # the export a release names is made before it
     genesis = next((e.predicate for e in entries if e.kind == "genesis"), None)

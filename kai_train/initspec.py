@@ -19,7 +19,7 @@ is the specification; this module follows it step by step:
                 value = float32(float64(S - 393210) * (std / 65536))  Irwin-Hall, variance ~1
 
 `derive` is the verifier's deriver for this recipe (allow-listed as `kai_train.initspec:derive`
-in attest/checks_model.py): names, shapes and rules come from the model config through
+in attest/verify/checks/model.py): names, shapes and rules come from the model config through
 `kai_train.modelspec.param_specs`, never from a table in the statement. It imports no torch, so
 an evaluator's light install (`pip install kai-train`) re-derives a genesis.
 """

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # ModelConfig lives in the torch-free kai_train.modelspec; it is imported from here too.
-from .modelspec import ModelConfig, _swiglu_hidden  # noqa: F401  (relative: export/ ships this file)
+from .modelspec import ModelConfig, _swiglu_hidden  # relative: export/ ships this file
 
 
 # ---------------------------------------------------------------------------------------------

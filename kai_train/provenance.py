@@ -42,12 +42,14 @@ import torch
 from attest import failpoints
 from attest.chain import ChainWriter
 from attest.digest import hash_safetensors, merkle_root, sha256_file, tree_digest
+from attest.errors import KaiError
+from attest.layout import CHAIN_NAME, EXPORT_DIR, checkpoint_dir
 from attest.oms import SIGNATURE_NAME as OMS_SIGNATURE
 from attest.oms import sign_checkpoint_dir
+from attest.plugins import REPLAY_PLUGIN
 from attest.signing import Signer
 from attest.slsa import write_provenance
 from attest.statements import subject
-from kai_train.checkpoint import folder as ckpt_folder
 from kai_train.genesis import tensor_table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +61,7 @@ SHARE_TIMEOUT_S = 3600.0  # how long the worker waits for a rank's share of a ch
 RNG_DOMAIN = b"kai-rng/v1\n"
 
 
-class ProvenanceError(RuntimeError):
+class ProvenanceError(KaiError, RuntimeError):
     """Recording a statement failed; the message names the checkpoint and the problem."""
 
 
@@ -152,7 +154,7 @@ class Provenance:
     def __init__(self, run_dir: Path, signer: Signer, run_id: str, oms: bool = True, background: bool = True) -> None:
         self.run_dir = run_dir
         self.background = background
-        self.chain = ChainWriter(run_dir / "chain.jsonl", signer, run_id)
+        self.chain = ChainWriter(run_dir / CHAIN_NAME, signer, run_id)
         # OpenSSF model-signing signature in each checkpoint folder (key back-ends; keyless has its own bundle)
         self.oms = oms and not hasattr(signer, "sign_statement")
         self.last_root: str | None = None
@@ -169,6 +171,10 @@ class Provenance:
             self._worker.start()
 
     # --- the training loop's side -------------------------------------------------------------
+
+    def resume_from(self, step: int, weights_root: str) -> None:
+        """A resumed run: the next checkpoint's parent is the signed state it continues from."""
+        self.last_root, self.last_step = weights_root, step
 
     def check(self) -> None:
         """Raise the worker's error, if it had one."""
@@ -207,7 +213,7 @@ class Provenance:
             "run",
             [subject(config_file, sha256_file(self.run_dir / config_file))],
             {"config": config, "code_digest": code_digest(), "versions": library_versions(), "hardware": hardware(world_size),
-             "replay_plugin": "kai_train.replay"},
+             "replay_plugin": REPLAY_PLUGIN},
         )
 
     @_blocking
@@ -244,7 +250,7 @@ class Provenance:
         """Export the last checkpoint to export/ (weights, config.json, tokenizer), sign that folder in
         the OpenSSF model-signing format (export/model.sig, key back-ends), then record the release:
         every file of export/ is a subject. Returns the export folder."""
-        from kai_train.export import EXPORT_DIR, export
+        from kai_train.export import export
 
         self._wait()
         out = export(self.run_dir, self.last_step, self.run_dir / EXPORT_DIR)
@@ -301,7 +307,7 @@ class Provenance:
         """Subjects for the files of checkpoint folder `step` (name -> sha256), plus its OMS signature."""
         subjects = [subject(name, sha) for name, sha in sorted(digests.items())]
         if self.oms:
-            folder = self.run_dir / ckpt_folder(step)
+            folder = self.run_dir / checkpoint_dir(step)
             failpoints.reached("before-oms")
             known = {name.rsplit("/", 1)[1]: sha for name, sha in digests.items()}
             sig = sign_checkpoint_dir(folder, self.chain.signer, known=known)

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node W -m kai_train.replay --plan plan.json --out result.json
 
-The plan (attest.replay_plan.build_plan) is everything this process may use: the signed start state
+The plan (attest.verify.replay_plan.build_plan) is everything this process may use: the signed start state
 (weights, and AdamW state after the first segment), the training shards and tokenizer, the run's
 validated train/DeepSpeed config and model config, and the sampler range. Every file in it was
 found through a signed statement and checked against its digest by the verifier before this
@@ -62,9 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"kai-train replay: segment {plan['segment']} ran on {plan['world_size']} ranks; launch with that many")
     train, start = plan["train"], plan["start"]
     mcfg = ModelConfig.from_dict(plan["model"])
-    model = eng.build_model(mcfg, plan["deepspeed"], train, world)  # partitioned as built under ZeRO-3
-    model.grad_checkpointing = bool(train["activation_checkpointing"])
-    engine = eng.build_engine(model, plan["deepspeed"], train, world)
+    _, engine = eng.setup(mcfg, plan["deepspeed"], train, world)  # the trainer's: partitioned as built under ZeRO-3
     moments = ckpt.SignedTensors([Path(p) for p in start["optimizer"]]) if start.get("optimizer") else None
     ckpt.restore(engine, ckpt.SignedTensors([Path(p) for p in start["weights"]]), moments, start.get("optimizer_step"),
                  start["step"])  # what resume runs too

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attest.chain import read_chain, set_aside_torn_tail
+from attest.errors import KaiError
+from attest.layout import CHAIN_NAME, CHECKPOINTS_DIR, SIDECARS_DIR, checkpoint_step
 
 
-class ResumeError(RuntimeError):
+class ResumeError(KaiError, RuntimeError):
     """The run directory cannot be resumed; the message says why and what to do."""
 
 
@@ -37,7 +39,7 @@ class ResumePoint:
 
 def find_resume_point(run_dir: Path) -> ResumePoint | None:
     """None for a fresh run (no genesis in the chain yet)."""
-    chain = run_dir / "chain.jsonl"
+    chain = run_dir / CHAIN_NAME
     if not chain.exists():
         return None
     set_aside_torn_tail(chain)
@@ -71,13 +73,10 @@ def find_resume_point(run_dir: Path) -> ResumePoint | None:
 def discard_unrecorded(run_dir: Path, step: int | None) -> None:
     """Remove checkpoint folders after `step` (None: no genesis yet, so all of them) and every
     sidecar: a run killed after writing them but before recording them must not sign them later."""
-    from kai_train.checkpoint import SIDECARS
-
-    shutil.rmtree(run_dir / SIDECARS, ignore_errors=True)
-    for folder in sorted((run_dir / "checkpoints").glob("step-*")):
-        try:
-            n = int(folder.name.removeprefix("step-"))
-        except ValueError:
+    shutil.rmtree(run_dir / SIDECARS_DIR, ignore_errors=True)
+    for folder in sorted((run_dir / CHECKPOINTS_DIR).glob("step-*")):
+        n = checkpoint_step(folder.name)
+        if n is None:
             continue
         if step is None or n > step:
             shutil.rmtree(folder)
@@ -85,7 +84,7 @@ def discard_unrecorded(run_dir: Path, step: int | None) -> None:
 
 def recorded_run_config(run_dir: Path) -> dict | None:
     """The config of a run statement already in the chain (a start that died before its genesis)."""
-    chain = run_dir / "chain.jsonl"
+    chain = run_dir / CHAIN_NAME
     if not chain.exists():
         return None
     entries, _ = read_chain(chain)

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from attest.errors import KaiError
 
-class TrackingError(RuntimeError):
+
+class TrackingError(KaiError, RuntimeError):
     pass
 
 

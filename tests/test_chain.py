@@ -14,7 +14,7 @@ from attest.bundle import BundlePathError, safe_file
 from attest.chain import ChainError, ChainWriter, read_chain
 from attest.digest import merkle_root, safetensors_root, tensor_digest
 from attest.dsse import PAYLOAD_TYPE, pae
-from attest.signing import KeyError_, PemSigner, PublicKeyVerifier, keygen
+from attest.signing import SigningKeyError, PemSigner, PublicKeyVerifier, keygen
 from attest.statements import subject
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,7 +82,7 @@ def test_malformed_line_names_file_and_line(tmp_path: Path, key: Path) -> None:
 def test_keygen_refuses_to_overwrite_and_key_is_private(tmp_path: Path) -> None:
     priv, _ = keygen(tmp_path)
     assert os.stat(priv).st_mode & 0o077 == 0
-    with pytest.raises(KeyError_, match="refusing to overwrite"):
+    with pytest.raises(SigningKeyError, match="refusing to overwrite"):
         keygen(tmp_path)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from attest.chain import read_chain
-from attest.checks_model import NO_RELEASE
+from attest.verify.checks.model import NO_RELEASE
 from conftest import env, free_port, kai_attest, must, prepared_data, run, torchrun
 
 pytestmark = pytest.mark.slow

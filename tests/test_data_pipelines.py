@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+pytest.importorskip("PIL", reason="the train extra; not on the evaluator's light install")
 from PIL import Image
 
 from attest.digest import sha256_file

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+pytest.importorskip("datasketch", reason="the train extra; not on the evaluator's light install")
 from datasketch import MinHash
 
 from data_pipelines.dedup import SCHEME, Deduper, DedupConfig, content_key, shingle_hashes

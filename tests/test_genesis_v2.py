@@ -14,15 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+pytest.importorskip("torch", reason="the train extra; not on the evaluator's light install")
 import torch
 import yaml
 from bundlefactory import make_bundle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attest.checks_model import DERIVERS, check_genesis
+from attest.verify.checks.model import DERIVERS, check_genesis
 from attest.digest import merkle_root
-from attest.policy import Policy
+from attest.verify.policy import Policy
 from attest.signing import keygen
 from attest.verify import check_signatures, verify_bundle
 from kai_train import init, initspec
@@ -34,6 +35,7 @@ from kai_train.weights import state_dict_leaves
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = sorted((REPO / "kai_train/conf/model").glob("*.yaml"))
+BIG = {"3b", "7b", "13b"}  # seconds each on 2 cores: in the full suite, not the quick tier
 # The unit tests' config and two odd ones: GQA off, many encoder layers, widths not powers of two.
 TEST_CONFIGS = {
     "default": ModelConfig(),
@@ -90,7 +92,8 @@ def slices_of(numel: int, chunk: int) -> list[tuple[int, int]]:
     return out
 
 
-@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem in BIG else p for p in PRESETS],
+                         ids=lambda p: p.stem)
 def test_numpy_and_torch_agree_on_every_tensor_of_every_preset(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Small chunks on both sides put chunk edges inside the slices without generating big tensors.
     monkeypatch.setattr(init, "SLICE_CHUNK_CPU", 64)

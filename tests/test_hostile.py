@@ -40,9 +40,9 @@ from attest.archive import extract_to
 from attest.cli import main
 from attest.digest import DigestError, hash_safetensors, read_safetensors_index, sha256_file
 from attest.dsse import BUNDLE_MEDIA_TYPE, PAYLOAD_TYPE, canonical_json, pae
-from attest.findings import Finding, term_safe
+from attest.verify.findings import Finding, term_safe
 from attest.oms import PREDICATE_TYPE, cross_check
-from attest.policy import DEFAULT_LIMITS
+from attest.verify.policy import DEFAULT_LIMITS
 from attest.signing import PemSigner
 
 TIME_BOUND_S = 20.0  # asserted per hostile input; the measured bound is far lower (docs/threat-model.md)
@@ -161,7 +161,7 @@ def test_term_safe_escapes_every_unprintable_character() -> None:
     out = term_safe(s)
     assert out.isprintable() and out.isascii() is False  # é stays as it is
     assert "é" in out and "\\x1b" in out and "\\x9b" in out and "\\u202a" in out and "\\ud800" in out
-    f = Finding("x", False, "a\rb", "e\x1b", "f\n", "\u202e")
+    f = Finding("release", False, "a\rb", "e\x1b", "f\n", "\u202e")
     assert f.line().isprintable()
 
 
@@ -187,9 +187,9 @@ def test_lone_surrogate_and_huge_integer_in_signed_strings_end_cleanly(base, wor
 def test_report_survives_hostile_values_and_writes_atomically(tmp_path) -> None:
     """Rendering never crashes on values beyond a double or str(), nor on lone surrogates; a failed
     write leaves no temp file and does not touch the target."""
-    from attest.report import write_html
+    from attest.verify.report import write_html
 
-    r = verify.Report("b\ud800", [Finding("c\ud800", False, "f\udfff", "1", str(10**200))], ["n\ud800"],
+    r = verify.Report("b\ud800", [Finding("release", False, "f\udfff", "1", str(10**200))], ["n\ud800"],
                       facts={"checkpoints": [{"step": 10**4000, "loss": 10**4000}, {"step": 1, "loss": float("nan")}],
                              "trajectory": [{"segment": "s\ud800", "update_norm": 10**4000, "update_bound": 1.0}],
                              "data": [{"source": "s\ud800", "license": "l\ud800", "rows": 10**4000}]})
@@ -365,7 +365,7 @@ policy_doc = st.dictionaries(st.sampled_from(["policy_version", "keys", "sigstor
 @given(doc=policy_doc | json_doc)
 def test_policy_reader_property(tmp_path_factory, doc: Any) -> None:
     """Any JSON document as a policy: a Policy, or a PolicyError that names the policy file."""
-    from attest.policy import Policy, PolicyError, load_policy
+    from attest.verify.policy import Policy, PolicyError, load_policy
 
     p = tmp_path_factory.getbasetemp() / "prop-policy.json"
     p.write_text(json.dumps(doc))

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+pytest.importorskip("yaml", reason="the train extra; not on the evaluator's light install")
 import yaml
 
 from attest.chain import read_chain
@@ -95,7 +96,7 @@ def test_wandb_online_without_a_key_fails_before_the_run_and_genesis_are_signed(
     p = run([*TRAIN, f"run_dir={run_dir}", "wandb.mode=online"],
             extra_env={"HOME": str(home), "WANDB_API_KEY": "", "NETRC": str(home / ".netrc")})
     assert p.returncode == 1, p.stdout + p.stderr
-    assert error_lines(p) == [l for l in error_lines(p) if "wandb.mode=online needs an API key" in l] and error_lines(p)
+    assert error_lines(p) == [ln for ln in error_lines(p) if "wandb.mode=online needs an API key" in ln] and error_lines(p)
     assert (run_dir / "chain.jsonl").read_bytes() == before  # no run, no genesis statement
     assert {e.kind for e in read_chain(run_dir / "chain.jsonl")[0]} <= {"data-shard", "tokenizer"}
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "config").exists()
@@ -132,7 +133,7 @@ def test_kai_data_multirun_builds_each_job_in_its_own_folder_and_goes_on_after_a
     kinds = [e.kind for e in read_chain(tmp_path / "0/chain.jsonl")[0]]
     assert "tokenizer" in kinds and kinds.count("data-shard") >= 6
     assert not (tmp_path / "1/chain.jsonl").exists()
-    failed = [l for l in error_lines(p) if l.startswith("kai-data: error in job")]
+    failed = [ln for ln in error_lines(p) if ln.startswith("kai-data: error in job")]
     assert len(failed) == 1 and "job 1 " in failed[0] and str(tmp_path / "1/keys") in failed[0], p.stderr
     assert "kai-data: error: 1 of 2 multirun jobs failed" in p.stderr
     assert "kai-data stages: 4/4 stages (100%)" in p.stderr and "kai-data stages" not in p.stdout
@@ -159,7 +160,7 @@ def test_verify_prints_hashing_progress_on_stderr_and_keeps_json_stdout_clean(tm
     p = kai_attest("verify", str(root), "--trust", str(root / "keys/signing-key.pub.pem"), "--json", "--progress", "always")
     report = json.loads(p.stdout)  # nothing but the report on stdout
     assert report["findings"] and p.returncode in (0, 1), p.stderr
-    hashed = [l for l in p.stderr.splitlines() if l.startswith("hashing: ")]
+    hashed = [ln for ln in p.stderr.splitlines() if ln.startswith("hashing: ")]
     assert hashed and hashed[-1].endswith("bytes (100%)"), p.stderr
     quiet = kai_attest("verify", str(root), "--trust", str(root / "keys/signing-key.pub.pem"), "--json", "--progress", "never")
     assert "hashing" not in quiet.stderr and json.loads(quiet.stdout)["verdict"] == report["verdict"]
@@ -170,8 +171,8 @@ def test_under_torchrun_a_config_error_is_one_line_per_rank_and_in_torchruns_err
     p = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
              "-m", "kai_train.train", f"run_dir={tmp_path / 'run'}", "seed=abc"], timeout=300)
     assert p.returncode != 0
-    mine = [l for l in p.stderr.splitlines() if l.startswith("kai-train: error: ")]
-    assert len(mine) == 2 and all("seed=abc" in l for l in mine), p.stderr  # one line from each rank
+    mine = [ln for ln in p.stderr.splitlines() if ln.startswith("kai-train: error: ")]
+    assert len(mine) == 2 and all("seed=abc" in ln for ln in mine), p.stderr  # one line from each rank
     summary = p.stderr.split(mine[-1])[-1]  # torchrun's, read from the ranks' error files
     assert "error_file: <N/A>" not in summary and "AppError: Error merging override seed=abc" in summary, p.stderr
     assert not (tmp_path / "run").exists()

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+pytest.importorskip("torch", reason="the train extra; not on the evaluator's light install")
 import torch
 
 from attest.digest import merkle_root, safetensors_root, tensor_digest

@@ -20,11 +20,11 @@ from bundlefactory import DERIVER, make_bundle, statements
 from sigstore_instance import Instance
 
 import attest.verify as verify
-from attest.checks_chain import check_signatures
+from attest.verify.checks.chain import check_signatures
 from attest.cli import main
 from attest.dsse import sign_statement
 from attest.keyless import KeylessSigner
-from attest.policy import PolicyError, load_policy
+from attest.verify.policy import PolicyError, load_policy
 from attest.signing import SignerError
 
 IDENTITY, ISSUER = "trainer@example.org", "https://oidc.example.org"

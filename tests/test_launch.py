@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+pytest.importorskip("torch", reason="the train extra; not on the evaluator's light install")
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
@@ -18,6 +19,7 @@ SCRIPTS = ["single_node.sh", "multi_node.sh", "slurm.sbatch", "demo.sh"]
 sys.path.insert(0, str(LAUNCH))
 import check_env as ce  # noqa: E402
 from check_env import expand_nodelist  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -69,12 +71,6 @@ def test_check_env_hints_at_ds_accelerator_cpu_when_there_is_no_gpu() -> None:
     lines = findings()
     assert not any(line.startswith("error") for line in lines), lines
     assert any(line.startswith("warn") and "DS_ACCELERATOR=cpu" in line for line in lines), lines
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_check_env_reports_a_busy_master_port_by_number_and_exits_1() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+pytest.importorskip("torch", reason="the train extra; not on the evaluator's light install")
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -24,8 +25,8 @@ from attest.chain import ChainWriter
 from attest.cli import main as cli_main
 from attest.digest import safetensors_root, sha256_file
 from attest.lineage import ComponentResult, LineageReport, Weights, lineage, open_weights
-from attest.lineage_names import map_names
-from attest.lineage_report import render_html
+from attest.lineage.names import map_names
+from attest.lineage.report import render_html
 from attest.signing import PemSigner
 from attest.statements import subject
 from kai_train.init import build_genesis_model
@@ -340,7 +341,7 @@ def test_html_report_renders_every_row(zoo: Zoo) -> None:
 
 def test_lineage_never_imports_torch() -> None:
     # (Blocking torch with sys.modules['torch'] = None would trip scipy's own array-API probe.)
-    code = ("import sys, attest.cli, attest.lineage, attest.lineage_names, attest.lineage_report\n"
+    code = ("import sys, attest.cli, attest.lineage, attest.lineage.names, attest.lineage.report\n"
             "print('ok' if 'torch' not in sys.modules else 'torch was imported')")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr

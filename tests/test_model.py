@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+pytest.importorskip("torch", reason="the train extra; not on the evaluator's light install")
 import torch
 import yaml
 

@@ -18,7 +18,8 @@ from attest.digest import PARALLEL_BYTES, DigestError, hash_safetensors, safeten
 from attest.oms import cross_check  # noqa: E402
 from attest.signing import PemSigner, PublicKeyVerifier, keygen  # noqa: E402
 from attest.statements import validate_statement  # noqa: E402
-from kai_train.checkpoint import assign, shard_name, write_share  # noqa: E402
+from attest.layout import checkpoint_shard as shard_name  # noqa: E402
+from kai_train.checkpoint import assign, write_share  # noqa: E402
 from kai_train.provenance import Provenance, ProvenanceError, environment, rng_state_digest  # noqa: E402
 from kai_train.weights import save_weights, state_dict_root  # noqa: E402
 

@@ -18,9 +18,9 @@ import pytest
 
 from attest import verify
 from attest.chain import read_chain
-from attest.checks_model import NO_RELEASE
+from attest.verify.checks.model import NO_RELEASE
 from attest.cli import main
-from attest.data_replay import check_data_replay
+from attest.verify.data_replay import check_data_replay
 from attest.digest import sha256_file
 from attest.oms import sign_checkpoint_dir
 from attest.runconfig import render_yaml
@@ -65,6 +65,7 @@ def data_replay_findings(run_dir: Path) -> list[verify.Finding]:
 # ------------------------------------------------------------------ A: the release is mandatory and whole
 
 
+@pytest.mark.slow  # the session's demo training (torchrun)
 def test_honest_demo_bundle_binds_every_export_file_and_its_signature(demo_run: Path, capsys) -> None:
     entries, _ = read_chain(demo_run / "bundle/chain.jsonl")
     (rel,) = [e for e in entries if e.kind == "release"]
@@ -81,6 +82,7 @@ def test_honest_demo_bundle_binds_every_export_file_and_its_signature(demo_run: 
     assert any(line.startswith("ok    run-config") for line in out.splitlines()), out
 
 
+@pytest.mark.slow  # the session's demo training (torchrun)
 def test_upstream_model_signing_accepts_the_export_folder(demo_run: Path) -> None:
     pytest.importorskip("model_signing")
     export = demo_run / "bundle/export"
@@ -211,6 +213,7 @@ def test_unsigned_extra_config_file_fails_run_config(bundle: Path, capsys) -> No
     assert "config/overrides.yaml: expected a subject of the run statement, found an unsigned file" in out
 
 
+@pytest.mark.slow  # the session's demo training (torchrun)
 def test_trainer_writes_the_canonical_rendering_and_yaml_reads_the_signed_config(demo_run: Path) -> None:
     entries, _ = read_chain(demo_run / "chain.jsonl")
     (run,) = [e for e in entries if e.kind == "run"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+pytest.importorskip("deepspeed", reason="the train extra; not on the evaluator's light install")
 
 from attest.chain import read_chain
 from attest.digest import safetensors_root

@@ -178,6 +178,7 @@ def _kai_data_uses_make_signer() -> bool:
 @needs_softhsm
 @pytest.mark.skipif(not _kai_data_uses_make_signer(), reason="data_pipelines/build.py does not use make_signer yet")
 def test_kai_data_with_attest_pkcs11_signs_the_whole_data_chain_with_the_hsm(token: str, tmp_path: Path) -> None:
+    pytest.importorskip("hydra", reason="the train extra; not on the evaluator's light install")
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO), KAI_PKCS11_PIN="1234")
     p = subprocess.run([sys.executable, "-m", "data_pipelines.build", f"out_dir={tmp_path}", "attest=pkcs11",
                         f"attest.uri='{token}'"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -306,7 +307,7 @@ def test_chain_entries_carry_the_tsa_timestamp_in_the_bundle(local_tsa, tmp_path
 
 
 def test_signing_config_files_name_every_backend_key() -> None:
-    import yaml
+    yaml = pytest.importorskip("yaml", reason="the train extra; not on the evaluator's light install")
 
     for name, keys in {"pem": {"backend", "key", "tsa_url"}, "pkcs11": {"backend", "uri", "pin_env", "tsa_url"}}.items():
         cfg = yaml.safe_load((REPO / "kai_train" / "conf" / "attest" / f"{name}.yaml").read_text())

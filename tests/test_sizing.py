@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+pytest.importorskip("omegaconf", reason="the train extra; not on the evaluator's light install")
 from omegaconf import OmegaConf
 
 from kai_train.model import ModelConfig

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from attest.signing import keygen
-from attest.slsa import PROVENANCE_TYPE, SLSA_NAME, VSA_TYPE, envelope_of
+from attest.layout import SLSA_NAME
+from attest.slsa import PROVENANCE_TYPE, VSA_TYPE, envelope_of
 from conftest import kai_attest
 
 pytestmark = pytest.mark.slow  # the session's demo training

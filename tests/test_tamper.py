@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+pytest.importorskip("torch", reason="the train extra; not on the evaluator's light install")
 from safetensors.torch import load_file
 
 from attest.chain import read_chain

@@ -32,7 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 
 import attest.verify as verify  # noqa: E402
 from attest.chain import ChainWriter  # noqa: E402
-from attest.policy import PolicyError, load_policy, parse_policy  # noqa: E402
+from attest.verify.policy import PolicyError, load_policy, parse_policy  # noqa: E402
 from attest.signers import make_signer  # noqa: E402
 from attest.signing import keygen  # noqa: E402
 from attest.statements import subject  # noqa: E402

@@ -17,11 +17,11 @@ from bundlefactory import DERIVER, ckpt_name, init_weights, make_bundle, stateme
 from test_signing_backends import local_tsa  # noqa: F401 - the real RFC 3161 TSA fixture
 
 import attest.verify as verify
-from attest import checks_chain
+from attest.verify.checks import chain as checks_chain
 from attest.archive import ArchiveError, extract_to
 from attest.cli import main
-from attest.policy import DEFAULT_REQUIRED, PolicyError, load_policy, parse_policy
-from attest.trajectory import adam_ratio_bound, by_component, robust_outliers
+from attest.verify.policy import DEFAULT_REQUIRED, PolicyError, load_policy, parse_policy
+from attest.verify.trajectory import adam_ratio_bound, by_component, robust_outliers
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -116,10 +116,26 @@ def test_bad_policy_file_exits_2_with_one_line(bundle, tmp_path: Path, capsys) -
 
 def test_required_check_that_is_skipped_fails(bundle, tmp_path: Path) -> None:
     root, _ = bundle
-    r = verify.verify_bundle(root, policy=load_policy(policy_file(tmp_path, required_checks=["replay", "no-such-check"])))
+    r = verify.verify_bundle(root, policy=load_policy(policy_file(tmp_path, required_checks=["replay"])))
     lines = {f.check: f for f in r.failed}
-    assert set(lines) == {"replay", "no-such-check"}
+    assert set(lines) == {"replay"}
     assert "required by policy" in lines["replay"].expected and "replay not run" in lines["replay"].found
+
+
+def test_a_policy_requiring_an_unknown_check_fails_when_loaded(tmp_path: Path) -> None:
+    path = policy_file(tmp_path, required_checks=["replay", "genisis"])
+    with pytest.raises(PolicyError, match=r"policy.json: required_checks names 'genisis', not a check of this verifier"):
+        load_policy(path)
+
+
+def test_check_names_are_declared_once_and_every_list_of_checks_uses_them() -> None:
+    from attest.verify.checknames import CHECK_NAMES
+    from attest.verify.policy import DEFAULT_REQUIRED
+
+    assert len(set(CHECK_NAMES)) == len(CHECK_NAMES)
+    assert set(DEFAULT_REQUIRED) | set(verify.BULK.values()) | set(verify.GATE) <= set(CHECK_NAMES)
+    with pytest.raises(ValueError, match="undeclared check 'genisis'"):
+        verify.Finding("genisis", True)
 
 
 def test_oms_hash_settings_are_pinned_by_policy(tmp_path: Path) -> None:
@@ -199,7 +215,7 @@ def test_timestamps_going_backwards_fail(bundle, monkeypatch: pytest.MonkeyPatch
 def test_real_rfc3161_tokens_are_read_and_a_moved_token_fails(local_tsa, tmp_path: Path) -> None:  # noqa: F811
     pytest.importorskip("rfc3161_client")
     from attest.chain import ChainWriter
-    from attest.policy import Policy
+    from attest.verify.policy import Policy
     from attest.signers import make_signer
     from attest.signing import keygen
     from attest.statements import subject

@@ -14,7 +14,7 @@ from bundlefactory import DERIVER, make_bundle
 
 import attest.verify as verify
 from attest.cli import main
-from attest.report import render_html
+from attest.verify.report import render_html
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -62,7 +62,7 @@ def test_report_of_a_failing_bundle_marks_the_flagged_segments(tmp_path: Path, c
 
 
 def test_render_survives_hostile_facts() -> None:
-    rep = verify.Report("b", [verify.Finding("x", False, "<f>", "<e>", "<g>")], ["<n>"], "identity",
+    rep = verify.Report("b", [verify.Finding("release", False, "<f>", "<e>", "<g>")], ["<n>"], "identity",
                         {"checkpoints": [{"step": "NaN", "loss": float("inf")}, {"step": 2, "loss": None}],
                          "trajectory": [{"segment": "<s>", "update_norm": float("nan"), "flags": ["jump"]}],
                          "data": [{"source": None, "license": ["x"], "rows": -5}]})
@@ -87,7 +87,7 @@ def test_staged_data_is_summarized_per_source_and_bars_count_only_the_shards_tra
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
 def test_report_renders_in_headless_chromium(tmp_path: Path, capsys) -> None:
     import numpy as np
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image", reason="the train extra; not on the evaluator's light install")
 
     _, _, html_file = report_of(tmp_path, capsys, swap_at=6)
     shot = tmp_path / "report.png"

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+pytest.importorskip("torch", reason="the train extra; not on the evaluator's light install")
 import torch
 
 from conftest import REPO, free_port

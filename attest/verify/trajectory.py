@@ -25,7 +25,7 @@ import statistics
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from io import BufferedReader
 
 import numpy as np
 
@@ -110,7 +110,7 @@ def coordinate_bound(steps: int, lr_max: float, ratio_bound: float, weight_decay
     return SLACK * steps * lr_max * (ratio_bound + weight_decay * w_max) + rounding
 
 
-def _chunks(f: BinaryIO, e: TensorEntry, numel: int) -> Iterator[np.ndarray]:
+def _chunks(f: BufferedReader, e: TensorEntry, numel: int) -> Iterator[np.ndarray]:
     """The tensor's elements, CHUNK_ELEMS at a time, as float32 (float64 for F64); one buffer reused."""
     np_dtype = np.dtype(FLOAT_DTYPES[e.dtype])
     buf = bytearray(min(numel, CHUNK_ELEMS) * np_dtype.itemsize)

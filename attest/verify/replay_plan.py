@@ -17,14 +17,15 @@ from __future__ import annotations
 import hmac
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from attest.chain import Entry
 from attest.digest import merkle_root
-from attest.findings import UNREADABLE, Context, as_dict, shard_subjects, subjects_of, weights_files
+from attest.errors import KaiError
+from attest.verify.findings import UNREADABLE, Context, as_dict, shard_subjects, subjects_of, weights_files
 
 
-class PlanError(ValueError):
+class PlanError(KaiError, ValueError):
     """Segment k cannot be replayed as signed; the message names what is missing or disagrees."""
 
 
@@ -60,7 +61,7 @@ MODEL_INTS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hid
 MODEL_FLOATS = ("rope_theta", "norm_eps")
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -212,7 +213,8 @@ def build_plan(ctx: Context, k: int, replay_world: int | None = None) -> dict[st
         if got != want or isinstance(got, bool):
             raise PlanError(f"{ctx.where(target)}: data_consumed {field} {str(got)[:80]} differs from the signed "
                             f"run config / previous checkpoint ({str(want)[:80]})")
-    steps = (tp.get("step") if _is_int(tp.get("step")) else -1) - (prev.predicate.get("step", 0) if k else 0)
+    step_end = tp.get("step")
+    steps = (step_end if _is_int(step_end) else -1) - (prev.predicate.get("step", 0) if k else 0)
     if not 1 <= steps <= train["steps"]:
         raise PlanError(f"{ctx.where(target)}: the segment spans {steps} steps")
     want_end = sampler["position_start"] + steps * train["grad_accum"] * train["micro_batch"] * world

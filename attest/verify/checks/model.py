@@ -12,13 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from attest import jsonread
-from attest import trajectory as traj
+from attest.verify import trajectory as traj
 from attest.bundle import BundlePathError, folder_entries
 from attest.chain import Entry
 from attest.digest import merkle_root
+from attest.layout import CHAIN_NAME, EXPORT_DIR
+from attest.plugins import DERIVERS, REPLAY_PLUGIN
 from attest.schedule import Schedule
-from attest.findings import (
-    CHAIN_NAME,
+from attest.verify.findings import (
     UNREADABLE,
     Context,
     Finding,
@@ -29,19 +30,16 @@ from attest.findings import (
     subjects_of,
     weights_files,
 )
-from attest.verify_cache import PARALLEL_BYTES, workers
+from attest.verify.cache import PARALLEL_BYTES, workers
 
-# Genesis derivers a bundle may name. Never import a module merely because a bundle names it.
-DERIVERS = {"kai_train.genesis:derive": "kai_train.genesis", "kai_train.initspec:derive": "kai_train.initspec"}
-
-# Segment replay plug-ins by name (attest.replay registers its replayer here). A replayer gets the Context
+# Segment replay plug-ins by name (attest.verify.replay registers its replayer here). A replayer gets the Context
 # and the checkpoint entries of the segments to replay (chosen by `replay_segments`), and yields
 # `replay` findings, one per segment: ok when re-running the segment from W_k on the recorded
 # data and config reproduces W_{k+1}'s canonical digest.
 Replayer = Callable[["Context", list[Entry]], Iterator["Finding"]]
 REPLAYERS: dict[str, Replayer] = {}
-DEFAULT_REPLAY_PLUGIN = "kai_train.replay"  # what attest.replay.PLUGIN names
-_DEFAULT_REPLAYER: list[Replayer] = []  # the one attest.replay registers (its dependencies are checked before use)
+DEFAULT_REPLAY_PLUGIN = REPLAY_PLUGIN
+_DEFAULT_REPLAYER: list[Replayer] = []  # the one attest.verify.replay registers (its dependencies are checked before use)
 
 
 def check_genesis(ctx: Context) -> Iterator[Finding]:
@@ -211,7 +209,7 @@ def check_trajectory(ctx: Context) -> Iterator[Finding]:
             continue
         metrics = as_dict(b.predicate.get("metrics"))
         lr_sum = sched.lr_sum(sa, sb)  # the signed schedule's lr summed over the segment's steps
-        row = {"segment": seg, "step_start": sa, "step_end": sb, "steps": steps, "update_norm": d.norm,
+        row: dict[str, Any] = {"segment": seg, "step_start": sa, "step_end": sb, "steps": steps, "update_norm": d.norm,
                "weight_norm": d.weight_norm, "numel": d.numel, "loss": metrics.get("loss"), "lr_sum": lr_sum,
                "flags": []}
         rows.append(row)
@@ -259,7 +257,6 @@ def check_trajectory(ctx: Context) -> Iterator[Finding]:
                       f"schedule{profile}")
 
 
-EXPORT_DIR = "export"  # the folder a user loads; kai_train.export writes it, the release names every file of it
 NO_RELEASE = "no release statement: the from-scratch claim needs a released model"
 MAX_EXPORT_CONFIG_BYTES = 1 << 20
 
@@ -476,7 +473,7 @@ def check_replay(ctx: Context) -> Iterator[Finding]:
     replayer = REPLAYERS.get(DEFAULT_REPLAY_PLUGIN)
     missing = None if replayer is not None else f"no replay implementation registered ({DEFAULT_REPLAY_PLUGIN})"
     if missing is None and replayer is _DEFAULT_REPLAYER[0]:
-        from attest.replay import plugin_available
+        from attest.verify.replay import plugin_available
 
         missing = plugin_available()
     if missing is not None:
@@ -489,6 +486,7 @@ def check_replay(ctx: Context) -> Iterator[Finding]:
     cov = ctx.facts["replay_coverage"] = coverage(len(segments), total)
     ctx.notes.append(f"replay coverage: {len(segments)} of {total} segments; a forgery confined to m segments escapes "
                      "with probability " + ", ".join(f"{p:.3g} (m={m})" for m, p in cov["escape_probability"].items()))
+    assert replayer is not None  # `missing` above returned otherwise
     yield from replayer(ctx, segments)
 
 

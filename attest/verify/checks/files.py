@@ -7,10 +7,10 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterator
 
-from attest.bundle import CHAIN_NAME, BundlePathError, folder_entries
+from attest.bundle import BundlePathError, folder_entries
 from attest.chain import Entry
 from attest.digest import merkle_root
-from attest.findings import (
+from attest.verify.findings import (
     UNREADABLE,
     Context,
     Finding,
@@ -21,6 +21,7 @@ from attest.findings import (
     subjects_of,
     weights_files,
 )
+from attest.layout import CHAIN_NAME
 
 RUN_CONFIG = "run-config"
 MAX_CONFIG_BYTES = 16 << 20
@@ -100,7 +101,7 @@ def check_weights(ctx: Context) -> Iterator[Finding]:
 def _optimizer_state(ctx: Context, e: Entry) -> Iterator[Finding]:
     """A checkpoint's recorded optimizer state names files that are subjects of the same statement,
     and their canonical root is the recorded one."""
-    from attest.replay_plan import optimizer_files
+    from attest.verify.replay_plan import optimizer_files
 
     opt = e.predicate.get("optimizer") if e.kind == "checkpoint" else None
     if opt is None:

@@ -29,9 +29,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attest.bundle import CHAIN_NAME, KEYS_DIR, BundlePathError, safe_file
+from attest import tool_version
+from attest.bundle import BundlePathError, safe_file
 from attest.chain import ChainError, read_chain
-from attest.checks_chain import (
+from attest.verify.checks.chain import (
     check_links,
     check_order,
     check_sequence,
@@ -40,10 +41,10 @@ from attest.checks_chain import (
     check_timestamps,
     token_time,
 )
-from attest.checks_data import check_data_licence, check_data_lineage
-from attest.data_replay import check_data_replay
-from attest.checks_files import check_oms, check_run_config, check_subjects, check_weights
-from attest.checks_model import (
+from attest.verify.checks.data import check_data_licence, check_data_lineage
+from attest.verify.data_replay import check_data_replay
+from attest.verify.checks.files import check_oms, check_run_config, check_subjects, check_weights
+from attest.verify.checks.model import (
     DEFAULT_REPLAY_PLUGIN,
     DERIVERS,
     REPLAYERS,
@@ -54,11 +55,12 @@ from attest.checks_model import (
     check_trajectory,
     replay_segments,
 )
-from attest.findings import HELD, BundleUnreadable, Context, Finding, as_dict, skipped, subjects_of
-from attest.policy import Policy
+from attest.verify.findings import HELD, BundleUnreadable, Context, Finding, as_dict, skipped, subjects_of
+from attest.layout import CHAIN_NAME, KEYS_DIR
+from attest.verify.policy import Policy
 from attest.progress import Progress
-from attest.replay import register as _register_replay
-from attest.signing import KeyError_, PublicKeyVerifier
+from attest.verify.replay import register as _register_replay
+from attest.signing import SigningKeyError, PublicKeyVerifier
 from attest.slsa import check_slsa_provenance
 
 _register_replay()  # the kai_train.replay plug-in (runs in a subprocess; torch is not imported here)
@@ -157,16 +159,6 @@ class Report:
         return json.dumps(_plain(self.to_dict()), indent=2, default=str)
 
 
-def tool_version() -> str:
-    """The installed kai-train distribution's version (what the report and --json name)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("kai-train")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def _plain(x: Any) -> Any:
     """JSON-safe: non-finite floats (an infinite update norm) become strings, as strict JSON wants."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -244,7 +236,7 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
         raise BundleUnreadable(f"{root / CHAIN_NAME}: the chain is empty")
     try:
         trusted, from_bundle = load_trust(root, trust or [], policy)
-    except KeyError_ as e:
+    except SigningKeyError as e:
         raise BundleUnreadable(str(e)) from None
     pack_problems: list[str] = []
     if challenge is not None:
@@ -253,7 +245,7 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
         if packs is None:
             raise BundleUnreadable("a challenge is answered by packs: give --packs PACKS with --challenge")
         folders, pack_problems = open_packs(root, packs, challenge, entries)
-        replay = [s["segment"] for s in challenge["segments"]]
+        replay = [s["segment"] for s in challenge["segments"]]  # type: ignore[assignment]
         light = True
     elif packs is not None:
         raise BundleUnreadable("--packs needs --challenge CHALLENGE.json: the evaluator's own copy of the challenge "
@@ -270,7 +262,7 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
     findings: list[Finding] = [Finding("challenge", False, "", "packs holding exactly the challenged segments' signed "
                                        "files", p) for p in pack_problems]
     if challenge is not None and not pack_problems:
-        findings.append(Finding("challenge", True, str(packs), detail=f"{len(replay)} segment pack(s) for a challenge "
+        findings.append(Finding("challenge", True, str(packs), detail=f"{len(challenge['segments'])} segment pack(s) for a challenge "
                                 f"drawn on this chain; every pack file is a signed subject (subject-digest checks it)"))
     prefetched = False
     for check in checks if checks is not None else CHECKS:
@@ -280,8 +272,8 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
                                         "failed, and no bulk work is done on unauthenticated input"))
                 continue
             if not prefetched:  # hash every subject in the background while the checks start
-                with Progress("hashing", 0, "bytes", progress) as bar:
-                    ctx.files.prefetch((s["name"] for e in entries for s in subjects_of(e)), bar.update)
+                with Progress("hashing", 0, "bytes", progress) as hashing:
+                    ctx.files.prefetch((s["name"] for e in entries for s in subjects_of(e)), hashing.update)
                 prefetched = True
         bar = _replay_progress(ctx, progress) if check is check_replay else None
         for f in check(ctx):

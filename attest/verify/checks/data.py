@@ -10,7 +10,7 @@ from typing import Any
 from attest import jsonread
 from attest.bundle import shard_manifest_name
 from attest.chain import Entry
-from attest.findings import (
+from attest.verify.findings import (
     UNREADABLE,
     Context,
     Finding,
@@ -20,10 +20,9 @@ from attest.findings import (
     short,
     subjects_of,
 )
+from attest.statements import NO_GENERATOR, SYNTHETIC_MARKERS
 
 MAX_MANIFEST_BYTES = 16 << 20
-SYNTHETIC_MARKERS = ("synthetic", "generated", "distill", "teacher")
-NO_GENERATOR = ("", "none", "unknown", "n/a", "na", "null", "undisclosed")
 
 
 def _read_json(ctx: Context, name: str) -> Any:
@@ -59,9 +58,9 @@ def check_data_lineage(ctx: Context) -> Iterator[Finding]:
         for m in mfiles:
             try:
                 on_disk = _read_json(ctx, m)
-            except jsonread.JsonReadError as e:
+            except jsonread.JsonReadError as err:
                 bad += 1
-                yield Finding("data-lineage", False, m, "a manifest file in strict JSON", str(e).removeprefix(f"{m}: "))
+                yield Finding("data-lineage", False, m, "a manifest file in strict JSON", str(err).removeprefix(f"{m}: "))
                 continue
             except UNREADABLE:
                 continue  # subject-digest reports it
@@ -83,7 +82,7 @@ def check_data_lineage(ctx: Context) -> Iterator[Finding]:
                               _source_brief(as_dict(manifest.get("source"))))
         if isinstance(manifest.get("sha256"), str):  # a hostile manifest may put a list here
             sources.setdefault(manifest["sha256"], manifest.get("source"))
-    uses: list[tuple[Entry, str, Any]] = []
+    uses: list[tuple[Entry, Any, Any]] = []  # (entry, shard name, sha256): as the bundle has them, checked below
     for e in ctx.entries:
         if e.kind == "tokenizer":
             uses += [(e, as_dict(t).get("name"), as_dict(t).get("sha256")) for t in as_list(e.predicate.get("trained_on"))]

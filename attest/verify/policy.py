@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from attest import jsonread
+from attest.verify.checknames import CHECK_NAMES
+from attest.errors import KaiError
 
 MAX_POLICY_BYTES = 1 << 20
 KEYID = re.compile(r"^(sha256:)?([0-9a-f]{64})$")
@@ -49,7 +51,7 @@ KNOWN_KEYS = {"policy_version", "keys", "sigstore_identities", "oms", "allowed_l
 OMS_KEYS = {"hash_type", "method", "allow_symlinks"}
 
 
-class PolicyError(ValueError):
+class PolicyError(KaiError, ValueError):
     """The policy file is unreadable or invalid; the message names the file and the field (exit 2)."""
 
 
@@ -183,6 +185,10 @@ def parse_policy(raw: Any, where: str = "policy", base: Path | None = None) -> P
         raise PolicyError(f"{where}: synthetic_requires_generator must be true or false")
     p.synthetic_requires_generator = srg
     p.required_checks = _str_list(raw, "required_checks", where)
+    unknown = [c for c in p.required_checks or [] if c not in CHECK_NAMES]
+    if unknown:
+        raise PolicyError(f"{where}: required_checks names {', '.join(map(repr, unknown[:5]))}, not a check of this "
+                          f"verifier (known: {', '.join(CHECK_NAMES)})")
     p.tsa_roots = _tsa_certs(raw, "tsa_roots", where, base)
     p.tsa_intermediates = _tsa_certs(raw, "tsa_intermediates", where, base)
     limits = raw.get("limits") or {}

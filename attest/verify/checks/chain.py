@@ -15,8 +15,7 @@ from typing import Any
 
 from attest.chain import Entry
 from attest.dsse import PAYLOAD_TYPE, pae
-from attest.findings import (
-    CHAIN_NAME,
+from attest.verify.findings import (
     Context,
     Finding,
     as_dict,
@@ -26,6 +25,7 @@ from attest.findings import (
     skipped,
 )
 from attest.keyless import certificate_identity, is_keyless, verify_keyless
+from attest.layout import CHAIN_NAME
 from attest.signing import PublicKeyVerifier
 from attest.statements import validate_statement
 
@@ -188,7 +188,7 @@ def check_order(ctx: Context) -> Iterator[Finding]:
                 problems.append((f"line {e.lineno} sampler range starting at {position} (where the previous "
                                  "segment ended)", f"[{lo}, {hi})"))
             position = hi if isinstance(hi, int) else position
-            root, step = p.get("weights_root"), p.get("step") if isinstance(p.get("step"), int) else step
+            root, step = p.get("weights_root"), p["step"] if isinstance(p.get("step"), int) else step
         for e in ctx.of_kind("release"):
             if e.predicate.get("weights_root") != root:
                 problems.append((f"release of the last checkpoint {short(root)}", short(e.predicate.get("weights_root"))))
@@ -232,7 +232,7 @@ def check_timestamps(ctx: Context) -> Iterator[Finding]:
     by a TSA certificate (EKU timeStamping) that chains to a root the policy pins (`tsa_roots`),
     never later than the verification time, and never going backwards along the chain. Without
     pinned roots the tokens' signatures are not verified and the check is skipped."""
-    tokens = []
+    tokens: list[tuple[Entry, Any]] = []  # (entry, its base64 token: token_time checks it first)
     for e in ctx.entries:
         tvd = as_dict(as_dict(e.bundle.get("verificationMaterial")).get("timestampVerificationData"))
         for t in as_list(tvd.get("rfc3161Timestamps")):

@@ -13,7 +13,7 @@ import html
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,7 @@ def _x(v: float, lo: float, hi: float) -> float:
     return PAD_L + (v - lo) / span * (W - PAD_L - PAD_R)
 
 
-def line_chart(series: dict[str, Sequence[tuple[float, float]]], xlabel: str, ylabel: str, title: str) -> str:
+def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], xlabel: str, ylabel: str, title: str) -> str:
     pts = [p for s in series.values() for p in s]
     if not pts:
         return f'<p class="muted">{_e(title)}: nothing recorded.</p>'
@@ -122,8 +122,8 @@ def line_chart(series: dict[str, Sequence[tuple[float, float]]], xlabel: str, yl
 
 def bar_chart(rows: Sequence[dict[str, Any]], title: str) -> str:
     """Update norm per segment (bars; red when flagged) and its bound (a tick above each bar)."""
-    vals = [(_num(r.get("update_norm")), _num(r.get("update_bound")), bool(r.get("flags")), str(r.get("segment", ""))) for r in rows]
-    vals = [v for v in vals if v[0] is not None]
+    measured = [(_num(r.get("update_norm")), _num(r.get("update_bound")), bool(r.get("flags")), str(r.get("segment", ""))) for r in rows]
+    vals = [(v, b, f, s) for v, b, f, s in measured if v is not None]
     if not vals:
         return f'<p class="muted">{_e(title)}: no segment measured.</p>'
     yhi = max(max(v[0], v[1] or 0.0) for v in vals) * 1.1 or 1.0
@@ -153,7 +153,7 @@ def stacked_bars(table: Sequence[dict[str, Any]], title: str) -> str:
     if any(r.get("trained") is True for r in table):
         table = [r for r in table if r.get("trained") is True]
     for r in table:
-        rows = r.get("rows") if isinstance(r.get("rows"), int) else 0
+        rows: int = r["rows"] if isinstance(r.get("rows"), int) else 0
         d = by_source.setdefault(str(r.get("source")), {})
         d[str(r.get("license"))] = d.get(str(r.get("license")), 0) + max(0, rows)
     if not by_source:
@@ -201,7 +201,7 @@ def _replay_table(report: Report) -> str:
         why = found[0].detail if found else "replay not run"
         return (f'<table><tr><th>segment</th><th>result</th><th>detail</th></tr>'
                 f'<tr><td>—</td><td class="s SKIP">not run</td><td>{_e(why)}</td></tr></table>')
-    facts = report.facts.get("replay") if isinstance(report.facts.get("replay"), list) else []
+    facts: list[Any] = report.facts["replay"] if isinstance(report.facts.get("replay"), list) else []
     modes = [f"{x.get('mode')} on {x.get('worlds')} rank(s)" + (
         f"; floor {x['tolerance'].get('floor_ratio', 0):.2g} of the update, margin {x['tolerance'].get('margin', 0):.3g}, "
         f"drift budget {x['tolerance'].get('drift_budget', 0):.2g}" if isinstance(x.get("tolerance"), dict)
@@ -224,7 +224,7 @@ def _replay_table(report: Report) -> str:
 
 
 def _count(r: dict[str, Any]) -> int:
-    counts = r.get("counts") if isinstance(r.get("counts"), dict) else {}
+    counts: dict[str, Any] = r["counts"] if isinstance(r.get("counts"), dict) else {}
     return sum(v for v in counts.values() if isinstance(v, int) and not isinstance(v, bool))
 
 

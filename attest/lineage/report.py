@@ -56,21 +56,21 @@ def _plot(report: LineageReport) -> str:
                    f'{_e(comp)}</text>')
         rows = [r for r in report.results if r.component == comp]
         for k, ref in enumerate(refs):
-            r = next((r for r in rows if r.reference == ref), None)
-            if r is None:
+            hit = next((r for r in rows if r.reference == ref), None)
+            if hit is None:
                 continue
             x = cx + (k - (len(refs) - 1) / 2) * min(10.0, step / (len(refs) + 1))
-            tip = f"{comp} vs {ref}: {r.verdict}" + (f", p={r.p_value:.2e}" if r.p_value is not None else "")
-            if r.p_value is None:
+            tip = f"{comp} vs {ref}: {hit.verdict}" + (f", p={hit.p_value:.2e}" if hit.p_value is not None else "")
+            if hit.p_value is None:
                 out.append(f'<text x="{x:.1f}" y="{top + ph - 3}" text-anchor="middle" fill="#999">'
                            f'×<title>{_e(tip)}</title></text>')
                 continue
-            v = -math.log10(r.p_value)
-            shape = (f'<path d="M{x - 5:.1f},{y(v) + 4:.1f} L{x + 5:.1f},{y(v) + 4:.1f} L{x:.1f},{y(v) - 5:.1f} Z"'
-                     if v > CAP else f'<circle cx="{x:.1f}" cy="{y(v):.1f}" r="4"')
-            fill = colour[ref] if r.verdict == "dependent" else "white"
+            pv = -math.log10(hit.p_value)
+            shape = (f'<path d="M{x - 5:.1f},{y(pv) + 4:.1f} L{x + 5:.1f},{y(pv) + 4:.1f} L{x:.1f},{y(pv) - 5:.1f} Z"'
+                     if pv > CAP else f'<circle cx="{x:.1f}" cy="{y(pv):.1f}" r="4"')
+            fill = colour[ref] if hit.verdict == "dependent" else "white"
             out.append(f'{shape} fill="{fill}" stroke="{colour[ref]}" stroke-width="1.5"><title>{_e(tip)}</title>'
-                       f'{"</path>" if v > CAP else "</circle>"}')
+                       f'{"</path>" if pv > CAP else "</circle>"}')
     for k, ref in enumerate(refs):
         ly = H + 16 + 24 * k - 8
         out.append(f'<circle cx="{left + 6}" cy="{ly}" r="4" fill="{colour[ref]}"/>'

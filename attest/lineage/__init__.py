@@ -40,10 +40,12 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import t as student_t
 
-from attest.bundle import CHAIN_NAME, BundlePathError, safe_file
+from attest.bundle import BundlePathError, safe_file
 from attest.chain import ChainError, read_chain
 from attest.digest import DigestError, TensorEntry, read_safetensors_index
-from attest.lineage_names import Axis, ModelMap, Slot, component_sort_key, map_names
+from attest.errors import KaiError
+from attest.layout import CHAIN_NAME
+from attest.lineage.names import Axis, ModelMap, Slot, component_sort_key, map_names
 
 DEFAULT_ALPHA = 1e-3
 DEFAULT_NULL_DRAWS = 99
@@ -60,7 +62,7 @@ CONTROL = "genesis (positive control)"
 _FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
 
-class LineageInputError(ValueError):
+class LineageInputError(KaiError, ValueError):
     """An input cannot be read as weights; the message names the file and the problem."""
 
 
@@ -114,10 +116,10 @@ def _index_files(label: str, files: list[Path]) -> dict[str, tuple[Path, TensorE
             raise LineageInputError(str(e)) from None
         except OSError as e:
             raise LineageInputError(f"{f}: cannot read ({e.strerror})") from None
-        for e in entries:
-            if e.name in tensors:
-                raise LineageInputError(f"{f}: tensor {e.name!r} also appears in {tensors[e.name][0]}")
-            tensors[e.name] = (f, e)
+        for t in entries:
+            if t.name in tensors:
+                raise LineageInputError(f"{f}: tensor {t.name!r} also appears in {tensors[t.name][0]}")
+            tensors[t.name] = (f, t)
     if not tensors:
         raise LineageInputError(f"{label}: no tensors")
     return tensors
@@ -328,8 +330,8 @@ def _plan_component(comp: str, cw: Weights, cs: dict[str, Slot], rw: Weights, rs
             groups.setdefault((a_axes[0].name, an.shape[0], bn.shape[0]), []).append(mat)
         else:
             plan.terms.append(_Term("aligned", [mat]))
-    for (_, na, _), mats in sorted(groups.items()):
-        sub = np.sort(rng.choice(na, max_units, replace=False)) if na > max_units else None
+    for (_, units, _), mats in sorted(groups.items()):
+        sub = np.sort(rng.choice(units, max_units, replace=False)) if units > max_units else None
         plan.terms.append(_Term("match", mats, sub))
     plan.raw_cosine = float(np.mean(cosines)) if cosines else None
     if not plan.terms:
@@ -489,7 +491,7 @@ def lineage(candidate: str | Path, references: Iterable[str | Path], alpha: floa
     cmap = map_names(cand.shapes())
     unmatched = {cand.label: cand.non_float() + cmap.unmatched}
     results: list[ComponentResult] = []
-    labels = []
+    labels: list[str] = []
     for ref in refs:
         rmap = map_names(ref.shapes())
         label = ref.label if ref.label not in labels and ref.label != cand.label else f"{ref.label}#{len(labels) + 1}"

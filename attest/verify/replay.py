@@ -1,10 +1,10 @@
 """Segment replay from the verifier's side: choose segments, build their plans, run, compare.
 
 The evaluator picks segments at random after receiving the bundle (`--replay N`, reproducible
-with `--replay-seed S`; see attest.checks_model.replay_segments), so a team cannot know which
+with `--replay-seed S`; see attest.verify.checks.model.replay_segments), so a team cannot know which
 segments will be re-run. The implementation that runs is this verifier's own `kai_train.replay`
 (the bundle names none). For each chosen segment the verifier builds a closed plan from signed
-statements only (attest.replay_plan: bound files, schema-checked config) and runs the plug-in in a
+statements only (attest.verify.replay_plan: bound files, schema-checked config) and runs the plug-in in a
 separate process under torchrun with the world size the segment recorded, on CPU, in a fresh
 scratch directory that is also its HOME and TMPDIR, with a minimal environment. The weights and
 AdamW state it reaches must equal the next checkpoint's signed roots bit for bit, and it must
@@ -24,9 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from attest.replay_plan import PlanError, build_plan
+from attest.plugins import REPLAY_PLUGIN
+from attest.verify.replay_plan import PlanError, build_plan
 
-PLUGIN = "kai_train.replay"  # the one implementation this verifier runs
+PLUGIN = REPLAY_PLUGIN  # the one implementation this verifier runs
 # What the replay process inherits from the verifier's environment; nothing else (a bundle cannot
 # reach it, but a stray LD_PRELOAD, PYTHONSTARTUP or DeepSpeed variable of the evaluator's shell
 # should not change a replay either).
@@ -100,7 +101,7 @@ def compare(plan: dict[str, Any], result: dict[str, Any], exact: bool = True) ->
 def choose_mode(ctx, target, asked: str) -> tuple[str, str]:
     """("exact" | "tolerance", why) for a segment, from what its checkpoint statement records
     (hardware class, deterministic settings, world size) and the evaluator's `--replay-mode`."""
-    from attest.findings import as_dict
+    from attest.verify.findings import as_dict
 
     env = as_dict(target.predicate.get("environment"))
     det, hw = as_dict(env.get("determinism")), as_dict(env.get("hardware"))
@@ -185,7 +186,7 @@ def first_divergence(plan: dict[str, Any], losses: Any, other: Any = None, k: fl
 
 def replayer(ctx, segments) -> Iterator:  # (Context, list[Entry]) -> Iterator[Finding]
     """The verifier's `replay` check body: one finding per chosen segment."""
-    from attest.findings import Finding
+    from attest.verify.findings import Finding
 
     ckpts = ctx.of_kind("checkpoint")
     index = {id(e): i for i, e in enumerate(ckpts)}
@@ -209,7 +210,7 @@ def replayer(ctx, segments) -> Iterator:  # (Context, list[Entry]) -> Iterator[F
 
 
 def _exact(ctx, plan: dict[str, Any], label: str, fact: dict[str, Any]):
-    from attest.findings import Finding, short
+    from attest.verify.findings import Finding, short
 
     if plan["world_size"] != plan["recorded_world"]:
         raise PlanError("exact replay runs at the recorded world size")
@@ -233,7 +234,7 @@ def _exact(ctx, plan: dict[str, Any], label: str, fact: dict[str, Any]):
 def _tolerance(ctx, k: int, label: str, fact: dict[str, Any]):
     """Two replays on other configurations (world sizes) than recorded: their difference is the
     noise floor; the claimed end state must sit within it, tensor by tensor."""
-    from attest.findings import Finding
+    from attest.verify.findings import Finding
 
     worlds = tuple(ctx.replay_worlds or DEFAULT_TOLERANCE_WORLDS)
     if len(set(worlds)) != 2:
@@ -270,7 +271,7 @@ def _tolerance(ctx, k: int, label: str, fact: dict[str, Any]):
 
 
 def register() -> None:
-    from attest.checks_model import _DEFAULT_REPLAYER, REPLAYERS
+    from attest.verify.checks.model import _DEFAULT_REPLAYER, REPLAYERS
 
     REPLAYERS[PLUGIN] = replayer
     _DEFAULT_REPLAYER[:] = [replayer]

@@ -181,7 +181,8 @@ OTHER_RULES: list[tuple[str, str, str, str, str]] = [
 ]
 
 _BLOCK_RES = [(f, re.compile(prefix + r"(?P<suffix>.+)"), table) for f, prefix, table in BLOCK_LAYOUTS]
-_OTHER_RES = [(re.compile(rx), *rest) for rx, *rest in OTHER_RULES]
+_OTHER_RES: list[tuple[re.Pattern[str], str, str, str, str]] = [
+    (re.compile(rx), *rest) for rx, *rest in OTHER_RULES]  # type: ignore[misc]
 
 
 def _axes(spec: str, family: str, ndim: int) -> tuple[Axis, ...] | None:

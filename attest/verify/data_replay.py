@@ -23,8 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from attest.bundle import CHAIN_NAME, BundlePathError, safe_file
-from attest.findings import Context, Finding, as_dict, as_list, shard_subjects, skipped, subjects_of
+from attest.bundle import BundlePathError, safe_file
+from attest.layout import CHAIN_NAME
+from attest.verify.findings import Context, Finding, as_dict, as_list, shard_subjects, skipped, subjects_of
 
 SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # as data_pipelines.sources requires
 
@@ -95,7 +96,7 @@ def check_data_replay(ctx: Context) -> Iterator[Finding]:
         yield Finding(CHECK, False, "", "the recorded stages to run again", f"{type(e).__name__}: {e}")
 
 
-def _replay(ctx: Context, staged: dict[str, dict[str, dict[str, Any]]], stages: Any, DedupConfig: Any,  # noqa: N803
+def _replay(ctx: Context, staged: dict[str, dict[str, dict[str, Any]]], stages: Any, DedupConfig: Any,
             scheme: str, shingle_hash: str, Source: Any, load_tokenizer: Any) -> Iterator[Finding]:
     import pyarrow.parquet as pq
 

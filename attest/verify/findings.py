@@ -8,19 +8,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attest.bundle import CHAIN_NAME, BundlePathError
+from attest.bundle import BundlePathError
 from attest.chain import Entry
+from attest.verify.checknames import CHECK_NAMES
 from attest.digest import DigestError
-from attest.policy import Policy
+from attest.errors import KaiError
+from attest.layout import CHAIN_NAME
+from attest.verify.policy import Policy
 from attest.signing import PublicKeyVerifier
-from attest.verify_cache import FileDigests
+from attest.verify.cache import FileDigests
 
 # What reading a hostile file may raise; a check turns these into findings. RecursionError: JSON
 # nested deeper than the parser's stack (a header or manifest of "[[[[…").
 UNREADABLE = (FileNotFoundError, BundlePathError, DigestError, OSError, ValueError, RecursionError)
 
 
-class BundleUnreadable(Exception):
+class BundleUnreadable(KaiError):
     """The bundle cannot be read at all (exit 2)."""
 
 
@@ -33,6 +36,10 @@ class Finding:
     found: str = ""
     detail: str = ""
     skipped: bool = False
+
+    def __post_init__(self) -> None:
+        if self.check not in CHECK_NAMES:  # a check's name is code, never bundle data: a typo is a bug
+            raise ValueError(f"finding for an undeclared check {self.check!r} (attest.verify.checknames)")
 
     def line(self) -> str:
         """One terminal line; every field is passed through `term_safe` (bundle strings are hostile)."""
@@ -64,7 +71,7 @@ def skipped(check: str, file: str, why: str) -> Finding:
 HELD = "held by the team"  # how a skip for heavy state a light bundle leaves out begins (attest.challenge)
 
 
-def held_skip(ctx: "Context", check: str, file: str, what: str) -> Finding:
+def held_skip(ctx: Context, check: str, file: str, what: str) -> Finding:
     """A part of a check not run on a light bundle because the state it reads is held by the team."""
     ctx.facts.setdefault("held_parts", 0)
     ctx.facts["held_parts"] += 1
@@ -83,7 +90,7 @@ class Context:
     replay: int | str | list[int] | None = None  # --replay: None, a count N, "all"; or a challenge's segments
     replay_seed: int | None = None  # --replay-seed: which segments; None = fresh randomness
     replay_data: bool = False  # --replay-data: recompute dedup and pack shards
-    replay_mode: str = "auto"  # --replay-mode: auto | exact | tolerance (attest.replay)
+    replay_mode: str = "auto"  # --replay-mode: auto | exact | tolerance (attest.verify.replay)
     replay_worlds: tuple[int, ...] | None = None  # --replay-worlds: tolerance mode's two world sizes
     light: bool = False  # --light / --packs: heavy state absent from the bundle is held by the team, not missing
     facts: dict[str, Any] = field(default_factory=dict)  # what checks measured: --json, --report
