@@ -13,7 +13,8 @@ import json
 import shutil
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import pytest
 from bundlefactory import DERIVER, make_bundle, statements

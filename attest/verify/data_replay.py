@@ -106,14 +106,15 @@ def _replay(ctx: Context, staged: dict[str, dict[str, dict[str, Any]]], stages: 
         return
     from data_pipelines.dedup import DATATROVE_SCHEME
 
-    engine = None
+    engine: Any = None
     if dparams.get("scheme") == DATATROVE_SCHEME:  # built on datatrove's executors (data_pipelines.engine)
         try:
-            from data_pipelines import engine
+            from data_pipelines import engine as datatrove_engine
         except ImportError as e:
             yield skipped(CHECK, "", f"dedup recorded by kai-data on datatrove; needs datatrove "
                                      f"(pip install 'kai-train[train]'): {e}")
             return
+        engine = datatrove_engine
         scheme = engine.ENGINE
     if (dparams.get("scheme"), dparams.get("shingle_hash")) != (scheme, shingle_hash):
         yield skipped(CHECK, "", f"dedup recorded with MinHash {dparams.get('scheme')}/{dparams.get('shingle_hash')}; "
