@@ -147,3 +147,10 @@ def bundle(demo_run: Path, tmp_path: Path) -> Path:
 def key(demo_run: Path) -> Path:
     """The demo run's signing key: what an insider holds."""
     return demo_run / "keys/signing-key.pem"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that reads the trained demo (directly or through `bundle`/`key`) runs torchrun: slow."""
+    for item in items:
+        if "demo_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
