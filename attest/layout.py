@@ -20,6 +20,11 @@ PUBLIC_KEY_NAME = "signing-key.pub.pem"
 CONFIG_NAME = "config/run.yaml"
 SLSA_NAME = "release.slsa.json"
 EXPORT_DIR = "export"  # the folder a user loads; kai_train.export writes it, the release names every file of it
+# What transformers runs with trust_remote_code from export/: these files, byte for byte this
+# package's (kai_train/), named by these auto_maps; the release check holds every export to them.
+EXPORT_CODE_FILES = ("modeling_kai.py", "model.py", "modelspec.py", "tokenization_kai.py")
+EXPORT_AUTO_MAP = {"AutoConfig": "modeling_kai.KaiConfig", "AutoModelForCausalLM": "modeling_kai.KaiForCausalLM"}
+EXPORT_TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_kai.KaiTokenizer", None]}
 CHECKPOINTS_DIR = "checkpoints"
 SIDECARS_DIR = ".provenance"
 _STEP = "step-"

@@ -29,7 +29,7 @@ from typing import Any
 
 from attest.chain import read_chain
 from attest.digest import safetensors_root
-from attest.layout import CHAIN_NAME, EXPORT_DIR
+from attest.layout import CHAIN_NAME, EXPORT_AUTO_MAP, EXPORT_CODE_FILES, EXPORT_DIR, EXPORT_TOKENIZER_AUTO_MAP
 
 MODEL_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -39,7 +39,7 @@ TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 CARD_NAME = "README.md"
 # the model code transformers loads with trust_remote_code, copied byte for byte from this package
-CODE_FILES = ("modeling_kai.py", "model.py", "modelspec.py", "tokenization_kai.py")
+CODE_FILES = EXPORT_CODE_FILES
 
 
 def export_config(model: dict[str, Any] | None, step: int, weights_root: str, run_id: Any,
@@ -55,7 +55,7 @@ def export_config(model: dict[str, Any] | None, step: int, weights_root: str, ru
         "tokenizer": tokenizer,
         "model_type": "kai_multimodal",
         "architectures": ["KaiForCausalLM"],
-        "auto_map": {"AutoConfig": "modeling_kai.KaiConfig", "AutoModelForCausalLM": "modeling_kai.KaiForCausalLM"},
+        "auto_map": EXPORT_AUTO_MAP,
         "vocab_size": (model or {}).get("vocab_size"),
         "max_position_embeddings": (model or {}).get("max_seq_len"),
         "torch_dtype": "float32",
@@ -124,7 +124,7 @@ def hf_files(out: Path, model: dict[str, Any], has_tokenizer: bool) -> dict[str,
         special = {f"{k}_token_id": v for k, v in ids.items() if k != "unk" and v >= 0}
         tok_cfg: dict[str, Any] = {
             "tokenizer_class": "KaiTokenizer",  # sentencepiece's own encoding (kai_train/tokenization_kai.py)
-            "auto_map": {"AutoTokenizer": ["tokenization_kai.KaiTokenizer", None]},
+            "auto_map": EXPORT_TOKENIZER_AUTO_MAP,
             "model_max_length": model.get("max_seq_len"),
             "clean_up_tokenization_spaces": False, "legacy": True,  # sentencepiece encodes the text as it is
             **{f"{k}_token": sp.id_to_piece(v) for k, v in ids.items() if v >= 0},

@@ -114,6 +114,32 @@ def test_foreign_model_config_in_export_resigned_fails_release(bundle: Path, key
     assert "n_layers" in out
 
 
+def test_model_code_in_export_other_than_kai_trains_resigned_fails_release(bundle: Path, key: Path, capsys) -> None:
+    """transformers runs export/*.py with trust_remote_code: an insider who edits that code (here, a
+    line that would load foreign weights) and re-signs everything fails `release`."""
+    code = bundle / "export/modeling_kai.py"
+    code.write_text(code.read_text() + "\n# load_foreign_vision_encoder()\n")
+    resign_export(bundle, key)
+    failed, out = failed_checks(capsys, bundle)
+    assert failed == {"release"}, out
+    assert "export/modeling_kai.py: expected kai_train/modeling_kai.py of this verifier" in out
+
+
+def test_an_auto_map_naming_other_code_resigned_fails_release(bundle: Path, key: Path, capsys) -> None:
+    import json
+
+    (bundle / "export/evil.py").write_text("from .modeling_kai import KaiForCausalLM  # and more\n")
+    cfg_file = bundle / "export/config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["auto_map"]["AutoModelForCausalLM"] = "evil.KaiForCausalLM"
+    cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+    resign_export(bundle, key)
+    failed, out = failed_checks(capsys, bundle)
+    assert failed == {"release"}, out
+    assert "export/evil.py: expected only kai-train's model code" in out
+    assert "export/config.json: expected auto_map" in out
+
+
 def test_extra_unsigned_file_in_export_fails_release(bundle: Path, capsys) -> None:
     (bundle / "export/special_config.json").write_text('{"temperature": 0.7}\n')
     failed, out = failed_checks(capsys, bundle)

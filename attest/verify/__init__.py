@@ -11,10 +11,13 @@ bounds; `replay` and `replay_plan` segment replay; `data_replay` --replay-data; 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 
 def __getattr__(name: str) -> Any:
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # a submodule (`from attest.verify import trajectory`)
     verifier = importlib.import_module("attest.verify.verifier")  # not `from . import`: that asks this hook again
     try:
         return getattr(verifier, name)

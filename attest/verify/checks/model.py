@@ -7,16 +7,17 @@ import importlib
 import json
 import os
 import random
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from attest import jsonread
+from attest import jsonread, tool_version
 from attest.verify import trajectory as traj
 from attest.bundle import BundlePathError, folder_entries
 from attest.chain import Entry
 from attest.digest import merkle_root
-from attest.layout import CHAIN_NAME, EXPORT_DIR
+from attest.layout import CHAIN_NAME, EXPORT_AUTO_MAP, EXPORT_CODE_FILES, EXPORT_DIR, EXPORT_TOKENIZER_AUTO_MAP
 from attest.plugins import DERIVERS, REPLAY_PLUGIN
 from attest.schedule import Schedule
 from attest.verify.findings import (
@@ -334,6 +335,9 @@ def check_release(ctx: Context) -> Iterator[Finding]:
     for f in found:
         bad += 1
         yield f
+    for f in _export_code(ctx, subs):
+        bad += 1
+        yield f
     if not bad:
         yield Finding("release", True, ctx.where(r), detail=f"step {last.get('step')}, the last checkpoint; "
                       f"{len(subs)} files of {EXPORT_DIR}/ signed, weights, config and tokenizer bound")
@@ -367,6 +371,57 @@ def _export_index(ctx: Context, index: str, shards: list[str]) -> Iterator[Findi
         diff = sorted(set(wmap.items()) ^ set(held.items()))[:3]
         yield Finding("release", False, index, "weight_map = the tensors each signed shard holds",
                       f"{len(set(wmap.items()) ^ set(held.items()))} entries differ, e.g. {diff}"[:200])
+
+
+def _own_code(name: str) -> bytes | None:
+    """This verifier's own copy of an export code file (kai_train/NAME), read, never imported."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("kai_train")  # a top-level spec: kai_train is not executed
+    except (ImportError, ValueError):
+        return None
+    where = list(spec.submodule_search_locations or []) if spec is not None else []
+    try:
+        return (Path(where[0]) / name).read_bytes() if where else None
+    except OSError:
+        return None
+
+
+def _export_code(ctx: Context, subs: dict[str, Any]) -> Iterator[Finding]:
+    """The code a user runs when loading export/ with transformers (trust_remote_code) is this
+    verifier's own kai-train code, byte for byte, and the auto_maps name only it: a bundle never
+    chooses code that runs on a user's machine."""
+    for rel in sorted(n for n in subs if n.startswith(EXPORT_DIR + "/") and n.endswith(".py")):
+        base = rel.rsplit("/", 1)[-1]
+        if rel.count("/") != 1 or base not in EXPORT_CODE_FILES:
+            yield Finding("release", False, rel, f"only kai-train's model code ({', '.join(EXPORT_CODE_FILES)})",
+                          "another Python file a loader could run")
+            continue
+        own = _own_code(base)
+        try:
+            theirs = ctx.files.path(rel).read_bytes()
+        except UNREADABLE as ex:
+            yield Finding("release", False, rel, "kai-train's model code", str(ex)[:120])
+            continue
+        if own is None:
+            yield Finding("release", False, rel, f"this verifier's kai_train/{base} to compare with",
+                          "kai_train is not installed here")
+        elif theirs != own:
+            yield Finding("release", False, rel, f"kai_train/{base} of this verifier (kai-train {tool_version()}), "
+                          "byte for byte", "other code", "transformers runs this file with trust_remote_code")
+    for name, want in ((f"{EXPORT_DIR}/config.json", EXPORT_AUTO_MAP),
+                       (f"{EXPORT_DIR}/tokenizer_config.json", EXPORT_TOKENIZER_AUTO_MAP)):
+        if name not in subs:
+            continue
+        try:
+            got = as_dict(jsonread.load_file(ctx.files.path(name), 16 << 20)).get("auto_map")
+        except UNREADABLE as ex:
+            yield Finding("release", False, name, "a readable JSON file", str(ex)[:120])
+            continue
+        if got is not None and got != want:
+            yield Finding("release", False, name, f"auto_map {json.dumps(want)}", json.dumps(got)[:200],
+                          "auto_map chooses the code transformers runs")
 
 
 def _export_config(ctx: Context, r: Entry, name: str | None, last: dict[str, Any]) -> Iterator[Finding]:
