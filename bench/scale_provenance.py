@@ -13,7 +13,7 @@ DS_ACCELERATOR=cpu) and every rank measures, in one run:
   which writes and hashes them alone (what checkpoints cost before they were sharded).
 
 Peak RSS is `ru_maxrss` above the RSS after imports and process start (the "tiny baseline" of
-the issue is this fixed cost). Printed: a table per (world, stage) and the ratios the goals name:
+the goal is this fixed cost). Printed: a table per (world, stage) and the ratios the goals name:
 peak RSS over the ZeRO-3 share (16 bytes × parameters / world), rank 0 over the median rank in
 units of the fp32 model size, bytes per rank over total / world, blocked time over one step.
 """
