@@ -161,14 +161,18 @@ def _write_result(plan: Plan, stage: str, rank: int, names: list[str]) -> None:
 
 # --- pipeline steps -------------------------------------------------------------------------------
 
-class IngestTask(PipelineStep):
-    """Task i ingests source i (resuming after the shards the chain records)."""
-
-    name = "kai-data ingest"
+class PlanStep(PipelineStep):
+    """A pipeline step that reads the build's plan."""
 
     def __init__(self, plan: Plan) -> None:
         super().__init__()
         self.plan = plan
+
+
+class IngestTask(PlanStep):
+    """Task i ingests source i (resuming after the shards the chain records)."""
+
+    name = "kai-data ingest"
 
     def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
         names = stages.ingest(self.plan.build(), self.plan.sources[rank], self.plan.norm)
@@ -176,15 +180,11 @@ class IngestTask(PipelineStep):
         return iter(())
 
 
-class GroupReader(PipelineStep):
+class GroupReader(PlanStep):
     """The records of task `rank`'s group of ingest shards, in order, as datatrove Documents: `text` is
     the text of text records and empty for media (no shingles); the record rides in `metadata`."""
 
     name = "kai-data group reader"
-
-    def __init__(self, plan: Plan) -> None:
-        super().__init__()
-        self.plan = plan
 
     def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
         b = self.plan.build()
@@ -290,14 +290,10 @@ class DedupWriter(PipelineStep):
         yield from ()
 
 
-class PackTask(PipelineStep):
+class PackTask(PlanStep):
     """Task i packs source i's dedup shards with the tokenizer the chain records."""
 
     name = "kai-data pack"
-
-    def __init__(self, plan: Plan) -> None:
-        super().__init__()
-        self.plan = plan
 
     def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
         from data_pipelines.tokenizer import load_tokenizer
