@@ -13,13 +13,22 @@ A step's block may straddle an epoch boundary; it then continues in the next epo
 so no row is dropped or repeated within an epoch when N is not a multiple of B*W. Resuming at step
 k is `batches(k)`, and `rows_for_steps` tells a checkpoint statement exactly which global positions
 a run segment consumed, which a verifier can re-derive with `rows_at`.
+
+That is the sampler of runs whose config records no `sampler.kind` (kept so they replay as they
+ran). New runs use `feistel-v1` (attest.sampling): the same global stream and step layout, but the
+epoch order is a keyed Feistel permutation evaluated one position at a time, so no process ever
+materialises a permutation of the corpus, and an optional signed mixture draws each position from
+a declared source. `make_sampler` builds either from what the run config records.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+
+from attest.sampling import FEISTEL_V1, KINDS, Sampler, train_before, train_id
 
 
 def epoch_order(seed: int, epoch: int, num_rows: int) -> np.ndarray:
@@ -107,3 +116,47 @@ class DistributedSampler:
             "epoch": position // self.num_rows,
             "position": position,
         }
+
+
+class PermutationSampler:
+    """The sampler of runs that record no kind: a numpy permutation of the training rows per epoch
+    (one epoch's order cached). Same interface as attest.sampling.Sampler."""
+
+    kind = None
+    mixture = None
+
+    def __init__(self, seed: int, holdout_every: int, shard_rows: Sequence[int]) -> None:
+        self.seed, self.h = seed, holdout_every
+        self.total_rows = sum(int(r) for r in shard_rows)
+        self.num_rows = train_before(self.total_rows, holdout_every)
+        if self.num_rows < 1:
+            raise ValueError("no training rows")
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def rows(self, lo: int, hi: int) -> list[int]:
+        out: list[int] = []
+        pos = lo
+        while pos < hi:
+            epoch, offset = divmod(pos, self.num_rows)
+            if self._cached is None or self._cached[0] != epoch:
+                self._cached = (epoch, epoch_order(self.seed, epoch, self.num_rows))
+            take = min(self.num_rows - offset, hi - pos)
+            out += [train_id(int(t), self.h) for t in self._cached[1][offset:offset + take]]
+            pos += take
+        return out
+
+    def record(self, lo: int, hi: int) -> None:
+        return None
+
+
+def make_sampler(kind: str | None, seed: int, holdout_every: int, shard_rows: Sequence[int],
+                 shard_sources: Sequence[str] | None = None, mixture: Mapping[str, int] | None = None) -> Any:
+    """The sampler a run config records: `kind` None (absent: the permutation sampler of earlier
+    runs, no mixture) or `feistel-v1`. ValueError names what does not fit."""
+    if kind is None:
+        if mixture:
+            raise ValueError("a sampler mixture needs sampler.kind feistel-v1")
+        return PermutationSampler(seed, holdout_every, shard_rows)
+    if kind != FEISTEL_V1:
+        raise ValueError(f"sampler.kind {kind!r}: this version knows {list(KINDS)}")
+    return Sampler(seed, holdout_every, shard_rows, shard_sources, mixture)

@@ -1,8 +1,15 @@
-"""Training batches from attested Parquet shards: rows by id, decoded into tensors.
+"""Training batches from attested Parquet shards: rows by id, read one row group at a time.
 
-The row ids come from `data_pipelines.sampler`; this module only turns ids into tensors. Shards
-are read with pyarrow in the order given (the run records that order and each shard's digest),
-so row id i means the same row on every rank and in every replay.
+The row ids come from the sampler (data_pipelines.sampler.make_sampler); this module turns ids into
+tensors. Row id i is the i-th row of the shards concatenated in the order given (the run records
+that order and each shard's digest), so it means the same row on every rank and in every replay.
+
+Nothing here loads a shard: `ShardIndex` reads each shard's Parquet footer once (rows per row
+group), and a batch reads only the row groups that hold its rows (pread, a few open files kept, the
+last row groups decoded kept), then decodes only those rows: tokens, and the PNG or WAV of a media
+row only when that row is in the batch. Memory is the index (O(row groups)) plus a bounded number
+of row groups (≤ data_pipelines.shards.ROW_GROUP_BYTES each as written by kai-data), whatever the
+size of the corpus. `Batches` builds a rank's next micro-batches on a background thread.
 
 Packed shards (data_pipelines.pack: a `tokens` column of exactly text_len ids) are used as they
 are; record shards (a `text` column) are tokenized here as `<bos> text <eos>`, cut and padded.
@@ -11,7 +18,12 @@ are; record shards (a `text` column) are tokenized here as `<bos> text <eos>`, c
 from __future__ import annotations
 
 import io
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,53 +34,187 @@ from PIL import Image
 
 from data_pipelines.shards import wav_samples
 
+OPEN_FILES = 16    # Parquet files kept open (footers parsed)
+CACHED_GROUPS = 4  # decoded row groups kept (consecutive rows of a batch often share one)
+
+
+class ShardIndex:
+    """Rows per shard and per row group, from the Parquet footers only (no data page is read)."""
+
+    def __init__(self, shard_paths: Sequence[Path]) -> None:
+        if not shard_paths:
+            raise ValueError("no data shards given")
+        self.paths = [Path(p) for p in shard_paths]
+        starts, shard_of, group_of = [0], [], []
+        self.shard_rows: list[int] = []
+        names: set[tuple[str, ...]] = set()
+        for i, p in enumerate(self.paths):
+            md = pq.read_metadata(p)
+            names.add(tuple(md.schema.to_arrow_schema().names))
+            for j in range(md.num_row_groups):
+                n = md.row_group(j).num_rows
+                if n:
+                    starts.append(starts[-1] + n)
+                    shard_of.append(i)
+                    group_of.append(j)
+            self.shard_rows.append(md.num_rows)
+        packed = {"tokens" in n for n in names}
+        if len(packed) > 1:
+            raise ValueError(f"shards {[str(p) for p in self.paths][:8]} mix packed and record shards")
+        self.packed = packed.pop()
+        self.group_start = np.asarray(starts, dtype=np.int64)  # global first row of each group, then the total
+        self.group_shard = np.asarray(shard_of, dtype=np.int32)
+        self.group_index = np.asarray(group_of, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return int(self.group_start[-1])
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """(global row group, offset in it) of global row id `row`."""
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} outside the {len(self)} rows of the shards")
+        g = int(np.searchsorted(self.group_start, row, side="right")) - 1
+        return g, row - int(self.group_start[g])
+
 
 class ShardDataset:
     def __init__(self, shard_paths: list[Path], tokenizer_path: Path, text_len: int) -> None:
-        if not shard_paths:
-            raise ValueError("no data shards given")
-        tables = [pq.read_table(p) for p in shard_paths]
-        kinds = {"tokens" in t.schema.names for t in tables}
-        if len(kinds) > 1:
-            raise ValueError(f"shards {[str(p) for p in shard_paths]} mix packed and record shards")
-        self.packed = kinds.pop()
-        for path, t in zip(shard_paths, tables):
-            if self.packed and t.num_rows and (n := len(t.column("tokens")[0])) != text_len:
-                raise ValueError(f"{path}: packed rows hold {n} tokens, but train.text_len is {text_len}")
-        table = pa.concat_tables([t.select(["modality", "tokens" if self.packed else "text", "image", "audio"])
-                                  for t in tables])
-        self.modality = table.column("modality").to_pylist()
-        self.text = table.column("tokens" if self.packed else "text").to_pylist()
-        self.image = table.column("image").combine_chunks().flatten()[0].to_pylist()  # PNG bytes or None
-        self.audio = table.column("audio").combine_chunks().flatten()[0]  # WAV bytes, decoded per batch
+        self.index = ShardIndex(shard_paths)
+        self.packed = self.index.packed
+        self.columns = ["modality", "tokens" if self.packed else "text", "image", "audio"]
+        self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
+        self._groups: OrderedDict[int, pa.Table] = OrderedDict()
+        self._lock = threading.Lock()  # the prefetch thread and the eval on the main thread share the caches
         self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
         self.text_len = text_len
         self.pad_id = max(self.sp.pad_id(), 0)
+        if self.packed and len(self.index):
+            self._check_len(0)
 
     def __len__(self) -> int:
-        return len(self.modality)
+        return len(self.index)
 
-    def tokens(self, i: int) -> list[int]:
+    @property
+    def shard_rows(self) -> list[int]:
+        return self.index.shard_rows
+
+    def _check_len(self, row: int) -> None:
+        n = len(self._rows([row])[0]["tokens"])
+        if n != self.text_len:
+            g, _ = self.index.locate(row)
+            path = self.index.paths[int(self.index.group_shard[g])]
+            raise ValueError(f"{path}: packed rows hold {n} tokens, but train.text_len is {self.text_len}")
+
+    def _file(self, shard: int) -> pq.ParquetFile:
+        f = self._files.pop(shard, None)
+        if f is None:
+            f = pq.ParquetFile(self.index.paths[shard], memory_map=False)
+            while len(self._files) >= OPEN_FILES:
+                self._files.popitem(last=False)[1].close()
+        self._files[shard] = f
+        return f
+
+    def _group(self, g: int) -> pa.Table:
+        t = self._groups.pop(g, None)
+        if t is None:
+            f = self._file(int(self.index.group_shard[g]))
+            t = f.read_row_group(int(self.index.group_index[g]), columns=self.columns)
+            while len(self._groups) >= CACHED_GROUPS:
+                self._groups.popitem(last=False)
+        self._groups[g] = t
+        return t
+
+    def _rows(self, ids: Sequence[int]) -> list[dict[str, Any]]:
+        """The rows `ids`, undecoded media (PNG / WAV bytes or None), in the order given."""
+        out: list[dict[str, Any]] = []
+        with self._lock:
+            for i in ids:
+                g, off = self.index.locate(int(i))
+                t = self._group(g)
+                image, audio = t.column("image")[off], t.column("audio")[off]
+                out.append({"modality": t.column("modality")[off].as_py(),
+                            "tokens" if self.packed else "text": t.column(self.columns[1])[off].as_py(),
+                            "image": image["bytes"].as_py() if image.is_valid else None,
+                            "audio": audio["bytes"].as_py() if audio.is_valid else None})
+        return out
+
+    def modalities(self, ids: Sequence[int]) -> list[str]:
+        return [r["modality"] for r in self._rows(ids)]
+
+    def _tokens(self, row: dict[str, Any]) -> list[int]:
         if self.packed:
-            return self.text[i]
-        ids = [self.sp.bos_id(), *self.sp.encode(self.text[i]), self.sp.eos_id()][: self.text_len]
+            if len(row["tokens"]) != self.text_len:
+                raise ValueError(f"a packed row holds {len(row['tokens'])} tokens, but train.text_len is {self.text_len}")
+            return row["tokens"]
+        ids = [self.sp.bos_id(), *self.sp.encode(row["text"]), self.sp.eos_id()][: self.text_len]
         return ids + [self.pad_id] * (self.text_len - len(ids))
 
-    def batch(self, ids: list[int], image_size: int, audio_samples: int) -> dict[str, torch.Tensor]:
-        n = len(ids)
+    def tokens(self, i: int) -> list[int]:
+        return self._tokens(self._rows([i])[0])
+
+    def batch(self, ids: Sequence[int], image_size: int, audio_samples: int) -> dict[str, Any]:
+        """Tensors of rows `ids`; media decoded only for the rows that carry them. `modality` lists each row's."""
+        rows = self._rows(ids)
+        n = len(rows)
         images = torch.zeros(n, 3, image_size, image_size)
         audio = torch.zeros(n, audio_samples)
         has_image = torch.zeros(n, dtype=torch.bool)
         has_audio = torch.zeros(n, dtype=torch.bool)
-        for j, i in enumerate(ids):
-            if self.image[i] is not None:
-                img = Image.open(io.BytesIO(self.image[i])).convert("RGB").resize((image_size, image_size))
+        for j, r in enumerate(rows):
+            if r["image"] is not None:
+                img = Image.open(io.BytesIO(r["image"])).convert("RGB").resize((image_size, image_size))
                 images[j] = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
                 has_image[j] = True
-            wav = self.audio[i].as_py()
-            if wav is not None:
-                a = torch.from_numpy(wav_samples(wav)[:audio_samples])
+            if r["audio"] is not None:
+                a = torch.from_numpy(wav_samples(r["audio"])[:audio_samples])
                 audio[j, : a.numel()] = a
                 has_audio[j] = True
-        tokens = torch.tensor([self.tokens(i) for i in ids], dtype=torch.long)  # (B, T)
-        return {"tokens": tokens, "images": images, "audio": audio, "has_image": has_image, "has_audio": has_audio}
+        tokens = torch.tensor([self._tokens(r) for r in rows], dtype=torch.long)  # (B, T)
+        return {"tokens": tokens, "images": images, "audio": audio, "has_image": has_image, "has_audio": has_audio,
+                "modality": [r["modality"] for r in rows]}
+
+
+class Batches:
+    """One rank's micro-batches by global sampler position, the next `depth` built ahead on a thread.
+
+    The micro-step at global position P reads this rank's rows `sampler.rows(P + rank·micro,
+    P + (rank+1)·micro)`; the next micro-step starts at P + micro·world."""
+
+    def __init__(self, data: ShardDataset, sampler: Any, rank: int, world: int, micro: int, image_size: int,
+                 audio_samples: int, depth: int = 2) -> None:
+        self.data, self.sampler = data, sampler
+        self.rank, self.world, self.micro = rank, world, micro
+        self.image_size, self.audio_samples, self.depth = image_size, audio_samples, depth
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kai-data") if depth > 0 else None
+        self._pending: dict[int, Future[dict[str, Any]]] = {}
+
+    @property
+    def pad_id(self) -> int:
+        return self.data.pad_id
+
+    def ids(self, position: int) -> list[int]:
+        lo = position + self.rank * self.micro
+        return self.sampler.rows(lo, lo + self.micro)
+
+    def _make(self, position: int) -> dict[str, Any]:
+        return self.data.batch(self.ids(position), self.image_size, self.audio_samples)
+
+    def get(self, position: int) -> dict[str, Any]:
+        """The batch at `position`; starts building the following ones."""
+        fut = self._pending.pop(position, None)
+        for p in [p for p in self._pending if p < position]:  # a jump (resume): drop what is not needed
+            self._pending.pop(p).cancel()
+        if self._pool is not None:
+            stride = self.micro * self.world
+            for k in range(1, self.depth + 1):
+                q = position + k * stride
+                if q not in self._pending:
+                    self._pending[q] = self._pool.submit(self._make, q)
+        return fut.result() if fut is not None else self._make(position)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for f in self._pending.values():
+                f.cancel()
+            self._pool.shutdown(wait=True)
+            self._pending.clear()

@@ -7,6 +7,8 @@ number of forward passes (ZeRO-3 gathers parameters collectively), padding its s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -15,16 +17,13 @@ from data_pipelines.shards import MODALITIES
 from kai_train.data import ShardDataset
 
 
-def split_rows(n: int, holdout_every: int) -> tuple[list[int], list[int]]:
-    """(train ids, held-out ids)."""
-    if holdout_every <= 0:
-        return list(range(n)), []
-    held = [i for i in range(n) if i % holdout_every == 0]
-    return [i for i in range(n) if i % holdout_every != 0], held
+def held_out_rows(n: int, holdout_every: int) -> range:
+    """The held-out row ids among n rows (a lazy range: nothing the size of the corpus is built)."""
+    return range(0, n, holdout_every) if holdout_every > 0 else range(0)
 
 
 @torch.no_grad()
-def held_out_loss(engine, data: ShardDataset, ids: list[int], micro_batch: int, batches: int,
+def held_out_loss(engine, data: ShardDataset, ids: Sequence[int], micro_batch: int, batches: int,
                   image_size: int, audio_samples: int) -> dict[str, float]:
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = ids[rank::world][: micro_batch * batches]
@@ -32,7 +31,7 @@ def held_out_loss(engine, data: ShardDataset, ids: list[int], micro_batch: int, 
     sums = torch.zeros(2, len(MODALITIES), dtype=torch.float64)  # (loss sum, token count) per modality
     engine.eval()
     for b in range(n_batches):
-        chunk = mine[b * micro_batch : (b + 1) * micro_batch]
+        chunk = list(mine[b * micro_batch : (b + 1) * micro_batch])
         real = len(chunk)
         chunk = chunk + [ids[0]] * (micro_batch - real)  # pad: same forward count on every rank
         batch = data.batch(chunk, image_size, audio_samples)
@@ -42,7 +41,7 @@ def held_out_loss(engine, data: ShardDataset, ids: list[int], micro_batch: int, 
                                ignore_index=data.pad_id, reduction="none").view(tgt.shape)
         mask = (tgt != data.pad_id).double()
         for j in range(real):
-            m = MODALITIES.index(data.modality[chunk[j]])
+            m = MODALITIES.index(batch["modality"][j])
             sums[0, m] += float((loss[j].double() * mask[j]).sum())
             sums[1, m] += float(mask[j].sum())
     engine.train()

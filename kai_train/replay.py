@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from kai_train import checkpoint as ckpt
     from kai_train import determinism
     from kai_train import engine as eng
-    from kai_train.data import ShardDataset
-    from kai_train.evaluate import split_rows
+    from data_pipelines.sampler import make_sampler
+    from kai_train.data import Batches, ShardDataset
     from kai_train.model import ModelConfig
     from kai_train.step import train_step
     from kai_train.weights import state_dict_leaves
@@ -68,17 +68,25 @@ def main(argv: list[str] | None = None) -> int:
                  start["step"])  # what resume runs too
 
     data = ShardDataset([Path(p) for p in plan["shards"]], Path(plan["tokenizer"]), train["text_len"])
-    train_ids, _ = split_rows(len(data), plan["holdout_every"])
-    if len(train_ids) != plan["num_rows"]:
-        raise SystemExit(f"kai-train replay: {len(train_ids)} training rows, the statement says {plan['num_rows']}")
+    want_rows = plan.get("shard_rows")
+    if want_rows is not None and data.shard_rows != want_rows:
+        raise SystemExit(f"kai-train replay: the shards hold {data.shard_rows[:8]} rows, their signed manifests say "
+                         f"{want_rows[:8]}")
+    try:
+        sampler = make_sampler(plan.get("sampler_kind"), plan["seed"], plan["holdout_every"], data.shard_rows,
+                               plan.get("shard_sources"), plan.get("mixture"))
+    except ValueError as e:
+        raise SystemExit(f"kai-train replay: {e}") from None
+    if sampler.num_rows != plan["num_rows"]:
+        raise SystemExit(f"kai-train replay: {sampler.num_rows} training rows, the statement says {plan['num_rows']}")
+    batches = Batches(data, sampler, rank, world, train["micro_batch"], mcfg.image_size, mcfg.audio_samples)
     position, losses = plan["position_start"], []
     for _ in range(start["step"], plan["target_step"]):
-        step_losses, _, position = train_step(engine, data, train_ids, plan["seed"], position, rank, world,
-                                              train["micro_batch"], train["grad_accum"], mcfg.image_size,
-                                              mcfg.audio_samples)
+        step_losses, _, position = train_step(engine, batches, position, train["grad_accum"])
         mean = torch.stack(step_losses).mean()
         dist.all_reduce(mean)
         losses.append(float(mean) / world)  # what the trainer records per step
+    batches.close()
     # The roots of the state reached, from each rank's share (as the trainer's checkpoints are made).
     weights, moments, opt_step = ckpt.collect_share(engine, rank, world, True)
     stats = None

@@ -53,8 +53,8 @@ class Trainer:
         from kai_train import checkpoint as ckpt
         from kai_train import determinism, genesis
         from kai_train import engine as eng
-        from kai_train.data import ShardDataset
-        from kai_train.evaluate import split_rows
+        from kai_train.data import Batches, ShardDataset
+        from kai_train.evaluate import held_out_rows
         from kai_train.init import RECIPE, genesis_values, init_rules
         from kai_train.model import ModelConfig
         from kai_train.provenance import Provenance
@@ -85,24 +85,32 @@ class Trainer:
             self.data = ShardDataset(shards, run_dir / cfg.tokenizer, train["text_len"])
         except ValueError as e:
             raise AppError(str(e)) from e
-        self.train_ids, self.eval_ids = split_rows(len(self.data), train["holdout_every"])
+        self.eval_ids = held_out_rows(len(self.data), train["holdout_every"])
         self.mcfg = mcfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))  # type: ignore[arg-type]
         if self.data.sp.vocab_size() > mcfg.vocab_size:
             raise AppError(f"tokenizer has {self.data.sp.vocab_size()} pieces, model.vocab_size is {mcfg.vocab_size}")
 
-        box: list[Any] = [None, RECIPE]  # resume point, init recipe (a resumed run keeps the chain's)
+        # resume point, init recipe (a resumed run keeps the chain's), and whether the chain's run
+        # config records a sampler (a run begun before sampler kinds keeps the permutation sampler)
+        box: list[Any] = [None, RECIPE, True]
         if rank == 0:
             try:
                 box[0] = find_resume_point(run_dir)
                 if box[0] is not None:
                     box[1] = genesis.recorded_recipe(run_dir / CHAIN_NAME)
+                earlier_cfg = recorded_run_config(run_dir)
+                box[2] = earlier_cfg is None or "sampler" in earlier_cfg
             except (ResumeError, ValueError) as e:
                 raise AppError(str(e)) from e
             if box[0] is not None and cfg.resume == "never":
                 raise AppError(f"{run_dir / CHAIN_NAME} already holds a genesis; use resume=auto or a new run_dir")
             discard_unrecorded(run_dir, box[0].step if box[0] is not None else None)  # before any rank writes
         dist.broadcast_object_list(box, src=0)
-        resume, recipe_name = box
+        resume, recipe_name, self.sampler_recorded = box
+        self.sampler = make_run_sampler(cfg, shards, self.data.shard_rows, train["holdout_every"],
+                                        self.sampler_recorded)
+        self.batches = Batches(self.data, self.sampler, rank, world, train["micro_batch"], mcfg.image_size,
+                               mcfg.audio_samples)
 
         # The model, partitioned as it is built under ZeRO-3, then the engine; its values come next:
         # the genesis (a fresh run, or one resumed before its first checkpoint) or the signed state.
@@ -124,6 +132,8 @@ class Trainer:
             eng.fill(engine, genesis_values(cfg.seed, rules, recipe_name, gen_device))
         self.prov: Provenance | None = None
         resolved = OmegaConf.to_container(cfg, resolve=True)
+        if not self.sampler_recorded:  # the recorded config, as it was
+            resolved.pop("sampler", None)  # type: ignore[union-attr]
         if rank == 0:
             from attest.runconfig import render_yaml
             from attest.signers import ensure_public_key, make_signer
@@ -191,9 +201,7 @@ class Trainer:
         from kai_train.step import train_step
 
         train, engine = self.train, self.engine
-        losses, tokens, self.position = train_step(engine, self.data, self.train_ids, self.cfg.seed, self.position,
-                                                   self.rank, self.world, train["micro_batch"], train["grad_accum"],
-                                                   self.mcfg.image_size, self.mcfg.audio_samples)
+        losses, tokens, self.position = train_step(engine, self.batches, self.position, train["grad_accum"])
         mean = torch.stack(losses).mean()
         dist.all_reduce(mean)
         metrics = {"loss": float(mean) / self.world, "lr": float(engine.get_lr()[0])}
@@ -234,7 +242,7 @@ class Trainer:
         self.writer.submit(step, weights, moments, opt_step)
         del weights, moments
         if self.prov is not None:
-            n, seg_start, position = len(self.train_ids), self.seg_start, self.position
+            n, seg_start, position = self.sampler.num_rows, self.seg_start, self.position
             consumed = {
                 "shards": [str(p.relative_to(self.run_dir)) for p in self.shards],
                 "holdout_every": train["holdout_every"],
@@ -242,6 +250,11 @@ class Trainer:
                             "epoch_start": seg_start // n, "epoch_end": max(seg_start, position - 1) // n,
                             "position_start": seg_start, "position_end": position},
             }
+            if self.sampler.kind is not None:  # runs that record no kind keep their statements as they were
+                consumed["sampler"]["kind"] = self.sampler.kind
+                if self.sampler.mixture is not None:
+                    consumed["sampler"]["mixture"] = dict(self.sampler.mixture)
+                    consumed["sampler"]["sources"] = self.sampler.record(seg_start, position)
             m = {**metrics, "grad_norm": grad_norm, **{f"eval_{k}": v for k, v in self.last_eval.items()},
                  "wandb_run": self.tracker.run_id if self.tracker else None}
             extra = {"rng_state": {"sources": sources, "ranks": rngs}, "environment": environment(world),
@@ -252,6 +265,7 @@ class Trainer:
     def stop(self, step: int) -> None:
         """train.stop_at: every share written and every statement recorded; no release."""
         log(f"stopping at step {step} (train.stop_at); continue with resume=auto")
+        self.batches.close()
         self.writer.close()
         if self.prov is not None:
             self.prov.close()
@@ -264,6 +278,7 @@ class Trainer:
         from attest import failpoints
 
         steps, prov, tracker = self.train["steps"], self.prov, self.tracker
+        self.batches.close()
         self.writer.close()  # every rank's shares written before the release is recorded
         if prov is not None and tracker is not None:
             out = prov.record_release()  # exports to run_dir/export first: the release names its files
@@ -282,6 +297,25 @@ class Trainer:
 def fit(cfg: DictConfig) -> None:
     """The Hydra app's task: build the trainer from the config and run it."""
     Trainer(cfg).fit()
+
+
+def make_run_sampler(cfg: DictConfig, shards: list[Path], shard_rows: list[int], holdout_every: int,
+                     recorded: bool = True) -> Any:
+    """The sampler the config names (`sampler.kind`, `sampler.mixture`; a mixture reads each shard's
+    source from its manifest). `recorded` False: a run begun before sampler kinds, resumed: the
+    permutation sampler it ran with."""
+    from data_pipelines.sampler import make_sampler
+    from data_pipelines.shards import load_manifest, manifest_path
+
+    scfg = OmegaConf.to_container(cfg.sampler, resolve=True) if recorded else {"kind": None, "mixture": None}
+    assert isinstance(scfg, dict)
+    sources = None
+    try:
+        if scfg.get("mixture"):
+            sources = [str(load_manifest(manifest_path(p))["source"]["name"]) for p in shards]
+        return make_sampler(scfg.get("kind"), cfg.seed, holdout_every, shard_rows, sources, scfg.get("mixture"))
+    except ValueError as e:
+        raise AppError(str(e)) from e
 
 
 def log_recorded(prov, tracker, step: int) -> None:

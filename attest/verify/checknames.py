@@ -23,6 +23,7 @@ CHECK_NAMES = (
     "slsa-provenance",
     "data-lineage",
     "data-licence",
+    "data-sampler",
     "data-replay",
     "replay",
 )

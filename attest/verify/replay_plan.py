@@ -207,6 +207,9 @@ def build_plan(ctx: Context, k: int, replay_world: int | None = None) -> dict[st
              "holdout_every": (consumed.get("holdout_every"), train["holdout_every"])}
     want_start = as_dict(prev.predicate.get("data_consumed")).get("sampler", {}).get("position_end", 0) if k else 0
     agree["sampler.position_start"] = (sampler.get("position_start"), want_start)
+    kind, mixture = run_sampler(cfg)
+    agree["sampler.kind"] = (sampler.get("kind"), kind)
+    agree["sampler.mixture"] = (sampler.get("mixture"), mixture)
     shards_cfg = [as_dict(s).get("name") for s in cfg.get("data_shards") or []]
     agree["shards"] = (consumed.get("shards"), shards_cfg)
     for field, (got, want) in agree.items():
@@ -223,11 +226,15 @@ def build_plan(ctx: Context, k: int, replay_world: int | None = None) -> dict[st
                         f"position_start + steps × grad_accum × micro_batch × world = {want_end}")
 
     shard_index = shard_subjects(ctx)
-    shards = []
+    shards, shard_rows, shard_sources = [], [], []
     for name in shards_cfg:
         if not isinstance(name, str) or name not in shard_index:
             raise PlanError(f"training shard {str(name)[:80]!r} is not a subject of any data-shard statement")
-        shards.append(_bound_file(ctx, ctx.entries[shard_index[name][0]], name, "training shard"))
+        declared = ctx.entries[shard_index[name][0]]
+        shards.append(_bound_file(ctx, declared, name, "training shard"))
+        manifest = as_dict(declared.predicate.get("manifest"))
+        shard_rows.append(manifest.get("rows"))
+        shard_sources.append(as_dict(manifest.get("source")).get("name"))
     tok_name = cfg.get("tokenizer")
     tokenizer = _bound_file(ctx, toks[0], tok_name, "tokenizer") if isinstance(tok_name, str) else None
     if tokenizer is None:
@@ -248,12 +255,25 @@ def build_plan(ctx: Context, k: int, replay_world: int | None = None) -> dict[st
     return {"segment": k, "world_size": ranks, "recorded_world": world, "seed": seed, "model": model,
             "train": run_train, "deepspeed": deepspeed,
             "shards": shards, "tokenizer": tokenizer, "holdout_every": train["holdout_every"],
+            "sampler_kind": kind, "mixture": mixture,
+            "shard_rows": shard_rows if all(_is_int(r) and r >= 0 for r in shard_rows) else None,
+            "shard_sources": shard_sources if mixture is not None else None,
             "num_rows": sampler.get("num_rows"), "position_start": sampler["position_start"],
             "position_end": want_end, "start": start, "target_step": tp["step"],
             "start_step": start["step"], "step_losses": recorded_losses,
             "claimed": [*expect["weights"], *expect["optimizer"]],
             "expect": {"weights_root": expect["weights_root"], "optimizer_root": expect["optimizer_root"],
                        "optimizer_step": expect["optimizer_step"]}}
+
+
+def run_sampler(cfg: dict[str, Any]) -> tuple[str | None, dict[str, int] | None]:
+    """attest.sampling.run_sampler, its ValueError a PlanError."""
+    from attest import sampling
+
+    try:
+        return sampling.run_sampler(cfg)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
 
 
 def plan_paths(plan: dict[str, Any]) -> list[Path]:

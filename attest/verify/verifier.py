@@ -15,7 +15,7 @@ Checks, in order (docs/bundle-format.md "What kai-attest verify checks" is the c
 statement-format, signature, chain-sequence, chain-link, statement-order, timestamps,
 subject-digest, weights-digest, oms-signature, run-config, genesis, trajectory, release, slsa-provenance,
 data-lineage,
-data-licence, data-replay, replay.
+data-licence, data-sampler, data-replay, replay.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from attest.verify.checks.chain import (
     check_timestamps,
     token_time,
 )
-from attest.verify.checks.data import check_data_licence, check_data_lineage
+from attest.verify.checks.data import check_data_licence, check_data_lineage, check_data_sampler
 from attest.verify.data_replay import check_data_replay
 from attest.verify.checks.files import check_oms, check_run_config, check_subjects, check_weights
 from attest.verify.checks.model import (
@@ -66,7 +66,7 @@ from attest.slsa import check_slsa_provenance
 _register_replay()  # the kai_train.replay plug-in (runs in a subprocess; torch is not imported here)
 
 __all__ = ["CHECKS", "DEFAULT_REPLAY_PLUGIN", "DERIVERS", "REPLAYERS", "BundleUnreadable", "Context", "Finding",
-           "Replayer", "Report", "check_data_licence", "check_data_lineage", "check_data_replay", "check_genesis", "check_links",
+           "Replayer", "Report", "check_data_licence", "check_data_lineage", "check_data_sampler", "check_data_replay", "check_genesis", "check_links",
            "check_oms", "check_order", "check_run_config", "check_release", "check_replay", "check_sequence", "check_signatures",
            "check_statements", "check_subjects", "check_timestamps", "check_trajectory", "check_weights",
            "load_trust", "replay_segments", "skipped", "token_time", "verify_bundle"]
@@ -88,6 +88,7 @@ CHECKS: list[Callable[[Context], Iterator[Finding]]] = [
     check_slsa_provenance,
     check_data_lineage,
     check_data_licence,
+    check_data_sampler,
     check_data_replay,
     check_replay,
 ]

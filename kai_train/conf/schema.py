@@ -77,6 +77,12 @@ class Pkcs11Schema(AttestCommon):
 
 
 @dataclass
+class SamplerSchema:
+    kind: str = MISSING
+    mixture: Optional[Dict[str, int]] = MISSING
+
+
+@dataclass
 class TrainApp:
     """`kai-train` (kai_train/conf/train.yaml)."""
 
@@ -90,6 +96,7 @@ class TrainApp:
     wandb: WandbSchema = MISSING
     model: ModelSchema = MISSING  # type: ignore[valid-type]
     train: TrainSchema = MISSING
+    sampler: SamplerSchema = MISSING
     deepspeed: Dict[str, Any] = MISSING
     attest: Any = MISSING
 

@@ -1,6 +1,7 @@
 """Verifier checks on the training data: lineage (every shard used is declared with that digest,
-manifests agree with their statements, `derived_from` closes back to declared shards) and
-licences (SPDX id, collection method and synthetic generator, judged against the policy)."""
+manifests agree with their statements, `derived_from` closes back to declared shards), licences
+(SPDX id, collection method and synthetic generator, judged against the policy) and the sampler
+(kind, mixture and per-source counts recomputed from the signed config)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from attest import jsonread
 from attest.bundle import shard_manifest_name
 from attest.chain import Entry
+from attest.layout import CHAIN_NAME
 from attest.verify.findings import (
     UNREADABLE,
     Context,
@@ -18,6 +20,7 @@ from attest.verify.findings import (
     as_list,
     shard_subjects,
     short,
+    skipped,
     subjects_of,
 )
 from attest.statements import NO_GENERATOR, SYNTHETIC_MARKERS
@@ -213,3 +216,79 @@ def check_data_licence(ctx: Context) -> Iterator[Finding]:
         judged = "allowed by the policy" if pol.allowed_licenses is not None else "not judged: no licence policy"
         yield Finding("data-licence", True, "", detail=f"{len(table)} shards: " +
                       ", ".join(f"{k} ×{v}" for k, v in sorted(lics.items())) + f" ({judged})")
+
+
+def check_data_sampler(ctx: Context) -> Iterator[Finding]:
+    """The sampler each checkpoint records is the one the signed run config declares (kind, mixture),
+    over the training rows the signed shard manifests hold; with a mixture, each checkpoint's
+    per-source counts (`sources`: rows, consumed, seen, epochs) are recomputed from the config and
+    the positions, never taken from the statement. torch-free, O(Σ weights) per checkpoint."""
+    from attest import sampling
+
+    runs, ckpts = ctx.of_kind("run"), ctx.of_kind("checkpoint")
+    if len(runs) != 1:
+        yield skipped("data-sampler", CHAIN_NAME, f"{len(runs)} run statements (statement-order reports it)")
+        return
+    cfg = ctx.run_config
+    try:
+        kind, mixture = sampling.run_sampler(cfg)
+    except ValueError as e:
+        yield Finding("data-sampler", False, ctx.where(runs[0]), "a sampler this verifier knows", str(e))
+        return
+    if kind is None:
+        bad = [c for c in ckpts if {"kind", "mixture", "sources"} & set(as_dict(as_dict(
+            c.predicate.get("data_consumed")).get("sampler")))]
+        for c in bad[:1]:
+            yield Finding("data-sampler", False, ctx.where(c), "no sampler kind or mixture (the run config records none)",
+                          "a sampler kind or mixture in data_consumed.sampler")
+        if not bad:
+            yield Finding("data-sampler", True, "", detail="the run records no sampler kind: the per-epoch permutation "
+                          "sampler of earlier versions, no mixture (its rows are re-derived by replay)")
+        return
+    declared = shard_subjects(ctx)
+    rows, sources = [], []
+    train = as_dict(cfg.get("train"))
+    for t in as_list(cfg.get("data_shards")):
+        name = as_dict(t).get("name")
+        entry = ctx.entries[declared[name][0]] if isinstance(name, str) and name in declared else None
+        m = as_dict(entry.predicate.get("manifest")) if entry is not None else {}
+        rows.append(m.get("rows"))
+        sources.append(as_dict(m.get("source")).get("name"))
+    try:
+        if not all(_int(r) is not None and r >= 0 for r in rows) or not rows:
+            raise ValueError("every training shard declared with a whole number of rows (data-lineage reports which)")
+        h = _int(train.get("holdout_every"))
+        if h is None:
+            raise ValueError(f"train.holdout_every {train.get('holdout_every')!r}: expected a whole number")
+        sampler = sampling.Sampler(cfg.get("seed"), h, rows, [str(s) for s in sources], mixture)
+    except ValueError as e:
+        yield Finding("data-sampler", False, ctx.where(runs[0]), f"a {kind} sampler over the declared training shards",
+                      str(e)[:200])
+        return
+    bad = 0
+    for c in ckpts:
+        s = as_dict(as_dict(c.predicate.get("data_consumed")).get("sampler"))
+        lo, hi = _int(s.get("position_start")), _int(s.get("position_end"))
+        want: dict[str, Any] = {"kind": kind, "mixture": mixture, "num_rows": sampler.num_rows}
+        if lo is not None and hi is not None and 0 <= lo <= hi:
+            want["sources"] = sampler.record(lo, hi)
+        else:
+            want["position_start, position_end"] = "0 <= start <= end"
+        for key, value in want.items():
+            got = s.get(key) if "," not in key else [lo, hi]
+            if got != value:
+                bad += 1
+                yield Finding("data-sampler", False, ctx.where(c), f"data_consumed.sampler.{key} {str(value)[:160]} "
+                              "(recomputed from the signed run config and shard manifests)", str(got)[:160])
+                break
+    if bad:
+        return
+    detail = f"{kind}: {sampler.num_rows} training rows"
+    end = _int(as_dict(as_dict(ckpts[-1].predicate.get("data_consumed")).get("sampler")).get("position_end")) if ckpts else 0
+    if mixture is not None and end:
+        total = sum(mixture.values())
+        parts = [f"{r['name']} {100 * r['weight'] / total:.1f}% declared / {100 * r['seen'] / end:.1f}% read "
+                 f"({r['seen']} of {r['rows']} rows: {r['epochs']:g} epochs)" for r in sampler.record(0, end) or []]
+        detail += f"; mixture over {end} positions, counts recomputed for {len(ckpts)} checkpoints: " + ", ".join(parts)
+        ctx.facts["mixture"] = sampler.record(0, end)
+    yield Finding("data-sampler", True, "", detail=detail)
