@@ -109,3 +109,39 @@ def packed_table(rows: list[dict[str, Any]], sample_rate: int) -> pa.Table:
         "audio": audio,
         "rows": pa.array([r["rows"] for r in rows], pa.list_(pa.string())),
     }, schema=with_features(PACKED_SCHEMA, sample_rate))
+
+
+def synthetic_packed_shards(out_dir: Any, tokens: int, seq_len: int, rows_per_shard: int = 65536,
+                            vocab: int = 8000, seed: int = 0, source: str = "synthetic") -> list[Any]:
+    """Packed text shards of about `tokens` pseudo-random token ids (no tokenizer, no manifest
+    chain): the pack stage's schema and writer settings, row groups of ROW_GROUP_ROWS, for sizing
+    benchmarks and tests of the reader. Returns the shard paths in order."""
+    from pathlib import Path
+
+    from data_pipelines.shards import ROW_GROUP_ROWS, ShardFile
+
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    rows = max(1, -(-tokens // seq_len))
+    meta = {"name": source, "origin": "synthetic", "license": "CC0-1.0", "collection": "synthetic",
+            "collected": "2026-12-07/2026-12-07", "consent": "not applicable", "pii": "none",
+            "generator": "data_pipelines.pack.synthetic_packed_shards"}
+    paths, done = [], 0
+    schema = with_features(PACKED_SCHEMA, 16000)
+    while done < rows:
+        path = out / f"{source}-{len(paths):05d}.parquet"
+        shard = ShardFile(path, schema, meta)
+        end = min(rows, done + rows_per_shard)
+        for lo in range(done, end, ROW_GROUP_ROWS):
+            n = min(ROW_GROUP_ROWS, end - lo)
+            values = pa.array(rng.integers(4, vocab, size=n * seq_len, dtype=np.int32))
+            tok = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * seq_len, seq_len, dtype=np.int32)), values)
+            nulls = pa.nulls(n, MEDIA_TYPE)
+            shard.write(pa.Table.from_arrays([
+                pa.array([f"{source}-p{i:09d}" for i in range(lo, lo + n)], pa.string()),
+                pa.array(["text"] * n, pa.string()), tok, nulls, nulls,
+                pa.array([[] for _ in range(n)], pa.list_(pa.string()))], schema=schema))
+        shard.close([], {"stage": "pack", "synthetic": True})
+        paths.append(path)
+        done = end
+    return paths

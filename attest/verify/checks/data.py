@@ -236,31 +236,34 @@ def check_data_sampler(ctx: Context) -> Iterator[Finding]:
         yield Finding("data-sampler", False, ctx.where(runs[0]), "a sampler this verifier knows", str(e))
         return
     if kind is None:
-        bad = [c for c in ckpts if {"kind", "mixture", "sources"} & set(as_dict(as_dict(
+        marked = [c for c in ckpts if {"kind", "mixture", "sources"} & set(as_dict(as_dict(
             c.predicate.get("data_consumed")).get("sampler")))]
-        for c in bad[:1]:
+        for c in marked[:1]:
             yield Finding("data-sampler", False, ctx.where(c), "no sampler kind or mixture (the run config records none)",
                           "a sampler kind or mixture in data_consumed.sampler")
-        if not bad:
+        if not marked:
             yield Finding("data-sampler", True, "", detail="the run records no sampler kind: the per-epoch permutation "
                           "sampler of earlier versions, no mixture (its rows are re-derived by replay)")
         return
     declared = shard_subjects(ctx)
-    rows, sources = [], []
+    rows: list[int | None] = []
+    sources: list[Any] = []
     train = as_dict(cfg.get("train"))
     for t in as_list(cfg.get("data_shards")):
         name = as_dict(t).get("name")
         entry = ctx.entries[declared[name][0]] if isinstance(name, str) and name in declared else None
         m = as_dict(entry.predicate.get("manifest")) if entry is not None else {}
-        rows.append(m.get("rows"))
+        rows.append(_int(m.get("rows")))
         sources.append(as_dict(m.get("source")).get("name"))
     try:
-        if not all(_int(r) is not None and r >= 0 for r in rows) or not rows:
+        counts = [r for r in rows if r is not None and r >= 0]
+        if len(counts) != len(rows) or not rows:
             raise ValueError("every training shard declared with a whole number of rows (data-lineage reports which)")
-        h = _int(train.get("holdout_every"))
-        if h is None:
-            raise ValueError(f"train.holdout_every {train.get('holdout_every')!r}: expected a whole number")
-        sampler = sampling.Sampler(cfg.get("seed"), h, rows, [str(s) for s in sources], mixture)
+        h, seed = _int(train.get("holdout_every")), _int(cfg.get("seed"))
+        if h is None or seed is None:
+            raise ValueError(f"train.holdout_every {train.get('holdout_every')!r}, seed {cfg.get('seed')!r}: "
+                             "expected whole numbers")
+        sampler = sampling.Sampler(seed, h, counts, [str(s) for s in sources], mixture)
     except ValueError as e:
         yield Finding("data-sampler", False, ctx.where(runs[0]), f"a {kind} sampler over the declared training shards",
                       str(e)[:200])
