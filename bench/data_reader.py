@@ -81,7 +81,7 @@ def tokenizer(tmp: Path) -> Path:
     text = tmp / "t.txt"
     text.write_text("\n".join(f"synthetic sentence number {i} for the reader benchmark" for i in range(2000)))
     spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp / "tok"), vocab_size=64,
-                                   model_type="unigram", pad_id=3, bos_id=1, eos_id=2, unk_id=0)
+                                   model_type="unigram", pad_id=3, bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
     return tmp / "tok.model"
 
 
