@@ -36,7 +36,7 @@ from typing import Any
 FEISTEL_V1 = "feistel-v1"
 KINDS = (FEISTEL_V1,)
 ROUNDS = 4
-MAX_MIXTURE_TOTAL = 1 << 16  # Σ weights: bounds the work of one partial block
+MAX_MIXTURE_TOTAL = 4096  # Σ weights: bounds the work of one partial block (< 4096 evaluations, ~20 ms)
 MAX_ROWS = 1 << 62
 
 
@@ -112,7 +112,7 @@ class Stream:
 
 
 def check_mixture(mixture: Any) -> dict[str, int]:
-    """A declared mixture {source name: positive whole weight}, Σ ≤ 2^16; ValueError names the problem."""
+    """A declared mixture {source name: positive whole weight}, Σ ≤ 4096; ValueError names the problem."""
     if not isinstance(mixture, Mapping) or not mixture:
         raise ValueError(f"sampler.mixture = {str(mixture)[:80]!r}: expected a mapping of source names to weights")
     out: dict[str, int] = {}
@@ -137,6 +137,7 @@ class Schedule:
         for w in self.q:
             self.c.append(self.c[-1] + w)
         self._block: tuple[int, Feistel] | None = None
+        self._prefixes: dict[int, list[int]] = {}  # a checkpoint's start is the previous one's end
 
     def _perm(self, block: int) -> Feistel:
         got = self._block  # one read: a prefetch thread may swap it meanwhile
@@ -152,12 +153,17 @@ class Schedule:
 
     def prefix(self, p: int) -> list[int]:
         """Positions of each source among [0, p)."""
+        if p in self._prefixes:
+            return list(self._prefixes[p])
         b, r = divmod(p, self.total)
         out = [b * w for w in self.q]
         perm = self._perm(b) if r else None
         for j in range(r):
             assert perm is not None
             out[bisect.bisect_right(self.c, perm(j)) - 1] += 1
+        if len(self._prefixes) >= 16:
+            self._prefixes.pop(next(iter(self._prefixes)))
+        self._prefixes[p] = list(out)
         return out
 
 
@@ -239,7 +245,7 @@ class Sampler:
 
 def run_sampler(cfg: Mapping[str, Any]) -> tuple[str | None, dict[str, int] | None]:
     """(kind, mixture) a signed run config records; (None, None) when it has no `sampler` (the
-    permutation sampler of earlier versions). ValueError for anything else this version does not know."""
+    permutation sampler of earlier versions); mixture None when it declares none ({} or null). ValueError for anything else this version does not know."""
     if "sampler" not in cfg:
         return None, None
     sc = cfg.get("sampler")
@@ -247,5 +253,5 @@ def run_sampler(cfg: Mapping[str, Any]) -> tuple[str | None, dict[str, int] | No
         raise ValueError(f"run config sampler {str(sc)[:80]!r}: expected {{kind, mixture}}")
     if sc.get("kind") not in KINDS:
         raise ValueError(f"run config sampler.kind {str(sc.get('kind'))[:40]!r}: this version knows {list(KINDS)}")
-    mixture = None if sc.get("mixture") is None else check_mixture(sc["mixture"])
+    mixture = check_mixture(sc["mixture"]) if sc.get("mixture") else None  # {} or null: no mixture
     return str(sc["kind"]), mixture

@@ -159,4 +159,4 @@ def make_sampler(kind: str | None, seed: int, holdout_every: int, shard_rows: Se
         return PermutationSampler(seed, holdout_every, shard_rows)
     if kind != FEISTEL_V1:
         raise ValueError(f"sampler.kind {kind!r}: this version knows {list(KINDS)}")
-    return Sampler(seed, holdout_every, shard_rows, shard_sources, mixture)
+    return Sampler(seed, holdout_every, shard_rows, shard_sources, mixture or None)

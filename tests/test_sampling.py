@@ -99,6 +99,7 @@ def test_a_mixture_must_cover_every_training_source() -> None:
 def test_the_run_config_decides_the_kind_and_old_configs_keep_the_permutation_sampler() -> None:
     assert run_sampler({"seed": 1}) == (None, None)
     assert run_sampler({"sampler": {"kind": "feistel-v1", "mixture": None}}) == ("feistel-v1", None)
+    assert run_sampler({"sampler": {"kind": "feistel-v1", "mixture": {}}}) == ("feistel-v1", None)
     assert run_sampler({"sampler": {"kind": "feistel-v1", "mixture": {"b": 1, "a": 2}}})[1] == {"a": 2, "b": 1}
     for bad in ({"kind": "other"}, {"kind": "feistel-v1", "extra": 1}, "feistel-v1"):
         with pytest.raises(ValueError):
