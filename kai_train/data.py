@@ -50,7 +50,9 @@ class ShardIndex:
         names: set[tuple[str, ...]] = set()
         for i, p in enumerate(self.paths):
             md = pq.read_metadata(p)
-            names.add(tuple(md.schema.to_arrow_schema().names))
+            if md.num_row_groups:  # column paths of the row group: `md.schema` would leave a cycle per footer
+                names.add(tuple(sorted({md.row_group(0).column(c).path_in_schema.split(".")[0]
+                                        for c in range(md.num_columns)})))
             for j in range(md.num_row_groups):
                 n = md.row_group(j).num_rows
                 if n:

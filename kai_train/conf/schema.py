@@ -79,7 +79,7 @@ class Pkcs11Schema(AttestCommon):
 @dataclass
 class SamplerSchema:
     kind: str = MISSING
-    mixture: Optional[Dict[str, int]] = MISSING
+    mixture: Any = MISSING  # {source: whole weight} or null (checked by attest.sampling.check_mixture)
 
 
 @dataclass
