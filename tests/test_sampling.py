@@ -119,3 +119,69 @@ def test_the_permutation_sampler_reads_what_earlier_versions_read() -> None:
     assert isinstance(rows_at(seed, len(train_ids), 0, 3), np.ndarray)
     with pytest.raises(ValueError, match="feistel-v1"):
         make_sampler(None, seed, h, [64], mixture={"a": 1})
+
+
+# ---------------------------------------------------------------- the verifier's data-sampler check
+
+
+def _sampler_findings(tmp_path: Path, mutate) -> list:
+    from attest import verify
+    from bundlefactory import make_bundle
+
+    root, _ = make_bundle(tmp_path / "b", steps=(2, 4, 6), release=False, mutate=mutate)
+    report = verify.verify_bundle(root, [str(root / "keys/signing-key.pub.pem")])
+    return [f for f in report.findings if f.check == "data-sampler"]
+
+
+def _checkpoints(sts: list[dict]) -> list[dict]:
+    return [s["predicate"] for s in sts if s["predicate"]["kind"] == "checkpoint"]
+
+
+def _declare_mixture(sts: list[dict], mixture: dict[str, int]) -> None:
+    """The run config declares feistel-v1 with `mixture`; checkpoints record what it computes."""
+    _declare_mixture_raw(sts, mixture)
+    run = next(s["predicate"] for s in sts if s["predicate"]["kind"] == "run")
+    s = Sampler(run["config"]["seed"], 0, [100, 150], ["corpus", "corpus"], mixture)
+    for c in _checkpoints(sts):
+        rec = c["data_consumed"]["sampler"]
+        rec.update(kind="feistel-v1", mixture=mixture, sources=s.record(rec["position_start"], rec["position_end"]))
+
+
+def test_a_run_without_a_sampler_kind_passes_as_the_earlier_sampler(tmp_path: Path) -> None:
+    found = _sampler_findings(tmp_path, lambda sts: None)
+    assert [f.ok for f in found] == [True] and "no sampler kind" in found[0].detail
+
+
+def test_a_kind_in_a_checkpoint_of_a_run_that_declares_none_fails(tmp_path: Path) -> None:
+    found = _sampler_findings(tmp_path, lambda sts: _checkpoints(sts)[1]["data_consumed"]["sampler"].update(kind="feistel-v1"))
+    assert [f.ok for f in found] == [False] and "no sampler kind" in found[0].expected
+
+
+def test_recomputed_counts_pass_and_re_signed_ones_fail(tmp_path: Path) -> None:
+    found = _sampler_findings(tmp_path / "ok", lambda sts: _declare_mixture(sts, {"corpus": 3}))
+    assert [f.ok for f in found] == [True] and "corpus 100.0% declared / 100.0% read" in found[0].detail
+
+    def inflate(sts: list[dict]) -> None:
+        _declare_mixture(sts, {"corpus": 3})
+        _checkpoints(sts)[2]["data_consumed"]["sampler"]["sources"][0]["seen"] += 4
+
+    found = _sampler_findings(tmp_path / "bad", inflate)
+    assert [f.ok for f in found] == [False] and "sampler.sources" in found[0].expected and ":" in found[0].file
+
+
+def test_a_mixture_naming_no_training_source_or_other_rows_fails(tmp_path: Path) -> None:
+    found = _sampler_findings(tmp_path / "a", lambda sts: _declare_mixture_raw(sts, {"web": 1}))
+    assert [f.ok for f in found] == [False] and "no weight for source" in found[0].found
+
+    def rows(sts: list[dict]) -> None:
+        _declare_mixture(sts, {"corpus": 1})
+        _checkpoints(sts)[0]["data_consumed"]["sampler"]["num_rows"] = 999
+
+    found = _sampler_findings(tmp_path / "b", rows)
+    assert [f.ok for f in found] == [False] and "num_rows" in found[0].expected
+
+
+def _declare_mixture_raw(sts: list[dict], mixture: dict[str, int]) -> None:
+    run = next(s["predicate"] for s in sts if s["predicate"]["kind"] == "run")
+    run["config"]["sampler"] = {"kind": "feistel-v1", "mixture": mixture}
+    run["config"]["train"]["holdout_every"] = 0
