@@ -69,7 +69,7 @@ def child(args: argparse.Namespace) -> None:
         tokens += int(b["tokens"].numel())
     wall = time.perf_counter() - t0
     batches.close()
-    print(json.dumps({"rows": len(data), "shards": len(shards), "row_groups": len(data.index.group_shard),
+    print(json.dumps({"rows": len(data), "shards": len(shards), "row_groups": data.index.groups,
                       "open_s": open_s, "rss_import_mib": after_import, "rss_open_mib": after_open,
                       "rss_peak_mib": hwm_mib(), "tokens_per_s": tokens / wall, "steps": args.steps}))
 

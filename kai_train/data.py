@@ -39,44 +39,56 @@ CACHED_GROUPS = 4  # decoded row groups kept (consecutive rows of a batch often 
 
 
 class ShardIndex:
-    """Rows per shard and per row group, from the Parquet footers only (no data page is read)."""
+    """Rows per shard and per row group, from the Parquet footers only (no data page is read).
+
+    Per shard: its first global row and, when its row groups all hold the same number of rows but
+    the last (packed text, as kai-data cuts it), that number alone; otherwise the row offsets of its
+    groups. So the index costs O(shards) for packed corpora, whatever their row count."""
 
     def __init__(self, shard_paths: Sequence[Path]) -> None:
         if not shard_paths:
             raise ValueError("no data shards given")
         self.paths = [Path(p) for p in shard_paths]
-        starts, shard_of, group_of = [0], [], []
-        self.shard_rows: list[int] = []
+        starts = [0]
+        self.uniform: list[int] = []  # rows per group (all but the last), or 0: see `offsets`
+        self.offsets: dict[int, np.ndarray] = {}  # shard → first row of each group within it
+        self.groups = 0
         names: set[tuple[str, ...]] = set()
         for i, p in enumerate(self.paths):
             md = pq.read_metadata(p)
             if md.num_row_groups:  # column paths of the row group: `md.schema` would leave a cycle per footer
                 names.add(tuple(sorted({md.row_group(0).column(c).path_in_schema.split(".")[0]
                                         for c in range(md.num_columns)})))
-            for j in range(md.num_row_groups):
-                n = md.row_group(j).num_rows
-                if n:
-                    starts.append(starts[-1] + n)
-                    shard_of.append(i)
-                    group_of.append(j)
-            self.shard_rows.append(md.num_rows)
+            sizes = [md.row_group(j).num_rows for j in range(md.num_row_groups)]
+            self.groups += len(sizes)
+            if sizes and all(n == sizes[0] for n in sizes[:-1]) and 0 < sizes[-1] <= sizes[0]:
+                self.uniform.append(sizes[0])
+            else:
+                self.uniform.append(0)
+                self.offsets[i] = np.cumsum([0, *sizes[:-1]], dtype=np.int64)
+            starts.append(starts[-1] + md.num_rows)
         packed = {"tokens" in n for n in names}
         if len(packed) > 1:
             raise ValueError(f"shards {[str(p) for p in self.paths][:8]} mix packed and record shards")
-        self.packed = packed.pop()
-        self.group_start = np.asarray(starts, dtype=np.int64)  # global first row of each group, then the total
-        self.group_shard = np.asarray(shard_of, dtype=np.int32)
-        self.group_index = np.asarray(group_of, dtype=np.int32)
+        self.packed = packed.pop() if packed else False
+        self.shard_start = np.asarray(starts, dtype=np.int64)  # global first row of each shard, then the total
+        self.shard_rows = [int(b - a) for a, b in zip(starts, starts[1:])]
 
     def __len__(self) -> int:
-        return int(self.group_start[-1])
+        return int(self.shard_start[-1])
 
-    def locate(self, row: int) -> tuple[int, int]:
-        """(global row group, offset in it) of global row id `row`."""
+    def locate(self, row: int) -> tuple[int, int, int]:
+        """(shard, row group in it, offset in that group) of global row id `row`."""
         if not 0 <= row < len(self):
             raise IndexError(f"row {row} outside the {len(self)} rows of the shards")
-        g = int(np.searchsorted(self.group_start, row, side="right")) - 1
-        return g, row - int(self.group_start[g])
+        shard = int(np.searchsorted(self.shard_start, row, side="right")) - 1
+        off = row - int(self.shard_start[shard])
+        if self.uniform[shard]:
+            g, o = divmod(off, self.uniform[shard])
+            return shard, g, o
+        offs = self.offsets[shard]
+        g = int(np.searchsorted(offs, off, side="right")) - 1
+        return shard, g, off - int(offs[g])
 
 
 class ShardDataset:
@@ -85,7 +97,7 @@ class ShardDataset:
         self.packed = self.index.packed
         self.columns = ["modality", "tokens" if self.packed else "text", "image", "audio"]
         self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
-        self._groups: OrderedDict[int, pa.Table] = OrderedDict()
+        self._groups: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
         self._lock = threading.Lock()  # the prefetch thread and the eval on the main thread share the caches
         self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
         self.text_len = text_len
@@ -103,8 +115,7 @@ class ShardDataset:
     def _check_len(self, row: int) -> None:
         n = len(self._rows([row])[0]["tokens"])
         if n != self.text_len:
-            g, _ = self.index.locate(row)
-            path = self.index.paths[int(self.index.group_shard[g])]
+            path = self.index.paths[self.index.locate(row)[0]]
             raise ValueError(f"{path}: packed rows hold {n} tokens, but train.text_len is {self.text_len}")
 
     def _file(self, shard: int) -> pq.ParquetFile:
@@ -116,14 +127,13 @@ class ShardDataset:
         self._files[shard] = f
         return f
 
-    def _group(self, g: int) -> pa.Table:
-        t = self._groups.pop(g, None)
+    def _group(self, shard: int, group: int) -> pa.Table:
+        t = self._groups.pop((shard, group), None)
         if t is None:
-            f = self._file(int(self.index.group_shard[g]))
-            t = f.read_row_group(int(self.index.group_index[g]), columns=self.columns)
+            t = self._file(shard).read_row_group(group, columns=self.columns)
             while len(self._groups) >= CACHED_GROUPS:
                 self._groups.popitem(last=False)
-        self._groups[g] = t
+        self._groups[(shard, group)] = t
         return t
 
     def _rows(self, ids: Sequence[int]) -> list[dict[str, Any]]:
@@ -131,8 +141,8 @@ class ShardDataset:
         out: list[dict[str, Any]] = []
         with self._lock:
             for i in ids:
-                g, off = self.index.locate(int(i))
-                t = self._group(g)
+                shard, group, off = self.index.locate(int(i))
+                t = self._group(shard, group)
                 image, audio = t.column("image")[off], t.column("audio")[off]
                 out.append({"modality": t.column("modality")[off].as_py(),
                             "tokens" if self.packed else "text": t.column(self.columns[1])[off].as_py(),

@@ -44,12 +44,31 @@ def test_the_reader_reads_row_groups_never_a_whole_shard(tmp_path: Path, tok: Pa
     monkeypatch.setattr(pq.ParquetFile, "read", refuse)
     monkeypatch.setattr(kd, "OPEN_FILES", 3)
     data = kd.ShardDataset(paths, tok, 16)
-    assert len(data) == len(want) and data.shard_rows == [2048] * 30 and len(data.index.group_shard) == 60
+    assert len(data) == len(want) and data.shard_rows == [2048] * 30 and data.index.groups == 60
+    assert data.index.uniform == [1024] * 30 and not data.index.offsets  # O(shards): one number per shard
     sampler = make_sampler("feistel-v1", 9, 0, data.shard_rows)
     for lo in range(0, 400, 50):
         ids = sampler.rows(lo, lo + 50)
         assert data.batch(ids, 8, 100)["tokens"].tolist() == [want[i] for i in ids]
         assert len(data._files) <= 3 and len(data._groups) <= kd.CACHED_GROUPS
+
+
+def test_shards_with_uneven_row_groups_are_indexed_by_offsets(tmp_path: Path, tok: Path) -> None:
+    import pyarrow as pa
+
+    from kai_train.data import ShardIndex
+
+    paths = synthetic_packed_shards(tmp_path, 3000 * 16, 16, rows_per_shard=3000)
+    t = pq.read_table(paths[0])
+    odd = tmp_path / "odd.parquet"
+    with pq.ParquetWriter(odd, t.schema) as w:
+        for lo, hi in [(0, 10), (10, 700), (700, 710), (710, 3000)]:
+            w.write_table(pa.Table.from_batches(t.slice(lo, hi - lo).to_batches(max_chunksize=10**6)), row_group_size=10**6)
+    idx = ShardIndex([paths[0], odd])
+    assert idx.uniform == [1024, 0] and idx.offsets[1].tolist() == [0, 10, 700, 710]
+    assert [idx.locate(3000 + r) for r in (0, 9, 10, 699, 700, 709, 710, 2999)] == [
+        (1, 0, 0), (1, 0, 9), (1, 1, 0), (1, 1, 689), (1, 2, 0), (1, 2, 9), (1, 3, 0), (1, 3, 2289)]
+    assert idx.locate(2047) == (0, 1, 1023) and idx.locate(2048) == (0, 2, 0)
 
 
 def test_batches_are_built_ahead_and_equal_direct_reads(tmp_path: Path, tok: Path) -> None:
