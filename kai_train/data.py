@@ -7,9 +7,9 @@ that order and each shard's digest), so it means the same row on every rank and 
 Nothing here loads a shard: `ShardIndex` reads each shard's Parquet footer once (rows per row
 group), and a batch reads only the row groups that hold its rows (pread, a few open files kept, the
 last row groups decoded kept), then decodes only those rows: tokens, and the PNG or WAV of a media
-row only when that row is in the batch. Memory is the index (O(shards) for evenly cut shards) plus a bounded number
-of row groups (≤ data_pipelines.shards.ROW_GROUP_BYTES each as written by kai-data), whatever the
-size of the corpus. `Batches` builds a rank's next micro-batches on a background thread.
+row only when that row is in the batch. Memory is the index (O(shards) for evenly cut shards) plus
+a bounded number of row groups (≤ data_pipelines.shards.ROW_GROUP_BYTES each as kai-data writes
+them), whatever the size of the corpus. `Batches` builds a rank's next micro-batches on a background thread.
 
 Packed shards (data_pipelines.pack: a `tokens` column of exactly text_len ids) are used as they
 are; record shards (a `text` column) are tokenized here as `<bos> text <eos>`, cut and padded.
