@@ -13,7 +13,7 @@ The sampler table times `Sampler.rows` for one step of --micro-batch × --world 
 the middle of the corpus, for N = 10^3 … 10^12 training rows (no files: the sampler needs only row
 counts), with and without a 3-source mixture.
 
-    python bench/data_reader.py --tokens 10M,100M,1B [--seq-len 256] [--steps 300] [--keep DIR]
+    python bench/data_reader.py --tokens 10M,100M,1B [--seq-len 256] [--steps 300] [--keep DIR] [--smoke]
 """
 
 from __future__ import annotations
@@ -85,11 +85,11 @@ def tokenizer(tmp: Path) -> Path:
     return tmp / "tok.model"
 
 
-def sampler_table(micro: int, world: int) -> list[tuple[int, float, float]]:
+def sampler_table(micro: int, world: int, exps: tuple[int, ...] = (3, 6, 9, 12)) -> list[tuple[int, float, float]]:
     from attest.sampling import Sampler
 
     out = []
-    for exp in (3, 6, 9, 12):
+    for exp in exps:
         n = 10**exp
         plain = Sampler(1234, 0, [n])
         mixed = Sampler(1234, 0, [n // 2, n // 3, n - n // 2 - n // 3], ["a", "b", "c"], {"a": 5, "b": 3, "c": 2})
@@ -116,9 +116,12 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--keep", type=Path, help="build corpora here and keep them (default: a temp folder)")
+    ap.add_argument("--smoke", action="store_true", help="a seconds-sized run (the test suite runs it, so the bench cannot rot)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.smoke:
+        args.tokens, args.steps, args.keep = "200K,1M", 20, None
     if args.child:
         child(args)
         return
@@ -153,7 +156,7 @@ def main() -> None:
               f"{r['tokens_per_s']:>13,.0f}")
     print(f"\nsampler cost per step ({args.micro_batch} x {args.world} rows), ms:")
     print(f"{'N rows':>16} {'no mixture':>11} {'3-source mixture':>17}")
-    for n, a, b in sampler_table(args.micro_batch, args.world):
+    for n, a, b in sampler_table(args.micro_batch, args.world, (3, 9) if args.smoke else (3, 6, 9, 12)):
         print(f"{n:>16,} {a:>11.3f} {b:>17.3f}")
     if args.keep is None:
         shutil.rmtree(root, ignore_errors=True)
