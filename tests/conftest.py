@@ -108,9 +108,33 @@ def resign(b: Path, key: Path, mutate: Callable[[list[dict]], None]) -> None:
     (b / "chain.jsonl").unlink()
     w = ChainWriter(b / "chain.jsonl", PemSigner.from_file(key), run_id)
     for st in statements:
+        if st["predicate"]["kind"] == "release" and st is statements[-1]:
+            refresh_card(b, key, st)
         w.append(st["predicate"]["kind"], st["subject"], {k: v for k, v in st["predicate"].items() if k not in CHAIN_FIELDS})
     if (b / SLSA_NAME).is_file() and statements and statements[-1]["predicate"]["kind"] == "release":
         write_provenance(b, PemSigner.from_file(key))  # the release's SLSA provenance, re-signed with it
+
+
+def refresh_card(b: Path, key: Path, release: dict) -> None:
+    """The model card names the chain head before the release: after re-signing the chain, the insider
+    renders it again (attest.release), signs export/ again (model-signing) and names both new digests."""
+    from attest.digest import sha256_file
+    from attest.oms import sign_checkpoint_dir
+    from attest.release import CARD_NAME, model_card
+
+    card = b / "export" / CARD_NAME
+    if not card.is_file():
+        return
+    entries, _ = read_chain(b / "chain.jsonl")
+    last = [e for e in entries if e.kind == "checkpoint"][-1].predicate
+    genesis = next(e.predicate for e in entries if e.kind == "genesis")
+    run_cfg = next(e.predicate for e in entries if e.kind == "run")["config"]
+    card.write_bytes(model_card(entries, last["step"], last["weights_root"], genesis["recipe"]["model"], run_cfg, genesis).encode())
+    if (b / "export/model.sig").is_file():
+        sign_checkpoint_dir(b / "export", key)
+    for s in release["subject"]:
+        if s["name"] in ("export/README.md", "export/model.sig"):
+            s["digest"]["sha256"] = sha256_file(b / s["name"])
 
 
 @contextlib.contextmanager
