@@ -260,10 +260,11 @@ def test_transformers_opens_only_rendered_files_of_the_export(demo_run: Path, tm
     opened = set(json.loads(p.stdout.strip().splitlines()[-1]))
     entries, _ = read_chain(demo_run / "chain.jsonl")
     ckpt = [e for e in entries if e.kind == "checkpoint"][-1]
-    weights = sorted(s for s in ckpt.statement["subject"] if s["name"].endswith(".safetensors")
-                     and not s["name"].rsplit("/", 1)[1].startswith("optimizer"))
-    rendered = render(entries[:-1], ckpt.predicate["step"], [(s["digest"]["sha256"], []) for s in weights], None,
-                      _own_code, True)
-    produced = rendered.names() | {"tokenizer.model"}
+    weights = sorted((s for s in ckpt.statement["subject"] if s["name"].endswith(".safetensors")
+                      and not s["name"].rsplit("/", 1)[1].startswith("optimizer")), key=lambda s: s["name"])
+    tok = (export / "tokenizer.model").read_bytes()
+    rendered = render(entries[:-1], ckpt.predicate["step"], [(s["digest"]["sha256"], []) for s in weights],
+                      (tok, sha256_file(export / "tokenizer.model")), _own_code, True)
+    produced = rendered.names()
     assert opened and opened <= produced, sorted(opened - produced)
     assert {"config.json", "tokenizer_config.json", "generation_config.json"} <= opened
