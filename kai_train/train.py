@@ -132,8 +132,8 @@ class Trainer:
             eng.fill(engine, genesis_values(cfg.seed, rules, recipe_name, gen_device))
         self.prov: Provenance | None = None
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        if not self.sampler_recorded:  # the recorded config, as it was
-            resolved.pop("sampler", None)  # type: ignore[union-attr]
+        if not self.sampler_recorded and isinstance(resolved, dict):  # the recorded config, as it was
+            resolved.pop("sampler", None)
         if rank == 0:
             from attest.runconfig import render_yaml
             from attest.signers import ensure_public_key, make_signer
@@ -311,8 +311,15 @@ def make_run_sampler(cfg: DictConfig, shards: list[Path], shard_rows: list[int],
     assert isinstance(scfg, dict)
     sources = None
     try:
+        # the footers' row counts are the manifests' (what the chain signs and replay reads): checked
+        # here so that a shard rewritten after kai-data fails before training, naming it
+        manifests = [load_manifest(manifest_path(p)) if manifest_path(p).is_file() or scfg.get("mixture") else None
+                     for p in shards]
+        for p, m, n in zip(shards, manifests, shard_rows):
+            if m is not None and m.get("rows") != n:
+                raise ValueError(f"{p}: {n} rows, its manifest says {m.get('rows')} (rebuild with kai-data)")
         if scfg.get("mixture"):
-            sources = [str(load_manifest(manifest_path(p))["source"]["name"]) for p in shards]
+            sources = [str(m["source"]["name"]) for m in manifests if m is not None]
         return make_sampler(scfg.get("kind"), cfg.seed, holdout_every, shard_rows, sources, scfg.get("mixture"))
     except ValueError as e:
         raise AppError(str(e)) from e
