@@ -122,3 +122,25 @@ def test_reader_memory_does_not_grow_with_the_corpus(tmp_path: Path, tok: Path) 
         r = json.loads(p.stdout.strip().splitlines()[-1])
         peaks[tokens] = r["peak_kib"] - r["base_kib"]
     assert peaks[8_000_000] - peaks[500_000] < 24 * 1024, peaks  # KiB: a few row groups, not the corpus
+
+
+def test_the_trainer_builds_its_sampler_from_the_config_and_the_manifests(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from kai_train.app import AppError
+    from kai_train.train import make_run_sampler
+
+    web = synthetic_packed_shards(tmp_path, 3000 * 16, 16, rows_per_shard=2000, source="web")
+    code = synthetic_packed_shards(tmp_path, 1000 * 16, 16, rows_per_shard=2000, source="code")
+    shards, rows = [*code, *web], [1000, 2000, 1000]
+    cfg = OmegaConf.create({"seed": 5, "sampler": {"kind": "feistel-v1", "mixture": {"web": 3, "code": 1}}})
+    s = make_run_sampler(cfg, shards, rows, 10)
+    assert s.kind == "feistel-v1" and [st.name for st in s.streams] == ["code", "web"]
+    assert s.counts(0, 400) == [100, 300]
+    old = make_run_sampler(cfg, shards, rows, 10, recorded=False)  # a run begun before sampler kinds
+    assert old.kind is None and old.num_rows == 3600
+    with pytest.raises(AppError, match=r"web-00001\.parquet: 999 rows, its manifest says 1000"):
+        make_run_sampler(cfg, shards, [1000, 2000, 999], 10)
+    with pytest.raises(AppError, match="no weight for source"):
+        make_run_sampler(OmegaConf.create({"seed": 5, "sampler": {"kind": "feistel-v1", "mixture": {"web": 1}}}),
+                         shards, rows, 10)
