@@ -12,9 +12,9 @@ import pytest
 
 pytest.importorskip("deepspeed", reason="the train extra; not on the evaluator's light install")
 
-from attest.chain import read_chain  # noqa: E402
-from attest.cli import main  # noqa: E402
-from conftest import TRAIN_ARGS, kai_attest, must, prepared_data, resign, torchrun, verify_trusted  # noqa: E402
+from attest.chain import read_chain
+from attest.cli import main
+from conftest import TRAIN_ARGS, kai_attest, must, prepared_data, resign, torchrun, verify_trusted
 
 pytestmark = pytest.mark.slow
 
