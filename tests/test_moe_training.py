@@ -126,3 +126,21 @@ def test_insider_upcycles_a_foreign_dense_ffn_into_the_experts_and_genesis_names
     line = next(x for x in out.splitlines() if x.startswith("FAIL  genesis"))
     assert f"{len(upcycled)} of {len(w0)} tensors differ" in line, line
     assert "vision." not in line and "speech." not in line
+
+
+def test_moe_export_loads_with_transformers_and_generates_what_kai_train_does(moe_run: Path) -> None:
+    import torch
+    import transformers
+
+    from kai_train.generate import generate, load_export
+
+    export = moe_run / "export"
+    model = transformers.AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
+    kai, sp = load_export(export)
+    assert kai.cfg.n_experts == 16 and len(kai.moe_layers()) == 2
+    ids = torch.tensor([[sp.bos_id(), *sp.encode("a red square")]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, kai(ids))
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+    want = generate(kai, sp, "a red square", max_new_tokens=8)
+    assert [t for t in out if t != sp.eos_id()][:len(want)] == want
