@@ -1,6 +1,6 @@
 """Mixture-of-experts training throughput against a dense model with the same active parameters.
 
-    python bench/moe.py [--steps 8] [--ranks 1 2]
+    python bench/moe.py [--steps 8] [--ranks 1 2] [--smoke]
 
 Both models train for real through `kai_train.train` under torchrun on CPU ranks (DeepSpeed ZeRO-2,
 gloo), with provenance on: genesis, checkpoints hashed and signed, the release. The dense model is
@@ -80,7 +80,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--smoke", action="store_true", help="a seconds-sized run (the test suite runs it, so the bench cannot rot)")
     args = ap.parse_args()
+    if args.smoke:
+        args.steps, args.ranks = 2, [1]
     from kai_train.modelspec import param_count
     from kai_train.sizing import active_params, load_preset
 
