@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from attest.errors import KaiError
+
 MAX_MODEL_BYTES = 64 << 20  # a 1M-piece vocabulary is ~20 MB
 MAX_PIECES = 4_000_000
 
@@ -24,7 +26,7 @@ _SPECIAL_FIELDS = {45: ("unk", "<unk>"), 46: ("bos", "<s>"), 47: ("eos", "</s>")
 _SPECIAL_TYPE = {"unk": UNKNOWN, "bos": CONTROL, "eos": CONTROL, "pad": CONTROL}
 
 
-class SpmError(ValueError):
+class SpmError(KaiError, ValueError):
     """The bytes are not a SentencePiece model this reader understands."""
 
 

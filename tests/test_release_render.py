@@ -68,6 +68,29 @@ def test_a_release_without_export_format_is_rendered_by_format_1() -> None:
     assert "generation_config.json" in one.optional and not two.optional
 
 
+def test_a_format_2_release_must_name_every_rendered_file_and_format_1_may_omit_the_optional_ones(tmp_path: Path) -> None:
+    from bundlefactory import DERIVER, make_bundle
+
+    from attest import verify
+
+    def as_format(n: int) -> Callable[[list[dict]], None]:
+        return lambda sts: sts[-1]["predicate"].update(export_format=n)
+
+    verify.DERIVERS[DERIVER] = "bundlefactory"
+    try:
+        root, _ = make_bundle(tmp_path / "one")  # the factory writes format 1's minimal export/
+        assert not [f.line() for f in verify.verify_bundle(root).failed]
+        root, _ = make_bundle(tmp_path / "two", mutate=as_format(2))
+        missing = {f.file for f in verify.verify_bundle(root).failed if f.check == "release"}
+        assert {"export/generation_config.json", "export/modeling_kai.py"} <= missing, missing
+        root, _ = make_bundle(tmp_path / "three", mutate=as_format(3))
+        assert [f.line() for f in verify.verify_bundle(root).failed if f.check == "release"] == [
+            "FAIL  release           chain.jsonl:12: expected export_format 1 … 2 (this verifier renders those), "
+            "found export_format 3"]
+    finally:
+        verify.DERIVERS.pop(DERIVER, None)
+
+
 # ------------------------------------------------------------------ insiders who re-sign export/
 
 
