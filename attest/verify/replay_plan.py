@@ -254,10 +254,10 @@ def build_plan(ctx: Context, k: int, replay_world: int | None = None) -> dict[st
     # segment replays exactly at the layout it ran with. Absent from older records: the run config's.
     micro_batch = sampler.get("micro_batch")
     grad_accum = sampler.get("grad_accum", train["grad_accum"])
-    for name, v in (("micro_batch", micro_batch), ("grad_accum", grad_accum)):
-        if not (_is_int(v) and 1 <= v <= TRAIN_SCHEMA[name][2]):
-            raise PlanError(f"{ctx.where(target)}: data_consumed sampler.{name} {str(v)[:20]!r}: expected a whole number "
-                            f"in [1, {TRAIN_SCHEMA[name][2]}]")
+    for key, v in (("micro_batch", micro_batch), ("grad_accum", grad_accum)):
+        if not (_is_int(v) and 1 <= v <= TRAIN_SCHEMA[key][2]):
+            raise PlanError(f"{ctx.where(target)}: data_consumed sampler.{key} {str(v)[:20]!r}: expected a whole number "
+                            f"in [1, {TRAIN_SCHEMA[key][2]}]")
     agree = {"sampler.seed": (sampler.get("seed"), seed),
              "holdout_every": (consumed.get("holdout_every"), train["holdout_every"])}
     want_start = as_dict(prev.predicate.get("data_consumed")).get("sampler", {}).get("position_end", 0) if k else 0
@@ -300,8 +300,8 @@ def build_plan(ctx: Context, k: int, replay_world: int | None = None) -> dict[st
     if not (_is_int(threads) and 1 <= threads <= MAX_THREADS):
         raise PlanError(f"{ctx.where(target)}: environment.determinism.threads {str(threads)[:20]!r}: expected a "
                         f"whole number in [1, {MAX_THREADS}]")
-    cost = replay_cost({"train": run_train, "world_size": ranks, "target_step": step_end,
-                        "start_step": step_end - steps, "threads": threads},
+    cost = replay_cost({"train": run_train, "world_size": ranks, "target_step": int(tp["step"]),
+                        "start_step": int(tp["step"]) - steps, "threads": threads},
                        _weight_bytes(ctx, prev), model)
     check_cost(ctx, cost, ctx.where(target))
     start = _state(ctx, prev, with_optimizer=k > 0)

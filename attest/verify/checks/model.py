@@ -519,13 +519,11 @@ def replay_segments(ctx: Context, draw: bool = True) -> list[Entry]:
     return [ckpts[i] for i in picked]
 
 
-def _recomputed(ctx: Context, why: str = "", segments: list[Entry] | None = None) -> None:
-    """facts["recomputed"]: what replay recomputed, read by Report.verdict (no PASS without it)."""
+def _recomputed(ctx: Context, why: str = "", done: list[int] | None = None) -> None:
+    """facts["recomputed"]: what replay recomputed (`done`: the segments reproduced), read by
+    Report.verdict (no PASS without it)."""
     ckpts = ctx.of_kind("checkpoint")
-    index = {id(e): i for i, e in enumerate(ckpts)}
-    chosen = sorted(index[id(e)] for e in segments or [])
-    done = [x for x in ctx.facts.get("replay", []) if isinstance(x, dict) and x.get("ok")]
-    reproduced = sorted({x["segment"] for x in done})
+    reproduced = sorted(set(done or []))
     drawn = ctx.facts.get("replay_drawn")
     if isinstance(ctx.replay, list):
         drawn = sorted(set(ctx.replay))  # the evaluator's challenge
@@ -534,7 +532,7 @@ def _recomputed(ctx: Context, why: str = "", segments: list[Entry] | None = None
     drawn_ok = [i for i in drawn or [] if i in reproduced]
     cov = coverage(len(drawn or []), len(ckpts))
     ctx.facts["recomputed"] = {
-        "segments": len(ckpts), "chosen": chosen, "drawn": drawn or [], "reproduced": len(reproduced),
+        "segments": len(ckpts), "drawn": drawn or [], "reproduced": len(reproduced),
         "reproduced_segments": reproduced, "drawn_reproduced": len(drawn_ok),
         "last_step": ckpts[-1].predicate.get("step") if ckpts else None,
         "last_reproduced": bool(ckpts) and len(ckpts) - 1 in reproduced,
@@ -596,8 +594,13 @@ def check_replay(ctx: Context) -> Iterator[Finding]:
                      "confined to m other segments escapes with probability "
                      + ", ".join(f"{p:.3g} (m={m})" for m, p in cov["escape_probability"].items()))
     assert replayer is not None  # `missing` above returned otherwise
-    yield from replayer(ctx, segments)
-    _recomputed(ctx, "", segments)
+    index = {id(e): i for i, e in enumerate(ctx.of_kind("checkpoint"))}
+    reproduced: list[int] = []
+    for i, f in enumerate(replayer(ctx, segments)):  # one finding per segment, in order (the REPLAYERS contract)
+        if f.check == "replay" and f.ok and i < len(segments):
+            reproduced.append(index[id(segments[i])])
+        yield f
+    _recomputed(ctx, "", reproduced)
 
 
 def coverage(k: int, n: int, spans: tuple[int, ...] = (1, 2, 5)) -> dict[str, Any]:
