@@ -485,7 +485,7 @@ def test_replay_argument_accepts_a_count_or_all(bundle, capsys, monkeypatch: pyt
     assert rc == 0, out
     assert "replay coverage: 6 of 6 segments" in out
     rc, out, _ = cli(capsys, str(root), "--trust", key, "--replay", "2", "--replay-seed", "1")
-    assert rc == 0 and re.search("replay coverage: [23] of 6 segments", out) and "0.667 (m=1)" in out, out
+    assert rc == 0 and re.search("replay coverage: [23] of 6 segments", out) and re.search(r"0\.[68] \(m=1\)", out), out
     assert "PASS (" in out.splitlines()[-1] and "of 6 segments replayed, last included" in out.splitlines()[-1]
     rc, out, _ = cli(capsys, str(root), "--trust", key, "--no-replay")
     assert rc == 4 and "INCOMPLETE" in out.splitlines()[-1] and "--no-replay" in out.splitlines()[-1], out

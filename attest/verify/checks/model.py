@@ -530,13 +530,12 @@ def _recomputed(ctx: Context, why: str = "", done: list[int] | None = None) -> N
     elif ctx.replay == "all":
         drawn = list(range(len(ckpts)))
     drawn_ok = [i for i in drawn or [] if i in reproduced]
-    cov = coverage(len(drawn or []), len(ckpts))
     ctx.facts["recomputed"] = {
         "segments": len(ckpts), "drawn": drawn or [], "reproduced": len(reproduced),
         "reproduced_segments": reproduced, "drawn_reproduced": len(drawn_ok),
         "last_step": ckpts[-1].predicate.get("step") if ckpts else None,
         "last_reproduced": bool(ckpts) and len(ckpts) - 1 in reproduced,
-        "escape_probability": cov["escape_probability"], "why": why}
+        "escape_probability": escape(reproduced, len(ckpts)), "why": why}
     if not drawn_ok and reproduced:  # the last segment alone, not an evaluator's draw
         ctx.facts["recomputed"]["reproduced"] = 0
         ctx.facts["recomputed"]["why"] = "no segment drawn at random by the evaluator was reproduced"
@@ -587,20 +586,30 @@ def check_replay(ctx: Context) -> Iterator[Finding]:
     total = len(ctx.of_kind("checkpoint"))
     ctx.facts["replay_requested"] = {"plugin": DEFAULT_REPLAY_PLUGIN, "segments": [e.predicate.get("step") for e in segments],
                                      "seed": ctx.facts.get("replay_seed")}
-    drawn = len(ctx.facts.get("replay_drawn", [])) if not isinstance(ctx.replay, list) and ctx.replay != "all" else len(segments)
-    cov = ctx.facts["replay_coverage"] = coverage(drawn, total)
-    cov["replayed"] = len(segments)
+    index = {id(e): i for i, e in enumerate(ctx.of_kind("checkpoint"))}
+    cov = ctx.facts["replay_coverage"] = {"replayed": len(segments), "segments": total,
+                                          "escape_probability": escape(sorted(index[id(e)] for e in segments), total)}
     ctx.notes.append(f"replay coverage: {len(segments)} of {total} segments (the last always among them); a forgery "
                      "confined to m other segments escapes with probability "
                      + ", ".join(f"{p:.3g} (m={m})" for m, p in cov["escape_probability"].items()))
     assert replayer is not None  # `missing` above returned otherwise
-    index = {id(e): i for i, e in enumerate(ctx.of_kind("checkpoint"))}
     reproduced: list[int] = []
     for i, f in enumerate(replayer(ctx, segments)):  # one finding per segment, in order (the REPLAYERS contract)
         if f.check == "replay" and f.ok and i < len(segments):
             reproduced.append(index[id(segments[i])])
         yield f
     _recomputed(ctx, "", reproduced)
+
+
+def escape(chosen: list[int], n: int) -> dict[str, float]:
+    """Escape probabilities for a replay of `chosen` (segment indices) of n, the last always among them
+    and the others drawn at random: a forgery confined to m segments other than the last escapes with
+    probability C(n-1-m, j)/C(n-1, j), j the chosen segments other than the last (one in the last never
+    escapes a replay that reproduced it)."""
+    j = len({i for i in chosen if i != n - 1})
+    if n - 1 not in chosen:  # the last not replayed: nothing is said about it
+        return coverage(len(set(chosen)), n)["escape_probability"]
+    return coverage(j, n - 1)["escape_probability"]
 
 
 def coverage(k: int, n: int, spans: tuple[int, ...] = (1, 2, 5)) -> dict[str, Any]:
