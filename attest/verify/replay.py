@@ -1,15 +1,23 @@
 """Segment replay from the verifier's side: choose segments, build their plans, run, compare.
 
-The evaluator picks segments at random after receiving the bundle (`--replay N`, reproducible
-with `--replay-seed S`; see attest.verify.checks.model.replay_segments), so a team cannot know which
-segments will be re-run. The implementation that runs is this verifier's own `kai_train.replay`
-(the bundle names none). For each chosen segment the verifier builds a closed plan from signed
-statements only (attest.verify.replay_plan: bound files, schema-checked config) and runs the plug-in in a
-separate process under torchrun with the world size the segment recorded, on CPU, in a fresh
-scratch directory that is also its HOME and TMPDIR, with a minimal environment. The weights and
-AdamW state it reaches must equal the next checkpoint's signed roots bit for bit, and it must
-consume exactly the recorded sampler range. The plug-in needs torch and DeepSpeed (the `train`
-extra); this module imports neither.
+The evaluator draws segments at random after receiving the bundle (by default one, `--replay N`,
+reproducible with `--replay-seed S`), and the last segment is always added (see
+attest.verify.checks.model.replay_segments), so a team cannot know which segments will be re-run.
+The implementation that runs is this verifier's own `kai_train.replay` (the bundle names none). For
+each chosen segment the verifier builds a closed plan from signed statements only
+(attest.verify.replay_plan: bound files, schema-checked config, the segment's own recorded layout,
+its cost checked against the policy's limits before launch) and runs the plug-in in a separate
+process under torchrun with the world size the segment recorded, on CPU, in a fresh scratch
+directory that is also its HOME and TMPDIR, with an environment the evaluator's shell does not
+reach (thread counts pinned to what the segment's training recorded). The weights and AdamW state
+it reaches must equal the next checkpoint's signed roots bit for bit, and it must consume exactly
+the recorded sampler range.
+
+Exact replay comes first for every segment, whatever its statement claims about its hardware.
+Only when it does not reproduce the segment do two tolerance replays measure a noise floor; the
+segment then fails if the claimed state or a signed per-step loss lies beyond it, and passes only
+within the evaluator's drift budget (`--max-drift`); otherwise it is not decided (INCOMPLETE). The
+plug-in needs torch and DeepSpeed (the `train` extra); this module imports neither.
 """
 
 from __future__ import annotations

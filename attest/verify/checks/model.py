@@ -557,6 +557,10 @@ def check_replay(ctx: Context) -> Iterator[Finding]:
         _recomputed(ctx, why)
         yield skipped("replay", "", why)
         return
+    if ctx.light and not isinstance(ctx.replay, list):  # a light bundle without packs: the state is held
+        _recomputed(ctx, "the segments' state is held by the team (light bundle): answer a challenge")
+        yield held_skip(ctx, "replay", "", "the start and end state of every segment (replay runs on a challenge's packs)")
+        return
     if not ctx.of_kind("checkpoint"):
         _recomputed(ctx, "no checkpoint to replay")
         yield skipped("replay", CHAIN_NAME, "no checkpoint to replay")
