@@ -142,7 +142,7 @@ def test_replay_cost_is_checked_against_policy_limits_before_any_process_starts(
     b = demo_run / "bundle"
     pub = str(b / "keys/signing-key.pub.pem")
     policy = tmp_path / "policy.json"
-    policy.write_text(json.dumps({"limits": {"max_replay_tokens": 1000}}))
+    policy.write_text(json.dumps({"limits": {"max_replay_tokens": 10}}))
     assert main(["verify", str(b), "--trust", pub, "--policy", str(policy), "--replay", "all"]) == 4
     out = capsys.readouterr().out
     assert "limits.max_replay_tokens" in out and "INCOMPLETE" in out.splitlines()[-1]
