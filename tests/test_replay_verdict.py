@@ -70,6 +70,25 @@ def test_resume_may_change_grad_accum_with_the_world_size_only_when_the_global_b
     assert "global batch" in (layout_change(rec, {"train": {"grad_accum": 3, "micro_batch": 4}}, 2, 1) or "")
 
 
+def test_a_pass_needs_a_drawn_segment_and_the_last_one_reproduced_and_nothing_undecided() -> None:
+    from attest.verify.findings import Finding, undecided
+    from attest.verify.verifier import Report
+
+    def report(rec: dict | None, *extra: Finding) -> Report:
+        return Report("b", [Finding("replay", True, "chain.jsonl:9 (step 4)"), *extra], [], "identity",
+                      {"recomputed": rec} if rec is not None else {})
+
+    full = {"reproduced": 2, "last_reproduced": True, "segments": 2, "escape_probability": {"1": 0.0}}
+    assert report(full).verdict == "pass" and "2 of 2 segments replayed, last included" in report(full).verdict_line()
+    assert report(None).verdict == "incomplete"  # replay did not run at all
+    no_last = {**full, "last_reproduced": False, "last_step": 4}
+    assert report(no_last).verdict == "incomplete" and "last segment (step 4" in report(no_last).verdict_line()
+    none = {**full, "reproduced": 0, "why": "replay not run (--no-replay)"}
+    assert report(none).exit_code == 4 and "--no-replay" in report(none).verdict_line()
+    open_ = report(full, undecided("replay", "chain.jsonl:8 (step 2)", "within tolerance, no drift budget set"))
+    assert open_.verdict == "incomplete" and "no drift budget set" in open_.verdict_line()
+
+
 # ---------------------------------------------------------------- real runs
 
 

@@ -142,8 +142,9 @@ class Report:
         elif not rec.get("last_reproduced"):
             why.append(f"the last segment (step {rec.get('last_step')}, the one that yields the release) was not "
                        "replayed")
-        for f in self.undecided:
-            why.append(f"{f.file}: {f.detail}")
+        for f in self.undecided:  # a segment not decided (its line says why); check-wide reasons are in `why`
+            if f.file:
+                why.append(f"{f.file}: {f.detail[len(UNDECIDED) + 2:]}")
         return why
 
     @property
