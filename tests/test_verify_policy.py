@@ -102,6 +102,7 @@ def test_example_policy_parses_and_unknown_fields_are_refused(tmp_path: Path) ->
     pol = load_policy(REPO / "docs/policy.example.json")
     assert pol.allowed_licenses and pol.synthetic_requires_generator and pol.oms["hash_type"] == "sha256"
     assert set(DEFAULT_REQUIRED) <= set(pol.required)
+    assert (pol.replay_segments, pol.max_drift, pol.limits["replay_timeout_s"]) == (2, 1e-3, 14400)
     with pytest.raises(PolicyError, match="unknown field"):
         parse_policy({"allowed_licences": ["MIT"]})  # British spelling: a typo must not weaken a policy
     with pytest.raises(PolicyError, match="limits.max_file_bytes"):
