@@ -103,7 +103,7 @@ def test_a_mixture_other_than_the_one_trained_is_caught(mixed_run: Path, tmp_pat
                 rec["sources"] = sampler.record(rec["position_start"], rec["position_end"])
 
     resign(b, mixed_run / "keys/signing-key.pem", remix)
-    p = verify_trusted(b, "--replay", "0")
+    p = verify_trusted(b, "--replay", "all")
     assert p.returncode == 1
     lines = p.stdout.splitlines()
     assert any(ln.startswith("ok") and "data-sampler" in ln for ln in lines), p.stdout  # consistent on paper
