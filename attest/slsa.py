@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from attest import jsonread
+from attest import inputs, jsonread
 from attest.dsse import PAYLOAD_TYPE, EnvelopeError, open_bundle, pae, sign_statement
 from attest.verify.findings import Context, Finding, short, skipped, subjects_of
 from attest.layout import CHAIN_NAME, SLSA_NAME
@@ -103,7 +104,7 @@ def check_slsa_provenance(ctx: Context) -> Iterator[Finding]:
     invocationId = the release statement's chain digest."""
     releases = ctx.of_kind("release")
     path = ctx.root / SLSA_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):  # present but a symlink or not a file: the door refuses it below (a FAIL)
         yield skipped("slsa-provenance", SLSA_NAME, "no SLSA provenance in the bundle")
         return
     if not releases:
@@ -143,7 +144,7 @@ def vsa_statement(report: Any, resource: str, policy_file: str | None, chain_sha
 
     policy: dict[str, Any] = {"uri": policy_file or "kai-attest default policy"}
     if policy_file:
-        policy["digest"] = {"sha256": hashlib.sha256(Path(policy_file).read_bytes()).hexdigest()}
+        policy["digest"] = {"sha256": hashlib.sha256(inputs.read_bytes(policy_file, 1 << 20)).hexdigest()}
     return {
         "_type": STATEMENT_TYPE,
         "subject": subjects,
@@ -170,7 +171,10 @@ def write_vsa(report: Any, bundle_root: Path, resource: str, policy_file: str | 
     from attest.chain import read_chain
 
     chain = bundle_root / CHAIN_NAME
-    chain_sha = hashlib.sha256(chain.read_bytes()).hexdigest() if chain.is_file() else None
+    try:
+        chain_sha: str | None = hashlib.sha256(inputs.read_bytes(CHAIN_NAME, 4 << 30, root=bundle_root)).hexdigest()
+    except inputs.InputError:
+        chain_sha = None
     subjects: list[dict[str, Any]] = []
     try:
         entries, _ = read_chain(chain)
@@ -198,9 +202,11 @@ def check_vsa(path: Path, key: PublicKeyVerifier) -> tuple[bool, str]:
         return False, f"{path}: predicateType {str(st.get('predicateType'))[:80]!r}, expected {VSA_TYPE}"
     pred: dict[str, Any] = st["predicate"] if isinstance(st.get("predicate"), dict) else {}
     result = pred.get("verificationResult")
-    names = ", ".join(str(s.get("name")) for s in (st.get("subject") or [])[:3] if isinstance(s, dict))
-    line = (f"{path}: {result} by {(pred.get('verifier') or {}).get('id')} at {pred.get('timeVerified')} "
-            f"for {pred.get('resourceUri')} ({len(st.get('subject') or [])} subjects: {names}…), signed by "
+    subjects = st.get("subject") if isinstance(st.get("subject"), list) else []
+    names = ", ".join(str(s.get("name"))[:200] for s in subjects[:3] if isinstance(s, dict))
+    verifier = pred.get("verifier") if isinstance(pred.get("verifier"), dict) else {}
+    line = (f"{path}: {str(result)[:40]} by {str(verifier.get('id'))[:200]} at {str(pred.get('timeVerified'))[:40]} "
+            f"for {str(pred.get('resourceUri'))[:200]} ({len(subjects)} subjects: {names}…), signed by "
             f"{key.keyid[:16]}…")
     return result == "PASSED", line
 

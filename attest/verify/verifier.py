@@ -225,7 +225,8 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
         raise BundleUnreadable(f"{root}: not a bundle folder")
     bundle_size(root, policy.limits["max_bundle_bytes"])
     try:
-        entries, torn = read_chain(safe_file(root, CHAIN_NAME, policy.limits["max_chain_bytes"]))
+        max_chain = policy.limits["max_chain_bytes"]
+        entries, torn = read_chain(safe_file(root, CHAIN_NAME, max_chain), max_chain)
     except (FileNotFoundError, BundlePathError) as e:
         raise BundleUnreadable(f"{root}: {e}") from None
     except ChainError as e:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from attest import jsonread, tool_version
+from attest import inputs, jsonread, tool_version
 from attest.verify import trajectory as traj
 from attest.bundle import BundlePathError, folder_entries
 from attest.chain import Entry
@@ -350,7 +350,8 @@ def _export_index(ctx: Context, index: str, shards: list[str]) -> Iterator[Findi
         path = ctx.files.path(index)
         if path.stat().st_size > MAX_EXPORT_CONFIG_BYTES * 64:
             raise ValueError(f"more than {MAX_EXPORT_CONFIG_BYTES * 64} bytes")
-        doc = jsonread.loads(path.read_bytes(), index, MAX_EXPORT_CONFIG_BYTES * 64)
+        doc = jsonread.loads(inputs.read_bytes(path, MAX_EXPORT_CONFIG_BYTES * 64, where=index), index,
+                             MAX_EXPORT_CONFIG_BYTES * 64)
     except FileNotFoundError:
         return  # subject-digest reports the missing subject
     except UNREADABLE as ex:
@@ -400,7 +401,7 @@ def _export_code(ctx: Context, subs: dict[str, Any]) -> Iterator[Finding]:
             continue
         own = _own_code(base)
         try:
-            theirs = ctx.files.path(rel).read_bytes()
+            theirs = inputs.read_bytes(ctx.files.path(rel), 16 << 20, where=rel)
         except UNREADABLE as ex:
             yield Finding("release", False, rel, "kai-train's model code", str(ex)[:120])
             continue
@@ -432,7 +433,8 @@ def _export_config(ctx: Context, r: Entry, name: str | None, last: dict[str, Any
         path = ctx.files.path(name)
         if path.stat().st_size > MAX_EXPORT_CONFIG_BYTES:
             raise ValueError(f"more than {MAX_EXPORT_CONFIG_BYTES} bytes")
-        cfg = jsonread.loads(path.read_bytes(), name, MAX_EXPORT_CONFIG_BYTES)  # the strict reader
+        cfg = jsonread.loads(inputs.read_bytes(path, MAX_EXPORT_CONFIG_BYTES, where=name), name,
+                             MAX_EXPORT_CONFIG_BYTES)  # the strict reader
     except FileNotFoundError:
         return  # subject-digest reports the missing subject
     except UNREADABLE as ex:
