@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import stat
 import tarfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -134,7 +135,7 @@ def extract_to(archive: str | os.PathLike[str], dest: str | os.PathLike[str],
                             raise ArchiveError(f"{archive}: more than {max_bytes} bytes once extracted "
                                                "(policy limits.max_bundle_bytes)")
                         out.write(chunk)
-    except (tarfile.TarError, EOFError, OSError, ValueError, RecursionError) as e:
+    except (tarfile.TarError, EOFError, OSError, ValueError, RecursionError, zlib.error) as e:
         if isinstance(e, ArchiveError):
             if not str(e).startswith(str(archive)):  # raised inside tarfile, before a member had a name here
                 raise ArchiveError(f"{archive}: {e}") from None

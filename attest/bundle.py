@@ -61,7 +61,10 @@ def make_bundle(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
         names.add(SLSA_NAME)
     names |= {f"{KEYS_DIR}/{p.name}" for p in (run / KEYS_DIR).glob("*.pub.pem")}
     for e in entries:
-        for s in e.statement.get("subject", []):
+        subjects = e.statement.get("subject")
+        for s in subjects if isinstance(subjects, list) else []:
+            if not isinstance(s, dict) or not isinstance(s.get("name"), str):
+                raise BundlePathError(f"{run / CHAIN_NAME}:{e.lineno}: a subject without a name string")
             # shards can be large; their manifests (also subjects) always travel
             if light and held(e, s["name"]):
                 continue
