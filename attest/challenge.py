@@ -59,7 +59,8 @@ def held(e: Entry, name: str) -> bool:
 
 def _subjects(e: Entry) -> list[tuple[str, str]]:
     out = []
-    for s in e.statement.get("subject") or []:
+    subjects = e.statement.get("subject")
+    for s in subjects if isinstance(subjects, list) else []:
         if isinstance(s, dict) and isinstance(s.get("name"), str):
             digest = s.get("digest")
             out.append((s["name"], str(digest.get("sha256") if isinstance(digest, dict) else None)))

@@ -92,7 +92,7 @@ def check_name(name: object, where: str | None = None) -> list[str]:
     label = where or repr(name[:200])
     parts = name.split("/")
     if not name or "\\" in name or "\0" in name or any(p in ("..", ".", "") for p in parts):
-        raise InputError(f"{label}: path leaves its root or is not a plain relative path")
+        raise InputError(f"{label}: path leaves the bundle (or its root folder) or is not a plain relative path")
     if len(parts) > MAX_DEPTH:
         raise InputError(f"{label}: {len(parts)} path components (the limit is {MAX_DEPTH})")
     check_path(name, label)
@@ -106,7 +106,7 @@ def _charge(fd: int, label: str, max_bytes: int | None) -> os.stat_result:
     if max_bytes is not None:
         allocated = getattr(st, "st_blocks", 0) * 512
         if st.st_size > max_bytes or allocated > max_bytes + (1 << 20):
-            raise InputError(f"{label}: {max(st.st_size, allocated)} bytes exceed the {max_bytes}-byte limit")
+            raise InputError(f"{label}: {max(st.st_size, allocated)} bytes, which exceeds the {max_bytes}-byte limit")
     return st
 
 

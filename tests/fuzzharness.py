@@ -97,7 +97,7 @@ def json_value(rng: random.Random, depth: int = 0) -> Any:
         return rng.choice([0, -1, 1, -2**63, 2**64 - 1, 10**7, 10**18, -10**9, 2**40, 0.5, -0.0, 1e308, 1e-300,
                            True, False, None])
     if r < 0.5:
-        return rng.choice(["", "x" * rng.choice([1, 300, 3000, 70000]), "../../etc/passwd", "/dev/zero", "a/" * 80,
+        return rng.choice(["", "x" * rng.choice([1, 300, 3000, 70000] if depth == 0 else [1, 300]), "../../etc/passwd", "/dev/zero", "a/" * 80,
                            "chain.jsonl/model.sig", "\x1b[31m", "\u202e", "n" * 300 + "/x", "export/model.safetensors",
                            "sha256:" + "0" * 64, "0" * 64, "cosine", "wsd", "NaN"])
     if r < 0.75:
