@@ -381,3 +381,36 @@ def test_check_vsa_on_hostile_files(base, tmp_path, capsys) -> None:
     for vsa in ("/dev/zero", str(tmp_path / "fifo"), str(tmp_path), str(tmp_path / "garbage.json"),
                 str(tmp_path / "big.json"), str(tmp_path / ("v" * 300))):
         one_line(capsys, main(["check-vsa", vsa, "--key", key]), (1, 2))
+
+
+# ---------------------------------------------------------------- the HTML report
+
+
+def test_report_wraps_and_cuts_long_strings_at_a_laptop_width(tmp_path: Path) -> None:
+    """A 3,000-character licence and file name: the page stays as wide as a 1280-pixel laptop window
+    (measured by headless Chromium's own layout), and the cell shows a cut with the count left out."""
+    import re
+
+    from attest.verify.findings import Finding
+    from attest.verify.report import render_html
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    long = "LicenseRef-" + "x" * 3000
+    data = [{"shard": "data/" + "s" * 3000 + ".parquet", "stage": "pack", "source": "web", "license": long,
+             "collection": "c" * 500, "generator": None, "rows": 10, "trained": True}]
+    findings = [Finding("data-licence", False, "f" * 3000, "an allowed licence", long, "d" * 3000)]
+    page = render_html(verify.Report("b", findings, [], "identity", {"data": data}))
+    assert "more characters)" in page and "x" * 400 not in page.split("title=")[0]
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    probe = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page).replace(
+        "</body>", "<script>document.body.setAttribute('data-sw', document.documentElement.scrollWidth)</script></body>")
+    f = tmp_path / "r.html"
+    f.write_text(probe)
+    p = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,800", "--dump-dom",
+                        f"file://{f}"], capture_output=True, text=True, timeout=120)
+    m = re.search(r'data-sw="(\d+)"', p.stdout)
+    assert m, p.stderr[-2000:]
+    assert int(m.group(1)) <= 1280, m.group(0)
