@@ -60,12 +60,14 @@ class Schedule:
         self._f = lr_lambda(train["schedule"], warmup, self.total, min_ratio, decay_frac)
 
     def lr(self, step: int) -> float:
-        """The lr optimizer step `step` (0-based) uses; also what the trainer reports after `step` steps."""
-        return self.peak * self._f(step)
+        """The lr optimizer step `step` (0-based) uses; also what the trainer reports after `step` steps.
+        A negative step (only a hostile statement names one) reads as step 0."""
+        return self.peak * self._f(max(0, step))
 
     def lr_sum(self, start: int, end: int) -> float:
         """Σ lr over the optimizer steps start .. end-1: what bounds the movement of a segment.
         Closed form (O(1) whatever the number of steps): the schedule is piecewise linear or cosine."""
+        start, end = max(0, start), max(0, end)  # negative steps: none (only a hostile statement names one)
         if end <= start:
             return 0.0
         return self.peak * self._sum(start, end)

@@ -387,7 +387,10 @@ class Harness:
         except SystemExit as e:  # argparse usage errors
             rc = e.code if isinstance(e.code, int) else 2
         except BaseException as e:  # noqa: BLE001 - a traceback: what the harness looks for
-            rc, problem = -2, f"escaped {type(e).__name__}: {str(e)[:300]}"
+            import traceback
+
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            rc, problem = -2, f"escaped {type(e).__name__}: {str(e)[:300]} at {where.filename}:{where.lineno}"
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)

@@ -238,6 +238,8 @@ def test_lr_sum_is_closed_form_and_equals_the_sum() -> None:
         a = int(rng.integers(0, 230))
         b = int(rng.integers(a, 240))
         assert math.isclose(s.lr_sum(a, b), sum(s.lr(t) for t in range(a, b)), rel_tol=1e-9, abs_tol=1e-15)
+    s = Schedule({"lr": 1e-3, "steps": 10, "warmup": 0, "schedule": "wsd", "min_lr_ratio": 1.0, "decay_frac": 0.0})
+    assert s.lr(-5) == s.lr(0) and s.lr_sum(-10, -2) == 0.0 and s.lr_sum(-3, 2) == s.lr_sum(0, 2)  # hostile steps
     big = Schedule({"lr": 1e-3, "steps": 10**7, "warmup": 100, "schedule": "cosine", "min_lr_ratio": 0.1, "decay_frac": 0.1})
     sums = [big.lr_sum(1, 10**7) for _ in range(10_000)]  # a loop per step would take hours
     assert 0 < sums[0] < 1e-3 * 10**7
