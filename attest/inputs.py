@@ -30,7 +30,6 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
 
 from attest.errors import KaiError
 
@@ -243,7 +242,7 @@ class _Bounded(io.RawIOBase):
 
 @contextmanager
 def open_file(path: str | os.PathLike[str], max_bytes: int | None = None,
-              root: str | os.PathLike[str] | None = None, where: str | None = None) -> Iterator[BinaryIO]:
+              root: str | os.PathLike[str] | None = None, where: str | None = None) -> Iterator[io.BufferedReader]:
     """A buffered binary reader of the regular file, for streaming (hashing, safetensors); never
     yields more than `max_bytes + 1` bytes when a bound is given."""
     label = where or os.fspath(path)

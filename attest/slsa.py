@@ -202,9 +202,9 @@ def check_vsa(path: Path, key: PublicKeyVerifier) -> tuple[bool, str]:
         return False, f"{path}: predicateType {str(st.get('predicateType'))[:80]!r}, expected {VSA_TYPE}"
     pred: dict[str, Any] = st["predicate"] if isinstance(st.get("predicate"), dict) else {}
     result = pred.get("verificationResult")
-    subjects = st.get("subject") if isinstance(st.get("subject"), list) else []
+    subjects: list[Any] = st["subject"] if isinstance(st.get("subject"), list) else []
     names = ", ".join(str(s.get("name"))[:200] for s in subjects[:3] if isinstance(s, dict))
-    verifier = pred.get("verifier") if isinstance(pred.get("verifier"), dict) else {}
+    verifier: dict[str, Any] = pred["verifier"] if isinstance(pred.get("verifier"), dict) else {}
     line = (f"{path}: {str(result)[:40]} by {str(verifier.get('id'))[:200]} at {str(pred.get('timeVerified'))[:40]} "
             f"for {str(pred.get('resourceUri'))[:200]} ({len(subjects)} subjects: {names}…), signed by "
             f"{key.keyid[:16]}…")
