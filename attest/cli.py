@@ -11,6 +11,7 @@ a light bundle holds but its held state has not been produced on challenge (inco
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -274,6 +275,11 @@ def _add_lineage_parser(sub: argparse._SubParsersAction) -> None:
     ln.set_defaults(func=_cmd_lineage)
 
 
+@functools.lru_cache(maxsize=1)
+def _parser() -> argparse.ArgumentParser:
+    return build_parser()
+
+
 def error_line(e: BaseException) -> str:
     """The one line an entry point prints for an error it ends on (exit 2)."""
     if isinstance(e, (KaiError, argparse.ArgumentTypeError)):
@@ -292,7 +298,7 @@ def error_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Every command ends here: exit 0, 1, 3 or 4 with its own lines, or 2 with exactly one error
     line for any input (never a traceback). "internal error" names a bug, never bad input."""
-    args = build_parser().parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
         return args.func(args)
     except (KaiError, OSError, MemoryError, RecursionError) as e:

@@ -194,6 +194,7 @@ class Harness:
             d.mkdir(parents=True, exist_ok=True)
         self.seed_root, self.key = make_bundle(workdir / "seed" / "bundle", steps=(2, 4))
         self.bundle = workdir / "bundle"
+        self.touched: set[str] = set()
         shutil.copytree(self.seed_root, self.bundle, symlinks=True)
         self.outside = workdir / "outside.json"
         self.outside.write_text('{"outside": true}')
@@ -218,13 +219,20 @@ class Harness:
     # --- inputs: each returns (argv, label, verify-like: the verdict must be the last line)
 
     def _restore_bundle(self) -> None:
-        shutil.rmtree(self.bundle, ignore_errors=True)
-        if self.bundle.exists() or self.bundle.is_symlink():
-            self.bundle.unlink()
-        shutil.copytree(self.seed_root, self.bundle, symlinks=True)
+        """Put back the files the last input touched (copying the whole bundle costs more than a verify)."""
+        for name in self.touched:
+            p = self.bundle / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+            if (self.seed_root / name).is_file():
+                shutil.copy2(self.seed_root / name, p)
+        self.touched.clear()
 
     def _verify_file(self, rng: random.Random) -> tuple[list[str], str, bool]:
         name = rng.choice(self.files + ["release.slsa.json", "export/extra.bin", "keys/x.pub.pem"])
+        self.touched.add(name)
         p = self.bundle / name
         if rng.random() < 0.3:
             kind = rng.choice(SPECIALS)
@@ -249,6 +257,7 @@ class Harness:
             ck = [s for s in sts if isinstance(s.get("predicate"), dict) and s["predicate"].get("kind") == "checkpoint"]
             for j, s in enumerate(ck):
                 s["predicate"]["step"] = 1 if j % 2 == 0 else 10**7
+        self.touched.add("chain.jsonl")
         write_chain(self.bundle, self.key, sts, relink=rng.random() < 0.8)
         return ["verify", str(self.bundle), "--trust", self.pub], f"statement {i}", True
 
@@ -341,6 +350,7 @@ class Harness:
             self._verify_statement(rng)
         else:
             name = rng.choice(self.files)
+            self.touched.add(name)
             (self.bundle / name).write_bytes(mutate_bytes((self.seed_root / name).read_bytes(), rng))
         return ["bundle", str(self.bundle), "--out", str(self.out / "b"), *(["--light"] if rng.random() < 0.5 else [])], \
             "bundle", False
