@@ -129,11 +129,16 @@ def _cmd_check_vsa(args: argparse.Namespace) -> int:
     from attest.slsa import check_vsa
 
     try:
-        ok, line = check_vsa(Path(args.vsa), PublicKeyVerifier.from_file(args.key))
+        ok, line = check_vsa(Path(args.vsa), PublicKeyVerifier.from_file(args.key), Path(args.artifact),
+                             args.policy, args.resource_uri)
     except KaiError as e:
         print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
         return 2
-    print(term_safe(line))
+    except OSError as e:
+        print(f"kai-attest: error: {term_safe(f'{e.filename or args.artifact}: {e.strerror or e}')}", file=sys.stderr)
+        return 2
+    for part in line.splitlines():
+        print(term_safe(part))
     return 0 if ok else 1
 
 
@@ -201,8 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, metavar="PACKS")
     r.set_defaults(func=_cmd_respond)
     c = sub.add_parser("check-vsa", help="check a verification summary written by verify --vsa",
-                       description="Exit 0: signed by KEY and PASSED; 1: FAILED, or not signed by KEY; 2: unreadable.")
+                       description="Exit 0: signed by KEY, PASSED, and about the artifact in hand (its files, chain "
+                                   "and policy); 1: FAILED, not signed by KEY, or about other files; 2: unreadable.")
     c.add_argument("vsa")
+    c.add_argument("artifact", metavar="BUNDLE", help="the bundle (or its export/ folder) the VSA is about")
+    c.add_argument("--policy", metavar="FILE", help="the policy the verdict must have been reached under "
+                   "(default: kai-attest's default policy)")
+    c.add_argument("--resource-uri", metavar="URI", help="the resource URI the VSA must name")
     c.add_argument("--key", required=True, metavar="PUBKEY.pem", help="the evaluator's public key")
     c.set_defaults(func=_cmd_check_vsa)
     _add_lineage_parser(sub)

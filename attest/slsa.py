@@ -12,8 +12,9 @@ checks it (check `slsa-provenance`).
 
 Verdict (read side): `kai-attest verify BUNDLE --vsa OUT --sign-key KEY` signs a VSA whose subjects
 are the released files, with `verificationResult` PASSED or FAILED, the policy's digest and the
-chain as input attestation. `kai-attest check-vsa OUT --key KEY.pub` (or any DSSE verifier:
-securesystemslib, sigstore-js) checks it with the evaluator's public key.
+chain as input attestation. `kai-attest check-vsa OUT BUNDLE --key KEY.pub` checks it with the evaluator's public key against the
+artifact in hand (its subjects' files and digests, the chain, the policy); any DSSE verifier
+(securesystemslib, sigstore-js) checks the signature alone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +30,7 @@ from typing import Any
 
 from attest import inputs, jsonread
 from attest.dsse import PAYLOAD_TYPE, EnvelopeError, open_bundle, pae, sign_statement
-from attest.verify.findings import Context, Finding, short, skipped, subjects_of
+from attest.verify.findings import Context, Finding, skipped, subjects_of
 from attest.layout import CHAIN_NAME, SLSA_NAME
 from attest.signing import PublicKeyVerifier, Signer
 
@@ -100,12 +102,17 @@ def signed_by(payload: bytes, sigs: list[tuple[str, bytes]], keys: list[PublicKe
 
 
 def check_slsa_provenance(ctx: Context) -> Iterator[Finding]:
-    """release.slsa.json: signed by a trusted key, SLSA Provenance v1, subjects = the release's,
-    invocationId = the release statement's chain digest."""
+    """release.slsa.json: signed by a trusted key, and its statement is exactly the SLSA Provenance v1
+    this verifier rebuilds from the chain (subjects = the release's, builder, build definition, data
+    and tokenizer dependencies, invocationId = the release statement's chain digest): nothing in it is
+    the team's free text."""
     releases = ctx.of_kind("release")
     path = ctx.root / SLSA_NAME
-    if not os.path.lexists(path):  # present but a symlink or not a file: the door refuses it below (a FAIL)
+    if not os.path.lexists(path):
         yield skipped("slsa-provenance", SLSA_NAME, "no SLSA provenance in the bundle")
+        return
+    if not stat.S_ISREG(os.lstat(path).st_mode):  # a link is never followed out of the bundle
+        yield Finding("slsa-provenance", False, SLSA_NAME, "a regular file inside the bundle", "a link or special file")
         return
     if not releases:
         yield skipped("slsa-provenance", SLSA_NAME, "no release statement to compare with (release reports it)")
@@ -126,15 +133,31 @@ def check_slsa_provenance(ctx: Context) -> Iterator[Finding]:
                  for s in st.get("subject") or [] if isinstance(s, dict))
     if got != want:
         bad.append((f"the release's {len(want)} subjects", f"{len(got)} subjects, {len(set(got) ^ set(want))} differ"))
-    pred: dict[str, Any] = st["predicate"] if isinstance(st.get("predicate"), dict) else {}
-    inv = ((pred.get("runDetails") or {}).get("metadata") or {}).get("invocationId") if isinstance(
-        pred.get("runDetails"), dict) else None
-    if inv != f"{CHAIN_NAME}#sha256:{r.digest}":
-        bad.append((f"invocationId {CHAIN_NAME}#sha256:{short(r.digest)}", str(inv)[:100]))
+    upto = ctx.entries[:next((i for i, e in enumerate(ctx.entries) if e is r), len(ctx.entries) - 1) + 1]
+    rendered = provenance_statement(upto, r.digest)
+    if not bad and _canonical(st) != _canonical(rendered):  # every other byte is rebuilt from the chain
+        bad.append(("the SLSA provenance rebuilt from the chain", _first_key_difference(rendered, st)))
     for expected, found in bad:
         yield Finding("slsa-provenance", False, SLSA_NAME, expected, found)
     if not bad:
         yield Finding("slsa-provenance", True, SLSA_NAME, detail=f"SLSA Provenance v1 of the release, {len(want)} subjects")
+
+
+def _canonical(x: Any) -> str:
+    return json.dumps(x, sort_keys=True, allow_nan=True)
+
+
+def _first_key_difference(want: Any, got: Any, path: str = "") -> str:
+    """The first path where two JSON values differ, for the failure line."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        for k in sorted(set(want) | set(got), key=str):
+            if _canonical(want.get(k)) != _canonical(got.get(k)) or (k in want) != (k in got):
+                return _first_key_difference(want.get(k), got.get(k), f"{path}.{k}" if path else str(k))
+    if isinstance(want, list) and isinstance(got, list) and len(want) == len(got):
+        for i, (a, b) in enumerate(zip(want, got)):
+            if _canonical(a) != _canonical(b):
+                return _first_key_difference(a, b, f"{path}[{i}]")
+    return f"{path or 'statement'}: {json.dumps(got)[:80]} (rebuilt: {json.dumps(want)[:80]})"
 
 
 def vsa_statement(report: Any, resource: str, policy_file: str | None, chain_sha: str | None,
@@ -190,8 +213,13 @@ def write_vsa(report: Any, bundle_root: Path, resource: str, policy_file: str | 
     return out
 
 
-def check_vsa(path: Path, key: PublicKeyVerifier) -> tuple[bool, str]:
-    """(holds, one line): a VSA signed by `key`, and its verificationResult."""
+def check_vsa(path: Path, key: PublicKeyVerifier, artifact: Path, policy_file: str | None = None,
+              resource: str | None = None) -> tuple[bool, str]:
+    """(holds, one line per finding): a VSA signed by `key`, PASSED, and about the artifact in hand:
+    `artifact` is the bundle (or its export/ folder) whose files the VSA's subjects name, every file
+    of export/ is one of them with that sha256, the bundle's chain is the VSA's input attestation,
+    the policy is `policy_file`'s (or kai-attest's default when none is given), and the resource URI
+    is `resource` when given. A genuine PASSED VSA beside other files is a failure."""
     try:
         payload, sigs, st = _open(path)
     except EnvelopeError as e:
@@ -202,13 +230,71 @@ def check_vsa(path: Path, key: PublicKeyVerifier) -> tuple[bool, str]:
         return False, f"{path}: predicateType {str(st.get('predicateType'))[:80]!r}, expected {VSA_TYPE}"
     pred: dict[str, Any] = st["predicate"] if isinstance(st.get("predicate"), dict) else {}
     result = pred.get("verificationResult")
-    subjects: list[Any] = st["subject"] if isinstance(st.get("subject"), list) else []
-    names = ", ".join(str(s.get("name"))[:200] for s in subjects[:3] if isinstance(s, dict))
+    subjects = [s for s in (st.get("subject") or []) if isinstance(s, dict)] if isinstance(st.get("subject"), list) else []
+    names = ", ".join(str(s.get("name"))[:80] for s in subjects[:3])
     verifier: dict[str, Any] = pred["verifier"] if isinstance(pred.get("verifier"), dict) else {}
-    line = (f"{path}: {str(result)[:40]} by {str(verifier.get('id'))[:200]} at {str(pred.get('timeVerified'))[:40]} "
-            f"for {str(pred.get('resourceUri'))[:200]} ({len(subjects)} subjects: {names}…), signed by "
-            f"{key.keyid[:16]}…")
-    return result == "PASSED", line
+    line = (f"{path}: {str(result)[:20]} by {str(verifier.get('id'))[:80]} at "
+            f"{str(pred.get('timeVerified'))[:40]} for {str(pred.get('resourceUri'))[:120]} ({len(subjects)} subjects: "
+            f"{names}…), signed by {key.keyid[:16]}…")
+    problems = _vsa_artifact(pred, subjects, artifact) + _vsa_policy(pred, policy_file)
+    if resource is not None and pred.get("resourceUri") != resource:
+        problems.append(f"resourceUri {str(pred.get('resourceUri'))[:120]!r}, expected {resource[:120]!r}")
+    lines = [line] + [f"{path}: {p}" for p in problems]
+    return result == "PASSED" and not problems, "\n".join(lines)
+
+
+def _vsa_artifact(pred: dict[str, Any], subjects: list[dict[str, Any]], artifact: Path) -> list[str]:
+    """What differs between the VSA's subjects and input attestation and the files in hand."""
+    from attest.digest import sha256_file
+    from attest.layout import EXPORT_DIR
+
+    bundle = artifact if (artifact / CHAIN_NAME).is_file() else None
+    export = artifact / EXPORT_DIR if bundle is not None else artifact
+    if not export.is_dir():
+        return [f"{artifact}: neither a bundle with {EXPORT_DIR}/ nor an export folder"]
+    problems: list[str] = []
+    want: dict[str, str] = {}
+    for s in subjects:
+        name, sha = s.get("name"), (s.get("digest") or {}).get("sha256") if isinstance(s.get("digest"), dict) else None
+        if isinstance(name, str) and isinstance(sha, str):
+            want[name] = sha
+    held: dict[str, Path] = {}
+    for p in sorted(export.rglob("*")):
+        rel = f"{EXPORT_DIR}/{p.relative_to(export).as_posix()}"
+        if p.is_symlink() or not (p.is_file() or p.is_dir()):
+            problems.append(f"{rel}: not a regular file")
+        elif p.is_file():
+            held[rel] = p
+    for rel in sorted(set(held) - set(want)):
+        problems.append(f"{rel}: a file in hand the VSA does not cover")
+    for name, sha in sorted(want.items()):
+        if name == CHAIN_NAME:
+            continue
+        if name not in held:
+            problems.append(f"{name}: named by the VSA, not in {artifact}")
+        elif sha256_file(held[name]) != sha:
+            problems.append(f"{name}: sha256 differs from the VSA's {sha[:16]}…")
+    attested = [a for a in pred.get("inputAttestations") or [] if isinstance(a, dict)] \
+        if isinstance(pred.get("inputAttestations"), list) else []
+    chain_sha = next((str((a.get("digest") or {}).get("sha256")) for a in attested
+                      if a.get("uri") == CHAIN_NAME and isinstance(a.get("digest"), dict)), None)
+    if bundle is not None:
+        have = sha256_file(bundle / CHAIN_NAME)
+        if chain_sha != have:
+            problems.append(f"{CHAIN_NAME}: sha256 {have[:16]}… in hand, the VSA attests {str(chain_sha)[:16]}…")
+    if problems[20:]:
+        problems[20:] = [f"… and {len(problems) - 20} more"]
+    return problems
+
+
+def _vsa_policy(pred: dict[str, Any], policy_file: str | None) -> list[str]:
+    policy: dict[str, Any] = pred["policy"] if isinstance(pred.get("policy"), dict) else {}
+    got = (policy.get("digest") or {}).get("sha256") if isinstance(policy.get("digest"), dict) else None
+    if policy_file is None:
+        return [] if got is None else [f"verified under policy {str(policy.get('uri'))[:80]!r} (sha256 {str(got)[:16]}…), "
+                                       "not kai-attest's default: give --policy FILE to accept that policy"]
+    want = hashlib.sha256(inputs.read_bytes(policy_file, 1 << 20)).hexdigest()
+    return [] if got == want else [f"policy sha256 {str(got)[:16]}…, expected {want[:16]}… ({policy_file})"]
 
 
 def envelope_of(path: Path) -> dict[str, Any]:

@@ -101,7 +101,11 @@ def main() -> None:
     ap.add_argument("--corpus-mb", type=int, default=1024)
     ap.add_argument("--budget-mb", type=int, default=384)
     ap.add_argument("--dedup", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="a seconds-sized run (the test suite runs it, so the bench cannot rot)")
     a = ap.parse_args()
+    if a.smoke:
+        a.corpus_mb, a.budget_mb = 2, 256
+
     with tempfile.TemporaryDirectory(prefix="kai-ingest-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()

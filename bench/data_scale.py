@@ -183,7 +183,11 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.8)
     ap.add_argument("--baseline-max", type=int, default=128, help="run the in-process baseline up to this size (MiB)")
     ap.add_argument("--work", type=Path, default=None, help="keep the corpora and builds here")
+    ap.add_argument("--smoke", action="store_true", help="a seconds-sized run (the test suite runs it, so the bench cannot rot)")
     args = ap.parse_args()
+    if args.smoke:
+        args.sizes, args.workers, args.baseline_max, args.mib_per_task = "1", "1", 1, 1
+
     work = args.work or Path(tempfile.mkdtemp(prefix="kai-data-scale-"))
     sizes, workers = [int(x) for x in args.sizes.split(",")], [int(x) for x in args.workers.split(",")]
     print(f"{'MiB':>5} {'w':>2} {'wall s':>7} {'MiB/s':>6}  peak RSS per worker MiB (stage: max)            "

@@ -7,7 +7,7 @@ per second, inputs per entry point, exit codes, the peak RSS of any worker and e
 traceback, an "internal error", an input past its time bound, a file left outside the scratch
 folder), each with the seed that replays it (`Harness.replay(seed)`). The last line is the verdict.
 
-Usage: `python bench/fuzz_entrypoints.py [--inputs N] [--workers W] [--seed S] [--seconds T]`.
+Usage: `python bench/fuzz_entrypoints.py [--inputs N] [--workers W] [--seed S] [--seconds T] [--smoke]`.
 Figures go to bench/RESULTS.md.
 """
 
@@ -52,7 +52,10 @@ def main() -> int:
     ap.add_argument("--max-rss-mib", type=float, default=2048.0)
     ap.add_argument("--seconds", type=float, default=None, help="stop each worker after this long")
     ap.add_argument("--json", metavar="FILE", help="also write the totals as JSON")
+    ap.add_argument("--smoke", action="store_true", help="60 inputs on one worker (the test suite runs this)")
     a = ap.parse_args()
+    if a.smoke:
+        a.inputs, a.workers = 60, 1
     per = -(-a.inputs // a.workers)
     jobs = [(i, per, a.seed * 1000 + i, a.wall_s, a.max_rss_mib, a.seconds or 1e12) for i in range(a.workers)]
     t0 = time.monotonic()

@@ -59,7 +59,11 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch CPU threads for init_slice (1: stable on a shared machine; intra-op threads on a "
                          "busy one cost more than they give)")
+    ap.add_argument("--smoke", action="store_true", help="a seconds-sized run (the test suite runs it, so the bench cannot rot)")
     args = ap.parse_args()
+    if args.smoke:
+        args.preset, args.tensors, args.rounds, args.torch_elements = "tiny", 4, 1, 1 << 12
+
 
     cfg = preset(args.preset)
     specs = param_specs(cfg)

@@ -32,7 +32,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--entries", type=int, default=500)
     ap.add_argument("--statement-bytes", type=int, default=2000)
+    ap.add_argument("--smoke", action="store_true", help="a seconds-sized run (the test suite runs it, so the bench cannot rot)")
     a = ap.parse_args()
+    if a.smoke:
+        a.entries = 5
+
     statements = [json.dumps({"n": i, "pad": "x" * a.statement_bytes}).encode() for i in range(a.entries)]
     inst = Instance()
     signer = KeylessSigner(inst.fulcio, inst.rekor, lambda: "test-token", inst.identity)

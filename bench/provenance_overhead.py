@@ -132,7 +132,11 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=400)
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--train-args", default="", help="trainer overrides, e.g. a larger model: 'model.dim=256 model.n_layers=8'")
+    ap.add_argument("--smoke", action="store_true", help="a seconds-sized run (the test suite runs it, so the bench cannot rot)")
     a = ap.parse_args()
+    if a.smoke:
+        a.mb = 4
+
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     print(f"commit {commit}, {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory() as t:

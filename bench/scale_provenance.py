@@ -183,7 +183,11 @@ def main() -> None:
     ap.add_argument("--zero", nargs="+", default=["zero3", "zero1"])
     ap.add_argument("--rank-mode", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="a seconds-sized run (the test suite runs it, so the bench cannot rot)")
     args = ap.parse_args()
+    if args.smoke:
+        args.model, args.worlds, args.zero = "tiny", [1], ["zero1"]
+
     if args.rank_mode:
         args.zero = args.zero[0]
         rank_main(args)

@@ -92,7 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="paths to time, comma-separated; each plain path holds its own fp32 model and "
                          "AdamW state (16 bytes/param), so drop some for large models [plain,deepspeed,ddp]")
     ap.add_argument("--seed", type=int, default=1234)
-    return ap.parse_args(argv)
+    ap.add_argument("--smoke", action="store_true", help="a seconds-sized run (the test suite runs it, so the bench cannot rot)")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.steps, a.rounds, a.warmup, a.paths = 2, 1, 1, "plain,deepspeed"
+    return a
 
 
 def model_config(args: argparse.Namespace):

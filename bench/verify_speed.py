@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from attest.chain import ChainWriter, read_chain
 from attest.digest import CHUNK, merkle_root, sha256_file, tensor_digest
+from attest.release import EXPORT_FORMAT, render
+from attest.runconfig import render_yaml
 from attest.signing import PemSigner, PublicKeyVerifier, keygen
 from attest.statements import subject
 from attest.verify import (
@@ -113,8 +115,14 @@ def synthetic_bundle(root: Path, mb: int, checkpoints: int, oms: bool) -> Path:
     shapes = {f"layers.{i}.w": (per_set // 8 // 1024, 1024) for i in range(8)}
     weights = {n: rng.standard_normal(s, dtype=np.float32) * 0.02 for n, s in shapes.items()}
     lr, steps = 1e-3, 10
-    w.append("run", [], {"config": {"seed": 0, "train": {"lr": lr, "betas": [0.9, 0.95], "weight_decay": 0.1},
-                                    "data_shards": []}, "code_digest": "0" * 64, "versions": {}, "hardware": {}})
+    model = {"vocab_size": 64, "dim": 32}
+    config = {"seed": 0, "model": model, "data_shards": [],
+              "train": {"lr": lr, "betas": [0.9, 0.95], "weight_decay": 0.1, "schedule": "wsd", "warmup": 0,
+                        "steps": checkpoints * steps, "min_lr_ratio": 1.0, "decay_frac": 0.0}}
+    (root / "config").mkdir()
+    (root / "config/run.yaml").write_text(render_yaml(config))
+    w.append("run", [subject("config/run.yaml", sha256_file(root / "config/run.yaml"))],
+             {"config": config, "code_digest": "0" * 64, "versions": {}, "hardware": {}})
     prev_root = None
     for k in range(checkpoints + 1):
         if k:
@@ -131,7 +139,8 @@ def synthetic_bundle(root: Path, mb: int, checkpoints: int, oms: bool) -> Path:
         leaves = {n: tensor_digest(n, "F32", a.shape, [a.astype("<f4").tobytes()]) for n, a in weights.items()}
         wroot = merkle_root(leaves)
         if k == 0:
-            w.append("genesis", subs, {"recipe": {"name": "bench", "seed": 0, "deriver": "none"}, "weights_root": wroot,
+            w.append("genesis", subs, {"recipe": {"name": "bench", "seed": 0, "deriver": "none", "model": model},
+                                       "weights_root": wroot,
                                        "tensors": {n: {"digest": d} for n, d in leaves.items()}})
         else:
             w.append("checkpoint", subs, {"step": k * steps, "weights_root": wroot, "parent_root": prev_root,
@@ -139,8 +148,26 @@ def synthetic_bundle(root: Path, mb: int, checkpoints: int, oms: bool) -> Path:
                                                                                       "position_end": k * 80}},
                                           "metrics": {"loss": 5.0 - k * 0.1, "lr": lr}})
         prev_root = wroot
-    w.append("release", [subs[0]], {"step": checkpoints * steps, "weights_root": prev_root})
+    w.append("release", write_export(root, subs[0]["name"], priv, oms),
+             {"step": checkpoints * steps, "weights_root": prev_root, "export_format": EXPORT_FORMAT})
     return root
+
+
+def write_export(root: Path, weights: str, priv: Path, oms: bool) -> list[dict]:
+    """export/ as the trainer writes it: the last weights and the files attest.release renders from the chain."""
+    entries, _ = read_chain(root / "chain.jsonl")
+    (root / "export").mkdir()
+    shutil.copy(root / weights, root / "export/model.safetensors")
+    kai = Path(__file__).resolve().parent.parent / "kai_train"
+    out = render(entries, entries[-1].predicate["step"], [(sha256_file(root / weights), None)], None,
+                 lambda name: (kai / name).read_bytes(), oms)
+    for name, data in out.files.items():
+        (root / "export" / name).write_bytes(data)
+    if oms:
+        from attest.oms import sign_checkpoint_dir
+
+        sign_checkpoint_dir(root / "export", priv)
+    return [subject(f"export/{p.name}", sha256_file(p)) for p in sorted((root / "export").iterdir())]
 
 
 def bundle_files(root: Path) -> list[Path]:
@@ -191,7 +218,11 @@ def main() -> int:
     p.add_argument("--checkpoints", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--record", metavar="RESULTS.md", help="append the figures to this file")
+    p.add_argument("--smoke", action="store_true", help="a seconds-sized run (the test suite runs it, so the bench cannot rot)")
     a = p.parse_args()
+    if a.smoke:
+        a.entries, a.mb, a.checkpoints, a.repeats = 200, 8, 2, 1
+
     with tempfile.TemporaryDirectory(prefix="kai-verify-bench-") as d:
         c = chain_bench(Path(d) / "chain", a.entries)
         f = full_bench(Path(d) / "full", a.mb, a.checkpoints, a.repeats)

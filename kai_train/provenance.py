@@ -250,6 +250,7 @@ class Provenance:
         """Export the last checkpoint to export/ (weights, config.json, tokenizer), sign that folder in
         the OpenSSF model-signing format (export/model.sig, key back-ends), then record the release:
         every file of export/ is a subject. Returns the export folder."""
+        from attest.release import EXPORT_FORMAT
         from kai_train.export import export
 
         self._wait()
@@ -281,7 +282,8 @@ class Provenance:
         else:
             (out / OMS_SIGNATURE).unlink(missing_ok=True)  # an earlier signature would not list this export
         subjects = [subject(f"{EXPORT_DIR}/{rel}", sha) for rel, sha in sorted(digests.items())]
-        self.chain.append("release", subjects, {"step": self.last_step, "weights_root": self.last_root})
+        self.chain.append("release", subjects, {"step": self.last_step, "weights_root": self.last_root,
+                                                "export_format": EXPORT_FORMAT})
         write_provenance(self.run_dir, self.chain.signer)  # release.slsa.json: the same facts as SLSA Provenance v1
         return out
 

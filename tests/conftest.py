@@ -103,14 +103,52 @@ def resign(b: Path, key: Path, mutate: Callable[[list[dict]], None]) -> None:
     """An insider with the real key: rewrite the whole chain consistently after `mutate` edits the statements."""
     entries, _ = read_chain(b / "chain.jsonl")
     statements = [e.statement for e in entries]
+    honest_card = card_of(b, entries[:-1]) if entries and entries[-1].kind == "release" else None
     mutate(statements)
     run_id = statements[0]["predicate"]["run_id"]
     (b / "chain.jsonl").unlink()
     w = ChainWriter(b / "chain.jsonl", PemSigner.from_file(key), run_id)
     for st in statements:
+        if st["predicate"]["kind"] == "release" and st is statements[-1]:
+            refresh_card(b, key, st, honest_card)
         w.append(st["predicate"]["kind"], st["subject"], {k: v for k, v in st["predicate"].items() if k not in CHAIN_FIELDS})
     if (b / SLSA_NAME).is_file() and statements and statements[-1]["predicate"]["kind"] == "release":
         write_provenance(b, PemSigner.from_file(key))  # the release's SLSA provenance, re-signed with it
+
+
+def card_of(b: Path, entries: list) -> bytes | None:
+    """The model card attest.release renders from `entries` (the chain before the release)."""
+    from attest.release import model_card
+
+    ckpts = [e for e in entries if e.kind == "checkpoint"]
+    genesis = next((e.predicate for e in entries if e.kind == "genesis"), None)
+    run = next((e.predicate for e in entries if e.kind == "run"), None)
+    if not ckpts or genesis is None or run is None:
+        return None
+    last = ckpts[-1].predicate
+    return model_card(entries, last["step"], last["weights_root"], genesis["recipe"]["model"], run["config"],
+                      genesis).encode()
+
+
+def refresh_card(b: Path, key: Path, release: dict, honest: bytes | None) -> None:
+    """The model card names the chain head before the release: after re-signing the chain, the insider
+    renders an honest card again (attest.release; an edited one stays as the test made it), signs
+    export/ again (model-signing) and names the new digests."""
+    from attest.digest import sha256_file
+    from attest.oms import sign_checkpoint_dir
+    from attest.release import CARD_NAME
+
+    card = b / "export" / CARD_NAME
+    if not card.is_file():
+        return
+    if honest is not None and card.read_bytes() == honest:
+        entries, _ = read_chain(b / "chain.jsonl")
+        card.write_bytes(card_of(b, entries) or honest)
+    if (b / "export/model.sig").is_file():
+        sign_checkpoint_dir(b / "export", key)
+    for s in release["subject"]:
+        if s["name"] in ("export/README.md", "export/model.sig"):
+            s["digest"]["sha256"] = sha256_file(b / s["name"])
 
 
 @contextlib.contextmanager

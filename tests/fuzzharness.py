@@ -374,10 +374,7 @@ class Harness:
     def one(self, rng: random.Random, entry: str | None = None) -> tuple[str, int, float, str | None]:
         entry = entry or rng.choice(self.ENTRIES)
         make: Callable[[random.Random], tuple[list[str], str, bool]] = getattr(self, "_" + entry.replace("-", "_"))
-        if entry in ("verify-challenge", "challenge", "respond", "check-vsa", "lineage", "bundle", "verify-archive"):
-            entry_point = entry.split("-")[0] if entry != "verify-archive" else "verify"
-        else:
-            entry_point = "verify"
+        entry_point = entry if entry in ("challenge", "respond", "check-vsa", "lineage", "bundle") else "verify"
         fifo = self.dir / "fifo"
         if not fifo.exists():
             os.mkfifo(fifo)

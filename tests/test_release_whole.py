@@ -110,8 +110,8 @@ def test_foreign_model_config_in_export_resigned_fails_release(bundle: Path, key
     resign_export(bundle, key)
     failed, out = failed_checks(capsys, bundle)
     assert failed == {"release"}, out
-    assert "export/config.json: expected model = the genesis recipe's model config" in out
-    assert "n_layers" in out
+    assert "export/config.json: expected the bytes rendered from the chain" in out
+    assert "key model: n_layers" in out
 
 
 def test_model_code_in_export_other_than_kai_trains_resigned_fails_release(bundle: Path, key: Path, capsys) -> None:
@@ -122,7 +122,7 @@ def test_model_code_in_export_other_than_kai_trains_resigned_fails_release(bundl
     resign_export(bundle, key)
     failed, out = failed_checks(capsys, bundle)
     assert failed == {"release"}, out
-    assert "export/modeling_kai.py: expected kai_train/modeling_kai.py of this verifier" in out
+    assert "export/modeling_kai.py: expected the bytes rendered from the chain" in out
 
 
 def test_an_auto_map_naming_other_code_resigned_fails_release(bundle: Path, key: Path, capsys) -> None:
@@ -136,8 +136,8 @@ def test_an_auto_map_naming_other_code_resigned_fails_release(bundle: Path, key:
     resign_export(bundle, key)
     failed, out = failed_checks(capsys, bundle)
     assert failed == {"release"}, out
-    assert "export/evil.py: expected only kai-train's model code" in out
-    assert "export/config.json: expected auto_map" in out
+    assert "export/evil.py: expected only the files kai-train renders into export/ from the chain" in out
+    assert "export/config.json: expected the bytes rendered from the chain" in out and "key auto_map" in out
 
 
 def test_extra_unsigned_file_in_export_fails_release(bundle: Path, capsys) -> None:

@@ -63,8 +63,9 @@ def test_vsa_of_a_pass_is_checked_by_check_vsa_and_securesystemslib(bundle: Path
     st = payload(vsa)
     assert st["predicateType"] == VSA_TYPE and st["predicate"]["verificationResult"] == "PASSED"
     assert {s["name"] for s in st["subject"]} == {f"export/{q.name}" for q in (bundle / "export").iterdir()}
-    c = kai_attest("check-vsa", str(vsa), "--key", str(pub))
+    c = kai_attest("check-vsa", str(vsa), str(bundle), "--key", str(pub))
     assert c.returncode == 0 and "PASSED" in c.stdout, c.stdout + c.stderr
+    assert kai_attest("check-vsa", str(vsa), str(bundle / "export"), "--key", str(pub)).returncode == 0
 
     sslib = pytest.importorskip("securesystemslib")
     from securesystemslib.dsse import Envelope
@@ -77,7 +78,7 @@ def test_vsa_of_a_pass_is_checked_by_check_vsa_and_securesystemslib(bundle: Path
     env = Envelope.from_dict(envelope_of(vsa))
     assert env.verify([key], 1) and sslib  # raises VerificationError when the signature does not hold
     _, other_pub = keygen(tmp_path / "someone-else")
-    assert kai_attest("check-vsa", str(vsa), "--key", str(other_pub)).returncode == 1
+    assert kai_attest("check-vsa", str(vsa), str(bundle), "--key", str(other_pub)).returncode == 1
 
 
 def test_vsa_of_a_failing_bundle_says_failed_and_check_vsa_exits_1(bundle: Path, tmp_path: Path) -> None:
@@ -89,7 +90,7 @@ def test_vsa_of_a_failing_bundle_says_failed_and_check_vsa_exits_1(bundle: Path,
     assert p.returncode == 1
     st = payload(vsa)
     assert st["predicate"]["verificationResult"] == "FAILED" and "release" in st["predicate"]["failed_checks"]
-    c = kai_attest("check-vsa", str(vsa), "--key", str(pub))
+    c = kai_attest("check-vsa", str(vsa), str(bundle), "--key", str(pub))
     assert c.returncode == 1 and "FAILED" in c.stdout
 
 

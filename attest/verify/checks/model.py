@@ -12,12 +12,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from attest import inputs, jsonread, tool_version
+from attest import inputs, jsonread
 from attest.verify import trajectory as traj
 from attest.bundle import BundlePathError, folder_entries
 from attest.chain import Entry
 from attest.digest import merkle_root
-from attest.layout import CHAIN_NAME, EXPORT_AUTO_MAP, EXPORT_CODE_FILES, EXPORT_DIR, EXPORT_TOKENIZER_AUTO_MAP
+from attest.layout import CHAIN_NAME, EXPORT_DIR
 from attest.plugins import DERIVERS, REPLAY_PLUGIN
 from attest.schedule import Schedule
 from attest.verify.findings import (
@@ -260,6 +260,7 @@ def check_trajectory(ctx: Context) -> Iterator[Finding]:
 
 NO_RELEASE = "no release statement: the from-scratch claim needs a released model"
 MAX_EXPORT_CONFIG_BYTES = 1 << 20
+MAX_TOKENIZER_BYTES = 256 << 20  # a SentencePiece model read whole to render the release (a 256k vocabulary is ~5 MB)
 
 
 def _canonical(x: Any) -> str:
@@ -268,11 +269,12 @@ def _canonical(x: Any) -> str:
 
 
 def check_release(ctx: Context) -> Iterator[Finding]:
-    """The release is mandatory and whole: one release statement, after the last checkpoint, naming
-    its step and canonical digest; every file in the bundle's export/ folder is one of its subjects;
-    export/model.safetensors has the last checkpoint's canonical digest; export/config.json holds the
-    genesis recipe's (and the run config's) model config, that step and digest and the run id; the tokenizer it names is the declared one (same sha256); and the export
-    folder carries a model-signing signature when the checkpoint folders do (oms-signature checks it)."""
+    """The release is mandatory and whole, and export/ is exactly what the chain renders: one release
+    statement, after the last checkpoint, naming its step and canonical digest; its subjects are
+    export/'s files, and they are exactly the files attest.release renders from the chain (config,
+    generation and tokenizer configs, model card, weight index and model code, byte for byte), the
+    last checkpoint's weight files and the declared tokenizer (by sha256), and the folder's
+    model-signing signature when the checkpoint folders carry one (oms-signature checks it)."""
     releases, ckpts = ctx.of_kind("release"), ctx.of_kind("checkpoint")
     if not releases:
         yield Finding("release", False, CHAIN_NAME, "a release statement naming the exported model", NO_RELEASE)
@@ -298,22 +300,13 @@ def check_release(ctx: Context) -> Iterator[Finding]:
         yield Finding("release", False, ctx.where(r), f"root {short(want_root)} (the last checkpoint)",
                       f"root {short(p.get('weights_root'))}")
     subs = {s["name"]: s["sha256"] for s in subjects_of(r)}
-    model, config = f"{EXPORT_DIR}/model.safetensors", f"{EXPORT_DIR}/config.json"
     outside = sorted(n for n in subs if not n.startswith(EXPORT_DIR + "/"))
     if outside:
         bad += 1
         yield Finding("release", False, ctx.where(r), f"subjects inside {EXPORT_DIR}/", ", ".join(outside)[:200])
-    signed_ckpts = any(s["name"].endswith("/model.sig") for e in ckpts for s in subjects_of(e))
-    index = f"{EXPORT_DIR}/model.safetensors.index.json"
-    if index in subs:  # sharded weights (the Hugging Face convention): the index must say what the shards hold
-        model = index
-        for f in _export_index(ctx, index, [n for n in weights_files(r) if n.startswith(EXPORT_DIR + "/")]):
-            bad += 1
-            yield f
-    for need in [model, config] + ([f"{EXPORT_DIR}/model.sig"] if signed_ckpts else []):
-        if need not in subs:
-            bad += 1
-            yield Finding("release", False, need, "a subject of the release statement", "not named by the release")
+    for f in _release_rendered(ctx, r, ckpts[-1], subs):
+        bad += 1
+        yield f
     # every file a user would load from export/ is bound by the release
     for rel, odd in folder_entries(ctx.root, EXPORT_DIR):
         if odd or rel not in subs:
@@ -328,50 +321,138 @@ def check_release(ctx: Context) -> Iterator[Finding]:
     if files and root != want_root:
         bad += 1
         yield Finding("release", False, ",".join(files), f"root {short(want_root)} (the last checkpoint)", f"root {short(root)}")
-    try:
-        found = list(_export_config(ctx, r, config if config in subs else None, last))
-    except (RecursionError, TypeError, ValueError) as ex:  # a hostile model config nested too deep to compare
-        found = [Finding("release", False, config, "a model config to compare", f"{type(ex).__name__}: {str(ex)[:100]}")]
-    for f in found:
+    gens = ctx.of_kind("genesis")
+    recipe_model = as_dict(gens[0].predicate.get("recipe")).get("model") if len(gens) == 1 else None
+    run_model = ctx.run_config.get("model")
+    if recipe_model is None or run_model is None or _canonical(recipe_model) != _canonical(run_model):
         bad += 1
-        yield f
-    for f in _export_code(ctx, subs):
-        bad += 1
-        yield f
+        yield Finding("release", False, CHAIN_NAME, "the run config's model = the genesis recipe's model config",
+                      "none recorded" if recipe_model is None or run_model is None
+                      else f"model {_first_difference(recipe_model, run_model)}")
     if not bad:
         yield Finding("release", True, ctx.where(r), detail=f"step {last.get('step')}, the last checkpoint; "
-                      f"{len(subs)} files of {EXPORT_DIR}/ signed, weights, config and tokenizer bound")
+                      f"{len(subs)} files of {EXPORT_DIR}/ signed, each rendered from the chain or a signed copy")
 
 
-def _export_index(ctx: Context, index: str, shards: list[str]) -> Iterator[Finding]:
-    """export/model.safetensors.index.json maps every tensor to the signed shard that holds it, and
-    nothing else: what a Hugging Face loader reads is exactly what the release binds."""
+def release_inputs(ctx: Context, r: Entry, last: Entry) -> tuple[list[Entry], Any, Any, bool]:
+    """What attest.release renders export/ from, as the bundle holds it: the chain before the release,
+    the last checkpoint's weight files (sha256 and, for sharded weights, export/'s shard headers),
+    the declared tokenizer's bytes and sha256, and whether checkpoint folders are model-signed."""
+    from attest.digest import read_safetensors_index
+    from attest.release import TOKENIZER_NAME, weight_names
+
+    before = ctx.entries[:next((i for i, e in enumerate(ctx.entries) if e is r), len(ctx.entries))]
+    ck = {s["name"]: s["sha256"] for s in subjects_of(last)}
+    weights = sorted((n, ck[n]) for n in weights_files(last))
+    heads: list[tuple[str, list[tuple[str, int]] | None]] = []
+    for (_, sha), name in zip(weights, weight_names(len(weights))):
+        tensors = None
+        if len(weights) > 1:
+            try:
+                tensors = [(t.name, t.end - t.start) for t in read_safetensors_index(ctx.files.path(f"{EXPORT_DIR}/{name}"))]
+            except UNREADABLE:
+                tensors = None  # the comparison names the index as not renderable; subject-digest names the file
+        heads.append((sha, tensors))
+    declared = {s["sha256"]: s["name"] for e in ctx.of_kind("tokenizer") for s in subjects_of(e)}
+    tok = None
+    if declared:
+        run_tok = ctx.run_config.get("tokenizer")
+        want = [d for d, n in declared.items() if n == run_tok] or [min(declared, key=lambda d: declared[d])]
+        for name in (f"{EXPORT_DIR}/{TOKENIZER_NAME}", declared[want[0]]):
+            try:
+                data = inputs.read_bytes(ctx.files.path(name), MAX_TOKENIZER_BYTES, where=name) \
+                    if ctx.files.sha256(name) == want[0] else None
+            except UNREADABLE:
+                data = None
+            if data is not None:
+                tok = (data, want[0])
+                break
+        if tok is None:
+            tok = (b"", want[0])  # its bytes are not here: rendered without ids, and the comparison says so
+    signed = any(s["name"].endswith("/model.sig") for e in ctx.of_kind("checkpoint") for s in subjects_of(e))
+    return before, heads, tok, signed
+
+
+def _release_rendered(ctx: Context, r: Entry, last: Entry, subs: dict[str, str]) -> Iterator[Finding]:
+    """Render export/ from the chain (attest.release) and compare the release's subjects with it."""
+    import hashlib
+
+    from attest.release import EXPORT_FORMAT, render
+
+    fmt = r.predicate.get("export_format", 1)
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or not 1 <= fmt <= EXPORT_FORMAT:
+        yield Finding("release", False, ctx.where(r), f"export_format 1 … {EXPORT_FORMAT} (this verifier renders those)",
+                      f"export_format {str(fmt)[:40]}")
+        return
+    before, heads, tok, signed = release_inputs(ctx, r, last)
+    step = last.predicate.get("step")
+    rendered = render(before, step if isinstance(step, int) else -1, heads, tok, _own_code, signed, fmt)
+    if tok is not None and not tok[0]:
+        yield Finding("release", False, f"{EXPORT_DIR}/tokenizer.model", f"the declared tokenizer (sha256 {short(tok[1])})",
+                      "its bytes are in neither export/ nor the tokenizer's own path")
+    for line in rendered.problems:
+        yield Finding("release", False, f"{EXPORT_DIR}/{line.split(':', 1)[0]}", "a file the verifier can render",
+                      line.split(": ", 1)[-1][:160])
+    ctx.notes.extend(f"release: {n}" for n in rendered.notes)
+    expected = {f"{EXPORT_DIR}/{n}" for n in rendered.names()}
+    for name in sorted(set(subs) - expected):
+        if name.startswith(EXPORT_DIR + "/"):
+            yield Finding("release", False, name, f"only the files kai-train renders into {EXPORT_DIR}/ from the chain",
+                          "a file the exporter does not write", "a loader may read it")
+    for name in sorted(expected - set(subs)):
+        if name.split("/", 1)[1] not in rendered.optional:
+            yield Finding("release", False, name, "a subject of the release statement", "not named by the release")
+    for base, data in sorted(rendered.files.items()):
+        name = f"{EXPORT_DIR}/{base}"
+        want = hashlib.sha256(data).hexdigest()
+        if name in subs and subs[name] != want and not (fmt < 2 and base.endswith(".json") and _same_json(ctx, name, data)):
+            yield Finding("release", False, name, f"the bytes rendered from the chain (sha256 {short(want)})",
+                          f"sha256 {short(subs[name])}; {_rendered_difference(ctx, name, data)}"[:300])
+    for base, sha in sorted(rendered.copies.items()):
+        name = f"{EXPORT_DIR}/{base}"
+        if name in subs and subs[name] != sha:
+            what = "the declared tokenizer" if base == "tokenizer.model" else "the last checkpoint's weight file"
+            yield Finding("release", False, name, f"sha256 {short(sha)} ({what})", f"sha256 {short(subs[name])}")
+
+
+def _same_json(ctx: Context, name: str, want: bytes) -> bool:
+    """Format 1 wrote JSON files with the key order of its inputs: the same values (strictly: 1, 1.0
+    and true differ) are the same file to a loader."""
     try:
-        path = ctx.files.path(index)
-        if path.stat().st_size > MAX_EXPORT_CONFIG_BYTES * 64:
-            raise ValueError(f"more than {MAX_EXPORT_CONFIG_BYTES * 64} bytes")
-        doc = jsonread.loads(inputs.read_bytes(path, MAX_EXPORT_CONFIG_BYTES * 64, where=index), index,
-                             MAX_EXPORT_CONFIG_BYTES * 64)
-    except FileNotFoundError:
-        return  # subject-digest reports the missing subject
+        path = ctx.files.path(name)
+        if path.stat().st_size > MAX_EXPORT_CONFIG_BYTES:
+            return False
+        return _canonical(jsonread.loads(inputs.read_bytes(path, MAX_EXPORT_CONFIG_BYTES, where=name), name,
+                                         MAX_EXPORT_CONFIG_BYTES)) == _canonical(json.loads(want))
+    except UNREADABLE:
+        return False
+
+
+def _rendered_difference(ctx: Context, name: str, want: bytes) -> str:
+    """Where the file in the bundle departs from the rendering: a JSON key, else a line."""
+    try:
+        path = ctx.files.path(name)
+        if path.stat().st_size > MAX_EXPORT_CONFIG_BYTES:
+            return f"more than {MAX_EXPORT_CONFIG_BYTES} bytes"
+        got = inputs.read_bytes(path, MAX_EXPORT_CONFIG_BYTES, where=name)
     except UNREADABLE as ex:
-        yield Finding("release", False, index, "a JSON weight index", f"{type(ex).__name__}: {str(ex)[:150]}")
-        return
-    wmap = as_dict(doc).get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
-        yield Finding("release", False, index, "weight_map: tensor -> shard file", type(wmap).__name__)
-        return
-    held: dict[str, str] = {}
-    for shard in shards:
+        return f"unreadable ({str(ex)[:80]})"
+    if name.endswith(".json"):
         try:
-            for t in ctx.files.leaves([shard]):
-                held[t] = shard.rsplit("/", 1)[1]
+            a, b = json.loads(want), jsonread.loads(got, name, MAX_EXPORT_CONFIG_BYTES)
+            if isinstance(a, dict) and isinstance(b, dict):
+                for k in list(a) + [k for k in b if k not in a]:
+                    if _canonical(a.get(k, "(absent)")) != _canonical(b.get(k, "(absent)")):
+                        inner = _first_difference(a.get(k), b.get(k)) if isinstance(a.get(k), dict) else \
+                            f"{json.dumps(b.get(k, '(absent)'))[:60]} (rendered {json.dumps(a.get(k, '(absent)'))[:60]})"
+                        return f"key {k}: {inner}"
         except UNREADABLE:
-            continue  # weights-digest and the root comparison report it
-    if wmap != held:
-        diff = sorted(set(wmap.items()) ^ set(held.items()))[:3]
-        yield Finding("release", False, index, "weight_map = the tensors each signed shard holds",
-                      f"{len(set(wmap.items()) ^ set(held.items()))} entries differ, e.g. {diff}"[:200])
+            pass
+    wl, gl = want.decode("utf-8", "replace").splitlines(), got.decode("utf-8", "replace").splitlines()
+    for i, (x, y) in enumerate(zip(wl, gl)):
+        if x != y:
+            return f"line {i + 1}: {y[:60]!r} (rendered {x[:60]!r})"
+    return f"{len(gl)} lines (rendered {len(wl)})"
 
 
 def _own_code(name: str) -> bytes | None:
@@ -387,103 +468,6 @@ def _own_code(name: str) -> bytes | None:
         return (Path(where[0]) / name).read_bytes() if where else None
     except OSError:
         return None
-
-
-def _export_code(ctx: Context, subs: dict[str, Any]) -> Iterator[Finding]:
-    """The code a user runs when loading export/ with transformers (trust_remote_code) is this
-    verifier's own kai-train code, byte for byte, and the auto_maps name only it: a bundle never
-    chooses code that runs on a user's machine."""
-    for rel in sorted(n for n in subs if n.startswith(EXPORT_DIR + "/") and n.endswith(".py")):
-        base = rel.rsplit("/", 1)[-1]
-        if rel.count("/") != 1 or base not in EXPORT_CODE_FILES:
-            yield Finding("release", False, rel, f"only kai-train's model code ({', '.join(EXPORT_CODE_FILES)})",
-                          "another Python file a loader could run")
-            continue
-        own = _own_code(base)
-        try:
-            theirs = inputs.read_bytes(ctx.files.path(rel), 16 << 20, where=rel)
-        except UNREADABLE as ex:
-            yield Finding("release", False, rel, "kai-train's model code", str(ex)[:120])
-            continue
-        if own is None:
-            yield Finding("release", False, rel, f"this verifier's kai_train/{base} to compare with",
-                          "kai_train is not installed here")
-        elif theirs != own:
-            yield Finding("release", False, rel, f"kai_train/{base} of this verifier (kai-train {tool_version()}), "
-                          "byte for byte", "other code", "transformers runs this file with trust_remote_code")
-    for name, want in ((f"{EXPORT_DIR}/config.json", EXPORT_AUTO_MAP),
-                       (f"{EXPORT_DIR}/tokenizer_config.json", EXPORT_TOKENIZER_AUTO_MAP)):
-        if name not in subs:
-            continue
-        try:
-            got = as_dict(jsonread.load_file(ctx.files.path(name), 16 << 20)).get("auto_map")
-        except UNREADABLE as ex:
-            yield Finding("release", False, name, "a readable JSON file", str(ex)[:120])
-            continue
-        if got is not None and got != want:
-            yield Finding("release", False, name, f"auto_map {json.dumps(want)}", json.dumps(got)[:200],
-                          "auto_map chooses the code transformers runs")
-
-
-def _export_config(ctx: Context, r: Entry, name: str | None, last: dict[str, Any]) -> Iterator[Finding]:
-    """export/config.json against the chain: model config, step, digest, run id, tokenizer."""
-    if name is None:
-        return  # reported above: the release does not name it
-    try:
-        path = ctx.files.path(name)
-        if path.stat().st_size > MAX_EXPORT_CONFIG_BYTES:
-            raise ValueError(f"more than {MAX_EXPORT_CONFIG_BYTES} bytes")
-        cfg = jsonread.loads(inputs.read_bytes(path, MAX_EXPORT_CONFIG_BYTES, where=name), name,
-                             MAX_EXPORT_CONFIG_BYTES)  # the strict reader
-    except FileNotFoundError:
-        return  # subject-digest reports the missing subject
-    except UNREADABLE as ex:
-        yield Finding("release", False, name, "a JSON export config", f"{type(ex).__name__}: {str(ex)[:150]}")
-        return
-    if not isinstance(cfg, dict):
-        yield Finding("release", False, name, "a JSON object", type(cfg).__name__)
-        return
-    gens = ctx.of_kind("genesis")
-    recipe_model = as_dict(gens[0].predicate.get("recipe")).get("model") if len(gens) == 1 else None
-    run_model = ctx.run_config.get("model")
-    got = _canonical(cfg.get("model"))
-    for what, want in (("the genesis recipe's model config", recipe_model), ("the run config's model", run_model)):
-        if want is None or _canonical(want) != got:
-            yield Finding("release", False, name, f"model = {what}", "none recorded" if want is None else
-                          f"model {_first_difference(want, cfg.get('model'))}")
-    expect = {"step": last.get("step"), "weights_root": last.get("weights_root"),
-              "run_id": ctx.entries[0].predicate.get("run_id")}
-    for key, want in expect.items():
-        if _canonical(cfg.get(key)) != _canonical(want):
-            yield Finding("release", False, name, f"{key} {short(want)} (the chain)", f"{key} {short(cfg.get(key))}")
-    # the tokenizer a user loads with this export is the declared one
-    declared = {s["sha256"]: s["name"] for e in ctx.of_kind("tokenizer") for s in subjects_of(e)}
-    run_tok = ctx.run_config.get("tokenizer")
-    tok = cfg.get("tokenizer")
-    if not declared:
-        if tok is not None:
-            yield Finding("release", False, name, "no tokenizer (the chain declares none)", f"tokenizer {str(tok)[:80]!r}")
-        return
-    if not isinstance(tok, str) or "/" in tok or tok in ("", ".", ".."):
-        yield Finding("release", False, name, "tokenizer: the name of the declared tokenizer's file in export/",
-                      repr(tok)[:80])
-        return
-    tok_file = f"{EXPORT_DIR}/{tok}"
-    if tok_file not in {s["name"] for s in subjects_of(r)}:
-        yield Finding("release", False, tok_file, "a subject of the release statement", "not named by the release")
-        return
-    try:
-        sha = ctx.files.sha256(tok_file)
-    except FileNotFoundError:
-        return  # subject-digest reports it
-    except UNREADABLE as ex:
-        yield Finding("release", False, tok_file, "a readable tokenizer file", str(ex)[:150])
-        return
-    want_names = [n for n in declared.values() if n == run_tok] or sorted(declared.values())
-    want_shas = {d for d, n in declared.items() if n in want_names}
-    if sha not in want_shas:
-        yield Finding("release", False, tok_file, f"sha256 {short(next(iter(want_shas)))} (the declared tokenizer "
-                      f"{want_names[0]})", f"sha256 {short(sha)}")
 
 
 def _first_difference(want: Any, got: Any) -> str:
