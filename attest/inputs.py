@@ -157,7 +157,7 @@ def _refusal(label: str, e: OSError, part: str | None) -> InputError:
     if e.errno == errno.ELOOP or (e.errno == errno.ENOTDIR and part is not None):
         return InputError(f"{label}: a symlink or a non-folder on the path ({part or 'the file'}); refused")
     if e.errno == errno.ENOENT:
-        return InputMissing(f"{label}: not found")
+        return InputMissing(f"{label}: cannot read (not found)")
     return InputError(f"{label}: cannot open ({e.strerror or e})")
 
 

@@ -319,7 +319,8 @@ class Harness:
         else:
             make_special(path, rng.choice(SPECIALS), self.outside)
         key = self.pub if rng.random() < 0.9 else rng.choice(["/dev/zero", str(self.dir / "fifo"), str(self.outside)])
-        return ["check-vsa", str(path), "--key", key], "check-vsa", False
+        artifact = str(self.seed_root) if rng.random() < 0.8 else rng.choice([str(self.bundle), "/dev/zero", str(self.out)])
+        return ["check-vsa", str(path), artifact, "--key", key], "check-vsa", False
 
     def _lineage(self, rng: random.Random) -> tuple[list[str], str, bool]:
         path = self.out / "ref.safetensors"
