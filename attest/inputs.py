@@ -24,6 +24,7 @@ tests/test_door.py keeps raw `open()` / `Path.read_bytes()` / `Path.read_text()`
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -121,7 +122,8 @@ def open_fd(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = 
         try:
             d = os.open(os.fspath(root), _DIR_FLAGS & ~getattr(os, "O_NOFOLLOW", 0))
         except OSError as e:
-            raise InputError(f"{label}: cannot open its root {os.fspath(root)} ({e.strerror})") from None
+            kind = InputMissing if e.errno == errno.ENOENT else InputError
+            raise kind(f"{label}: cannot read (its folder {os.fspath(root)}: {e.strerror})") from None
         try:
             for part in parts[:-1]:
                 try:
@@ -152,8 +154,6 @@ def open_fd(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = 
 
 
 def _refusal(label: str, e: OSError, part: str | None) -> InputError:
-    import errno
-
     if e.errno == errno.ELOOP or (e.errno == errno.ENOTDIR and part is not None):
         return InputError(f"{label}: a symlink or a non-folder on the path ({part or 'the file'}); refused")
     if e.errno == errno.ENOENT:
