@@ -324,9 +324,9 @@ def load_trusted_root(path: Path, max_bytes: int = 1 << 20) -> Any:
     from attest import inputs
 
     try:
-        raw = inputs.read_bytes(path, max_bytes, where="the file")
-    except inputs.InputError as e:
-        raise ValueError(str(e)) from None
+        raw = inputs.read_bytes(path, max_bytes, where=str(path))
+    except inputs.InputError as e:  # the caller names the file: the problem alone
+        raise ValueError(str(e).removeprefix(f"{path}: ")) from None
     try:
         doc = json.loads(raw)
         if not isinstance(doc, dict):
