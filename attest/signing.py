@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -67,7 +67,7 @@ class PemSigner:
             raise SigningKeyError(f"{path}: signing key not found (make one with `kai-attest keygen DIR`)") from None
         except inputs.InputError as e:
             raise SigningKeyError(str(e)) from None
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
             raise SigningKeyError(f"{path}: not an unencrypted PEM private key ({e})") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise SigningKeyError(f"{path}: signing key must be ECDSA P-256")
@@ -94,7 +94,7 @@ class PublicKeyVerifier:
     def from_pem(cls, pem: bytes, source: str = "") -> PublicKeyVerifier:
         try:
             key = serialization.load_pem_public_key(pem)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
             raise SigningKeyError(f"{source}: not a PEM public key ({e})") from None
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
             raise SigningKeyError(f"{source}: public key must be ECDSA P-256")

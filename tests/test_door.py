@@ -416,3 +416,30 @@ def test_report_wraps_and_cuts_long_strings_at_a_laptop_width(tmp_path: Path) ->
     m = re.search(r'data-sw="(\d+)"', p.stdout)
     assert m, p.stderr[-2000:]
     assert int(m.group(1)) <= 1280, m.group(0)
+
+
+# ---------------------------------------------------------------- found by the long fuzz campaign
+
+
+def test_a_key_on_an_unknown_curve_is_one_line(work, capsys) -> None:
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    der = bytearray(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+    i = der.find(bytes.fromhex("2a8648ce3d030107"))
+    der[i + 7] = 0x09  # 1.2.840.10045.3.1.9: no curve cryptography knows
+    (work / "keys/signing-key.pub.pem").write_bytes(
+        b"-----BEGIN PUBLIC KEY-----\n" + base64.encodebytes(bytes(der)) + b"-----END PUBLIC KEY-----\n")
+    assert "not supported" in one_line(capsys, main(["verify", str(work)]))
+
+
+@pytest.mark.parametrize("step", [{"a": 1}, [1, 2]])
+def test_a_checkpoint_step_that_is_not_a_number_fails_cleanly(base, tmp_path, capsys, step: Any) -> None:
+    b = Path(shutil.copytree(base[0], tmp_path / "b"))
+    sts = statements(b)
+    next(s for s in sts if s["predicate"].get("kind") == "checkpoint")["predicate"]["step"] = step
+    write_chain(b, base[1], sts)
+    one_line(capsys, main(["verify", str(b), "--trust", str(b / "keys/signing-key.pub.pem")]), (1,))
