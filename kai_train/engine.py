@@ -128,23 +128,55 @@ def fill(engine, values: Values) -> None:
     under mixed precision) and the optimizer's fp32 master copy (what training continues from and
     what checkpoints sign). Under ZeRO 1/2 each rank writes whole tensors (parameters are
     replicated); under ZeRO-3 only its own partition, so `values` is asked for that slice alone."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
-
     rank = dist.get_rank()
     for name, p in sorted(engine.module.named_parameters()):
-        if hasattr(p, "ds_tensor"):  # ZeRO-3: elements [rank*size, (rank+1)*size) of the flat tensor, padded
-            size = p.ds_tensor.numel()
-            start, stop = min(rank * size, p.ds_numel), min((rank + 1) * size, p.ds_numel)
-            local = torch.zeros(size, dtype=torch.float32, device=p.ds_tensor.device)
-            if stop > start:
-                local[: stop - start] = values(name, tuple(p.ds_shape), start, stop).to(local.device)
-            with torch.no_grad():
-                p.ds_tensor.copy_(local)
-                if p.data.numel() == p.ds_numel:  # a persistent (small) parameter also kept whole on every rank
-                    p.data.copy_(values(name, tuple(p.ds_shape), 0, p.ds_numel).view(p.ds_shape).to(p.device))
-            safe_set_local_fp32_param(p, local)
-        else:
-            full = values(name, tuple(p.shape), 0, p.numel()).view(p.shape)
-            with torch.no_grad():
-                p.copy_(full)
-            safe_set_full_fp32_param(p, full.to(p.device))
+        _fill_one(p, name, values, rank)
+
+
+def _fill_one(p: nn.Parameter, name: str, values: Values, rank: int) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+    if hasattr(p, "ds_tensor"):  # ZeRO-3: elements [rank*size, (rank+1)*size) of the flat tensor, padded
+        size = p.ds_tensor.numel()
+        start, stop = min(rank * size, p.ds_numel), min((rank + 1) * size, p.ds_numel)
+        local = torch.zeros(size, dtype=torch.float32, device=p.ds_tensor.device)
+        if stop > start:
+            local[: stop - start] = values(name, tuple(p.ds_shape), start, stop).to(local.device)
+        with torch.no_grad():
+            p.ds_tensor.copy_(local)
+            if p.data.numel() == p.ds_numel:  # a persistent (small) parameter also kept whole on every rank
+                p.data.copy_(values(name, tuple(p.ds_shape), 0, p.ds_numel).view(p.ds_shape).to(p.device))
+        safe_set_local_fp32_param(p, local)
+    else:
+        full = values(name, tuple(p.shape), 0, p.numel()).view(p.shape)
+        with torch.no_grad():
+            p.copy_(full)
+        safe_set_full_fp32_param(p, full.to(p.device))
+
+
+def nudge_router_bias(engine, loads: Mapping[str, torch.Tensor], rate: float) -> None:
+    """Auxiliary-loss-free balancing (DeepSeek-V3): after an optimizer step, each router's selection
+    bias moves by `rate` toward balance, b_e += rate * sign(mean load - load_e).
+
+    `loads` maps each bias parameter's name to this rank's assignments per expert over the step;
+    they are summed over ranks first (exact: integer counts in float32), so every rank computes the
+    same bias. The new value is written like a restored one, master copy and module copy, so it is
+    training state like any weight: checkpointed, in the canonical digest, and replayed."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    names = sorted(loads)
+    total = torch.stack([loads[n].float() for n in names])  # (blocks, E)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    params = dict(engine.module.named_parameters())
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for name, load in zip(names, total):
+        p = params[name]
+        old = safe_get_full_fp32_param(p)  # collective under ZeRO-3: every rank walks the same names
+        old = (p.detach() if old is None else old).to("cpu", torch.float32).reshape(-1)
+        new = old + rate * torch.sign(load.mean() - load).cpu()
+
+        def values(_n: str, _shape: tuple[int, ...], start: int, stop: int, new: torch.Tensor = new) -> torch.Tensor:
+            return new[start:stop]
+
+        _fill_one(p, name, values, rank)

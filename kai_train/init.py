@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from kai_train import initspec
-from kai_train.model import ModelConfig, MultimodalLM, RMSNorm
+from kai_train.model import ModelConfig, MultimodalLM, RMSNorm, Router
 from kai_train.weights import TORCH_TO_ST, tensor_bytes
 
 RECIPE_V1 = "kai-init/v1"
@@ -39,8 +39,9 @@ RECIPES = (RECIPE_V1, RECIPE_V2)
 SLICE_CHUNK_CPU = 1 << 16
 SLICE_CHUNK_DEVICE = 1 << 24
 BASE_STD = 0.02
-# Residual-branch output projections, scaled down by sqrt(2 * depth) as in GPT-2.
-RESIDUAL_OUT = ("attn.wo.weight", "mlp.w2.weight")
+# Residual-branch output projections, scaled down by sqrt(2 * depth) as in GPT-2: attention's
+# output and the down projection of every SwiGLU (dense, each routed expert, the shared experts).
+RESIDUAL_OUT = ("attn.wo.weight", ".w2.weight")
 # Parameters created directly (not inside a Linear/Embedding): position and absent embeddings.
 BARE_EMBEDDINGS = ("pos_emb", "absent_image", "absent_audio")
 
@@ -61,7 +62,7 @@ def init_rules(model: nn.Module) -> dict[str, str]:
                 rule = "ones"
             elif p_name == "bias":
                 rule = "zeros"
-            elif isinstance(mod, (nn.Linear, nn.Embedding, nn.Conv1d)) and p_name == "weight":
+            elif isinstance(mod, (nn.Linear, nn.Embedding, nn.Conv1d, Router)) and p_name == "weight":
                 rule = _normal(BASE_STD)
                 if name.endswith(RESIDUAL_OUT):
                     # "<stack>.layers.<i>.attn.wo.weight": depth is the size of that layer list.

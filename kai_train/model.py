@@ -14,6 +14,8 @@ them), so renaming a module changes every digest.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -96,15 +98,100 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block, shared by the decoder (causal, RoPE) and encoders (neither)."""
+class Router(nn.Module):
+    """Token -> top-k experts and their gates.
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden: int, eps: float, causal: bool):
+    Scores are a softmax over experts in float32. `bias` shifts only which experts are selected
+    (auxiliary-loss-free balancing, DeepSeek-V3): gates are the unbiased scores of the chosen experts,
+    renormalized to sum to 1. The bias is a parameter so that checkpoints, the canonical digest and
+    replay carry it, but it gets an exact zero gradient (AdamW then leaves it unchanged); the
+    training step moves it from the measured expert loads (`kai_train.step`).
+    """
+
+    def __init__(self, dim: int, n_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.weight = nn.Parameter(torch.empty(n_experts, dim))
+        self.bias = nn.Parameter(torch.zeros(n_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, dim) -> scores (N, E) float32, chosen experts (N, k), gates (N, k) float32."""
+        scores = F.linear(x, self.weight).float().softmax(-1)  # (N, E)
+        idx = (scores.detach() + self.bias.detach().float()).topk(self.top_k, dim=-1).indices  # (N, k)
+        gates = scores.gather(-1, idx)  # (N, k)
+        if self.top_k > 1:
+            gates = gates / gates.sum(-1, keepdim=True)
+        # A zero-valued path from the bias: every parameter gets a gradient (exactly 0), so no
+        # optimizer or ZeRO stage sees a parameter without one.
+        return scores, idx, gates + (0.0 * self.bias).sum()
+
+
+class MoE(nn.Module):
+    """Fine-grained routed experts (each a narrow SwiGLU), top-k, plus optional shared experts.
+
+    Every routed expert is its own module, so its tensors are named by (layer, global expert id,
+    tensor), e.g. `text.layers.3.mlp.experts.17.w1.weight`, whatever the parallel layout. Dispatch
+    is deterministic: assignments are grouped by expert with a stable sort (token order inside each
+    expert), each (token, slot) output is written once, and the k slots are summed in slot order.
+    Dropless when capacity_factor is 0; otherwise an expert takes at most
+    ceil(capacity_factor * tokens * k / E) assignments of a micro-batch, the first in token order,
+    and a dropped assignment adds nothing (the residual carries the token).
+
+    After each forward, `load` holds the assignments per expert (E,) and `aux_loss` the weighted
+    load-balancing loss (Switch Transformer: E * sum_e f_e * P_e); the training step reads both.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.moe_top_k
+        self.capacity_factor, self.aux_coef = cfg.moe_capacity_factor, cfg.moe_aux_loss_coef
+        self.router = Router(cfg.dim, cfg.n_experts, cfg.moe_top_k)
+        self.experts = nn.ModuleList(SwiGLU(cfg.dim, cfg.moe_hidden) for _ in range(cfg.n_experts))
+        # Shared experts are always on; n of them are one SwiGLU n times as wide (same function).
+        self.shared = SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_hidden) if cfg.n_shared_experts else None
+        self.load: torch.Tensor | None = None
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])  # (N, dim)
+        N, k, E = xf.shape[0], self.top_k, self.n_experts
+        scores, idx, gates = self.router(xf)  # (N, E), (N, k), (N, k)
+        flat = idx.reshape(-1)  # (N*k,) expert of assignment a = token * k + slot
+        counts = torch.bincount(flat, minlength=E)  # (E,)
+        order = torch.argsort(flat, stable=True)  # assignments grouped by expert, token order inside
+        cap = math.ceil(self.capacity_factor * N * k / E) if self.capacity_factor > 0 else N * k
+        out = xf.new_zeros(N, k, shape[-1])  # (N, k, dim)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            a = order[start:start + min(n, cap)]
+            start += n
+            # An expert with no tokens still runs (on zero rows): every rank then builds the same
+            # autograd graph, so gradients become ready in the same order on every rank, which
+            # bucketed data-parallel reduction (ZeRO-1/2) relies on.
+            tok, slot = a // k, a % k
+            y = self.experts[e](xf[tok])  # (n_e, dim)
+            out[tok, slot] = y * gates[tok, slot].unsqueeze(-1).to(y.dtype)
+        y = out.sum(1)  # (N, dim)
+        if self.shared is not None:
+            y = y + self.shared(xf)
+        self.load = counts.detach().float()
+        frac = counts.float() / (N * k)  # f_e: share of assignments
+        self.aux_loss = self.aux_coef * E * (frac * scores.mean(0)).sum()
+        return y.view(shape)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, shared by the decoder (causal, RoPE) and encoders (neither).
+    With a `moe` config the feed-forward is a mixture of experts instead of one SwiGLU."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden: int, eps: float, causal: bool,
+                 moe: ModelConfig | None = None):
         super().__init__()
         self.attn_norm = RMSNorm(dim, eps)
         self.attn = Attention(dim, n_heads, n_kv_heads, causal)
         self.mlp_norm = RMSNorm(dim, eps)
-        self.mlp = SwiGLU(dim, hidden)
+        self.mlp: nn.Module = MoE(moe) if moe is not None else SwiGLU(dim, hidden)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None
@@ -236,8 +323,9 @@ class TextDecoder(nn.Module):
         super().__init__()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(
-            Block(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden, cfg.norm_eps, causal=True)
-            for _ in range(cfg.n_layers)
+            Block(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden, cfg.norm_eps, causal=True,
+                  moe=cfg if cfg.is_moe_layer(i) else None)
+            for i in range(cfg.n_layers)
         )
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # untied from tok_emb
@@ -276,6 +364,10 @@ class MultimodalLM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def moe_layers(self) -> dict[str, MoE]:
+        """The decoder's mixture-of-experts feed-forwards by module name (empty for a dense model)."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, MoE)}
 
     @staticmethod
     def _prefix(

@@ -48,19 +48,31 @@ class ModelConfig:
     speech_dim: int = 64
     speech_layers: int = 1
     speech_heads: int = 4
+    # mixture of experts in the text decoder (n_experts 0: every block has the dense SwiGLU)
+    n_experts: int = 0  # routed experts per MoE block
+    n_shared_experts: int = 0  # always-on experts, each moe_hidden wide
+    moe_top_k: int = 0  # routed experts per token, 1..8
+    moe_hidden: int = 0  # SwiGLU width of one expert (fine-grained: a fraction of ffn_hidden)
+    moe_dense_layers: int = 0  # the first this many decoder blocks keep the dense ffn_hidden SwiGLU
+    moe_aux_loss_coef: float = 0.0  # weight of the load-balancing loss; 0 = off
+    moe_bias_update_rate: float = 0.0  # auxiliary-loss-free balancing: router bias step per optimizer step; 0 = off
+    moe_capacity_factor: float = 0.0  # 0 = dropless; > 0: an expert takes <= ceil(cf * tokens * k / E) per micro-batch
 
     def __post_init__(self) -> None:
         # Sign and range first (a genesis recipe is hostile input to the verifier): a negative
         # vocab_size would make a parameter count come out small while another field is huge.
         for f in fields(self):
             v = getattr(self, f.name)
+            zero_ok = f.name.endswith("_layers") or f.name.startswith(("moe_", "n_experts", "n_shared_experts"))
             if f.type == "int":
-                lo = 0 if f.name.endswith("_layers") else 1
+                lo = 0 if zero_ok else 1
                 hi = MAX_LAYERS if f.name.endswith("_layers") else MAX_FIELD
                 if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                     raise ValueError(f"ModelConfig: {f.name}={str(v)[:40]} is outside [{lo}, {hi}]")
-            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-                raise ValueError(f"ModelConfig: {f.name}={str(v)[:40]} must be a positive finite number")
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v if zero_ok else 0 < v) \
+                    or not v < math.inf:
+                raise ValueError(f"ModelConfig: {f.name}={str(v)[:40]} must be a {'non-negative' if zero_ok else 'positive'} "
+                                 "finite number")
         checks = [
             (self.dim % self.n_heads == 0, "dim must be divisible by n_heads"),
             ((self.dim // self.n_heads) % 2 == 0, "head dim (dim / n_heads) must be even for RoPE"),
@@ -69,9 +81,28 @@ class ModelConfig:
             (self.vision_dim % self.vision_heads == 0, "vision_dim must be divisible by vision_heads"),
             (self.speech_dim % self.speech_heads == 0, "speech_dim must be divisible by speech_heads"),
         ]
+        if self.n_experts:
+            checks += [
+                (self.n_experts > 0, "n_experts must be >= 0"),
+                (1 <= self.moe_top_k <= min(8, self.n_experts), "moe_top_k must be in 1..min(8, n_experts)"),
+                (self.moe_hidden > 0, "moe_hidden must be > 0 with n_experts > 0"),
+                (self.n_shared_experts >= 0, "n_shared_experts must be >= 0"),
+                (0 <= self.moe_dense_layers <= self.n_layers, "moe_dense_layers must be in 0..n_layers"),
+                (self.moe_aux_loss_coef >= 0, "moe_aux_loss_coef must be >= 0"),
+                (self.moe_bias_update_rate >= 0, "moe_bias_update_rate must be >= 0"),
+                (self.moe_capacity_factor >= 0, "moe_capacity_factor must be >= 0 (0 = dropless)"),
+            ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"ModelConfig: {msg}")
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether decoder block i has a mixture of experts (the first moe_dense_layers stay dense)."""
+        return self.n_experts > 0 and i >= self.moe_dense_layers
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
@@ -156,6 +187,21 @@ def _block(prefix: str, width: int, n_heads: int, n_kv_heads: int, hidden: int, 
     ]
 
 
+def _moe(prefix: str, cfg: ModelConfig, depth: int) -> list[Spec]:
+    """A mixture-of-experts feed-forward (kai_train.model.MoE) replacing `_block`'s mlp entries: the
+    router (weight, selection bias), each routed expert by its global id, the shared experts."""
+    base, resid, h = normal_rule(BASE_STD), normal_rule(BASE_STD / math.sqrt(2 * depth)), cfg.moe_hidden
+    out: list[Spec] = [(f"{prefix}.router.weight", (cfg.n_experts, cfg.dim), base),
+                       (f"{prefix}.router.bias", (cfg.n_experts,), "zeros")]
+    experts = [(f"{prefix}.experts.{e}", h) for e in range(cfg.n_experts)]
+    if cfg.n_shared_experts:
+        experts.append((f"{prefix}.shared", cfg.n_shared_experts * h))
+    for name, hidden in experts:
+        out += [(f"{name}.w1.weight", (hidden, cfg.dim), base), (f"{name}.w3.weight", (hidden, cfg.dim), base),
+                (f"{name}.w2.weight", (cfg.dim, hidden), resid)]
+    return out
+
+
 def _encoder_tail(prefix: str, width: int, dim: int) -> list[Spec]:
     """Final norm and the two-layer projector to the decoder width."""
     return [
@@ -199,7 +245,10 @@ def param_specs(cfg: ModelConfig) -> list[Spec]:
     out += _encoder_tail("speech", sw, cfg.dim)
     out += [("text.tok_emb.weight", (cfg.vocab_size, cfg.dim), n)]
     for i in range(cfg.n_layers):
-        out += _block(f"text.layers.{i}", cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden, cfg.n_layers)
+        block = _block(f"text.layers.{i}", cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden, cfg.n_layers)
+        if cfg.is_moe_layer(i):
+            block = [s for s in block if ".mlp." not in s[0]] + _moe(f"text.layers.{i}.mlp", cfg, cfg.n_layers)
+        out += block
     out += [("text.norm.weight", (cfg.dim,), "ones"), ("text.lm_head.weight", (cfg.vocab_size, cfg.dim), n)]
     return sorted(out)
 

@@ -1,15 +1,23 @@
 """How big a preset is and how much memory it needs per GPU under each ZeRO stage.
 
 `python -m kai_train.sizing [--world-size N]` prints, for every `kai_train/conf/model/*.yaml`, the parameter
-count per component and the GiB per GPU for ZeRO 1, 2, 3 and 3 with the optimizer offloaded.
+count per component and the GiB per GPU for ZeRO 1, 2, 3 and 3 with the optimizer offloaded; for
+mixture-of-experts presets a second table: total and active parameters, GiB per GPU at an
+expert-parallel size, the GPUs needed and the checkpoint bytes each rank writes.
 
-Parameter counts come from `kai_train.init.tensor_specs` (the model built on the meta device), so
-they are exact and cost no memory. Memory follows the ZeRO paper's accounting (Rajbhandari et al.
+Parameter counts come from `kai_train.modelspec.param_specs` (arithmetic on the config, equal to
+the model built on the meta device by tests/test_genesis_v2.py), so they are exact and cost no
+memory, even for a 500B-parameter preset. Memory follows the ZeRO paper's accounting (Rajbhandari et al.
 2020) for mixed-precision Adam with Ψ parameters over N data-parallel ranks:
 
     params (bf16) 2Ψ, grads (bf16) 2Ψ, optimizer (fp32 master + Adam m + v) 12Ψ
     stage 1 shards the optimizer states (/N), stage 2 also the grads, stage 3 also the params;
     offload keeps the (sharded) optimizer states in CPU memory instead of on the GPU.
+
+Mixture of experts with expert-parallel size E (DeepSpeed-MoE's layout): the routed experts Ψe are
+split over E ranks and replicated over N / E, the rest Ψd over all N. So whole params and grads
+cost 2(Ψd + Ψe/E) each, and every ZeRO stage shards what it shards over N in all (the dense part
+over N, each expert slice over its N / E replicas).
 
 Activations are a rough estimate (see `activation_bytes`), not a measurement: it assumes a
 memory-efficient attention kernel (no s×s score matrix) and ignores DeepSpeed's communication
@@ -23,8 +31,7 @@ import functools
 import math
 from pathlib import Path
 
-from kai_train.init import tensor_specs
-from kai_train.model import ModelConfig, _swiglu_hidden
+from kai_train.modelspec import ModelConfig, _swiglu_hidden, param_specs
 
 CONF_MODEL = Path(__file__).resolve().parent / "conf" / "model"
 GiB = 1024**3
@@ -47,12 +54,23 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 
 @functools.lru_cache(maxsize=64)
 def _param_counts(fields: tuple[tuple[str, float], ...]) -> tuple[tuple[str, int], ...]:
-    # Cached by field values: building even a meta model takes ~0.1 s for the large presets.
+    # Cached by field values: a 500B preset's list has ~36k tensors.
     counts = dict.fromkeys(COMPONENTS, 0)
-    for name, shape, _ in tensor_specs(ModelConfig(**dict(fields))):
+    for name, shape, _ in param_specs(ModelConfig(**dict(fields))):
         counts[COMPONENT_OF[name.split(".")[0]]] += math.prod(shape)
     counts["total"] = sum(counts.values())
     return tuple(counts.items())
+
+
+def expert_params(cfg: ModelConfig) -> int:
+    """Parameters of the routed experts over all MoE blocks (what expert parallelism splits)."""
+    return cfg.n_moe_layers * cfg.n_experts * 3 * cfg.dim * cfg.moe_hidden
+
+
+def active_params(cfg: ModelConfig) -> int:
+    """Parameters one token uses: all but the routed experts it is not sent to."""
+    unused = cfg.n_moe_layers * (cfg.n_experts - cfg.moe_top_k) * 3 * cfg.dim * cfg.moe_hidden
+    return param_counts(cfg)["total"] - unused
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,8 +100,13 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, checkpoin
     a = dtype_bytes
     rows = cfg.n_image_tokens + cfg.n_audio_tokens + seq_len  # decoder sequence: prefix + text
     kv = cfg.n_kv_heads * (cfg.dim // cfg.n_heads)
-    block = _block_bytes(rows, cfg.dim, kv, cfg.ffn_hidden, a)
-    decoder = (cfg.n_layers * a * rows * cfg.dim + block) if checkpointing else cfg.n_layers * block
+    dense = _block_bytes(rows, cfg.dim, kv, cfg.ffn_hidden, a)
+    # An MoE block: its token runs k routed + the shared experts (their SwiGLU widths add up), plus
+    # the (rows, k, dim) dispatch buffer and the float32 router scores.
+    moe = _block_bytes(rows, cfg.dim, kv, (cfg.moe_top_k + cfg.n_shared_experts) * cfg.moe_hidden, a)
+    moe += rows * (a * cfg.moe_top_k * cfg.dim + 8 * cfg.n_experts)
+    blocks = [moe if cfg.is_moe_layer(i) else dense for i in range(cfg.n_layers)]
+    decoder = (cfg.n_layers * a * rows * cfg.dim + max(blocks, default=0)) if checkpointing else sum(blocks)
     logits = 2 * a * seq_len * cfg.vocab_size  # logits + log-softmax kept by cross-entropy
     vw, sw = cfg.vision_dim, cfg.speech_dim
     vision = cfg.vision_layers * _block_bytes(cfg.n_image_tokens, vw, vw, _swiglu_hidden(vw), a)
@@ -98,11 +121,12 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, checkpoin
 
 def memory_per_gpu(cfg: ModelConfig, world_size: int, zero_stage: int, offload: bool = False,
                    dtype_bytes: int = 2, micro_batch: int = 1, seq_len: int | None = None,
-                   activation_checkpointing: bool = True) -> dict[str, int]:
+                   activation_checkpointing: bool = True, expert_parallel: int = 1) -> dict[str, int]:
     """Bytes per GPU (and per rank in CPU memory when offloading) for one training rank.
 
     Keys: params, grads, optimizer (the GPU-resident parts), activations, gpu_total, and
     cpu_offload (the optimizer states held in host memory by this rank, 0 without offload).
+    `expert_parallel` splits a mixture of experts' routed experts over that many ranks.
     """
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0..3, got {zero_stage}")
@@ -110,11 +134,19 @@ def memory_per_gpu(cfg: ModelConfig, world_size: int, zero_stage: int, offload: 
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if offload and zero_stage == 0:
         raise ValueError("optimizer offload needs ZeRO stage 1, 2 or 3")
-    psi = param_counts(cfg)["total"]
+    ep = expert_parallel
+    if ep < 1 or world_size % ep or (cfg.n_experts and cfg.n_experts % ep) or (ep > 1 and not cfg.n_experts):
+        raise ValueError(f"expert_parallel={ep} must divide world_size={world_size} and n_experts={cfg.n_experts}")
     n = world_size
-    params = dtype_bytes * psi / (n if zero_stage >= 3 else 1)
-    grads = dtype_bytes * psi / (n if zero_stage >= 2 else 1)
-    optimizer = OPTIMIZER_BYTES * psi / (n if zero_stage >= 1 else 1)
+    psi_e = expert_params(cfg)
+    psi_d = param_counts(cfg)["total"] - psi_e
+
+    def held(sharded: bool) -> float:
+        return (psi_d + psi_e) / n if sharded else psi_d + psi_e / ep
+
+    params = dtype_bytes * held(zero_stage >= 3)
+    grads = dtype_bytes * held(zero_stage >= 2)
+    optimizer = OPTIMIZER_BYTES * held(zero_stage >= 1)
     cpu = optimizer if offload else 0.0
     if offload:
         optimizer = 0.0
@@ -141,11 +173,13 @@ def flops_per_sample(cfg: ModelConfig, seq_len: int) -> int:
     rows_dec = n_img + n_aud + seq_len
     conv1_rows = (cfg.n_audio_frames + 2 - 3) // 2 + 1
     total = 0
-    for name, shape, _ in tensor_specs(cfg):
+    for name, shape, _ in param_specs(cfg):
         if len(shape) < 2 or name.endswith(("tok_emb.weight", "pos_emb")):
             continue
         if name.startswith("text.lm_head"):
             rows = seq_len
+        elif ".mlp.experts." in name:  # a routed expert sees top_k / n_experts of the rows, on average
+            rows = rows_dec * cfg.moe_top_k / cfg.n_experts
         elif name.startswith("text."):
             rows = rows_dec
         elif name.startswith("vision."):
@@ -158,7 +192,31 @@ def flops_per_sample(cfg: ModelConfig, seq_len: int) -> int:
     total += 12 * cfg.n_layers * cfg.dim * rows_dec**2
     total += 12 * cfg.vision_layers * cfg.vision_dim * n_img**2
     total += 12 * cfg.speech_layers * cfg.speech_dim * n_aud**2
-    return total
+    return int(total)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPUs needed and checkpoint bytes
+
+
+def checkpoint_bytes_per_rank(cfg: ModelConfig, world_size: int) -> int:
+    """Bytes one rank writes per checkpoint: its ~1/world share of the float32 weights and the two
+    AdamW moments (kai_train.checkpoint: whole tensors balanced over ranks, 12 bytes a parameter)."""
+    return math.ceil(OPTIMIZER_BYTES * param_counts(cfg)["total"] / world_size)
+
+
+def gpus_needed(cfg: ModelConfig, zero_stage: int, expert_parallel: int = 1, gpu_gib: float = 80.0,
+                node: int = 8, headroom_gib: float = 4.0, **kw) -> int | None:
+    """The fewest GPUs, in whole nodes of `node`, whose per-GPU total fits `gpu_gib` less headroom
+    (DeepSpeed buffers, CUDA context); None if none up to 16,384 GPUs does."""
+    n = max(node, expert_parallel)
+    while n <= 16_384:
+        if n % expert_parallel == 0:
+            m = memory_per_gpu(cfg, n, zero_stage, expert_parallel=expert_parallel, **kw)
+            if m["gpu_total"] <= (gpu_gib - headroom_gib) * GiB:
+                return n
+        n += node
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +252,8 @@ def table(world_size: int, micro_batch: int, checkpointing: bool, seq_len: int |
             "ZeRO-1", "ZeRO-2", "ZeRO-3", "ZeRO-3+offload", "offload CPU GiB/rank", "genesis CPU GiB/rank"]
     rows = [head, ["---"] * len(head)]
     for name, cfg in presets().items():
+        if cfg.n_experts:
+            continue  # moe_table
         c = param_counts(cfg)
         seq = min(seq_len, cfg.max_seq_len) if seq_len else cfg.max_seq_len
         mem = {k: memory_per_gpu(cfg, world_size, stage, off, micro_batch=micro_batch, seq_len=seq,
@@ -206,6 +266,27 @@ def table(world_size: int, micro_batch: int, checkpointing: bool, seq_len: int |
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
+def moe_table(world_size: int, expert_parallel: int, micro_batch: int, checkpointing: bool,
+              seq_len: int | None = None, gpu_gib: float = 80.0) -> str:
+    """The Markdown table of the mixture-of-experts presets `python -m kai_train.sizing` prints."""
+    head = ["preset", "experts", "total", "active", "EP", "ZeRO-1 GiB", "ZeRO-3 GiB",
+            f"GPUs ZeRO-1 ({gpu_gib:.0f} GiB)", f"GPUs ZeRO-3 ({gpu_gib:.0f} GiB)", "ckpt GiB/rank"]
+    rows = [head, ["---"] * len(head)]
+    for name, cfg in presets().items():
+        if not cfg.n_experts or cfg.n_experts % expert_parallel or world_size % expert_parallel:
+            continue
+        seq = min(seq_len, cfg.max_seq_len) if seq_len else cfg.max_seq_len
+        kw = dict(micro_batch=micro_batch, seq_len=seq, activation_checkpointing=checkpointing)
+        mem = {z: memory_per_gpu(cfg, world_size, z, expert_parallel=expert_parallel, **kw)["gpu_total"] / GiB
+               for z in (1, 3)}
+        need = {z: gpus_needed(cfg, z, expert_parallel, gpu_gib, **kw) for z in (1, 3)}
+        rows.append([name, f"{cfg.n_experts}+{cfg.n_shared_experts} top-{cfg.moe_top_k}",
+                     _fmt_params(param_counts(cfg)["total"]), _fmt_params(active_params(cfg)), str(expert_parallel),
+                     f"{mem[1]:.1f}", f"{mem[3]:.1f}", *(str(need[z] or "-") for z in (1, 3)),
+                     f"{checkpoint_bytes_per_rank(cfg, world_size) / GiB:.1f}"])
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m kai_train.sizing", description=__doc__.split("\n\n")[0])
     ap.add_argument("--world-size", type=int, default=8, help="data-parallel ranks (GPUs in all) [8]")
@@ -213,14 +294,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq-len", type=int, default=None, help="text tokens per sample [each preset's max_seq_len]")
     ap.add_argument("--no-activation-checkpointing", dest="checkpointing", action="store_false",
                     help="estimate activations without recomputation (train.activation_checkpointing=false)")
+    ap.add_argument("--expert-parallel", type=int, default=8,
+                    help="ranks the routed experts of a mixture-of-experts preset are split over [8: one node]")
     args = ap.parse_args(argv)
     if args.world_size < 1 or args.micro_batch < 1:
         ap.error("--world-size and --micro-batch must be >= 1")
+    if args.expert_parallel < 1 or args.world_size % args.expert_parallel:
+        ap.error("--expert-parallel must be >= 1 and divide --world-size")
     print(f"GiB per GPU: bf16 params and grads, fp32 Adam states; world size {args.world_size}, "
           f"micro batch {args.micro_batch}, activation checkpointing {'on' if args.checkpointing else 'off'}; "
           "add ~2-4 GiB for DeepSpeed buffers and the CUDA context. Host memory: the offloaded optimizer "
           "shard, and at start the fp32 genesis model on every rank.\n")
     print(table(args.world_size, args.micro_batch, args.checkpointing, args.seq_len))
+    moe = moe_table(args.world_size, args.expert_parallel, args.micro_batch, args.checkpointing, args.seq_len)
+    if moe.count("\n") > 1:
+        print(f"\nMixture-of-experts presets at world size {args.world_size}, expert-parallel size "
+              f"{args.expert_parallel} (routed experts split over EP ranks, replicated over world / EP); "
+              "GPUs needed in whole 8-GPU nodes, 4 GiB headroom; ckpt: 12 bytes a parameter over the ranks.\n")
+        print(moe)
 
 
 if __name__ == "__main__":

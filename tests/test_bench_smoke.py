@@ -17,7 +17,7 @@ from conftest import REPO, env
 BENCHES = sorted(p.name for p in (REPO / "bench").glob("*.py") if not p.name.startswith("_"))
 # benches that launch torchrun/DeepSpeed or build corpora with worker pools: the slow tier
 HEAVY = {"audit_cost.py", "provenance_overhead.py", "scale_provenance.py", "train_throughput.py", "data_scale.py",
-         "data_ingest.py"}
+         "data_ingest.py", "moe.py"}
 
 
 def test_every_bench_has_a_smoke_size() -> None:

@@ -35,7 +35,7 @@ from kai_train.weights import state_dict_leaves
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = sorted((REPO / "kai_train/conf/model").glob("*.yaml"))
-BIG = {"3b", "7b", "13b"}  # seconds each on 2 cores: in the full suite, not the quick tier
+BIG = {"3b", "7b", "13b", "moe-100b", "moe-236b", "moe-519b"}  # seconds each on 2 cores: in the full suite, not the quick tier
 # The unit tests' config and two odd ones: GQA off, many encoder layers, widths not powers of two.
 TEST_CONFIGS = {
     "default": ModelConfig(),

@@ -66,7 +66,7 @@ def test_app_help_says_what_the_app_does_and_shows_the_common_overrides(cmd: lis
     assert p.stdout.startswith(says)
     for o in overrides:
         assert o in p.stdout, o
-    assert "model: 125m, 13b, 1b, 350m, 3b, 7b, tiny" in p.stdout  # the groups, listed by Hydra from the package
+    assert "model: 125m, 13b, 1b, 350m, 3b, 7b, moe-100b, moe-236b, moe-519b, moe-cpu, tiny" in p.stdout  # the groups, listed by Hydra from the package
 
 
 @pytest.mark.parametrize("flag", [["--local_rank=1"], ["--local_rank", "1"]])

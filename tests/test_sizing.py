@@ -7,7 +7,10 @@ pytest.importorskip("omegaconf", reason="the train extra; not on the evaluator's
 from omegaconf import OmegaConf
 
 from kai_train.model import ModelConfig
-from kai_train.sizing import CONF_MODEL, activation_bytes, main, memory_per_gpu, param_counts, presets
+from kai_train.sizing import (
+    CONF_MODEL, active_params, activation_bytes, checkpoint_bytes_per_rank, expert_params, gpus_needed, main,
+    memory_per_gpu, param_counts, presets,
+)
 
 # Advertised total sizes (text decoder + both encoders), from the counts in each preset's header.
 PRESET_TOTALS = {
@@ -54,7 +57,8 @@ def test_presets_grow_strictly_from_125m_to_13b() -> None:
     decoders = [param_counts(load(n))["text"] for n in PRESET_TOTALS]
     assert totals == sorted(totals) and len(set(totals)) == len(totals)
     assert decoders == sorted(decoders) and len(set(decoders)) == len(decoders)
-    assert list(presets())[-len(PRESET_TOTALS):] == list(PRESET_TOTALS)
+    dense = [name for name, cfg in presets().items() if not cfg.n_experts]
+    assert dense[-len(PRESET_TOTALS):] == list(PRESET_TOTALS)
 
 
 def test_components_add_up_to_the_model_parameter_count() -> None:
@@ -114,5 +118,54 @@ def test_cli_prints_a_row_per_preset(capsys: pytest.CaptureFixture[str]) -> None
     main(["--world-size", "16"])  # what `python -m kai_train.sizing --world-size 16` runs
     out = capsys.readouterr().out
     assert "world size 16" in out
-    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    dense_table = out.split("Mixture-of-experts")[0]
+    rows = [line for line in dense_table.splitlines() if line.startswith("| ") and "---" not in line]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["tiny", *PRESET_TOTALS]
+    moe_rows = [line for line in out.split("Mixture-of-experts")[1].splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in moe_rows[2:]] == list(MOE_PRESETS)
+
+
+# Published layouts the sized presets are shaped like: (total, active) parameter ranges, routed + shared, top-k.
+MOE_PRESETS = {
+    "moe-cpu": ((0.5e6, 0.7e6), (0.3e6, 0.45e6), 16, 1, 4),
+    "moe-100b": ((95e9, 106e9), (11e9, 13e9), 128, 1, 8),
+    "moe-236b": ((225e9, 245e9), (21e9, 26e9), 128, 1, 8),
+    "moe-519b": ((500e9, 540e9), (31e9, 37e9), 192, 1, 8),
+}
+
+
+@pytest.mark.parametrize("name", MOE_PRESETS)
+def test_moe_presets_have_the_published_shape_and_their_advertised_size(name: str) -> None:
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_MODEL / f"{name}.yaml"))
+    assert set(raw) == set(ModelConfig().to_dict()), "a preset lists every ModelConfig field"
+    cfg = load(name)
+    (tlo, thi), (alo, ahi), routed, shared, k = MOE_PRESETS[name]
+    assert (cfg.n_experts, cfg.n_shared_experts, cfg.moe_top_k) == (routed, shared, k)
+    total, active = param_counts(cfg)["total"], active_params(cfg)
+    assert tlo <= total <= thi and alo <= active <= ahi, (total, active)
+    if name != "moe-cpu":
+        header = (CONF_MODEL / f"{name}.yaml").read_text().split("\n\n")[0]
+        assert f"total {total / 1e9:.2f}B ({total:,})" in header and f"active per token {active / 1e9:.2f}B" in header
+
+
+def test_expert_parallelism_divides_only_the_routed_experts() -> None:
+    cfg = load("moe-236b")
+    psi, psi_e = param_counts(cfg)["total"], expert_params(cfg)
+    psi_d = psi - psi_e
+    for ep in (1, 2, 8):
+        m = memory_per_gpu(cfg, 64, 1, expert_parallel=ep)
+        assert m["params"] == round(2 * (psi_d + psi_e / ep))  # whole dense part, 1/EP of the experts
+        assert m["optimizer"] == round(12 * psi / 64)  # ZeRO shards every optimizer state over all 64 ranks
+    # ZeRO-3 shards everything over the world whatever the EP size
+    assert memory_per_gpu(cfg, 64, 3, expert_parallel=8)["params"] == memory_per_gpu(cfg, 64, 3)["params"]
+    with pytest.raises(ValueError, match="expert_parallel"):
+        memory_per_gpu(cfg, 64, 1, expert_parallel=3)
+
+
+def test_gpus_needed_fit_an_80_gib_gpu_in_whole_nodes() -> None:
+    cfg = load("moe-519b")
+    n = gpus_needed(cfg, 3, expert_parallel=8)
+    assert n is not None and n % 8 == 0
+    assert memory_per_gpu(cfg, n, 3, expert_parallel=8)["gpu_total"] <= 76 * 1024**3
+    assert memory_per_gpu(cfg, n - 8, 3, expert_parallel=8)["gpu_total"] > 76 * 1024**3
+    assert checkpoint_bytes_per_rank(cfg, n) * n >= 12 * param_counts(cfg)["total"]

@@ -317,6 +317,14 @@ class _Plan:
         return out
 
 
+def _load(w: Weights, slot: Slot) -> np.ndarray:
+    """The slot's tensor, or its parts (a block's experts) joined along the unit axis."""
+    if not slot.parts:
+        return w.array(slot.tensor)
+    axis = next(j for j, a in enumerate(slot.axes) if a.kind == "unit")
+    return np.concatenate([w.array(n) for n in slot.parts], axis=axis)
+
+
 def _plan_component(comp: str, cw: Weights, cs: dict[str, Slot], rw: Weights, rs: dict[str, Slot],
                     max_units: int, rng: np.random.Generator) -> _Plan:
     plan = _Plan(comp, norm_only=all(s.is_norm for s in (*cs.values(), *rs.values())))
@@ -326,8 +334,8 @@ def _plan_component(comp: str, cw: Weights, cs: dict[str, Slot], rw: Weights, rs
         if role not in rs or role not in cs:
             plan.skipped.append(f"{role}: only in the {'candidate' if role in cs else 'reference'}")
             continue
-        a, a_axes = _orient(cw.array(cs[role].tensor), cs[role])
-        b, b_axes = _orient(rw.array(rs[role].tensor), rs[role])
+        a, a_axes = _orient(_load(cw, cs[role]), cs[role])
+        b, b_axes = _orient(_load(rw, rs[role]), rs[role])
         if a_axes != b_axes or a.shape[1:] != b.shape[1:] or (a_axes[0].kind != "unit" and a.shape[0] != b.shape[0]):
             plan.skipped.append(f"{role}: shapes differ ({list(a.shape)} vs {list(b.shape)} after orienting)")
             continue

@@ -43,6 +43,7 @@ class Slot:
     axes: tuple[Axis, ...]  # one per dimension, after squeezing leading 1s
     rows: tuple[int, int] | None = None  # row range of a fused tensor (qkv)
     is_norm: bool = False  # a normalisation gain or bias (init 1 / 0: never a verdict by itself)
+    parts: tuple[str, ...] = ()  # tensors joined along the unit axis (a block's experts), `tensor` the first
 
 
 # Axes of each block role; S is the family's stream, U:x a unit group of the block.
@@ -185,6 +186,53 @@ _OTHER_RES: list[tuple[re.Pattern[str], str, str, str, str]] = [
     (re.compile(rx), *rest) for rx, *rest in OTHER_RULES]  # type: ignore[misc]
 
 
+# Mixture-of-experts blocks (ours): the routed experts and the shared experts of block i are pooled
+# into the block's `mlp.gate/up/down` roles, their hidden units joined into one unit group. Matching
+# units then ignores which expert a unit sits in, so the test is invariant to the order of experts
+# (and of units inside each), and compares an MoE block with a dense block's FFN as well as with
+# another MoE block (sparse upcycling copies a dense FFN's units into experts). The router's rows
+# are one unit per expert. At most MAX_POOLED_EXPERTS experts per block are pooled (evenly spaced
+# ids), which bounds the memory of one comparison.
+_EXPERT = re.compile(r"(?P<f>text)\.layers\.(?P<i>\d+)\.mlp\.(?:experts\.(?P<e>\d+)|shared)\.(?P<w>w[123])\.weight")
+_EXPERT_ROLE = {"w1": "mlp.gate", "w3": "mlp.up", "w2": "mlp.down"}
+_ROUTER = re.compile(r"(?P<f>text)\.layers\.(?P<i>\d+)\.mlp\.router\.(?P<p>weight|bias)")
+MAX_POOLED_EXPERTS = 64
+
+
+def _expert_slots(tensors: dict[str, tuple[int, ...]]) -> tuple[list[Slot], set[str]]:
+    """Pooled expert slots of every MoE block, and the tensor names they (and the routers) cover."""
+    groups: dict[tuple[str, int, str], list[tuple[int, str]]] = {}
+    covered: set[str] = set()
+    slots: list[Slot] = []
+    for name, shape in tensors.items():
+        m = _EXPERT.fullmatch(name)
+        if m and len(shape) == 2:
+            key = (m["f"], int(m["i"]), _EXPERT_ROLE[m["w"]])
+            groups.setdefault(key, []).append((int(m["e"]) if m["e"] is not None else 1 << 30, name))
+            covered.add(name)
+        r = _ROUTER.fullmatch(name)
+        if r:
+            covered.add(name)
+            spec = "U:router S" if r["p"] == "weight" else "U:router"
+            axes = _axes(spec, r["f"], len(shape))
+            if axes:
+                role = "mlp.router" if r["p"] == "weight" else "mlp.router.bias"
+                slots.append(Slot(name, f"{r['f']}.block.{r['i']}", role, axes))
+    for (family, i, role), members in groups.items():
+        members.sort()
+        routed = [n for e, n in members if e < 1 << 30]
+        if len(routed) > MAX_POOLED_EXPERTS:
+            step = len(routed) / MAX_POOLED_EXPERTS
+            routed = [routed[int(k * step)] for k in range(MAX_POOLED_EXPERTS)]
+        names = tuple(routed + [n for e, n in members if e >= 1 << 30])
+        if len({tensors[n][0 if role == "mlp.down" else 1] for n in names}) > 1:
+            continue  # parts may differ in units (shared experts are wider), never in the stream axis
+        axes = _axes(BLOCK_AXES[role], family, 2)
+        if axes:
+            slots.append(Slot(names[0], f"{family}.block.{i}", role, axes, parts=names))
+    return slots, covered
+
+
 def _axes(spec: str, family: str, ndim: int) -> tuple[Axis, ...] | None:
     """Parse an axes spec for a tensor of `ndim` dims (after squeezing); None when it cannot fit."""
     out: list[Axis] = []
@@ -261,7 +309,13 @@ def map_names(tensors: Iterable[tuple[str, tuple[int, ...]]]) -> ModelMap:
     """Map (name, shape) pairs onto components and roles."""
     comps: dict[str, dict[str, Slot]] = {}
     unmatched: list[str] = []
-    for name, shape in sorted(tensors):
+    tensors = sorted(tensors)
+    pooled, covered = _expert_slots({n: tuple(s) for n, s in tensors})
+    for s in pooled:
+        comps.setdefault(s.component, {})[s.role] = s
+    for name, shape in tensors:
+        if name in covered:
+            continue
         slots = _slot_for(name, tuple(shape))
         if slots is None:
             unmatched.append(f"{name} {list(shape)}: no layout rule matches")

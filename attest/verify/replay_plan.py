@@ -59,6 +59,9 @@ MODEL_INTS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hid
               "image_channels", "patch_size", "vision_dim", "vision_layers", "vision_heads", "sample_rate", "n_fft",
               "hop_length", "n_mels", "audio_samples", "speech_dim", "speech_layers", "speech_heads")
 MODEL_FLOATS = ("rope_theta", "norm_eps")
+# Mixture-of-experts fields: 0 (or absent, in bundles older than them) means a dense decoder.
+MOE_INTS = ("n_experts", "n_shared_experts", "moe_top_k", "moe_hidden", "moe_dense_layers")
+MOE_FLOATS = ("moe_aux_loss_coef", "moe_bias_update_rate", "moe_capacity_factor")
 
 
 def _is_int(v: Any) -> TypeGuard[int]:
@@ -95,9 +98,17 @@ def validate(value: Any, schema: dict[str, tuple[Any, ...]], where: str) -> dict
 
 
 def validate_model(model: Any, where: str = "genesis recipe.model") -> dict[str, Any]:
-    if not isinstance(model, dict) or set(model) != set(MODEL_INTS + MODEL_FLOATS):
+    required, optional = set(MODEL_INTS + MODEL_FLOATS), set(MOE_INTS + MOE_FLOATS)
+    if not isinstance(model, dict) or not required <= set(model) <= required | optional:
         have = sorted(model) if isinstance(model, dict) else type(model).__name__
-        raise PlanError(f"{where}: expected exactly the fields {sorted(MODEL_INTS + MODEL_FLOATS)}, found {have}")
+        raise PlanError(f"{where}: expected exactly the fields {sorted(required)} (and optionally "
+                        f"{sorted(optional)}), found {have}")
+    for k in MOE_INTS:
+        if k in model and not (_is_int(model[k]) and 0 <= model[k] <= 1 << 24):
+            raise PlanError(f"{where}.{k} = {str(model[k])[:40]!r}: expected a whole number in [0, 2^24]")
+    for k in MOE_FLOATS:
+        if k in model and not (_is_num(model[k]) and 0 <= model[k] <= 1e9):
+            raise PlanError(f"{where}.{k} = {str(model[k])[:40]!r}: expected a number in [0, 1e9]")
     for k in MODEL_INTS:
         if not (_is_int(model[k]) and 1 <= model[k] <= 1 << 24):
             raise PlanError(f"{where}.{k} = {str(model[k])[:40]!r}: expected a whole number in [1, 2^24]")

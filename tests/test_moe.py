@@ -1,0 +1,122 @@
+"""The mixture-of-experts decoder block: canonical per-expert names, routing and dispatch, the
+balancing loss, the selection bias as zero-gradient training state, capacity, and the genesis of
+every expert re-derived by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import yaml  # noqa: E402
+
+from kai_train.init import build_genesis_model, tensor_specs  # noqa: E402
+from kai_train.model import MoE  # noqa: E402
+from kai_train.modelspec import ModelConfig, param_specs  # noqa: E402
+
+PRESET = Path(__file__).resolve().parent.parent / "kai_train/conf/model/moe-cpu.yaml"
+
+
+def moe_cfg(**over: float) -> ModelConfig:
+    return ModelConfig.from_dict({**yaml.safe_load(PRESET.read_text()), **over})
+
+
+def test_every_routed_expert_is_named_by_layer_global_id_and_tensor() -> None:
+    cfg = moe_cfg()
+    names = {n for n, _, _ in param_specs(cfg)}
+    for layer in range(cfg.moe_dense_layers, cfg.n_layers):
+        for e in range(cfg.n_experts):
+            for t in ("w1", "w2", "w3"):
+                assert f"text.layers.{layer}.mlp.experts.{e}.{t}.weight" in names
+        assert {f"text.layers.{layer}.mlp.router.weight", f"text.layers.{layer}.mlp.router.bias",
+                f"text.layers.{layer}.mlp.shared.w1.weight"} <= names
+    assert "text.layers.0.mlp.w1.weight" in names  # the dense first block
+    assert param_specs(cfg) == tensor_specs(cfg)
+
+
+def test_expert_down_projections_get_the_residual_init_and_the_bias_starts_at_zero() -> None:
+    rules = {n: r for n, _, r in param_specs(moe_cfg())}
+    assert rules["text.layers.1.mlp.experts.7.w2.weight"] == rules["text.layers.0.mlp.w2.weight"] != "normal:0.02"
+    assert rules["text.layers.1.mlp.experts.7.w1.weight"] == "normal:0.02"
+    assert rules["text.layers.1.mlp.router.bias"] == "zeros"
+
+
+def test_dispatch_equals_the_per_token_sum_of_gated_experts() -> None:
+    torch.manual_seed(0)
+    cfg = moe_cfg()
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 5, cfg.dim)
+    y = moe(x)
+    xf = x.reshape(-1, cfg.dim)
+    _, idx, gates = moe.router(xf)
+    want = torch.stack([
+        sum(gates[t, s] * moe.experts[int(idx[t, s])](xf[t:t + 1])[0] for s in range(cfg.moe_top_k))
+        for t in range(xf.shape[0])]) + moe.shared(xf)
+    torch.testing.assert_close(y.reshape(-1, cfg.dim), want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(moe(x), y), "dispatch is deterministic"
+    assert moe.load.sum() == xf.shape[0] * cfg.moe_top_k
+
+
+def test_selection_bias_steers_routing_but_not_the_gates_and_gets_a_zero_gradient() -> None:
+    torch.manual_seed(1)
+    cfg = moe_cfg()
+    moe = MoE(cfg)
+    torch.nn.init.normal_(moe.router.weight, std=0.02)
+    x = torch.randn(8, cfg.dim)
+    with torch.no_grad():
+        moe.router.bias[3] = 10.0  # expert 3 is chosen for every token
+    scores, idx, gates = moe.router(x)
+    assert bool((idx == 3).any(-1).all())
+    chosen = scores.gather(-1, idx)
+    torch.testing.assert_close(gates, chosen / chosen.sum(-1, keepdim=True))
+    out = moe(x.view(1, 8, -1))
+    (out.sum() + moe.aux_loss).backward()
+    assert moe.router.bias.grad is not None and bool((moe.router.bias.grad == 0).all())
+    assert moe.router.weight.grad is not None and bool(moe.router.weight.grad.abs().sum() > 0)
+
+
+def test_balancing_loss_is_the_switch_form() -> None:
+    torch.manual_seed(2)
+    cfg = moe_cfg(moe_aux_loss_coef=0.5)
+    moe = MoE(cfg)
+    torch.nn.init.normal_(moe.router.weight, std=0.5)
+    x = torch.randn(1, 32, cfg.dim)
+    moe(x)
+    scores, idx, _ = moe.router(x.view(-1, cfg.dim))
+    f = torch.bincount(idx.reshape(-1), minlength=cfg.n_experts).float() / idx.numel()
+    want = 0.5 * cfg.n_experts * (f * scores.mean(0)).sum()
+    torch.testing.assert_close(moe.aux_loss, want)
+
+
+def test_capacity_drops_assignments_beyond_it_and_zero_is_dropless() -> None:
+    torch.manual_seed(3)
+    x = torch.randn(1, 64, 64)
+    outs = {}
+    for cf in (0.0, 0.25):
+        torch.manual_seed(4)
+        moe = MoE(moe_cfg(moe_capacity_factor=cf, n_shared_experts=0))
+        for p in moe.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        with torch.no_grad():
+            moe.router.bias[0] = 10.0  # every token picks expert 0: over any capacity below 1
+        outs[cf] = moe(x)
+    assert not torch.equal(outs[0.0], outs[0.25])
+    with pytest.raises(ValueError, match="moe_capacity_factor"):
+        moe_cfg(moe_capacity_factor=-1.0)
+    with pytest.raises(ValueError, match="moe_top_k"):
+        moe_cfg(moe_top_k=9)
+
+
+def test_genesis_of_each_expert_is_derived_from_its_name_alone() -> None:
+    """Experts are not copies of one another (an upcycled init would make them so): each has its own values."""
+    cfg = moe_cfg()
+    model, _ = build_genesis_model(cfg, seed=5)
+    sd = model.state_dict()
+    a, b = sd["text.layers.1.mlp.experts.0.w1.weight"], sd["text.layers.1.mlp.experts.1.w1.weight"]
+    assert a.shape == b.shape and not torch.equal(a, b)
+    again, _ = build_genesis_model(cfg, seed=5)
+    assert all(torch.equal(t, again.state_dict()[n]) for n, t in sd.items())
+    assert not bool(sd["text.layers.2.mlp.router.bias"].any())
