@@ -4,8 +4,11 @@ respond, lineage.
 Exit codes follow docs/bundle-format.md: 0 every check holds against a trust root the evaluator
 supplied (--trust or policy keys), 1 a check failed (one line per failure: check, file, expected,
 found), 2 usage error or unreadable input, 3 every check holds but only against the key shipped in
-the bundle (integrity only: who signed is not established, so this is not a pass), 4 every check of
-a light bundle holds but its held state has not been produced on challenge (incomplete, not a pass).
+the bundle (integrity only: who signed is not established, so this is not a pass), 4 every check that
+ran holds but the claim was not recomputed (incomplete, not a pass): no segment drawn by the evaluator
+and the last segment were replayed (--no-replay, an install without torch, a segment above the
+policy's replay limits, a tolerance replay without a drift budget), or a light bundle's held state
+has not been produced on challenge.
 """
 
 from __future__ import annotations
@@ -64,8 +67,17 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     # Imported here so that `kai-attest keygen` never pays for numpy.
     from attest.archive import opened_bundle
     from attest.challenge import load_challenge
-    from attest.verify.policy import Policy, load_policy
+    from attest.verify.policy import Policy, load_policy, parse_drift
 
+    if args.no_replay and args.replay not in (None, 0):
+        print("kai-attest: error: --no-replay and --replay N go against each other", file=sys.stderr)
+        return 2
+    if args.max_drift is not None:
+        try:
+            args.max_drift = parse_drift(args.max_drift, "--max-drift")
+        except KaiError as e:
+            print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
+            return 2
     if bool(args.vsa) != bool(args.sign_key):
         print("kai-attest: error: --vsa OUT and --sign-key KEY.pem go together", file=sys.stderr)
         return 2
@@ -77,11 +89,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         policy = load_policy(args.policy) if args.policy else Policy()
         challenge = load_challenge(Path(args.challenge)) if args.challenge else None
         with opened_bundle(args.bundle, policy.limits["max_bundle_bytes"], policy.limits["max_archive_members"]) as root:
-            report = verify_bundle(root, args.trust, policy, replay=args.replay, replay_seed=args.replay_seed,
+            report = verify_bundle(root, args.trust, policy, replay=0 if args.no_replay else args.replay,
+                                   replay_seed=args.replay_seed,
                                    replay_data=args.replay_data, replay_mode=args.replay_mode,
                                    replay_worlds=args.replay_worlds, light=args.light,
                                    packs=Path(args.packs) if args.packs else None, challenge=challenge,
-                                   progress=args.progress)
+                                   progress=args.progress, max_drift=args.max_drift)
             report.bundle = args.bundle
             if args.vsa:  # the VSA names the released files; read them while the bundle is open
                 from attest.signing import PemSigner
@@ -161,20 +174,29 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Verify a bundle folder, .tar or .tar.gz offline. Exit 0: every check holds against "
                        "a key you trust (--trust or policy keys); 1: a check failed (one FAIL line each: check, file, "
                        "expected, found); 2: usage error or unreadable input; 3: every check holds but only against "
-                       "the key shipped in the bundle (integrity only, not a pass).")
+                       "the key shipped in the bundle (integrity only, not a pass); 4: every check that ran holds "
+                       "but nothing was recomputed, or held state was not produced (incomplete, not a pass).")
     v.add_argument("bundle", help="bundle folder, or a .tar / .tar.gz of one (extracted safely to a temp folder)")
     v.add_argument("--trust", action="append", default=[], metavar="PUBKEY.pem",
                    help="public key(s) to trust (without one: the key in the bundle, integrity only, exit 3)")
     v.add_argument("--policy", metavar="FILE", help="the evaluator's policy, JSON (docs/policy.example.json)")
     v.add_argument("--replay", type=_replay_arg, metavar="N|all",
-                   help="replay N randomly chosen checkpoint segments, or all of them")
+                   help="replay N checkpoint segments drawn at random, plus the last one always, or all of them "
+                        "(default: the policy's replay.segments, 1; a PASS needs at least one replayed segment)")
+    v.add_argument("--no-replay", action="store_true",
+                   help="replay nothing (the same as --replay 0): a quick integrity check whose best verdict is "
+                        "INCOMPLETE (exit 4), never PASS")
     v.add_argument("--replay-seed", type=int, metavar="S", help="seed of the segment choice (default: fresh randomness)")
     v.add_argument("--replay-mode", choices=("auto", "exact", "tolerance"), default="auto",
-                   help="exact: bit for bit (same hardware class and world size as recorded); tolerance: two replays "
-                        "on other world sizes measure the noise floor, the claimed state must sit within it; auto "
-                        "(default): exact where the segment's record allows it")
+                   help="every segment is first replayed bit for bit at its recorded layout. auto (default): when "
+                        "that does not reproduce it, two tolerance replays on other world sizes measure the noise "
+                        "floor; exact: no tolerance; tolerance: measure the floor in any case (report figures)")
     v.add_argument("--replay-worlds", type=_worlds_arg, metavar="A,B",
                    help="tolerance mode's two world sizes (default 1,2)")
+    v.add_argument("--max-drift", metavar="FRACTION",
+                   help="tolerance mode's drift budget: the fraction of a segment's update (e.g. 1e-3 or 0.1%%) a "
+                        "claimed state may be off and still pass (default: the policy's replay.max_drift; none: "
+                        "tolerance gives at best INCOMPLETE)")
     v.add_argument("--replay-data", action="store_true",
                    help="recompute the dedup and pack shards from the ingest shards and the declared tokenizer "
                         "(needs the shards in the bundle and kai-train's data pipelines)")

@@ -13,6 +13,8 @@ What it pins:
   - attention: the math SDPA kernel only (flash and memory-efficient kernels off);
   - NCCL collectives: one algorithm and protocol (`NCCL_ALGO=Ring`, `NCCL_PROTO=Simple`), so a
     reduction sums in the same order every run. On CPU, gloo's ring allreduce is already fixed.
+
+It records the intra-op thread count too (`threads`): a replay pins its ranks to it.
 """
 
 from __future__ import annotations
@@ -58,4 +60,7 @@ def record() -> dict[str, Any]:
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "sdp_kernels": "math" if not torch.backends.cuda.flash_sdp_enabled() else "any",
         "collectives": {k: os.environ.get(k) for k in NCCL_SETTINGS} if accelerator() != "cpu" else "gloo",
+        # intra-op threads per rank: CPU reductions split by thread, so a replay runs with as many
+        # (attest.verify.replay pins OMP/MKL thread counts to this, whatever the evaluator's shell sets)
+        "threads": torch.get_num_threads(),
     }

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from kai_train.weights import state_dict_leaves
 
     plan = json.loads(a.plan.read_text())
+    torch.set_num_threads(int(plan.get("threads", 1)))  # as the segment's training ran (its record)
     determinism.configure()  # the trainer's settings, before the process group
     deepspeed.init_distributed(dist_backend=eng.backend())
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -84,12 +84,45 @@ def discard_unrecorded(run_dir: Path, step: int | None) -> None:
 
 def recorded_run_config(run_dir: Path) -> dict | None:
     """The config of a run statement already in the chain (a start that died before its genesis)."""
+    run = recorded_run(run_dir)
+    return run["config"] if run else None
+
+
+def recorded_run(run_dir: Path) -> dict | None:
+    """The predicate of the run statement already in the chain, or None."""
     chain = run_dir / CHAIN_NAME
     if not chain.exists():
         return None
     entries, _ = read_chain(chain)
     runs = [e.predicate for e in entries if e.kind == "run"]
-    return runs[-1]["config"] if runs else None
+    return runs[-1] if runs else None
+
+
+def global_batch(layout: dict) -> int | None:
+    """world_size × grad_accum × micro_batch: the rows of one optimizer step (None if not all known)."""
+    parts = [layout.get(k) for k in ("world_size", "grad_accum", "micro_batch")]
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in parts):
+        return None
+    return parts[0] * parts[1] * parts[2]  # type: ignore[operator]
+
+
+def layout_change(recorded: dict, current: dict, run_world: int | None, world: int) -> str | None:
+    """A resumed run may change `train.grad_accum` and `train.micro_batch` with its world size when
+    the global batch (world × grad_accum × micro_batch) stays the run statement's: each checkpoint
+    records the layout its segment ran with, and replay runs each segment at its own. Returns why a
+    change is refused, or None (no change, or an allowed one)."""
+    rt, ct = recorded.get("train", {}), current.get("train", {})
+    if all(rt.get(k) == ct.get(k) for k in LAYOUT_KEYS):
+        return None
+    want = global_batch({"world_size": run_world, "grad_accum": rt.get("grad_accum"), "micro_batch": rt.get("micro_batch")})
+    got = global_batch({"world_size": world, "grad_accum": ct.get("grad_accum"), "micro_batch": ct.get("micro_batch")})
+    if want is None or got != want:
+        return (f"train.grad_accum × train.micro_batch × world size = {got} here, {want} in the run statement: "
+                "change grad_accum or micro_batch with the world size only so that the global batch is kept")
+    return None
+
+
+LAYOUT_KEYS = ("grad_accum", "micro_batch")
 
 
 # Config keys a resumed run may change: where it stops, how it resumes, how it is tracked, and
@@ -97,16 +130,17 @@ def recorded_run_config(run_dir: Path) -> dict | None:
 MAY_DIFFER = {"resume", "train.stop_at", "wandb", "attest.background"}
 
 
-def config_difference(recorded: dict, current: dict, prefix: str = "") -> str | None:
-    """The first config key (dotted) whose value differs, ignoring MAY_DIFFER; None when equal.
-    A resumed run trains with the recorded config, so the chain's statement stays true."""
+def config_difference(recorded: dict, current: dict, prefix: str = "", also: frozenset[str] = frozenset()
+                      ) -> str | None:
+    """The first config key (dotted) whose value differs, ignoring MAY_DIFFER (and `also`); None when
+    equal. A resumed run trains with the recorded config, so the chain's statement stays true."""
     for key in sorted(set(recorded) | set(current)):
         path = f"{prefix}{key}"
-        if path in MAY_DIFFER:
+        if path in MAY_DIFFER or path in also:
             continue
         a, b = recorded.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            if (sub := config_difference(a, b, f"{path}.")) is not None:
+            if (sub := config_difference(a, b, f"{path}.", also)) is not None:
                 return sub
         elif a != b:
             return path

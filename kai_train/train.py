@@ -60,9 +60,12 @@ class Trainer:
         from kai_train.provenance import Provenance
         from kai_train.resume import (
             ResumeError,
+            LAYOUT_KEYS,
             config_difference,
             discard_unrecorded,
             find_resume_point,
+            layout_change,
+            recorded_run,
             recorded_run_config,
         )
         from kai_train.tracking import Tracker, check_wandb
@@ -136,9 +139,14 @@ class Trainer:
             prov = self.prov = Provenance(run_dir, signer, cfg.run_id, background=bool(cfg.attest.get("background", True)))
             resolved["data_shards"] = [{"name": str(p.relative_to(run_dir)), "sha256": sha256_file(p)} for p in shards]
             earlier = recorded_run_config(run_dir)  # a resumed run, or a start that died before its genesis
-            if earlier is not None and (key := config_difference(earlier, resolved)):
+            layout_keys = frozenset(f"train.{k}" for k in LAYOUT_KEYS) if resume is not None else frozenset()
+            if earlier is not None and (key := config_difference(earlier, resolved, also=layout_keys)):
                 raise AppError(f"{run_dir / CHAIN_NAME}: config key {key} differs from the run statement's; "
                      "resume with the recorded config or use a new run_dir")
+            if earlier is not None and resume is not None:  # grad_accum/micro_batch follow the world size
+                run_world = (recorded_run(run_dir) or {}).get("hardware", {}).get("world_size")
+                if (why := layout_change(earlier, resolved, run_world, world)) is not None:
+                    raise AppError(f"{run_dir / CHAIN_NAME}: {why}")
             if resume is None:
                 if earlier is None:
                     (run_dir / CONFIG_NAME).parent.mkdir(parents=True, exist_ok=True)
@@ -239,6 +247,7 @@ class Trainer:
                 "shards": [str(p.relative_to(self.run_dir)) for p in self.shards],
                 "holdout_every": train["holdout_every"],
                 "sampler": {"seed": cfg.seed, "num_rows": n, "world_size": world, "micro_batch": train["micro_batch"],
+                            "grad_accum": train["grad_accum"],
                             "epoch_start": seg_start // n, "epoch_end": max(seg_start, position - 1) // n,
                             "position_start": seg_start, "position_end": position},
             }

@@ -17,7 +17,7 @@ echo "== 3/5 training: torchrun --nproc_per_node $NPROC, DeepSpeed $ZERO"
 torchrun --nproc_per_node "$NPROC" -m kai_train.train run_dir="$RUN_DIR" run_id=demo deepspeed="$ZERO" "$@"
 echo "== 4/5 bundle"
 kai-attest bundle "$RUN_DIR"
-echo "== 5/5 verify (offline)"
+echo "== 5/5 verify (offline; replays a segment drawn at random and the last one: a PASS recomputed them)"
 kai-attest verify "$RUN_DIR/bundle" --trust "$RUN_DIR/keys/signing-key.pub.pem"
 cat <<MSG
 

@@ -49,14 +49,16 @@ def failing(report: dict, check: str) -> list[dict]:
 
 
 def test_tolerance_mode_accepts_the_honest_run_replayed_on_other_world_sizes(audit_bundle: Path) -> None:
+    """Exact replay comes first and reproduces the honest segment; --replay-mode tolerance measures the
+    tolerance figures besides (the floor, the drift budgets), for the report."""
     rc, rep = verify_json(audit_bundle, *SEGMENT_1, "--replay-mode", "tolerance")
     assert rc == 0, [f for f in rep["findings"] if not f["ok"]]
-    facts = rep["facts"]["replay"]
-    assert [(f["mode"], f["step"], f["worlds"]) for f in facts] == [("tolerance", 4, [1, 2])]
+    facts = [f for f in rep["facts"]["replay"] if f["step"] == 4]
+    assert [(f["mode"], f["worlds"], f["tolerance_worlds"], f["bit_exact"]) for f in facts] == [("exact", [2], [1, 2], True)]
     tol = facts[0]["tolerance"]
-    assert facts[0]["bit_exact"][0] is False  # one rank sums the step's micro-batches in another order
+    assert facts[0]["tolerance_bit_exact"][0] is False  # one rank sums the step's micro-batches in another order
     assert 0 < tol["floor_ratio"] < 1e-4 and tol["margin"] <= 1.0 and tol["drift_budget"] < 1e-3
-    # (auto mode on CPU at the recorded world size is exact: the challenge test below replays that way)
+    assert tol["outcome"] == "undecided" and tol["max_drift"] is None  # tolerance alone would not have passed
 
 
 def _drift(bundle: Path, key: Path, step: int, rel: float, only: str | None = None) -> None:
@@ -105,7 +107,9 @@ def test_a_drift_toward_foreign_weights_within_a_loose_tolerance_fails_both_mode
     _drift(audit_bundle, audit_run / "keys/signing-key.pem", 2, 1e-4, only)
     rc, rep = verify_json(audit_bundle, *SEGMENT_0, "--replay-mode", "tolerance")
     bad = failing(rep, "replay")
-    assert rc == 1 and len(bad) == 1 and bad[0]["file"].endswith("(step 2)"), rep["findings"]
+    # segment 0 fails; the last segment (always replayed) fails too: from the drifted start it does not
+    # reach the honest step-4 state either
+    assert rc == 1 and bad[0]["file"].endswith("(step 2)"), rep["findings"]
     assert {f["check"] for f in rep["findings"] if not f["ok"] and not f["skipped"]} == {"replay"}
     seg0 = rep["facts"]["replay"][0]
     assert seg0["tolerance"]["exceeding"] and (only is None or seg0["tolerance"]["exceeding"] == [only])
@@ -137,9 +141,12 @@ def test_a_light_bundle_passes_once_the_team_answers_the_evaluators_challenge(au
     ch, packs = tmp_path / "challenge.json", tmp_path / "packs"
     must(kai_attest("challenge", str(light), "--segments", "1", "--out", str(ch)))
     must(kai_attest("respond", str(audit_run), str(ch), "--out", str(packs)))
-    drawn = json.loads(ch.read_text())["segments"][0]["segment"]
+    drawn = [s["segment"] for s in json.loads(ch.read_text())["segments"]]
+    assert drawn[-1] == 1  # the last segment is always challenged
     rc, rep = verify_json(light, "--packs", str(packs), "--challenge", str(ch))
     assert rc == 0, [f for f in rep["findings"] if not f["ok"]]
-    assert [(f["segment"], f["mode"], f["ok"]) for f in rep["facts"]["replay"]] == [(drawn, "exact", True)]
-    assert rep["facts"]["replay_coverage"] == {"replayed": 1, "segments": 2, "escape_probability": {"1": 0.5, "2": 0.0}}
+    assert [(f["segment"], f["mode"], f["ok"]) for f in rep["facts"]["replay"]] == [(k, "exact", True) for k in drawn]
+    escape = {"1": 1.0} if drawn == [1] else {"1": 0.0}  # segment 0 unchallenged escapes; both replayed, none does
+    assert rep["facts"]["replay_coverage"] == {"replayed": len(drawn), "segments": 2, "escape_probability": escape}
+    assert rep["recomputed"]["last_reproduced"] and rep["verdict"] == "pass"
     assert rep["facts"]["held_files"] > 0

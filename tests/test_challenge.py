@@ -70,7 +70,8 @@ def test_the_light_bundle_size_does_not_grow_with_the_number_of_checkpoints(tmp_
 
 def test_the_draw_is_bound_to_the_chain_and_reproducible_only_with_its_seed(light: Path, tmp_path: Path) -> None:
     c1, c2 = draw(light, 3, seed=11), draw(light, 3, seed=11)
-    assert c1["segments"] == c2["segments"] and c1["segments_total"] == 6 and len(c1["segments"]) == 3
+    assert c1["segments"] == c2["segments"] and c1["segments_total"] == 6 and len(c1["segments"]) in (3, 4)
+    assert all(c["segments"][-1]["segment"] == 5 for c in (c1, draw(light, 1), draw(light, 1, seed=3)))  # the last, always
     fresh = {tuple(s["segment"] for s in draw(light, 3)["segments"]) for _ in range(12)}
     assert len(fresh) > 1  # without a seed the evaluator's randomness decides
     entries, _ = read_chain(light / "chain.jsonl")
@@ -100,11 +101,14 @@ def test_packs_answering_the_challenge_complete_the_light_bundle(run: Path, ligh
         assert {f["name"] for f in manifest["files"]} == set(segment_files(read_chain(run / "chain.jsonl")[0],
                                                                           manifest["segment"]))
     rep = check(light, ch, packs)
-    assert rep.verdict == "pass", [f.line() for f in rep.failed]
+    # every check of the bundle and packs holds; this synthetic run is not replayed (test_audit.py replays a
+    # real one), and without a recomputed segment the verdict is INCOMPLETE, never PASS
+    assert rep.ok and rep.verdict == "incomplete", [f.line() for f in rep.failed]
+    assert rep.not_recomputed and "no segment was replayed" in rep.not_recomputed[0]
     assert rep.facts["challenge"]["segments"] == [s["segment"] for s in load_challenge(ch)["segments"]]
     traj = [f for f in rep.findings if f.check == "trajectory" and f.ok]
     measured = int(traj[0].detail.split()[0])  # the challenged segments (and any two packs adjoin) were measured
-    assert traj and 2 <= measured <= 4, traj[0].detail
+    assert traj and 2 <= measured <= 6, traj[0].detail
 
 
 def test_a_pack_file_that_is_not_the_signed_one_fails_subject_digest(run: Path, light: Path, tmp_path: Path) -> None:
@@ -161,7 +165,7 @@ def test_challenge_and_respond_on_the_command_line(run: Path, light: Path, tmp_p
     ch = tmp_path / "c.json"
     assert main(["challenge", str(light), "--segments", "2", "--seed", "1", "--out", str(ch)]) == 0
     assert main(["respond", str(run), str(ch), "--out", str(tmp_path / "packs")]) == 0
-    assert len(list((tmp_path / "packs").glob("segment-*/pack.json"))) == 2
+    assert len(list((tmp_path / "packs").glob("segment-*/pack.json"))) in (2, 3)  # 2 drawn, and the last always
     shutil.rmtree(tmp_path / "packs")
     assert main(["challenge", str(light), "--segments", "0", "--out", str(ch)]) == 2
     assert "--segments 0" in capsys.readouterr().err

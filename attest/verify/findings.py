@@ -71,6 +71,15 @@ def skipped(check: str, file: str, why: str) -> Finding:
 HELD = "held by the team"  # how a skip for heavy state a light bundle leaves out begins (attest.challenge)
 
 
+UNDECIDED = "not decided"  # how a part begins that neither passes nor fails: the verdict is INCOMPLETE
+
+
+def undecided(check: str, file: str, why: str) -> Finding:
+    """A part of a check that ran as far as it could here and neither holds nor fails (a replay beyond
+    the policy's cost limits, a tolerance replay without an evaluator's drift budget): INCOMPLETE."""
+    return skipped(check, file, f"{UNDECIDED}: {why}")
+
+
 def held_skip(ctx: Context, check: str, file: str, what: str) -> Finding:
     """A part of a check not run on a light bundle because the state it reads is held by the team."""
     ctx.facts.setdefault("held_parts", 0)
@@ -93,6 +102,8 @@ class Context:
     replay_mode: str = "auto"  # --replay-mode: auto | exact | tolerance (attest.verify.replay)
     replay_worlds: tuple[int, ...] | None = None  # --replay-worlds: tolerance mode's two world sizes
     light: bool = False  # --light / --packs: heavy state absent from the bundle is held by the team, not missing
+    max_drift: float | None = None  # --max-drift / policy replay.max_drift: tolerance mode's budget (None: never passes)
+    replay_default: bool = False  # the replay count is the default (not asked): not run on a bundle already failing
     facts: dict[str, Any] = field(default_factory=dict)  # what checks measured: --json, --report
     files: FileDigests = field(init=False)
     failed: set[str] = field(default_factory=set)  # checks that failed so far (for dependent checks)

@@ -35,7 +35,13 @@ DEFAULT_LIMITS = {
     "max_chain_bytes": 64 << 20,  # chain.jsonl (parsed, it takes up to about 30 times this in memory)
     "max_archive_members": 200_000,  # files in a bundle .tar / .tar.gz
     "max_genesis_params": 20_000_000_000,  # elements a genesis re-derivation may generate
-    "max_replay_ranks": 8,  # processes one segment replay may start (the world size the segment recorded)
+    "max_replay_ranks": 64,  # processes one segment replay may start (the world size the segment recorded)
+    # What one segment replay may cost, checked before any process starts (attest.verify.replay_cost).
+    # Above a limit the segment is not replayed and the verdict is INCOMPLETE (raise the limit to replay it).
+    "max_replay_micro_batches": 1 << 16,  # steps x grad_accum x ranks of one segment
+    "max_replay_tokens": 1 << 28,  # steps x grad_accum x ranks x micro_batch x text_len of one segment
+    "max_replay_memory_bytes": 32 << 30,  # estimated resident memory of one replay, all ranks together
+    "replay_timeout_s": 3600,  # wall-clock limit of one replay process tree
 }
 
 # Checks whose "skipped" always fails the verdict: the ones that apply to every bundle kai-train
@@ -47,7 +53,9 @@ DEFAULT_REQUIRED = ("statement-format", "signature", "chain-sequence", "chain-li
 
 KNOWN_KEYS = {"policy_version", "keys", "sigstore_identities", "oms", "allowed_licenses",
               "allowed_collection_methods", "synthetic_requires_generator", "required_checks", "limits",
-              "description", "tsa_roots", "tsa_intermediates", "sigstore_trusted_root"}
+              "description", "tsa_roots", "tsa_intermediates", "sigstore_trusted_root", "replay"}
+REPLAY_KEYS = {"segments", "max_drift"}
+DEFAULT_REPLAY_SEGMENTS = 1  # segments drawn at random when neither --replay nor the policy says (the last is added)
 OMS_KEYS = {"hash_type", "method", "allow_symlinks"}
 
 
@@ -81,6 +89,10 @@ class Policy:
     # and intermediates that may sit between a root and a TSA certificate.
     tsa_roots: list[Any] = field(default_factory=list)
     tsa_intermediates: list[Any] = field(default_factory=list)
+    # Replay: segments drawn at random by default (--replay overrides), and the drift budget tolerance
+    # mode may accept (a fraction of a segment's own update; None: tolerance never passes).
+    replay_segments: int = DEFAULT_REPLAY_SEGMENTS
+    max_drift: float | None = None
 
     @property
     def pins_keys(self) -> bool:
@@ -196,6 +208,16 @@ def parse_policy(raw: Any, where: str = "policy", base: Path | None = None) -> P
                           f"verifier (known: {', '.join(CHECK_NAMES)})")
     p.tsa_roots = _tsa_certs(raw, "tsa_roots", where, base)
     p.tsa_intermediates = _tsa_certs(raw, "tsa_intermediates", where, base)
+    replay = raw.get("replay") or {}
+    if not isinstance(replay, dict) or set(replay) - REPLAY_KEYS:
+        raise PolicyError(f"{where}: `replay` sets only {sorted(REPLAY_KEYS)}")
+    if "segments" in replay:
+        n = replay["segments"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise PolicyError(f"{where}: replay.segments must be a whole number ≥ 0")
+        p.replay_segments = n
+    if replay.get("max_drift") is not None:
+        p.max_drift = parse_drift(replay["max_drift"], f"{where}: replay.max_drift")
     limits = raw.get("limits") or {}
     if not isinstance(limits, dict):
         raise PolicyError(f"{where}: `limits` must be an object")
@@ -206,6 +228,19 @@ def parse_policy(raw: Any, where: str = "policy", base: Path | None = None) -> P
             raise PolicyError(f"{where}: limits.{k} must be a positive integer")
         p.limits[k] = v
     return p
+
+
+def parse_drift(v: Any, where: str) -> float:
+    """A drift budget: a number in (0, 1], the fraction of a segment's own update a claimed end state
+    may differ from the evaluator's replays and still be accepted in tolerance mode."""
+    if isinstance(v, str):
+        try:
+            v = float(v.rstrip("%")) / 100 if v.endswith("%") else float(v)
+        except ValueError:
+            raise PolicyError(f"{where}: {v!r} is not a number") from None
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v <= 1:
+        raise PolicyError(f"{where}: expected a fraction in (0, 1] of a segment's update (e.g. 1e-3), got {v!r}")
+    return float(v)
 
 
 def load_policy(path: str | Path) -> Policy:

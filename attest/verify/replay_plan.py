@@ -29,6 +29,41 @@ class PlanError(KaiError, ValueError):
     """Segment k cannot be replayed as signed; the message names what is missing or disagrees."""
 
 
+class ReplayUndecided(PlanError):
+    """Segment k is not replayed here, though nothing in it is wrong: it costs more than the policy's
+    limits allow, or this install cannot run it. The verdict is INCOMPLETE, never FAIL or PASS."""
+
+
+MAX_THREADS = 256  # intra-op threads a replay rank may be pinned to (what the segment's training recorded)
+RANK_OVERHEAD_BYTES = 512 << 20  # a rank's interpreter, torch and DeepSpeed, before the model
+
+
+def replay_cost(plan: dict[str, Any], weight_bytes: int, model: dict[str, Any]) -> dict[str, int]:
+    """What replaying one plan costs, from signed numbers only: micro-batches and tokens it runs, ranks
+    it starts and an estimate of its resident memory (all ranks): every rank may hold the float32
+    weights and gradients (ZeRO-1/2), the AdamW moments once over all ranks, plus activations and a
+    fixed overhead per rank."""
+    train, ranks = plan["train"], plan["world_size"]
+    steps = plan["target_step"] - plan["start_step"]
+    micro = steps * train["grad_accum"] * ranks
+    tokens = micro * train["micro_batch"] * train["text_len"]
+    activations = train["micro_batch"] * train["text_len"] * model["dim"] * model["n_layers"] * 4 * 16
+    memory = ranks * (2 * weight_bytes + activations + RANK_OVERHEAD_BYTES) + 3 * weight_bytes
+    return {"ranks": ranks, "micro_batches": micro, "tokens": tokens, "memory_bytes": memory,
+            "threads": plan.get("threads", 1)}
+
+
+def check_cost(ctx: Context, cost: dict[str, int], where: str) -> None:
+    """ReplayUndecided when `cost` exceeds a policy limit: checked before any process starts."""
+    limits = ctx.policy.limits
+    for key, limit in (("ranks", "max_replay_ranks"), ("micro_batches", "max_replay_micro_batches"),
+                       ("tokens", "max_replay_tokens"), ("memory_bytes", "max_replay_memory_bytes")):
+        if cost[key] > limits[limit]:
+            raise ReplayUndecided(f"{where}: not replayed, it would cost {cost[key]:,} {key.replace('_', ' ')} "
+                                  f"(policy limits.{limit} {limits[limit]:,}; raise it in a --policy file to replay "
+                                  "this segment)")
+
+
 # ---------------------------------------------------------------- config schema
 
 _BOOL, _INT, _NUM, _STR = "bool", "int", "num", "str"
@@ -175,6 +210,17 @@ def _state(ctx: Context, e: Entry, with_optimizer: bool) -> dict[str, Any]:
     return state
 
 
+def _weight_bytes(ctx: Context, e: Entry) -> int:
+    """Bytes of a statement's weights files as the bundle holds them (signed subjects; 0 when absent)."""
+    total = 0
+    for name in weights_files(e):
+        try:
+            total += ctx.files.path(name).stat().st_size
+        except UNREADABLE:
+            pass
+    return total
+
+
 # ---------------------------------------------------------------- the plan
 
 
@@ -200,8 +246,8 @@ def build_plan(ctx: Context, k: int, replay_world: int | None = None) -> dict[st
     ranks = world if replay_world is None else replay_world
     max_ranks = ctx.policy.limits["max_replay_ranks"]
     if not (_is_int(ranks) and 1 <= ranks <= max_ranks):
-        raise PlanError(f"{ctx.where(target)}: replay on {str(ranks)[:20]} ranks: replay runs 1 to {max_ranks} "
-                        "CPU processes here (policy limits.max_replay_ranks)")
+        raise ReplayUndecided(f"{ctx.where(target)}: replay on {str(ranks)[:20]} ranks: replay runs 1 to {max_ranks} "
+                              "CPU processes here (policy limits.max_replay_ranks; raise it to replay this segment)")
     cfg = ctx.run_config
     train = validate(cfg.get("train"), TRAIN_SCHEMA, "run config train")
     missing = sorted(set(TRAIN_SCHEMA) - set(train) - {"stop_at"})
@@ -214,7 +260,16 @@ def build_plan(ctx: Context, k: int, replay_world: int | None = None) -> dict[st
         raise PlanError(f"run config seed = {str(seed)[:40]!r}: expected an integer")
 
     # Every replay parameter comes from the signed run config; the checkpoint's record must agree.
-    agree = {"sampler.seed": (sampler.get("seed"), seed), "sampler.micro_batch": (sampler.get("micro_batch"), train["micro_batch"]),
+    # The segment's own layout (world size, micro_batch, grad_accum) is what it recorded: a run resumed
+    # on another world size keeps its global batch by changing grad_accum or micro_batch, and each
+    # segment replays exactly at the layout it ran with. Absent from older records: the run config's.
+    micro_batch = sampler.get("micro_batch")
+    grad_accum = sampler.get("grad_accum", train["grad_accum"])
+    for key, v in (("micro_batch", micro_batch), ("grad_accum", grad_accum)):
+        if not (_is_int(v) and 1 <= v <= TRAIN_SCHEMA[key][2]):
+            raise PlanError(f"{ctx.where(target)}: data_consumed sampler.{key} {str(v)[:20]!r}: expected a whole number "
+                            f"in [1, {TRAIN_SCHEMA[key][2]}]")
+    agree = {"sampler.seed": (sampler.get("seed"), seed),
              "holdout_every": (consumed.get("holdout_every"), train["holdout_every"])}
     want_start = as_dict(prev.predicate.get("data_consumed")).get("sampler", {}).get("position_end", 0) if k else 0
     agree["sampler.position_start"] = (sampler.get("position_start"), want_start)
@@ -228,7 +283,7 @@ def build_plan(ctx: Context, k: int, replay_world: int | None = None) -> dict[st
     steps = (step_end if _is_int(step_end) else -1) - (prev.predicate.get("step", 0) if k else 0)
     if not 1 <= steps <= train["steps"]:
         raise PlanError(f"{ctx.where(target)}: the segment spans {steps} steps")
-    want_end = sampler["position_start"] + steps * train["grad_accum"] * train["micro_batch"] * world
+    want_end = sampler["position_start"] + steps * grad_accum * micro_batch * world
     if sampler.get("position_end") != want_end:
         raise PlanError(f"{ctx.where(target)}: sampler.position_end {str(sampler.get('position_end'))[:20]} is not "
                         f"position_start + steps × grad_accum × micro_batch × world = {want_end}")
@@ -244,19 +299,29 @@ def build_plan(ctx: Context, k: int, replay_world: int | None = None) -> dict[st
     if tokenizer is None:
         raise PlanError("run config names no tokenizer")
 
+    run_train = {**train, "micro_batch": micro_batch, "grad_accum": grad_accum}
+    if ranks != world:  # the same rows per optimizer step, split over other ranks and micro-steps
+        rows_per_micro_step = world * grad_accum
+        if rows_per_micro_step % ranks:
+            raise ReplayUndecided(f"{ctx.where(target)}: recorded on {world} ranks × grad_accum {grad_accum}: "
+                                  f"cannot keep each step's rows on {ranks} ranks (not a divisor of "
+                                  f"{rows_per_micro_step}); tolerance mode needs other --replay-worlds")
+        run_train["grad_accum"] = rows_per_micro_step // ranks
+    threads = as_dict(as_dict(tp.get("environment")).get("determinism")).get("threads", 1)
+    if not (_is_int(threads) and 1 <= threads <= MAX_THREADS):
+        raise PlanError(f"{ctx.where(target)}: environment.determinism.threads {str(threads)[:20]!r}: expected a "
+                        f"whole number in [1, {MAX_THREADS}]")
+    cost = replay_cost({"train": run_train, "world_size": ranks, "target_step": int(tp["step"]),
+                        "start_step": int(tp["step"]) - steps, "threads": threads},
+                       _weight_bytes(ctx, prev), model)
+    check_cost(ctx, cost, ctx.where(target))
     start = _state(ctx, prev, with_optimizer=k > 0)
     expect = _state(ctx, target, with_optimizer=True)
-    run_train = dict(train)
-    if ranks != world:  # the same rows per optimizer step, split over other ranks and micro-steps
-        rows_per_micro_step = world * train["grad_accum"]
-        if rows_per_micro_step % ranks:
-            raise PlanError(f"{ctx.where(target)}: recorded on {world} ranks × grad_accum {train['grad_accum']}: "
-                            f"cannot keep each step's rows on {ranks} ranks (not a divisor of {rows_per_micro_step})")
-        run_train["grad_accum"] = rows_per_micro_step // ranks
     losses = tp.get("step_losses")
     recorded_losses = losses if isinstance(losses, list) and len(losses) == steps and all(
         _is_num(x) for x in losses) else None
     return {"segment": k, "world_size": ranks, "recorded_world": world, "seed": seed, "model": model,
+            "threads": threads, "cost": cost,
             "train": run_train, "deepspeed": deepspeed,
             "shards": shards, "tokenizer": tokenizer, "holdout_every": train["holdout_every"],
             "num_rows": sampler.get("num_rows"), "position_start": sampler["position_start"],

@@ -210,7 +210,7 @@ def _checks_table(report: Report) -> str:
 
 def _replay_table(report: Report) -> str:
     found = [f for f in report.findings if f.check == "replay"]
-    ran = [f for f in found if not f.skipped]
+    ran = [f for f in found if " (step " in f.file]  # one per replayed segment, in the order of facts["replay"]
     if not ran:
         why = found[0].detail if found else "replay not run"
         return (f'<table><tr><th>segment</th><th>result</th><th>detail</th></tr>'
@@ -222,8 +222,9 @@ def _replay_table(report: Report) -> str:
         and "margin" in x["tolerance"] else "") for x in facts if isinstance(x, dict)]
     rows = ["<table><tr><th>segment</th><th>result</th><th>mode</th><th>expected</th><th>found</th><th>detail</th></tr>"]
     for i, f in enumerate(ran):
-        status = "ok" if f.ok else "FAIL"
-        rows.append(f'<tr><td><code>{_cell(f.file)}</code></td><td class="s {status}">{"reproduced" if f.ok else "differs"}</td>'
+        status = "ok" if f.ok else "SKIP" if f.skipped else "FAIL"
+        said = "reproduced" if f.ok else "not decided" if f.skipped else "differs"
+        rows.append(f'<tr><td><code>{_cell(f.file)}</code></td><td class="s {status}">{said}</td>'
                     f"<td>{_e(modes[i] if i < len(modes) else '')}</td>"
                     f"<td>{_cell(f.expected)}</td><td>{_cell(f.found)}</td><td>{_cell(f.detail)}</td></tr>")
     rows.append("</table>")
@@ -293,9 +294,15 @@ def render_html(report: Report) -> str:
     elif report.trust == "integrity-only":
         cls, word = "partial", "INTEGRITY ONLY — not a pass"
         sub = "every check holds, but the signing key came from the bundle itself: who signed it is not established (use --trust or a policy)"
+    elif report.verdict == "incomplete":
+        cls, word = "partial", "INCOMPLETE — not a pass"
+        sub = ("every check that ran holds, but not recomputed: " + "; ".join(report.not_recomputed)
+               if report.not_recomputed else "every check of what the light bundle holds passes; held state not produced")
     else:
         cls, word = "pass", "PASS"
         sub = "every check holds, signatures by a trusted key"
+    if report.ok:
+        sub += "; " + report.coverage_line()
     if report.ok and report.skipped_checks:
         sub += "; skipped: " + ", ".join(report.skipped_checks)
     ckpts = facts.get("checkpoints") or []

@@ -55,7 +55,7 @@ from attest.verify.checks.model import (
     check_trajectory,
     replay_segments,
 )
-from attest.verify.findings import HELD, BundleUnreadable, Context, Finding, as_dict, skipped, subjects_of
+from attest.verify.findings import HELD, UNDECIDED, BundleUnreadable, Context, Finding, as_dict, skipped, subjects_of
 from attest.layout import CHAIN_NAME, KEYS_DIR
 from attest.verify.policy import Policy
 from attest.progress import Progress
@@ -124,17 +124,56 @@ class Report:
         return sorted({f.check for f in self.findings if f.skipped})
 
     @property
+    def undecided(self) -> list[Finding]:
+        """Parts that ran as far as they could and neither hold nor fail (INCOMPLETE)."""
+        return [f for f in self.findings if f.skipped and f.detail.startswith(UNDECIDED)]
+
+    @property
+    def not_recomputed(self) -> list[str]:
+        """Why the from-scratch claim was not recomputed here (empty: it was). A PASS needs at least
+        one segment replayed that the evaluator's randomness drew, and the last segment (the one that
+        yields the release) among the segments replayed."""
+        rec = self.facts.get("recomputed")
+        if not isinstance(rec, dict):
+            return ["no segment was replayed (the replay check did not run)"]
+        why = []
+        if not rec.get("reproduced"):
+            why.append(f"no segment was replayed ({rec.get('why') or 'none reproduced'})")
+        elif not rec.get("last_reproduced"):
+            why.append(f"the last segment (step {rec.get('last_step')}, the one that yields the release) was not "
+                       "replayed")
+        for f in self.undecided:  # a segment not decided (its line says why); check-wide reasons are in `why`
+            if f.file:
+                why.append(f"{f.file}: {f.detail[len(UNDECIDED) + 2:]}")
+        return why
+
+    @property
     def verdict(self) -> str:
-        """"pass", "fail", or "integrity-only": every check holds, but only against the bundle's own key."""
+        """"pass", "fail", "integrity-only" (every check holds, but only against the bundle's own key),
+        or "incomplete" (every check of what ran holds, but held state was not produced, or nothing
+        was recomputed: no PASS without recomputation)."""
         if not self.ok:
             return "fail"
         if self.trust == "integrity-only":
             return "integrity-only"
-        return "incomplete" if self.facts.get("held_files") and not self.facts.get("challenge") else "pass"
+        if self.facts.get("held_files") and not self.facts.get("challenge"):
+            return "incomplete"
+        return "incomplete" if self.not_recomputed else "pass"
 
     @property
     def exit_code(self) -> int:
         return {"pass": 0, "fail": 1, "integrity-only": 3, "incomplete": 4}[self.verdict]
+
+    def coverage_line(self) -> str:
+        """k of n segments replayed and what escapes, for the verdict line and the report."""
+        rec = self.facts.get("recomputed")
+        if not isinstance(rec, dict):
+            return "0 segments replayed"
+        esc = rec.get("escape_probability") or {}
+        shown = ", ".join(f"{p:.3g} (m={m})" for m, p in esc.items() if isinstance(p, (int, float)))
+        return (f"{rec.get('reproduced', 0)} of {rec.get('segments', 0)} segments replayed"
+                + (f", last included; a forgery confined to m other segments escapes with probability {shown}"
+                   if rec.get("last_reproduced") and shown else ""))
 
     def verdict_line(self) -> str:
         if not self.ok:
@@ -143,15 +182,20 @@ class Report:
         if self.trust == "integrity-only":
             extra.insert(0, "signed by the key shipped in the bundle; pass --trust KEY.pem or a policy with keys")
             return f"verdict: INTEGRITY ONLY, not a pass ({'; '.join(extra)})  {self.bundle}"
-        if self.verdict == "incomplete":
+        if self.facts.get("held_files") and not self.facts.get("challenge"):
             return (f"verdict: INCOMPLETE, not a pass (light bundle: every check of what it holds passes; "
                     f"{self.facts['held_files']} held file(s) are checked through a challenge: kai-attest challenge, "
                     f"then verify --packs)  {self.bundle}")
-        return f"verdict: PASS{' (' + '; '.join(extra) + ')' if extra else ''}  {self.bundle}"
+        if self.verdict == "incomplete":
+            return (f"verdict: INCOMPLETE, not a pass (every check that ran holds, but not recomputed: "
+                    f"{'; '.join(self.not_recomputed)})  {self.bundle}")
+        extra.insert(0, self.coverage_line())
+        return f"verdict: PASS ({'; '.join(extra)})  {self.bundle}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"bundle": self.bundle, "verdict": self.verdict, "tool": {"name": "kai-attest", "version": tool_version()},
-                "trust": self.trust,
+                "trust": self.trust, "recomputed": self.facts.get("recomputed"), "coverage": self.coverage_line(),
+                "not_recomputed": self.not_recomputed,
                 "skipped": self.skipped_checks, "findings": [asdict(f) for f in self.findings], "notes": self.notes,
                 "facts": self.facts}
 
@@ -224,11 +268,18 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
                   replay: int | str | None = None, replay_seed: int | None = None,
                   checks: list[Callable[[Context], Iterator[Finding]]] | None = None, replay_data: bool = False,
                   replay_mode: str = "auto", replay_worlds: tuple[int, ...] | None = None, light: bool = False,
-                  packs: Path | None = None, challenge: dict[str, Any] | None = None, progress: str = "never") -> Report:
-    """Verify `bundle`. `light`: heavy state absent from it is held by the team (attest.challenge);
+                  packs: Path | None = None, challenge: dict[str, Any] | None = None, progress: str = "never",
+                  max_drift: float | None = None) -> Report:
+    """Verify `bundle`. `replay`: segments to replay, N drawn at random (the last is always added),
+    "all", or 0 for none (INCOMPLETE); None: the policy's default (replay.segments, 1 unless set).
+    `max_drift`: tolerance mode's drift budget (else the policy's replay.max_drift; None: tolerance
+    never passes). `light`: heavy state absent from it is held by the team (attest.challenge);
     `packs` + `challenge`: the team's packs for the evaluator's challenge, whose segments are replayed;
     `progress` (auto | always | never): hashing and replay progress on stderr (attest.progress)."""
     policy = policy or Policy()
+    replay_default = replay is None
+    if replay is None:
+        replay = policy.replay_segments
     root = Path(bundle)
     if not root.is_dir() or root.is_symlink():
         raise BundleUnreadable(f"{root}: not a bundle folder")
@@ -260,12 +311,13 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
             raise BundleUnreadable("a challenge is answered by packs: give --packs PACKS with --challenge")
         folders, pack_problems = open_packs(root, packs, challenge, entries)
         replay = [s["segment"] for s in challenge["segments"]]  # type: ignore[assignment]
-        light = True
+        light, replay_default = True, False
     elif packs is not None:
         raise BundleUnreadable("--packs needs --challenge CHALLENGE.json: the evaluator's own copy of the challenge "
                                "(a pack folder does not choose which segments are audited)")
     ctx = Context(root, entries, trusted, from_bundle, torn, policy=policy, replay=replay, replay_seed=replay_seed,
-                  replay_data=replay_data, replay_mode=replay_mode, replay_worlds=replay_worlds, light=light)
+                  replay_data=replay_data, replay_mode=replay_mode, replay_worlds=replay_worlds, light=light,
+                  max_drift=max_drift if max_drift is not None else policy.max_drift, replay_default=replay_default)
     if challenge is not None:
         ctx.files.overlays = folders
         ctx.facts["challenge"] = {"segments": replay, "of": challenge.get("segments_total"),
@@ -308,7 +360,7 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
                                     "listed", f"{n} more", detail="not listed one by one"))
         if bar is not None:
             bar.close()
-    asked = ("replay",) * (replay is not None) + ("data-replay",) * bool(replay_data)
+    asked = ("replay",) * (not replay_default and replay not in (0, None)) + ("data-replay",) * bool(replay_data)
     gated = set(BULK.values()) if ctx.failed & set(GATE) else set()
     findings = _apply_required(findings, policy, whole=checks is None, asked=asked, gated=gated)
     ctx.facts["checkpoints"] = [
@@ -320,7 +372,7 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
 
 def _replay_progress(ctx: Context, mode: str) -> Progress | None:
     """A bar over the segments replay will re-run (one finding each)."""
-    if ctx.replay is None:
+    if not ctx.replay:
         return None
     return Progress("replay", len(replay_segments(ctx, draw=False)), "segments", mode)
 
@@ -335,8 +387,8 @@ def _apply_required(findings: list[Finding], policy: Policy, whole: bool = True,
     judged = {f.check for f in findings if not f.skipped}  # ran: a skipped part (one segment, say) is explained there
     out = []
     for f in findings:
-        if f.skipped and f.detail.startswith(HELD):
-            pass  # the verdict says "incomplete" (light bundle, no challenge answered), never pass
+        if f.skipped and f.detail.startswith((HELD, UNDECIDED)):
+            pass  # the verdict says "incomplete" (held state not produced, or not decidable here), never pass
         elif f.skipped and f.check in required and f.check not in (gated or ()) and f.check not in judged:
             why = "asked for on the command line" if f.check in asked and f.check not in policy.required else "required by policy"
             f = Finding(f.check, False, f.file, f"the check to run ({why})", f"skipped: {f.detail}")

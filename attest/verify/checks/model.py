@@ -483,28 +483,73 @@ def _first_difference(want: Any, got: Any) -> str:
 
 
 def replay_segments(ctx: Context, draw: bool = True) -> list[Entry]:
-    """The checkpoints whose segments to replay: all, the challenge's, or N chosen at random by the
-    verifier after it received the bundle (seeded by --replay-seed for a reproducible choice).
-    `draw=False`: only how many (the first N; nothing drawn or recorded)."""
+    """The checkpoints whose segments to replay: all, the challenge's, or N drawn at random by the
+    verifier after it received the bundle (seeded by --replay-seed for a reproducible choice), with
+    the last segment (the one that yields the release) always added. `draw=False`: only how many (the
+    first N, plus the last; nothing drawn or recorded)."""
     ckpts = ctx.of_kind("checkpoint")
-    if ctx.replay == "all" or ctx.replay is None:
+    if ctx.replay == "all" or not ctx.replay:
         return ckpts if ctx.replay == "all" else []
     if isinstance(ctx.replay, list):  # a challenge's segments (attest.challenge), drawn by the evaluator
         return [ckpts[i] for i in sorted(set(ctx.replay)) if 0 <= i < len(ckpts)]
     n = max(0, min(int(ctx.replay), len(ckpts)))
     if not draw:
-        return ckpts[:n]
-    seed = ctx.replay_seed if ctx.replay_seed is not None else int.from_bytes(os.urandom(8), "little")
-    ctx.facts["replay_seed"] = seed
-    picked = sorted(random.Random(seed).sample(range(len(ckpts)), n))
+        picked = list(range(n))
+    else:
+        seed = ctx.replay_seed if ctx.replay_seed is not None else int.from_bytes(os.urandom(8), "little")
+        ctx.facts["replay_seed"] = seed
+        picked = sorted(random.Random(seed).sample(range(len(ckpts)), n))
+        ctx.facts["replay_drawn"] = list(picked)
+    if ckpts and len(ckpts) - 1 not in picked:
+        picked.append(len(ckpts) - 1)
     return [ckpts[i] for i in picked]
+
+
+def _recomputed(ctx: Context, why: str = "", done: list[int] | None = None) -> None:
+    """facts["recomputed"]: what replay recomputed (`done`: the segments reproduced), read by
+    Report.verdict (no PASS without it)."""
+    ckpts = ctx.of_kind("checkpoint")
+    reproduced = sorted(set(done or []))
+    drawn = ctx.facts.get("replay_drawn")
+    if isinstance(ctx.replay, list):
+        drawn = sorted(set(ctx.replay))  # the evaluator's challenge
+    elif ctx.replay == "all":
+        drawn = list(range(len(ckpts)))
+    drawn_ok = [i for i in drawn or [] if i in reproduced]
+    ctx.facts["recomputed"] = {
+        "segments": len(ckpts), "drawn": drawn or [], "reproduced": len(reproduced),
+        "reproduced_segments": reproduced, "drawn_reproduced": len(drawn_ok),
+        "last_step": ckpts[-1].predicate.get("step") if ckpts else None,
+        "last_reproduced": bool(ckpts) and len(ckpts) - 1 in reproduced,
+        "escape_probability": escape(reproduced, len(ckpts)), "why": why}
+    if not drawn_ok and reproduced:  # the last segment alone, not an evaluator's draw
+        ctx.facts["recomputed"]["reproduced"] = 0
+        ctx.facts["recomputed"]["why"] = "no segment drawn at random by the evaluator was reproduced"
 
 
 def check_replay(ctx: Context) -> Iterator[Finding]:
     """Re-run chosen segments and compare the result with the next checkpoint (see REPLAYERS). The
-    implementation is this verifier's own; a plug-in the bundle names is only noted."""
-    if ctx.replay is None:
-        yield skipped("replay", "", "replay not run (ask for it with --replay N|all)")
+    implementation is this verifier's own; a plug-in the bundle names is only noted. Without a
+    recomputed segment the verdict is INCOMPLETE, never PASS (Report.verdict)."""
+    from attest.verify.findings import undecided
+
+    if not ctx.replay:
+        why = "replay not run (--replay 0 / --no-replay: an integrity check, not a pass)"
+        _recomputed(ctx, why)
+        yield skipped("replay", "", why)
+        return
+    if ctx.replay_default and ctx.failed:  # cheap first: the verdict already fails, nothing to recompute
+        why = f"replay not run: {', '.join(sorted(ctx.failed))} failed (ask with --replay to replay anyway)"
+        _recomputed(ctx, why)
+        yield skipped("replay", "", why)
+        return
+    if ctx.light and not isinstance(ctx.replay, list):  # a light bundle without packs: the state is held
+        _recomputed(ctx, "the segments' state is held by the team (light bundle): answer a challenge")
+        yield held_skip(ctx, "replay", "", "the start and end state of every segment (replay runs on a challenge's packs)")
+        return
+    if not ctx.of_kind("checkpoint"):
+        _recomputed(ctx, "no checkpoint to replay")
+        yield skipped("replay", CHAIN_NAME, "no checkpoint to replay")
         return
     runs = ctx.of_kind("run")
     named = runs[0].predicate.get("replay_plugin") if runs else None
@@ -517,18 +562,44 @@ def check_replay(ctx: Context) -> Iterator[Finding]:
         from attest.verify.replay import plugin_available
 
         missing = plugin_available()
+        gens = ctx.of_kind("genesis")
+        deriver = as_dict(gens[0].predicate.get("recipe")).get("deriver") if gens else None
+        if missing is None and deriver not in DERIVERS:
+            missing = f"the genesis deriver {str(deriver)[:60]!r} is not one this verifier's replay runs"
+        elif missing is None and not str(DERIVERS[str(deriver)]).startswith("kai_train."):
+            missing = f"the genesis deriver {str(deriver)[:60]!r} has no replay implementation here"
     if missing is not None:
-        yield skipped("replay", "", f"replay not run: {missing}")
+        _recomputed(ctx, f"this install cannot replay: {missing}")
+        yield undecided("replay", "", f"replay not run: {missing}")
         return
     segments = replay_segments(ctx)
     total = len(ctx.of_kind("checkpoint"))
     ctx.facts["replay_requested"] = {"plugin": DEFAULT_REPLAY_PLUGIN, "segments": [e.predicate.get("step") for e in segments],
                                      "seed": ctx.facts.get("replay_seed")}
-    cov = ctx.facts["replay_coverage"] = coverage(len(segments), total)
-    ctx.notes.append(f"replay coverage: {len(segments)} of {total} segments; a forgery confined to m segments escapes "
-                     "with probability " + ", ".join(f"{p:.3g} (m={m})" for m, p in cov["escape_probability"].items()))
+    index = {id(e): i for i, e in enumerate(ctx.of_kind("checkpoint"))}
+    cov = ctx.facts["replay_coverage"] = {"replayed": len(segments), "segments": total,
+                                          "escape_probability": escape(sorted(index[id(e)] for e in segments), total)}
+    ctx.notes.append(f"replay coverage: {len(segments)} of {total} segments (the last always among them); a forgery "
+                     "confined to m other segments escapes with probability "
+                     + ", ".join(f"{p:.3g} (m={m})" for m, p in cov["escape_probability"].items()))
     assert replayer is not None  # `missing` above returned otherwise
-    yield from replayer(ctx, segments)
+    reproduced: list[int] = []
+    for i, f in enumerate(replayer(ctx, segments)):  # one finding per segment, in order (the REPLAYERS contract)
+        if f.check == "replay" and f.ok and i < len(segments):
+            reproduced.append(index[id(segments[i])])
+        yield f
+    _recomputed(ctx, "", reproduced)
+
+
+def escape(chosen: list[int], n: int) -> dict[str, float]:
+    """Escape probabilities for a replay of `chosen` (segment indices) of n, the last always among them
+    and the others drawn at random: a forgery confined to m segments other than the last escapes with
+    probability C(n-1-m, j)/C(n-1, j), j the chosen segments other than the last (one in the last never
+    escapes a replay that reproduced it)."""
+    j = len({i for i in chosen if i != n - 1})
+    if n - 1 not in chosen:  # the last not replayed: nothing is said about it
+        return coverage(len(set(chosen)), n)["escape_probability"]
+    return coverage(j, n - 1)["escape_probability"]
 
 
 def coverage(k: int, n: int, spans: tuple[int, ...] = (1, 2, 5)) -> dict[str, Any]:
