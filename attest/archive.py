@@ -21,10 +21,13 @@ from __future__ import annotations
 import os
 import stat
 import tarfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from attest import inputs
 from attest.errors import KaiError
 from attest.layout import CHAIN_NAME
 from attest.verify.policy import DEFAULT_LIMITS
@@ -70,10 +73,10 @@ class _HeaderBoundedTarInfo(tarfile.TarInfo):
         return super()._proc_member(tarfile_)  # type: ignore[misc]
 
 
-def _open_mode(archive: Path) -> str:
+def _open_mode(archive: Path, f: Any) -> str:
     """'r:' or 'r:gz' from the archive's first bytes; ArchiveError for any other compression."""
-    with open(archive, "rb") as f:
-        head = f.read(8)
+    head = f.read(8)
+    f.seek(0)
     if head.startswith(GZIP_MAGIC):
         return "r:gz"
     for name, magic in REFUSED_COMPRESSION:
@@ -92,13 +95,15 @@ def extract_to(archive: str | os.PathLike[str], dest: str | os.PathLike[str],
     seen: set[str] = set()
     written = members = 0
     try:
-        with tarfile.open(archive, _open_mode(archive), tarinfo=_HeaderBoundedTarInfo) as tar:  # type: ignore[call-overload]
+        with inputs.open_file(archive) as f, tarfile.open(  # type: ignore[call-overload]
+                fileobj=f, mode=_open_mode(archive, f), tarinfo=_HeaderBoundedTarInfo) as tar:
             for m in tar:
                 members += 1
                 if members > max_members:
                     raise ArchiveError(f"{archive}: more than {max_members} members")
                 parts = _check_name(archive, m.name)
                 rel = "/".join(parts)
+                inputs.check_name(rel, f"{archive}: member {rel[:200]!r}")
                 if m.issparse():
                     raise ArchiveError(f"{archive}: member {m.name!r} is a sparse file; only plain files and folders are allowed")
                 if not (m.isreg() or m.isdir()):
@@ -130,7 +135,7 @@ def extract_to(archive: str | os.PathLike[str], dest: str | os.PathLike[str],
                             raise ArchiveError(f"{archive}: more than {max_bytes} bytes once extracted "
                                                "(policy limits.max_bundle_bytes)")
                         out.write(chunk)
-    except (tarfile.TarError, EOFError, OSError, ValueError, RecursionError) as e:
+    except (tarfile.TarError, EOFError, OSError, ValueError, RecursionError, zlib.error) as e:
         if isinstance(e, ArchiveError):
             if not str(e).startswith(str(archive)):  # raised inside tarfile, before a member had a name here
                 raise ArchiveError(f"{archive}: {e}") from None

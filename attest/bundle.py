@@ -13,6 +13,7 @@ import shutil
 import stat
 from pathlib import Path
 
+from attest import inputs
 from attest.chain import read_chain
 from attest.errors import KaiError
 from attest.layout import CHAIN_NAME, CONFIG_NAME, KEYS_DIR, SLSA_NAME
@@ -28,24 +29,15 @@ class BundlePathError(KaiError, ValueError):
 
 
 def safe_file(root: Path, name: str, max_bytes: int = MAX_FILE_BYTES) -> Path:
-    """Resolve `name` (a bundle-relative POSIX path) to a regular file inside `root`."""
-    parts = name.split("/")
-    if not name or "\\" in name or "\0" in name or any(part in ("..", ".", "") for part in parts):
-        raise BundlePathError(f"{name!r}: path leaves the bundle or is not a plain relative path")
-    cur = root
-    for part in parts:
-        cur = cur / part
-        try:
-            st = os.lstat(cur)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{name}: not in the bundle") from None
-        if stat.S_ISLNK(st.st_mode):
-            raise BundlePathError(f"{name!r}: symlinks are refused in a bundle")
-    if not stat.S_ISREG(st.st_mode):
-        raise BundlePathError(f"{name!r}: not a regular file")
-    if st.st_size > max_bytes:
-        raise BundlePathError(f"{name!r}: {st.st_size} bytes exceeds the {max_bytes}-byte bound")
-    return cur
+    """Resolve `name` (a bundle-relative POSIX path) to a regular file inside `root`, through the
+    door (attest.inputs): plain bounded names, no symlink on the path, a regular file within
+    `max_bytes`. A missing file is a FileNotFoundError; every other refusal a BundlePathError."""
+    try:
+        return inputs.resolve(root, name, max_bytes, where=repr(name)[:300] if isinstance(name, str) else None)
+    except inputs.InputMissing:
+        raise FileNotFoundError(f"{name}: not in the bundle") from None
+    except inputs.InputError as e:
+        raise BundlePathError(str(e)) from None
 
 
 def shard_manifest_name(shard: str) -> str:
@@ -69,7 +61,10 @@ def make_bundle(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
         names.add(SLSA_NAME)
     names |= {f"{KEYS_DIR}/{p.name}" for p in (run / KEYS_DIR).glob("*.pub.pem")}
     for e in entries:
-        for s in e.statement.get("subject", []):
+        subjects = e.statement.get("subject")
+        for s in subjects if isinstance(subjects, list) else []:
+            if not isinstance(s, dict) or not isinstance(s.get("name"), str):
+                raise BundlePathError(f"{run / CHAIN_NAME}:{e.lineno}: a subject without a name string")
             # shards can be large; their manifests (also subjects) always travel
             if light and held(e, s["name"]):
                 continue

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attest import failpoints, jsonread
+from attest import failpoints, inputs, jsonread
 from attest.dsse import EnvelopeError, open_bundle, sign_statement
 from attest.errors import KaiError
 from attest.signing import Signer
@@ -23,6 +23,7 @@ from attest.statements import build_statement
 
 # A chain line above this size is refused by the reader (a statement is a few KB to a few MB).
 MAX_LINE_BYTES = 64 << 20
+MAX_CHAIN_BYTES = 4 << 30  # what read_chain loads at most (the verifier passes its policy's max_chain_bytes)
 
 
 class ChainError(KaiError, ValueError):
@@ -52,15 +53,15 @@ class Entry:
         return str(self.predicate.get("kind", ""))
 
 
-def read_chain(path: str | os.PathLike[str]) -> tuple[list[Entry], bool]:
+def read_chain(path: str | os.PathLike[str], max_bytes: int = MAX_CHAIN_BYTES) -> tuple[list[Entry], bool]:
     """Parse every whole line. Returns (entries, torn_tail). Raises ChainError on a malformed line:
     each line and its DSSE payload go through the strict reader (attest.jsonread: no duplicate
     keys, bounded integers, finite numbers, bounded nesting)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ChainError(f"{path}: cannot read chain ({e.strerror})") from None
+        data = inputs.read_bytes(path, max_bytes)
+    except inputs.InputError as e:
+        raise ChainError(f"{e} (the chain)") from None
     lines = data.split(b"\n")
     torn = lines[-1] != b""
     lines = lines[:-1]  # the empty string after the last newline, or the torn tail

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from attest import jsonread
+from attest import inputs, jsonread
 from attest.bundle import safe_file
 from attest.chain import Entry, read_chain
 from attest.digest import sha256_file
@@ -44,6 +44,8 @@ PACK_FORMAT = "kai-pack/v1"
 PACK_MANIFEST = "pack.json"
 MAX_CHALLENGE_BYTES = 1 << 20
 MAX_PACK_MANIFEST_BYTES = 64 << 20
+MAX_SEGMENTS = 100_000  # segments one challenge may name (each is replayed)
+MAX_CHAIN_BYTES = 64 << 20  # the chain `challenge` reads (the verifier's default limits.max_chain_bytes)
 
 
 class ChallengeError(KaiError, ValueError):
@@ -57,9 +59,11 @@ def held(e: Entry, name: str) -> bool:
 
 def _subjects(e: Entry) -> list[tuple[str, str]]:
     out = []
-    for s in e.statement.get("subject") or []:
+    subjects = e.statement.get("subject")
+    for s in subjects if isinstance(subjects, list) else []:
         if isinstance(s, dict) and isinstance(s.get("name"), str):
-            out.append((s["name"], str((s.get("digest") or {}).get("sha256"))))
+            digest = s.get("digest")
+            out.append((s["name"], str(digest.get("sha256") if isinstance(digest, dict) else None)))
     return out
 
 
@@ -76,7 +80,8 @@ def segment_files(entries: list[Entry], k: int) -> list[str]:
     names = [n for e in (start, ckpts[k]) for n, _ in _subjects(e)]
     cfg = runs[0].predicate.get("config") if runs else None
     shards = cfg.get("data_shards") if isinstance(cfg, dict) else None
-    names += [s["name"] for s in shards or [] if isinstance(s, dict) and isinstance(s.get("name"), str)]
+    names += [s["name"] for s in (shards if isinstance(shards, list) else [])
+              if isinstance(s, dict) and isinstance(s.get("name"), str)]
     return sorted(dict.fromkeys(names))
 
 
@@ -93,8 +98,8 @@ def draw(bundle: Path, segments: int, seed: int | None = None) -> dict[str, Any]
     """The evaluator's challenge: `segments` of the bundle's segments, drawn with fresh randomness
     (or `seed`), bound to the bundle's chain by its sha256, and the last segment (the one that yields
     the release) always with them."""
-    chain = safe_file(bundle, CHAIN_NAME)
-    entries, _ = read_chain(chain)
+    chain = safe_file(bundle, CHAIN_NAME, MAX_CHAIN_BYTES)
+    entries, _ = read_chain(chain, MAX_CHAIN_BYTES)
     n = sum(1 for e in entries if e.kind == "checkpoint")
     if not 1 <= segments <= n:
         raise ChallengeError(f"{chain}: {n} segment(s) to challenge; --segments {segments} is not in [1, {n}]")
@@ -120,9 +125,16 @@ def load_challenge(path: Path) -> dict[str, Any]:
         raise ChallengeError(f"{where}: not a {CHALLENGE_FORMAT} challenge")
     if not (isinstance(c.get("chain_sha256"), str) and isinstance(c.get("segments"), list) and c["segments"]):
         raise ChallengeError(f"{where}: needs chain_sha256 and a non-empty segments list")
+    if len(c["segments"]) > MAX_SEGMENTS:
+        raise ChallengeError(f"{where}: {len(c['segments'])} segments (the limit is {MAX_SEGMENTS})")
+    seen: set[int] = set()
     for s in c["segments"]:
-        if not (isinstance(s, dict) and isinstance(s.get("segment"), int) and not isinstance(s["segment"], bool)):
-            raise ChallengeError(f"{where}: segments: each needs an integer segment")
+        if not (isinstance(s, dict) and isinstance(s.get("segment"), int) and not isinstance(s["segment"], bool)
+                and 0 <= s["segment"] < MAX_SEGMENTS):
+            raise ChallengeError(f"{where}: segments: each needs an integer segment in [0, {MAX_SEGMENTS})")
+        if s["segment"] in seen:
+            raise ChallengeError(f"{where}: segment {s['segment']} is listed twice (each segment once)")
+        seen.add(s["segment"])
     return c
 
 
@@ -134,7 +146,7 @@ def respond(run_dir: Path, challenge_path: Path, out: Path) -> list[Path]:
     """The team's answer: one pack per challenged segment, each file checked against its signed
     sha256 while it is copied (or hard-linked), written one file at a time. Returns the pack folders."""
     c = load_challenge(challenge_path)
-    chain = run_dir / CHAIN_NAME
+    chain = safe_file(run_dir, CHAIN_NAME)
     if sha256_file(chain) != c["chain_sha256"]:
         raise ChallengeError(f"{challenge_path}: drawn for another chain than {chain} (chain_sha256 differs)")
     entries, _ = read_chain(chain)
@@ -204,7 +216,7 @@ def open_packs(bundle: Path, packs: Path, challenge: dict[str, Any], entries: li
                         problems.append(f"{folder}/{rel}: sha256 {sha[:16]}… differs from the signed "
                                         f"{signed[rel][:16]}…")
         seen |= need
-        missing = sorted(n for n in need if not (folder / n).is_file())
+        missing = sorted(n for n in need if not inputs.is_regular(n, folder))
         if missing:
             problems.append(f"{folder}: {len(missing)} file(s) of segment {k} missing, first {missing[0]}")
         folders.append(folder)

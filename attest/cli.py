@@ -14,6 +14,8 @@ has not been produced on challenge.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 from pathlib import Path
 
@@ -100,16 +102,20 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
                 write_vsa(report, root, args.bundle, args.policy, Path(args.vsa), PemSigner.from_file(args.sign_key))
     except KaiError as e:  # an unreadable bundle, policy, archive, challenge or key: one line, exit 2
-        print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
-    except OSError as e:  # --vsa OUT not writable; a missing bundle goes to main()
-        if getattr(e, "filename", None) != args.vsa:
+    except OSError as e:  # --vsa OUT not writable, a missing bundle: one line naming the file
+        if getattr(e, "filename", None) == args.vsa:
+            print(f"kai-attest: error: cannot write {term_safe(args.vsa)} ({e.strerror})", file=sys.stderr)
+            return 2
+        raise
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as e:  # hostile input must never end in a traceback: a verifier bug is named as one
+        if os.environ.get("KAI_ATTEST_TRACEBACK"):
             raise
-        print(f"kai-attest: error: cannot write {args.vsa} ({e.strerror})", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - hostile input must never end in a traceback: a verifier bug is named as one
-        print(term_safe(f"kai-attest: error: internal error while verifying {args.bundle} ({type(e).__name__}: {e})"),
-              file=sys.stderr)
+        print(term_safe(f"kai-attest: error: internal error while verifying {args.bundle} ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:500]})"), file=sys.stderr)
         return 2
     if args.report:
         from attest.verify.report import write_html
@@ -301,12 +307,41 @@ def _add_lineage_parser(sub: argparse._SubParsersAction) -> None:
     ln.set_defaults(func=_cmd_lineage)
 
 
+@functools.lru_cache(maxsize=1)
+def _parser() -> argparse.ArgumentParser:
+    return build_parser()
+
+
+def error_line(e: BaseException) -> str:
+    """The one line an entry point prints for an error it ends on (exit 2)."""
+    if isinstance(e, (KaiError, argparse.ArgumentTypeError)):
+        text = str(e)
+    elif isinstance(e, OSError):  # a file the user named: which one and why
+        name = e.filename if e.filename is not None else ""
+        text = f"{name}: {e.strerror or type(e).__name__}" if name else f"{e.strerror or e}"
+    elif isinstance(e, MemoryError):
+        text = "out of memory (a bound the verifier does not know of was exceeded; please report it)"
+    else:  # a bug of kai-attest, never the input's fault: named as such, with its type
+        text = f"internal error ({type(e).__name__}: {e})"
+    text = " ".join(str(text).split())
+    return term_safe(f"kai-attest: error: {text[:2000]}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Every command ends here: exit 0, 1, 3 or 4 with its own lines, or 2 with exactly one error
+    line for any input (never a traceback). "internal error" names a bug, never bad input."""
+    args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (KaiError, FileNotFoundError) as e:  # a bug keeps its traceback
-        print(f"kai-attest: error: {term_safe(e)}", file=sys.stderr)
+    except (KaiError, OSError, MemoryError, RecursionError) as e:
+        if isinstance(e, RecursionError):  # nesting the readers did not bound: report, do not crash
+            e = KaiError("input nested too deeply to read")
+        print(error_line(e), file=sys.stderr)
+        return 2
+    except Exception as e:  # hostile input must never end in a traceback
+        if os.environ.get("KAI_ATTEST_TRACEBACK"):
+            raise
+        print(error_line(e), file=sys.stderr)
         return 2
 
 

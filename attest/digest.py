@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attest import jsonread
+from attest import inputs, jsonread
 from attest.errors import KaiError
 
 CHUNK = 1 << 20
@@ -55,7 +55,7 @@ def sha256_bytes(data: bytes) -> str:
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Streamed sha256 of a file (memory bounded by one chunk)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with inputs.open_file(path) as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -106,8 +106,8 @@ def read_safetensors_index(path: str | os.PathLike[str]) -> list[TensorEntry]:
     rule). So the bulk readers behind it hash every data byte at most once per file. The entries
     come back sorted by their start offset."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with inputs.open_file(path) as f:
+        size = os.fstat(f.fileno()).st_size
         raw_len = f.read(8)
         if len(raw_len) != 8:
             raise DigestError(f"{path}: not a safetensors file (shorter than 8 bytes)")
@@ -165,7 +165,7 @@ def read_safetensors_index(path: str | os.PathLike[str]) -> list[TensorEntry]:
 
 
 def _file_range(path: Path, start: int, end: int) -> Iterator[bytes]:
-    with open(path, "rb") as f:
+    with inputs.open_file(path) as f:
         f.seek(start)
         left = end - start
         while left > 0:
@@ -228,7 +228,7 @@ def hash_safetensors(path: str | os.PathLike[str]) -> tuple[str, dict[str, str]]
     fh: Any = _BackgroundSha256() if path.stat().st_size >= PARALLEL_BYTES else hashlib.sha256()
     leaves: dict[str, str] = {}
     try:
-        with open(path, "rb") as f:
+        with inputs.open_file(path) as f:
             pos = 0
 
             def copy_to(end: int, h: Any) -> None:

@@ -162,16 +162,16 @@ def loads(data: bytes | str, where: str, max_bytes: int = DEFAULT_MAX_BYTES,
 
 
 def load_file(path: Any, max_bytes: int = DEFAULT_MAX_BYTES, max_depth: int = DEFAULT_MAX_DEPTH,
-              where: str | None = None) -> Any:
-    """Read and parse a file, refusing it before reading when it is larger than `max_bytes`."""
+              where: str | None = None, root: Any = None) -> Any:
+    """Read (through the door, attest.inputs: a regular file, refused before reading when it is
+    larger than `max_bytes`; inside `root` when given) and parse a file."""
+    from attest import inputs
+
     label = where or str(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
-    except OSError as e:
-        raise JsonReadError(f"{label}: cannot read ({e.strerror})") from None
-    if len(data) > max_bytes:
-        raise JsonReadError(f"{label}: larger than the {max_bytes}-byte limit")
+        data = inputs.read_bytes(path, max_bytes, root=root, where=label)
+    except inputs.InputError as e:
+        raise JsonReadError(str(e)) from None
     return loads(data, label, max_bytes, max_depth)
 
 

@@ -319,16 +319,19 @@ def is_keyless(bundle: dict[str, Any]) -> bool:
 def load_trusted_root(path: Path, max_bytes: int = 1 << 20) -> Any:
     """A Sigstore trusted_root.json (sigstore.models.TrustedRoot); ValueError says what is wrong."""
     from sigstore.models import TrustedRoot
+    from sigstore_models.trustroot import v1 as trustroot_v1
+
+    from attest import inputs
 
     try:
-        raw = path.read_bytes()[: max_bytes + 1]
-    except OSError as e:
-        raise ValueError(f"cannot read ({e.strerror})") from None
-    if len(raw) > max_bytes:
-        raise ValueError(f"larger than {max_bytes} bytes")
+        raw = inputs.read_bytes(path, max_bytes, where=str(path))
+    except inputs.InputError as e:  # the caller names the file: the problem alone
+        raise ValueError(str(e).removeprefix(f"{path}: ")) from None
     try:
         doc = json.loads(raw)
-        root = TrustedRoot.from_file(str(path))
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        root = TrustedRoot(trustroot_v1.TrustedRoot.from_json(raw))
     except Exception as e:
         raise ValueError(f"not a Sigstore trusted root ({type(e).__name__}: {_one_line(str(e))[:200]})") from None
     # A root that names no CA, no Rekor log or no CT log verifies nothing.

@@ -223,7 +223,8 @@ def render(entries: Sequence[Any], step: int, weights: Sequence[tuple[str, Seque
     tokenizer's (bytes, sha256) or None; `code(name)` this installation's kai_train/NAME bytes;
     `signed`: the checkpoint folders carry model-signing signatures, so export/ does too."""
     out = Rendered(signature=signed, optional=FORMAT1_OPTIONAL if fmt < 2 else frozenset())
-    ckpts = {e.predicate.get("step"): e.predicate for e in entries if e.kind == "checkpoint"}
+    ckpts = {e.predicate.get("step"): e.predicate for e in entries  # a hostile step may be unhashable
+             if e.kind == "checkpoint" and isinstance(e.predicate.get("step"), (int, str, float, type(None)))}
     genesis: dict[str, Any] = next((e.predicate for e in entries if e.kind == "genesis"), {})
     run: dict[str, Any] = next((e.predicate for e in entries if e.kind == "run"), {})
     run_cfg: dict[str, Any] = run["config"] if isinstance(run.get("config"), dict) else {}

@@ -56,12 +56,51 @@ class Schedule:
         decay_frac = float(num("decay_frac", 0.0, 1.0))
         if train.get("schedule") not in SCHEDULES:
             raise ValueError(f"train.schedule = {train.get('schedule')!r}: expected one of {list(SCHEDULES)}")
+        self.schedule, self.warmup, self.min_ratio, self.decay_frac = train["schedule"], warmup, min_ratio, decay_frac
         self._f = lr_lambda(train["schedule"], warmup, self.total, min_ratio, decay_frac)
 
     def lr(self, step: int) -> float:
-        """The lr optimizer step `step` (0-based) uses; also what the trainer reports after `step` steps."""
-        return self.peak * self._f(step)
+        """The lr optimizer step `step` (0-based) uses; also what the trainer reports after `step` steps.
+        A negative step (only a hostile statement names one) reads as step 0."""
+        return self.peak * self._f(max(0, step))
 
     def lr_sum(self, start: int, end: int) -> float:
-        """Σ lr over the optimizer steps start .. end-1: what bounds the movement of a segment."""
-        return sum(self.lr(t) for t in range(start, end))
+        """Σ lr over the optimizer steps start .. end-1: what bounds the movement of a segment.
+        Closed form (O(1) whatever the number of steps): the schedule is piecewise linear or cosine."""
+        start, end = max(0, start), max(0, end)  # negative steps: none (only a hostile statement names one)
+        if end <= start:
+            return 0.0
+        return self.peak * self._sum(start, end)
+
+    def _sum(self, a: int, b: int) -> float:
+        w, total, m = self.warmup, self.total, self.min_ratio
+        out = 0.0
+        lo, hi = a, min(b, w)  # warmup: (t + 1) / w
+        if lo < hi:
+            out += (hi * (hi + 1) - lo * (lo + 1)) / 2 / w
+        a = max(a, w)
+        if a >= b:
+            return out
+        if self.schedule == "wsd":
+            ds = total - int(self.decay_frac * total)
+            lo, hi = a, min(b, ds)  # flat at 1
+            if lo < hi:
+                out += hi - lo
+            lo = max(a, ds)
+            if lo < b:  # 1 - (1 - m) (t - ds) / span, summed over t in [lo, b)
+                span = max(1, total - ds)
+                n = b - lo
+                first, last = lo - ds, b - 1 - ds
+                out += n - (1 - m) * (first + last) * n / 2 / span
+            return out
+        span = max(1, total - w)
+        lo, hi = a, min(b, w + span)  # cosine: m + (1 - m) (1 + cos(pi k / span)) / 2, k = t - w
+        if lo < hi:
+            k0, k1 = lo - w, hi - w
+            x = math.pi / span
+            cos_sum = (math.sin(x * (k1 - 0.5)) - math.sin(x * (k0 - 0.5))) / (2 * math.sin(x / 2))
+            out += (hi - lo) * m + (1 - m) * 0.5 * ((hi - lo) + cos_sum)
+        lo = max(a, w + span)  # past the end of the decay: min_ratio
+        if lo < b:
+            out += (b - lo) * m
+        return out

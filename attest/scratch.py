@@ -9,6 +9,12 @@ Python's cached `tempfile.tempdir`) and each cache variable in `CACHE_VARS` into
 before anything is imported or started, restores every variable afterwards and removes the folder.
 Subprocesses (a replay) inherit the same variables.
 
+The folder is short whatever `TMPDIR` is: libraries put AF_UNIX sockets under `$TMPDIR`
+(multiprocessing's `pymp-XXXXXXXX/listener-XXXXXXXX`, used by the data replay's worker pools), and
+a socket path holds at most 104 bytes on macOS, 108 on Linux. When the evaluator's temp folder is
+longer than `MAX_BASE_CHARS` (a macOS `$TMPDIR` is `/var/folders/xx/…/T/`, 49 characters or more),
+the scratch folder goes under `/tmp` instead (removed afterwards all the same).
+
 Left alone on purpose: `TORCH_EXTENSIONS_DIR` and the user's `~/.cache` (compiled DeepSpeed ops
 for replay live there; they are not under `$TMPDIR` and rebuilding them on every verify would take
 minutes).
@@ -33,13 +39,29 @@ CACHE_VARS = {
     "CUDA_CACHE_PATH": "cuda",
 }
 TMP_VARS = ("TMPDIR", "TEMP", "TMP")
+# The longest temp folder the scratch folder is made under; room is left for the scratch folder's
+# own name, multiprocessing's socket folder and socket name (about 60 characters) under 104 bytes.
+MAX_BASE_CHARS = 40
+SOCKET_PATH_BYTES = 104  # sun_path on macOS (108 on Linux): every socket path under the scratch fits
+
+
+def short_base() -> str:
+    """The temp folder to make scratch folders under: the current one when it is short enough for
+    socket paths, else /tmp (or /var/tmp) when writable."""
+    base = tempfile.gettempdir()
+    if len(os.fsencode(base)) <= MAX_BASE_CHARS:
+        return base
+    for cand in ("/tmp", "/var/tmp"):
+        if os.path.isdir(cand) and os.access(cand, os.W_OK | os.X_OK):
+            return cand
+    return base
 
 
 @contextmanager
 def verifier_scratch(prefix: str = "kai-verify-") -> Iterator[Path]:
     """Yield a fresh folder under the current temp folder; while inside, temp files and library
     caches go into it. Everything is restored and the folder removed on exit, error or not."""
-    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=short_base()))
     saved = {k: os.environ.get(k) for k in (*TMP_VARS, *CACHE_VARS)}
     saved_tempdir = tempfile.tempdir
     try:

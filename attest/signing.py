@@ -14,12 +14,15 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from attest import inputs
 from attest.errors import KaiError
 from attest.layout import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
+
+MAX_KEY_BYTES = 1 << 20  # a PEM key file read by the verifier or signer
 
 
 
@@ -59,10 +62,12 @@ class PemSigner:
     def from_file(cls, path: str | os.PathLike[str]) -> PemSigner:
         path = Path(path)
         try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except FileNotFoundError:
+            key = serialization.load_pem_private_key(inputs.read_bytes(path, MAX_KEY_BYTES), password=None)
+        except inputs.InputMissing:
             raise SigningKeyError(f"{path}: signing key not found (make one with `kai-attest keygen DIR`)") from None
-        except (ValueError, TypeError) as e:
+        except inputs.InputError as e:
+            raise SigningKeyError(str(e)) from None
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
             raise SigningKeyError(f"{path}: not an unencrypted PEM private key ({e})") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise SigningKeyError(f"{path}: signing key must be ECDSA P-256")
@@ -89,7 +94,7 @@ class PublicKeyVerifier:
     def from_pem(cls, pem: bytes, source: str = "") -> PublicKeyVerifier:
         try:
             key = serialization.load_pem_public_key(pem)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
             raise SigningKeyError(f"{source}: not a PEM public key ({e})") from None
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
             raise SigningKeyError(f"{source}: public key must be ECDSA P-256")
@@ -99,9 +104,9 @@ class PublicKeyVerifier:
     def from_file(cls, path: str | os.PathLike[str]) -> PublicKeyVerifier:
         path = Path(path)
         try:
-            return cls.from_pem(path.read_bytes(), str(path))
-        except OSError as e:
-            raise SigningKeyError(f"{path}: cannot read public key ({e.strerror})") from None
+            return cls.from_pem(inputs.read_bytes(path, MAX_KEY_BYTES), str(path))
+        except inputs.InputError as e:
+            raise SigningKeyError(f"{e} (a public key)") from None
 
     def verify(self, data: bytes, signature: bytes) -> bool:
         try:

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from attest import jsonread
+from attest import inputs, jsonread
 from attest.dsse import PAYLOAD_TYPE, EnvelopeError, open_bundle, pae, sign_statement
 from attest.verify.findings import Context, Finding, skipped, subjects_of
 from attest.layout import CHAIN_NAME, SLSA_NAME
@@ -167,7 +167,7 @@ def vsa_statement(report: Any, resource: str, policy_file: str | None, chain_sha
 
     policy: dict[str, Any] = {"uri": policy_file or "kai-attest default policy"}
     if policy_file:
-        policy["digest"] = {"sha256": hashlib.sha256(Path(policy_file).read_bytes()).hexdigest()}
+        policy["digest"] = {"sha256": hashlib.sha256(inputs.read_bytes(policy_file, 1 << 20)).hexdigest()}
     return {
         "_type": STATEMENT_TYPE,
         "subject": subjects,
@@ -194,7 +194,10 @@ def write_vsa(report: Any, bundle_root: Path, resource: str, policy_file: str | 
     from attest.chain import read_chain
 
     chain = bundle_root / CHAIN_NAME
-    chain_sha = hashlib.sha256(chain.read_bytes()).hexdigest() if chain.is_file() else None
+    try:
+        chain_sha: str | None = hashlib.sha256(inputs.read_bytes(CHAIN_NAME, 4 << 30, root=bundle_root)).hexdigest()
+    except inputs.InputError:
+        chain_sha = None
     subjects: list[dict[str, Any]] = []
     try:
         entries, _ = read_chain(chain)
@@ -229,7 +232,8 @@ def check_vsa(path: Path, key: PublicKeyVerifier, artifact: Path, policy_file: s
     result = pred.get("verificationResult")
     subjects = [s for s in (st.get("subject") or []) if isinstance(s, dict)] if isinstance(st.get("subject"), list) else []
     names = ", ".join(str(s.get("name"))[:80] for s in subjects[:3])
-    line = (f"{path}: {str(result)[:20]} by {str((pred.get('verifier') or {}).get('id'))[:80]} at "
+    verifier: dict[str, Any] = pred["verifier"] if isinstance(pred.get("verifier"), dict) else {}
+    line = (f"{path}: {str(result)[:20]} by {str(verifier.get('id'))[:80]} at "
             f"{str(pred.get('timeVerified'))[:40]} for {str(pred.get('resourceUri'))[:120]} ({len(subjects)} subjects: "
             f"{names}…), signed by {key.keyid[:16]}…")
     problems = _vsa_artifact(pred, subjects, artifact) + _vsa_policy(pred, policy_file)
@@ -270,9 +274,9 @@ def _vsa_artifact(pred: dict[str, Any], subjects: list[dict[str, Any]], artifact
             problems.append(f"{name}: named by the VSA, not in {artifact}")
         elif sha256_file(held[name]) != sha:
             problems.append(f"{name}: sha256 differs from the VSA's {sha[:16]}…")
-    inputs = [a for a in pred.get("inputAttestations") or [] if isinstance(a, dict)] \
+    attested = [a for a in pred.get("inputAttestations") or [] if isinstance(a, dict)] \
         if isinstance(pred.get("inputAttestations"), list) else []
-    chain_sha = next((str((a.get("digest") or {}).get("sha256")) for a in inputs
+    chain_sha = next((str((a.get("digest") or {}).get("sha256")) for a in attested
                       if a.get("uri") == CHAIN_NAME and isinstance(a.get("digest"), dict)), None)
     if bundle is not None:
         have = sha256_file(bundle / CHAIN_NAME)
@@ -289,7 +293,7 @@ def _vsa_policy(pred: dict[str, Any], policy_file: str | None) -> list[str]:
     if policy_file is None:
         return [] if got is None else [f"verified under policy {str(policy.get('uri'))[:80]!r} (sha256 {str(got)[:16]}…), "
                                        "not kai-attest's default: give --policy FILE to accept that policy"]
-    want = hashlib.sha256(Path(policy_file).read_bytes()).hexdigest()
+    want = hashlib.sha256(inputs.read_bytes(policy_file, 1 << 20)).hexdigest()
     return [] if got == want else [f"policy sha256 {str(got)[:16]}…, expected {want[:16]}… ({policy_file})"]
 
 

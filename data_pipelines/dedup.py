@@ -41,6 +41,10 @@ def fmix32(hv: np.ndarray) -> np.ndarray:
     return hv ^ (hv >> np.uint32(16))
 
 
+MAX_NUM_PERM = 4096  # MinHash permutations (a work bound: the verifier's --replay-data recomputes with them)
+MAX_SHINGLE = 1024  # characters per shingle
+
+
 @dataclass(frozen=True)
 class DedupConfig:
     exact: bool = True
@@ -53,8 +57,10 @@ class DedupConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"dedup.threshold must be in (0, 1], got {self.threshold}")
-        if self.num_perm < 16 or self.shingle < 1:
-            raise ValueError(f"dedup.num_perm must be >= 16 and dedup.shingle >= 1, got {self.num_perm}, {self.shingle}")
+        for key, lo, hi in (("num_perm", 16, MAX_NUM_PERM), ("shingle", 1, MAX_SHINGLE)):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ValueError(f"dedup.{key} must be a whole number in [{lo}, {hi}], got {str(v)[:40]}")
 
 
 def content_key(record: dict[str, Any]) -> bytes:

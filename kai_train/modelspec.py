@@ -59,6 +59,20 @@ class ModelConfig:
     moe_capacity_factor: float = 0.0  # 0 = dropless; > 0: an expert takes <= ceil(cf * tokens * k / E) per micro-batch
 
     def __post_init__(self) -> None:
+        # Sign and range first (a genesis recipe is hostile input to the verifier): a negative
+        # vocab_size would make a parameter count come out small while another field is huge.
+        for f in fields(self):
+            v = getattr(self, f.name)
+            zero_ok = f.name.endswith("_layers") or f.name.startswith(("moe_", "n_experts", "n_shared_experts"))
+            if f.type == "int":
+                lo = 0 if zero_ok else 1
+                hi = MAX_LAYERS if f.name.endswith("_layers") else MAX_FIELD
+                if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                    raise ValueError(f"ModelConfig: {f.name}={str(v)[:40]} is outside [{lo}, {hi}]")
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v if zero_ok else 0 < v) \
+                    or not v < math.inf:
+                raise ValueError(f"ModelConfig: {f.name}={str(v)[:40]} must be a {'non-negative' if zero_ok else 'positive'} "
+                                 "finite number")
         checks = [
             (self.dim % self.n_heads == 0, "dim must be divisible by n_heads"),
             ((self.dim // self.n_heads) % 2 == 0, "head dim (dim / n_heads) must be even for RoPE"),
@@ -146,6 +160,7 @@ BASE_STD = 0.02
 # The parameter list has ~9 entries per layer: a bound on layers keeps a hostile config from making
 # the verifier build a list of billions of names before it can count and refuse them.
 MAX_LAYERS = 10_000
+MAX_FIELD = 1 << 24  # any other integer field (widths, heads, vocabulary, sizes): 16M
 Spec = tuple[str, tuple[int, ...], str]
 
 

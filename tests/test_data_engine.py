@@ -129,6 +129,22 @@ def test_a_local_build_verifies_and_its_dedup_and_pack_replay_byte_identical(loc
     assert lines["data-replay"].startswith("ok") and "0 with equal rows" in lines["data-replay"], p.stdout
 
 
+def test_replay_data_works_under_a_long_tmpdir(local_built, tmp_path: Path) -> None:
+    """A macOS laptop's TMPDIR is 49+ characters: the data replay's worker sockets still fit."""
+    from conftest import run
+
+    out = local_built[0] / "out"
+    long = Path("/tmp") / ("T" * 60)
+    long.mkdir(exist_ok=True)
+    try:
+        p = run([sys.executable, "-m", "attest.cli", "verify", str(out), "--trust",
+                 str(out / "keys/signing-key.pub.pem"), "--replay-data"], extra_env={"TMPDIR": str(long)})
+    finally:
+        shutil.rmtree(long, ignore_errors=True)
+    assert "Traceback" not in p.stderr and "internal error" not in p.stderr, p.stderr[-3000:]
+    assert any(line.startswith("ok    data-replay") for line in p.stdout.splitlines()), p.stdout[-3000:]
+
+
 def test_replay_refuses_dedup_recorded_with_a_banding_the_threshold_does_not_give(local_built, tmp_path: Path) -> None:
     """An insider re-signs the build with `bands` 8 in every dedup manifest (statement and file alike):
     lineage still closes, but the replay will not run dedup with a banding other than the threshold's."""

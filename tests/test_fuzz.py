@@ -197,3 +197,19 @@ def test_random_bytes_as_an_archive(base, capsys, data: bytes, gz: bool, tmp_pat
     path = tmp_path_factory.mktemp("arch") / ("b.tar.gz" if gz else "b.tar")
     path.write_bytes((b"\x1f\x8b" if gz else b"") + data)
     assert run_verify(path, capsys) == 2
+
+
+# ---------------------------------------------------------------- every entry point, with a watchdog
+
+
+def test_every_entry_point_under_the_watchdog() -> None:
+    """A short campaign of tests/fuzzharness.py over verify (files, statements, policies, challenges
+    and packs, archives), challenge, respond, check-vsa, lineage and bundle: each input ends in a
+    verdict or one error line, within its time bound, under 2 GiB RSS, leaving nothing outside the
+    verifier's scratch folder; "internal error" fails the test. KAI_FUZZ_EXAMPLES sets the count
+    (bench/fuzz_entrypoints.py runs the long campaign)."""
+    import fuzzharness
+
+    tally = fuzzharness.run(EXAMPLES or 300, seed=EXAMPLES, wall_s=120, max_rss_mib=2048)
+    assert not tally.problems, "\n".join([tally.line(), *tally.problems[:20]])
+    assert len(tally.by_entry) >= 6, tally.line()  # verify, challenge, respond, check, lineage, bundle

@@ -301,8 +301,11 @@ def test_a_v1_bundle_still_re_derives_where_torch_exists(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("change, why", [({"n_layers": 10**9}, "n_layers=1000000000 is outside"),
-                                         ({"vocab_size": 10**12}, "max_genesis_params"),
-                                         ({"n_heads": 0}, "ZeroDivisionError"),
+                                         ({"ffn_hidden": 1 << 24, "dim": 1 << 16}, "max_genesis_params"),
+                                         ({"vocab_size": 10**12}, "vocab_size=1000000000000 is outside"),
+                                         ({"vocab_size": -10**6, "ffn_hidden": 10**15}, "vocab_size=-1000000 is outside"),
+                                         ({"n_heads": 0}, "n_heads=0 is outside"),
+                                         ({"norm_eps": -1.0}, "must be a positive finite number"),
                                          ({"dim": "64"}, "must be a number")])
 def test_a_hostile_model_config_fails_fast_with_one_line(tmp_path: Path, change: dict, why: str) -> None:
     root, priv = make_bundle(tmp_path / "b", steps=(2,), release=False, mutate=lambda st: next(

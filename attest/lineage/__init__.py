@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import t as student_t
 
+from attest import inputs
 from attest.bundle import BundlePathError, safe_file
 from attest.chain import ChainError, read_chain
 from attest.digest import DigestError, TensorEntry, read_safetensors_index
@@ -55,6 +57,12 @@ DEFAULT_SEED = 0
 DEFAULT_MAX_UNITS = 1024
 # Draws evaluated at once are bounded so a term's per-draw arrays stay under this many floats.
 CHUNK_ELEMENTS = 1 << 23
+# Work budget, charged from the headers before any tensor is read: elements of one compared tensor
+# (read whole, as float32), and units of a matched group on either side (the correlation matrix of a
+# draw is min(units, max_units) x units).
+MAX_TENSOR_ELEMENTS = 1 << 28
+MAX_GROUP_UNITS = 1 << 16
+MAX_CHAIN_BYTES = 64 << 20  # a bundle's chain.jsonl read for its release and genesis subjects
 CONSTANT_EPS = 1e-12  # a row whose centred norm is below this carries no information
 P_FLOOR = 1e-300
 CONTROL = "genesis (positive control)"
@@ -94,7 +102,9 @@ class Weights:
             raise LineageInputError(f"{path}: tensor {name!r} holds {e.end - e.start} bytes, "
                                     f"expected {n * width} for {e.dtype} {list(e.shape)}")
         if n == 0:
-            return np.zeros(e.shape, np.float32)
+            raise LineageInputError(f"{path}: tensor {name!r} is empty ({list(e.shape)}); nothing to compare")
+        if n > MAX_TENSOR_ELEMENTS:
+            raise LineageInputError(f"{path}: tensor {name!r} has {n} elements (the limit is {MAX_TENSOR_ELEMENTS})")
         try:
             raw = np.memmap(path, dtype=np.uint8, mode="r", offset=e.start, shape=(e.end - e.start,))
         except (OSError, ValueError) as ex:
@@ -104,7 +114,11 @@ class Weights:
             x = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
         else:
             x = raw.view(np.dtype(_FLOAT_DTYPES[e.dtype]).newbyteorder("<"))
-        return x.astype(np.float32).reshape(e.shape)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = x.astype(np.float32).reshape(e.shape)
+        if not np.isfinite(out).all():
+            raise LineageInputError(f"{path}: tensor {name!r} holds NaN or infinite values (in float32)")
+        return out
 
 
 def _index_files(label: str, files: list[Path]) -> dict[str, tuple[Path, TensorEntry]]:
@@ -126,11 +140,15 @@ def _index_files(label: str, files: list[Path]) -> dict[str, tuple[Path, TensorE
 
 
 def _bundle_subject(root: Path, kind: str) -> list[Path]:
-    entries, _ = read_chain(root / CHAIN_NAME)
+    try:
+        entries, _ = read_chain(safe_file(root, CHAIN_NAME, MAX_CHAIN_BYTES), MAX_CHAIN_BYTES)
+    except (FileNotFoundError, BundlePathError) as e:
+        raise LineageInputError(f"{root}: {e}") from None
     found = [e for e in entries if e.kind == kind]
     if not found:
         raise LineageInputError(f"{root / CHAIN_NAME}: no {kind} statement")
-    names = [s.get("name", "") for s in found[-1].statement.get("subject", [])]
+    subjects = found[-1].statement.get("subject")
+    names = [s.get("name", "") for s in (subjects if isinstance(subjects, list) else []) if isinstance(s, dict)]
     names = [n for n in names if isinstance(n, str) and n.endswith(".safetensors")]
     if not names:
         raise LineageInputError(f"{root / CHAIN_NAME}: the {kind} statement names no .safetensors file")
@@ -144,9 +162,15 @@ def open_weights(path: str | Path, with_genesis: bool = False) -> Weights:
     """A safetensors file, a folder of them (a sharded checkpoint), or a bundle (chain.jsonl):
     the bundle's released weights, with its genesis weights attached (`with_genesis`) as the
     positive control."""
-    p = Path(path)
-    if not p.exists():
-        raise LineageInputError(f"{p}: no such file or folder")
+    try:
+        inputs.check_path(path)
+        p = Path(path)
+        if not p.exists():
+            raise LineageInputError(f"{p}: no such file or folder")
+        if not p.is_dir():  # a file the evaluator names (a Hugging Face cache links them): its link is followed
+            p = Path(os.path.realpath(p))
+    except (inputs.InputError, OSError) as e:
+        raise LineageInputError(f"{path}: {getattr(e, 'strerror', None) or e}") from None
     if p.is_dir() and (p / CHAIN_NAME).is_file():
         try:
             release = _bundle_subject(p, "release")
@@ -156,11 +180,11 @@ def open_weights(path: str | Path, with_genesis: bool = False) -> Weights:
         g = Weights(f"{p.name}:genesis", _index_files(str(p), genesis)) if genesis else None
         return Weights(p.name, _index_files(str(p), release), genesis=g)
     if p.is_dir():
-        files = sorted(f for f in p.glob("*.safetensors") if f.is_file())
+        files = sorted(Path(os.path.realpath(f)) for f in p.glob("*.safetensors") if f.is_file())
         if not files:
             raise LineageInputError(f"{p}: folder holds no .safetensors file and no {CHAIN_NAME}")
         return Weights(p.name, _index_files(str(p), files))
-    return Weights(p.name, _index_files(str(p), [p]))
+    return Weights(Path(path).name, _index_files(str(path), [p]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +356,9 @@ def _plan_component(comp: str, cw: Weights, cs: dict[str, Slot], rw: Weights, rs
             who = "candidate" if a_const == an.shape[0] else "reference"
             plan.skipped.append(f"{role}: constant in the {who} (e.g. a norm gain still at its initial value)")
             continue
+        if a_axes[0].kind == "unit" and max(an.shape[0], bn.shape[0]) > MAX_GROUP_UNITS:
+            raise LineageInputError(f"{comp}.{role}: {max(an.shape[0], bn.shape[0])} units (the limit is "
+                                    f"{MAX_GROUP_UNITS})")
         mat = _Matrix(role, an, bn, col_shape, col_streams, row_stream)
         plan.roles.append(role)
         if a_axes[0].kind == "unit":

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from attest.bundle import BundlePathError, safe_file
+from attest.bundle import safe_file
+from attest.errors import KaiError
 # PARALLEL_BYTES: also the size below which a thread pool costs more than it saves (checks_model uses it).
 from attest.digest import PARALLEL_BYTES, DigestError, hash_safetensors, safetensors_leaves, sha256_file
 
@@ -108,7 +109,7 @@ class FileDigests:
         def one(n: str) -> None:
             try:
                 self._fill(n)
-            except (FileNotFoundError, BundlePathError, DigestError, OSError):
+            except (FileNotFoundError, KaiError, OSError):  # the checks name the problem
                 pass
             if progress is not None:
                 with self._lock:

@@ -54,6 +54,37 @@ def _inside(ctx: Context, name: str) -> bool:
     return True
 
 
+# Work budget of --replay-data, charged from the manifests before any stage runs (docs/threat-model.md).
+MAX_NUM_PERM = 4096  # MinHash permutations (data_pipelines.dedup.MAX_NUM_PERM)
+MAX_SHINGLE = 1024
+MAX_TASKS = 1024  # dedup tasks of a datatrove layout
+MAX_SHARD_ROWS = 1 << 31
+MAX_SHARD_MB = 1 << 16
+MAX_SEQ_LEN = 1 << 20
+
+
+def _whole(where: str, v: Any, lo: int, hi: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ValueError(f"{where} = {str(v)[:40]}: expected a whole number in [{lo}, {hi}]")
+    return v
+
+
+def _charge(dparams: dict[str, Any], pparams: dict[str, Any]) -> None:
+    """Refuse a recorded parameter that is of the wrong type or outside the work budget (ValueError)."""
+    _whole("dedup num_perm", dparams.get("num_perm"), 16, MAX_NUM_PERM)
+    _whole("dedup shingle", dparams.get("shingle"), 1, MAX_SHINGLE)
+    layout = dparams.get("layout")
+    if layout is not None:
+        _whole("dedup layout.tasks", as_dict(layout).get("tasks"), 1, MAX_TASKS)
+    for stage, params in (("dedup", dparams), ("pack", pparams)):
+        bounds = as_dict(params.get("shards"))
+        _whole(f"{stage} shards.rows", bounds.get("rows"), 1, MAX_SHARD_ROWS)
+        mb = bounds.get("max_mb")
+        if not isinstance(mb, (int, float)) or isinstance(mb, bool) or not 0 < mb <= MAX_SHARD_MB:
+            raise ValueError(f"{stage} shards.max_mb = {str(mb)[:40]}: expected a number in (0, {MAX_SHARD_MB}]")
+    _whole("pack seq_len", pparams.get("seq_len"), 1, MAX_SEQ_LEN)
+
+
 def _one(manifests: dict[str, dict[str, Any]], key: str) -> Any:
     values = {repr(m.get(key)) for m in manifests.values()}
     if len(values) != 1:
@@ -92,7 +123,7 @@ def check_data_replay(ctx: Context) -> Iterator[Finding]:
         return
     try:
         yield from _replay(ctx, staged, stages, DedupConfig, SCHEME, SHINGLE_HASH, Source, load_tokenizer)
-    except (ValueError, KeyError, TypeError, OSError) as e:
+    except (ValueError, LookupError, TypeError, AttributeError, OSError) as e:
         yield Finding(CHECK, False, "", "the recorded stages to run again", f"{type(e).__name__}: {e}")
 
 
@@ -101,9 +132,12 @@ def _replay(ctx: Context, staged: dict[str, dict[str, dict[str, Any]]], stages: 
     import pyarrow.parquet as pq
 
     dparams, pparams = _one(staged["dedup"], "params"), _one(staged["pack"], "params")
+    if not isinstance(dparams, dict) or not isinstance(pparams, dict):
+        raise ValueError("the dedup and pack manifests record params as objects")
     if "shards" not in dparams or "shards" not in pparams:
         yield skipped(CHECK, "", "the manifests do not record their shard bounds (built by an older kai-data)")
         return
+    _charge(dparams, pparams)
     from data_pipelines.dedup import DATATROVE_SCHEME
 
     engine: Any = None

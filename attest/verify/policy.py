@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attest import jsonread
+from attest import inputs, jsonread
 from attest.verify.checknames import CHECK_NAMES
 from attest.errors import KaiError
 
@@ -127,9 +127,9 @@ def _tsa_certs(raw: dict[str, Any], key: str, where: str, base: Path | None) -> 
     for i, name in enumerate(_str_list(raw, key, where) or []):
         path = Path(name) if Path(name).is_absolute() or base is None else base / name
         try:
-            found = x509.load_pem_x509_certificates(path.read_bytes()[:MAX_POLICY_BYTES])
-        except OSError as e:
-            raise PolicyError(f"{where}: {key}[{i}] {path}: cannot read ({e.strerror})") from None
+            found = x509.load_pem_x509_certificates(inputs.read_bytes(path, MAX_POLICY_BYTES, where=str(path)))
+        except inputs.InputError as e:
+            raise PolicyError(f"{where}: {key}[{i}] {e}") from None
         except ValueError:
             raise PolicyError(f"{where}: {key}[{i}] {path}: not a PEM X.509 certificate") from None
         for c in found:
@@ -156,7 +156,12 @@ def parse_policy(raw: Any, where: str = "policy", base: Path | None = None) -> P
             p.keyids.append(m.group(2))
         else:
             path = Path(k)
-            p.key_files.append(path if path.is_absolute() or base is None else base / path)
+            path = path if path.is_absolute() or base is None else base / path
+            try:
+                inputs.check_path(path)
+            except inputs.InputError as e:
+                raise PolicyError(f"{where}: keys: {e}") from None
+            p.key_files.append(path)
     idents = raw.get("sigstore_identities") or []
     if not isinstance(idents, list):
         raise PolicyError(f"{where}: `sigstore_identities` must be a list of {{identity, issuer}} objects")
@@ -241,13 +246,9 @@ def parse_drift(v: Any, where: str) -> float:
 def load_policy(path: str | Path) -> Policy:
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_POLICY_BYTES:
-            raise PolicyError(f"{path}: policy larger than {MAX_POLICY_BYTES} bytes")
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise PolicyError(f"{path}: cannot read policy ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise PolicyError(f"{path}: policy is not UTF-8 text") from None
+        text = inputs.read_text(path, MAX_POLICY_BYTES, where=str(path))
+    except inputs.InputError as e:
+        raise PolicyError(f"{e} (the policy)") from None
     if path.suffix in (".yaml", ".yml"):
         try:
             import yaml

@@ -30,7 +30,8 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bot
 .verdict{border-radius:8px;padding:16px 20px;margin:12px 0 8px;color:#fff}
 .verdict b{font-size:26px;display:block}
 .pass{background:#1a7f37}.fail{background:#cf222e}.partial{background:#9a6700}
-table{border-collapse:collapse;width:100%;font-size:13px} th,td{border:1px solid #d0d7de;padding:4px 6px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;width:100%;font-size:13px;table-layout:fixed}
+th,td{border:1px solid #d0d7de;padding:4px 6px;text-align:left;vertical-align:top;overflow-wrap:anywhere;word-break:break-word}
 th{background:#f6f8fa} td.s{font-weight:600;white-space:nowrap} .ok{color:#1a7f37}.FAIL{color:#cf222e}.SKIP{color:#9a6700}
 code{font:12px ui-monospace,SFMono-Regular,Menlo,monospace;word-break:break-all} td.c code{word-break:normal;white-space:nowrap}
 .plots{display:flex;flex-wrap:wrap;gap:16px} figure{margin:0} figcaption{font-size:12px;color:#57606a;max-width:520px}
@@ -50,6 +51,19 @@ def _text(x: Any) -> str:
 
 def _e(x: Any) -> str:
     return html.escape(_text(x), quote=True)
+
+
+MAX_CELL_CHARS = 300  # a bundle string longer than this is cut in a table cell (the full text is in its tooltip)
+
+
+def _cell(x: Any, limit: int = MAX_CELL_CHARS) -> str:
+    """A table cell's text: escaped, wrapped by the CSS anywhere, and cut after `limit` characters
+    with the count of what was left out (a 3,000-character licence keeps the columns on screen)."""
+    s = _text(x)
+    if len(s) <= limit:
+        return html.escape(s, quote=True)
+    return (f'<span title="{html.escape(s[:4000], quote=True)}">{html.escape(s[:limit], quote=True)}</span>'
+            f'<span class="muted">… ({len(s) - limit:,} more characters)</span>')
 
 
 def _num(x: Any) -> float | None:
@@ -188,8 +202,8 @@ def _checks_table(report: Report) -> str:
     rows = ["<table><tr><th>status</th><th>check</th><th>file</th><th>expected</th><th>found</th><th>detail</th></tr>"]
     for f in report.findings:
         status = "ok" if f.ok else "SKIP" if f.skipped else "FAIL"
-        rows.append(f'<tr><td class="s {status}">{status}</td><td class="c"><code>{_e(f.check)}</code></td><td><code>{_e(f.file)}</code></td>'
-                    f"<td>{_e(f.expected)}</td><td>{_e(f.found)}</td><td>{_e(f.detail)}</td></tr>")
+        rows.append(f'<tr><td class="s {status}">{status}</td><td class="c"><code>{_e(f.check)}</code></td><td><code>{_cell(f.file)}</code></td>'
+                    f"<td>{_cell(f.expected)}</td><td>{_cell(f.found)}</td><td>{_cell(f.detail)}</td></tr>")
     rows.append("</table>")
     return "".join(rows)
 
@@ -210,9 +224,9 @@ def _replay_table(report: Report) -> str:
     for i, f in enumerate(ran):
         status = "ok" if f.ok else "SKIP" if f.skipped else "FAIL"
         said = "reproduced" if f.ok else "not decided" if f.skipped else "differs"
-        rows.append(f'<tr><td><code>{_e(f.file)}</code></td><td class="s {status}">{said}</td>'
+        rows.append(f'<tr><td><code>{_cell(f.file)}</code></td><td class="s {status}">{said}</td>'
                     f"<td>{_e(modes[i] if i < len(modes) else '')}</td>"
-                    f"<td>{_e(f.expected)}</td><td>{_e(f.found)}</td><td>{_e(f.detail)}</td></tr>")
+                    f"<td>{_cell(f.expected)}</td><td>{_cell(f.found)}</td><td>{_cell(f.detail)}</td></tr>")
     rows.append("</table>")
     cov = report.facts.get("replay_coverage")
     if isinstance(cov, dict):
@@ -251,7 +265,7 @@ def _stage_summary(table: Sequence[dict[str, Any]]) -> str:
     rows = ["<table><tr><th>source</th><th>raw items read</th><th>dropped at ingest</th><th>duplicates removed</th>"
             "<th>records kept</th><th>packed rows</th></tr>"]
     for src, d in sorted(by.items()):
-        rows.append(f"<tr><td>{_e(src)}</td><td>{d['ingest'] + d['dropped']}</td><td>{d['dropped']}</td><td>{d['removed']}</td>"
+        rows.append(f"<tr><td>{_cell(src)}</td><td>{d['ingest'] + d['dropped']}</td><td>{d['dropped']}</td><td>{d['removed']}</td>"
                     f"<td>{d['dedup']}</td><td>{d['pack']}</td></tr>")
     rows.append("</table>")
     return "".join(rows)
@@ -264,9 +278,10 @@ def _data_table(table: Sequence[dict[str, Any]]) -> str:
             "<th>rows</th></tr>"]
     for r in table:
         mark = " (trained on)" if r.get("trained") is True else ""
-        rows.append(f"<tr><td><code>{_e(r.get('shard'))}</code>{mark}</td><td>{_e(r.get('stage') or '—')}</td>"
-                    f"<td>{_e(r.get('source'))}</td><td>{_e(r.get('license'))}</td>"
-                    f"<td>{_e(r.get('collection'))}</td><td>{_e(r.get('generator') or '—')}</td><td>{_e(r.get('rows'))}</td></tr>")
+        rows.append(f"<tr><td><code>{_cell(r.get('shard'))}</code>{mark}</td><td>{_cell(r.get('stage') or '—')}</td>"
+                    f"<td>{_cell(r.get('source'))}</td><td>{_cell(r.get('license'))}</td>"
+                    f"<td>{_cell(r.get('collection'))}</td><td>{_cell(r.get('generator') or '—')}</td>"
+                    f"<td>{_cell(r.get('rows'))}</td></tr>")
     rows.append("</table>")
     return "".join(rows)
 

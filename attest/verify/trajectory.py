@@ -29,6 +29,7 @@ from io import BufferedReader
 
 import numpy as np
 
+from attest import inputs
 from attest.digest import DigestError, TensorEntry, read_safetensors_index
 
 CHUNK_ELEMS = 1 << 18  # 1 MiB of float32: the difference stays in cache for its reductions
@@ -132,7 +133,7 @@ def _tensor_delta(prev: tuple[Path, TensorEntry], nxt: tuple[Path, TensorEntry])
     numel = math.prod(ne.shape)
     diff_sq = diff_max = a_max = a_sq = 0.0
     d = np.empty(min(numel, CHUNK_ELEMS), dtype=np.float64 if ne.dtype == "F64" else np.float32)
-    with open(pp, "rb") as fa, open(np_, "rb") as fb, np.errstate(all="ignore"):
+    with inputs.open_file(pp) as fa, inputs.open_file(np_) as fb, np.errstate(all="ignore"):
         for a, b in zip(_chunks(fa, pe, numel), _chunks(fb, ne, numel)):
             dd = d[: len(a)]
             np.subtract(b, a, out=dd)

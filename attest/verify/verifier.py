@@ -240,10 +240,19 @@ def _bundle_keys(root: Path, required: bool) -> list[PublicKeyVerifier]:
         raise BundleUnreadable(f"{root}: {e}") from None
 
 
+# Failures one check lists one by one; the rest become one summary line (the verdict counts them all).
+MAX_FINDINGS_PER_CHECK = 100
+MAX_BUNDLE_ENTRIES = 1_000_000  # files and folders under a bundle (or a packs) folder
+
+
 def bundle_size(root: Path, limit: int) -> int:
-    """Bytes of regular files under `root` (symlinks not followed); BundleUnreadable above `limit`."""
-    total = 0
-    for dirpath, _, filenames in os.walk(root):
+    """Bytes of regular files under `root` (symlinks not followed), each charged its apparent size
+    (a sparse file counts in full); BundleUnreadable above `limit`, or above MAX_BUNDLE_ENTRIES names."""
+    total = entries = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        entries += len(dirnames) + len(filenames)
+        if entries > MAX_BUNDLE_ENTRIES:
+            raise BundleUnreadable(f"{root}: more than {MAX_BUNDLE_ENTRIES} files and folders")
         for n in filenames:
             try:
                 st = os.lstat(os.path.join(dirpath, n))
@@ -275,9 +284,14 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
     root = Path(bundle)
     if not root.is_dir() or root.is_symlink():
         raise BundleUnreadable(f"{root}: not a bundle folder")
-    bundle_size(root, policy.limits["max_bundle_bytes"])
+    used = bundle_size(root, policy.limits["max_bundle_bytes"])
+    if packs is not None:  # the packs are read like the bundle: charged against the same limit (sparse files too)
+        if not packs.is_dir() or packs.is_symlink():
+            raise BundleUnreadable(f"{packs}: not a folder of packs")
+        bundle_size(packs, policy.limits["max_bundle_bytes"] - used)
     try:
-        entries, torn = read_chain(safe_file(root, CHAIN_NAME, policy.limits["max_chain_bytes"]))
+        max_chain = policy.limits["max_chain_bytes"]
+        entries, torn = read_chain(safe_file(root, CHAIN_NAME, max_chain), max_chain)
     except (FileNotFoundError, BundlePathError) as e:
         raise BundleUnreadable(f"{root}: {e}") from None
     except ChainError as e:
@@ -329,12 +343,22 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
                     ctx.files.prefetch((s["name"] for e in entries for s in subjects_of(e)), hashing.update)
                 prefetched = True
         bar = _replay_progress(ctx, progress) if check is check_replay else None
+        shown: dict[str, int] = {}
+        hidden: dict[str, tuple[int, Finding]] = {}
         for f in check(ctx):
             if not f.ok and not f.skipped:
                 ctx.failed.add(f.check)
+                shown[f.check] = shown.get(f.check, 0) + 1
+                if shown[f.check] > MAX_FINDINGS_PER_CHECK:  # one summary line below instead
+                    n, first = hidden.get(f.check, (0, f))
+                    hidden[f.check] = (n + 1, first)
+                    continue
             findings.append(f)
             if bar is not None and f.check == "replay" and not f.skipped:
                 bar.advance()
+        for name, (n, first) in hidden.items():
+            findings.append(Finding(name, False, first.file, f"at most {MAX_FINDINGS_PER_CHECK} failures of one check "
+                                    "listed", f"{n} more", detail="not listed one by one"))
         if bar is not None:
             bar.close()
     asked = ("replay",) * (not replay_default and replay not in (0, None)) + ("data-replay",) * bool(replay_data)

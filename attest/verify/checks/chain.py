@@ -225,6 +225,7 @@ def _compress(kinds: list[str]) -> list[str]:
 # A token may be this far ahead of the verifier's clock (two clocks never agree exactly).
 TSA_CLOCK_SKEW = timedelta(seconds=60)
 SHA256_OID = "2.16.840.1.101.3.4.2.1"
+MAX_TOKENS_PER_ENTRY = 8  # RFC 3161 tokens one chain line may carry (kai-train writes one)
 
 
 def check_timestamps(ctx: Context) -> Iterator[Finding]:
@@ -233,10 +234,20 @@ def check_timestamps(ctx: Context) -> Iterator[Finding]:
     never later than the verification time, and never going backwards along the chain. Without
     pinned roots the tokens' signatures are not verified and the check is skipped."""
     tokens: list[tuple[Entry, Any]] = []  # (entry, its base64 token: token_time checks it first)
+    crowded = []
     for e in ctx.entries:
         tvd = as_dict(as_dict(e.bundle.get("verificationMaterial")).get("timestampVerificationData"))
-        for t in as_list(tvd.get("rfc3161Timestamps")):
+        listed = as_list(tvd.get("rfc3161Timestamps"))
+        if len(listed) > MAX_TOKENS_PER_ENTRY:  # charged before any token is decoded
+            crowded.append(e)
+            continue
+        for t in listed:
             tokens.append((e, as_dict(t).get("signedTimestamp")))
+    for e in crowded:
+        yield Finding("timestamps", False, ctx.where(e), f"at most {MAX_TOKENS_PER_ENTRY} RFC 3161 timestamps on a line",
+                      f"{len(as_list(as_dict(as_dict(e.bundle.get('verificationMaterial')).get('timestampVerificationData')).get('rfc3161Timestamps')))}")
+    if crowded and not tokens:
+        return
     if not tokens:
         why = ("keyless lines carry their log's integrated time instead, checked by signature" if
                ctx.facts.get("keyless_entries") else "key-mode signatures carry no trusted time")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterator
 
+from attest import inputs
 from attest.bundle import BundlePathError, folder_entries
 from attest.chain import Entry
 from attest.digest import merkle_root
@@ -187,7 +188,8 @@ def check_run_config(ctx: Context) -> Iterator[Finding]:
         name = s["name"]
         try:
             want = render_yaml(as_dict(run.predicate.get("config"))).encode()
-            got = ctx.files.path(name).read_bytes() if ctx.files.path(name).stat().st_size <= MAX_CONFIG_BYTES else None
+            got = inputs.read_bytes(ctx.files.path(name), MAX_CONFIG_BYTES, where=name) if ctx.files.path(
+                name).stat().st_size <= MAX_CONFIG_BYTES else None
         except TypeError as ex:
             bad += 1
             yield Finding(RUN_CONFIG, False, ctx.where(run), "a config of mappings, lists and scalars", str(ex))

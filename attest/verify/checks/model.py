@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from attest import jsonread
+from attest import inputs, jsonread
 from attest.verify import trajectory as traj
 from attest.bundle import BundlePathError, folder_entries
 from attest.chain import Entry
@@ -260,6 +260,7 @@ def check_trajectory(ctx: Context) -> Iterator[Finding]:
 
 NO_RELEASE = "no release statement: the from-scratch claim needs a released model"
 MAX_EXPORT_CONFIG_BYTES = 1 << 20
+MAX_TOKENIZER_BYTES = 256 << 20  # a SentencePiece model read whole to render the release (a 256k vocabulary is ~5 MB)
 
 
 def _canonical(x: Any) -> str:
@@ -359,7 +360,8 @@ def release_inputs(ctx: Context, r: Entry, last: Entry) -> tuple[list[Entry], An
         want = [d for d, n in declared.items() if n == run_tok] or [min(declared, key=lambda d: declared[d])]
         for name in (f"{EXPORT_DIR}/{TOKENIZER_NAME}", declared[want[0]]):
             try:
-                data = ctx.files.path(name).read_bytes() if ctx.files.sha256(name) == want[0] else None
+                data = inputs.read_bytes(ctx.files.path(name), MAX_TOKENIZER_BYTES, where=name) \
+                    if ctx.files.sha256(name) == want[0] else None
             except UNREADABLE:
                 data = None
             if data is not None:
@@ -420,7 +422,8 @@ def _same_json(ctx: Context, name: str, want: bytes) -> bool:
         path = ctx.files.path(name)
         if path.stat().st_size > MAX_EXPORT_CONFIG_BYTES:
             return False
-        return _canonical(jsonread.loads(path.read_bytes(), name, MAX_EXPORT_CONFIG_BYTES)) == _canonical(json.loads(want))
+        return _canonical(jsonread.loads(inputs.read_bytes(path, MAX_EXPORT_CONFIG_BYTES, where=name), name,
+                                         MAX_EXPORT_CONFIG_BYTES)) == _canonical(json.loads(want))
     except UNREADABLE:
         return False
 
@@ -431,7 +434,7 @@ def _rendered_difference(ctx: Context, name: str, want: bytes) -> str:
         path = ctx.files.path(name)
         if path.stat().st_size > MAX_EXPORT_CONFIG_BYTES:
             return f"more than {MAX_EXPORT_CONFIG_BYTES} bytes"
-        got = path.read_bytes()
+        got = inputs.read_bytes(path, MAX_EXPORT_CONFIG_BYTES, where=name)
     except UNREADABLE as ex:
         return f"unreadable ({str(ex)[:80]})"
     if name.endswith(".json"):
