@@ -186,7 +186,7 @@ def test_challenge_listing_a_segment_twice_is_refused(base, tmp_path, capsys) ->
     out = tmp_path / "c.json"
     assert main(["challenge", str(base[0]), "--segments", "1", "--seed", "3", "--out", str(out)]) == 0
     c = json.loads(out.read_text())
-    c["segments"] = c["segments"] * 5000
+    c["segments"] = c["segments"][:1] * 500  # one segment, many times (within the 1 MiB challenge limit)
     out.write_text(json.dumps(c))
     err = one_line(capsys, main(["verify", str(base[0]), "--challenge", str(out), "--packs", str(tmp_path)]))
     assert "listed twice" in err
