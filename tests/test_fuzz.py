@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 from bundlefactory import DERIVER, ckpt_name, make_bundle, statements, write_chain
+from fuzzharness import _paths
+from fuzzharness import _set as _replace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -114,24 +116,6 @@ def test_mutated_chain_bytes(base, work, capsys, ops: list[tuple[str, int, int]]
             del data[i:]
     (work / "chain.jsonl").write_bytes(bytes(data))
     run_verify(work, capsys)  # 0 is possible: a change to unsigned bytes of the last line
-
-
-def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
-    out = [prefix]
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out += _paths(v, prefix + (k,))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            out += _paths(v, prefix + (i,))
-    return out
-
-
-def _replace(obj: Any, path: tuple, value: Any) -> Any:
-    if not path:
-        return value
-    obj[path[0]] = _replace(obj[path[0]], path[1:], value)
-    return obj
 
 
 @FEWER
