@@ -8,7 +8,7 @@ LIGHT  ?= .venv-light
 # normal build comes from PyPI. Override with `make TORCH_VERSION=...`.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test test-fast test-light lint install clean
+.PHONY: demo test test-fast test-light bench-smoke lint install clean
 
 install: $(VENV)/.installed
 
@@ -23,11 +23,15 @@ demo: install
 
 # The whole suite, the light-install tier included (it reuses the session's trained demo bundle).
 test: install $(LIGHT)/.installed
-	PATH="$(abspath $(BIN)):$$PATH" KAI_LIGHT_VENV="$(abspath $(LIGHT))" $(BIN)/python -m pytest -q -ra
+	PATH="$(abspath $(BIN)):$$PATH" KAI_LIGHT_VENV="$(abspath $(LIGHT))" $(BIN)/python -m pytest -q -ra -m "not bench"
 
 # The edit-test loop: everything but the real torchrun/DeepSpeed trainings (about two minutes).
 test-fast: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -ra -m "not slow"
+
+# The smoke sizes of the benches that train (torchrun/DeepSpeed; the others run in `make test`).
+bench-smoke: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -ra -m bench tests/test_bench_smoke.py
 
 # ruff (style and bug patterns), the layer contracts (import-linter, [tool.importlinter]) and mypy, all
 # configured in pyproject.toml.

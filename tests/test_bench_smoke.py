@@ -15,9 +15,8 @@ import pytest
 from conftest import REPO, env
 
 BENCHES = sorted(p.name for p in (REPO / "bench").glob("*.py") if not p.name.startswith("_"))
-# benches that launch torchrun/DeepSpeed or build corpora with worker pools: the slow tier
-HEAVY = {"audit_cost.py", "provenance_overhead.py", "scale_provenance.py", "train_throughput.py", "data_scale.py",
-         "data_ingest.py", "moe.py"}
+# benches that train (torchrun/DeepSpeed, about a minute each): `make bench-smoke`, outside `make test`
+HEAVY = {"audit_cost.py", "provenance_overhead.py", "scale_provenance.py", "train_throughput.py", "moe.py"}
 
 
 def test_every_bench_has_a_smoke_size() -> None:
@@ -25,7 +24,8 @@ def test_every_bench_has_a_smoke_size() -> None:
     assert not missing, f"bench scripts without --smoke: {missing}"
 
 
-@pytest.mark.parametrize("bench", [pytest.param(b, marks=[pytest.mark.slow] if b in HEAVY else []) for b in BENCHES])
+@pytest.mark.parametrize("bench", [pytest.param(b, marks=[pytest.mark.slow, pytest.mark.bench] if b in HEAVY else [])
+                                   for b in BENCHES])
 def test_bench_runs_at_its_smoke_size_and_prints_figures(bench: str) -> None:
     pytest.importorskip("torch", reason="the benches measure the training stack too")
     p = subprocess.Popen([sys.executable, str(REPO / "bench" / bench), "--smoke"], cwd=REPO, env=env(),

@@ -247,7 +247,11 @@ def replayer(ctx, segments) -> Iterator:  # (Context, list[Entry]) -> Iterator[F
             finding, result = _exact(ctx, plan, label, fact)
             if ctx.replay_mode == "tolerance" or (not finding.ok and ctx.replay_mode != "exact"):
                 tol = _tolerance(ctx, k, label, fact, plan, result)
-                finding = finding if finding.ok else tol
+                if not finding.ok and not tol.ok and not tol.skipped:  # both fail: the exact difference is the precise one
+                    finding = Finding("replay", False, label, finding.expected, finding.found,
+                                      f"{finding.detail}; tolerance mode fails too ({tol.found}; {tol.detail})"[:900])
+                elif not finding.ok:
+                    finding = tol
         except ReplayUndecided as ex:
             finding = undecided("replay", label, str(ex)[:400])
         except PlanError as ex:
