@@ -26,7 +26,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     # Initial weights: the recipe that re-creates them and their canonical digest.
     "genesis": ("recipe", "weights_root", "tensors"),
     # A checkpoint: step, canonical digest, data consumed since the previous one, metrics; optional
-    # (checked when present): optimizer, rng_state, environment (see checkpoint_extras).
+    # (checked when present): optimizer, rng_state, environment, routing (see checkpoint_extras).
     "checkpoint": ("step", "weights_root", "parent_root", "data_consumed", "metrics"),
     # The released weights: the last checkpoint, by canonical digest.
     "release": ("step", "weights_root"),
@@ -94,8 +94,9 @@ def validate_statement(st: dict[str, Any]) -> str | None:
 
 
 def checkpoint_extras(pred: dict[str, Any]) -> str | None:
-    """Shape of the optional checkpoint fields (`metrics.grad_norm`, `rng_state`, `environment`);
-    statements written before they existed lack them, which is fine."""
+    """Shape of the optional checkpoint fields (`metrics.grad_norm`, `rng_state`, `environment`,
+    `routing`); statements written before they existed lack them, which is fine, and so do a dense
+    model's (`routing`)."""
     metrics = pred.get("metrics")
     if isinstance(metrics, dict) and "grad_norm" in metrics:
         g = metrics["grad_norm"]
@@ -119,4 +120,28 @@ def checkpoint_extras(pred: dict[str, Any]) -> str | None:
         if not (isinstance(versions, dict) and all(isinstance(v, str) for v in versions.values())
                 and isinstance(env.get("hardware"), dict)):
             return "environment must be {versions: {library: version}, hardware: {...}}"
+    if "routing" in pred:
+        return routing_problem(pred["routing"], pred.get("step_losses"))
+    return None
+
+
+ROUTING_ALGORITHM = "kai-routing/v1"
+MAX_ROUTING_LAYERS = 4096
+
+
+def routing_problem(routing: Any, step_losses: Any = None) -> str | None:
+    """Shape of a checkpoint's `routing`: {algorithm, layers: [unique names], steps: [[a sha256 hex
+    per layer] per step of the segment]}; as many steps as `step_losses` when both are present."""
+    if not isinstance(routing, dict) or routing.get("algorithm") != ROUTING_ALGORITHM:
+        return f"routing must be {{algorithm: {ROUTING_ALGORITHM}, layers, steps}}"
+    layers, steps = routing.get("layers"), routing.get("steps")
+    if not (isinstance(layers, list) and 0 < len(layers) <= MAX_ROUTING_LAYERS
+            and all(isinstance(x, str) and 0 < len(x) <= 200 for x in layers) and len(set(layers)) == len(layers)):
+        return "routing.layers must be a list of distinct MoE layer names"
+    if not (isinstance(steps, list) and steps and all(
+            isinstance(row, list) and len(row) == len(layers) and all(isinstance(x, str) and _HEX64.fullmatch(x) for x in row)
+            for row in steps)):
+        return f"routing.steps must be, per step, a list of {len(layers)} sha256 hex digests (one per layer)"
+    if isinstance(step_losses, list) and len(step_losses) != len(steps):
+        return f"routing has {len(steps)} steps, step_losses {len(step_losses)}"
     return None

@@ -137,8 +137,10 @@ class MoE(nn.Module):
     ceil(capacity_factor * tokens * k / E) assignments of a micro-batch, the first in token order,
     and a dropped assignment adds nothing (the residual carries the token).
 
-    After each forward, `load` holds the assignments per expert (E,) and `aux_loss` the weighted
-    load-balancing loss (Switch Transformer: E * sum_e f_e * P_e); the training step reads both.
+    After each forward, `load` holds the assignments per expert (E,), `aux_loss` the weighted
+    load-balancing loss (Switch Transformer: E * sum_e f_e * P_e) and `routing` the chosen experts
+    (N, k) of the N = batch x sequence tokens; the training step reads them (`routing` for the
+    routing commitments, kai_train.routing).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -151,6 +153,7 @@ class MoE(nn.Module):
         self.shared = SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_hidden) if cfg.n_shared_experts else None
         self.load: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
+        self.routing: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -176,6 +179,7 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(xf)
         self.load = counts.detach().float()
+        self.routing = idx.detach()
         frac = counts.float() / (N * k)  # f_e: share of assignments
         self.aux_loss = self.aux_coef * E * (frac * scores.mean(0)).sum()
         return y.view(shape)

@@ -17,7 +17,9 @@ claimed end state (the next checkpoint's files) and, for the second of the verif
 replays, the end state the first one dumped. Each rank then reports, for every tensor it owns,
 the float64 norms ||reached - claimed||, ||claimed - start||, ||claimed|| and ||reached - other||,
 reading those tensors one at a time: the comparison costs O(model / world) per rank, like the
-replay. The per-step losses are returned too, so the verifier can name the first step that differs.
+replay. The per-step losses are returned too, so the verifier can name the first step that differs,
+and for a mixture of experts each step's routing digest per MoE layer (kai_train.routing), so it can
+name the first step and layer whose routing differs.
 """
 
 from __future__ import annotations
@@ -81,12 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     if sampler.num_rows != plan["num_rows"]:
         raise SystemExit(f"kai-train replay: {sampler.num_rows} training rows, the statement says {plan['num_rows']}")
     batches = Batches(data, sampler, rank, world, train["micro_batch"], mcfg.image_size, mcfg.audio_samples)
-    position, losses = plan["position_start"], []
+    position, losses, routing = plan["position_start"], [], []
     for _ in range(start["step"], plan["target_step"]):
-        step_losses, _, position = train_step(engine, batches, position, train["grad_accum"])
+        step_losses, _, position, step_routing = train_step(engine, batches, position, train["grad_accum"])
         mean = torch.stack(step_losses).mean()
         dist.all_reduce(mean)
         losses.append(float(mean) / world)  # what the trainer records per step
+        routing.append(step_routing)  # and its routing digest per MoE layer (none for a dense model)
     batches.close()
     # The roots of the state reached, from each rank's share (as the trainer's checkpoints are made).
     weights, moments, opt_step = ckpt.collect_share(engine, rank, world, True)
@@ -102,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         result = {"segment": plan["segment"], "step": plan["target_step"], "weights_root": merkle_root(w),
                   "optimizer_root": merkle_root(m), "optimizer_step": opt_step, "position_end": position,
                   "world_size": world, "step_losses": losses}
+        if any(routing):
+            layers = list(routing[0])
+            result["routing"] = {"layers": layers, "steps": [[r.get(n) for n in layers] for r in routing]}
         if plan.get("compare"):
             result["tensors"] = {k: v for _, _, st in leaves for k, v in (st or {}).items()}
         a.out.write_text(json.dumps(result))

@@ -7,7 +7,8 @@ function of the signed config and the position.
 
 For a mixture-of-experts model the step adds the blocks' load-balancing losses to the loss it
 backpropagates, and after the optimizer step moves each router's selection bias from the expert
-loads of the whole step on all ranks (auxiliary-loss-free balancing), so replay moves it alike.
+loads of the whole step on all ranks (auxiliary-loss-free balancing), so replay moves it alike, and
+it returns the step's routing digest per MoE layer (kai_train.routing), the same on every rank.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ def loss_fn(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Te
     )
 
 
-def train_step(engine, batches: Batches, position: int, accum: int) -> tuple[list[torch.Tensor], int, int]:
+def train_step(engine, batches: Batches, position: int, accum: int
+               ) -> tuple[list[torch.Tensor], int, int, dict[str, str]]:
     """Run `accum` micro-steps (DeepSpeed steps the optimizer at the boundary).
-    Returns (per-micro-step losses, text tokens seen by all ranks, new position)."""
+    Returns (per-micro-step losses, text tokens seen by all ranks, new position, {MoE layer: the
+    step's routing digest}, empty for a dense model)."""
     losses, tokens = [], 0
     loads: dict[str, torch.Tensor] = {}  # assignments per expert of each MoE block over the optimizer step
+    choices: list[torch.Tensor] = []  # per micro-step, (layers, tokens, k) chosen experts, on the CPU
     for _ in range(accum):
         b = batches.get(position)
         logits = engine(b["tokens"], b["images"], b["audio"], b["has_image"], b["has_audio"])
@@ -39,14 +43,22 @@ def train_step(engine, batches: Batches, position: int, accum: int) -> tuple[lis
         aux = sum((m.aux_loss for m in moe.values()), torch.zeros((), device=loss.device))
         for name, m in moe.items():
             loads[name] = loads[name] + m.load if name in loads else m.load
+        if moe:  # copied without waiting (a CUDA device is synchronized once, at the end of the step)
+            choices.append(torch.stack([m.routing for m in moe.values()]).to(torch.int32).to("cpu", non_blocking=True))
         engine.backward(loss + aux if moe else loss)
         engine.step()
         losses.append(loss.detach())  # the language-model loss; the balancing loss is not reported in it
         tokens += int((b["tokens"] != batches.pad_id).sum()) * batches.world
         position += batches.micro * batches.world
+    routing: dict[str, str] = {}
+    if choices:
+        from kai_train.routing import step_routing
+
+        digests = step_routing(choices, batches.micro, batches.world, losses[0].device)
+        routing = dict(zip(engine.module.moe_layers(), digests))
     rate = engine.module.cfg.moe_bias_update_rate
     if loads and rate > 0:
         from kai_train.engine import nudge_router_bias
 
         nudge_router_bias(engine, {f"{name}.router.bias": load for name, load in loads.items()}, rate)
-    return losses, tokens, position
+    return losses, tokens, position, routing

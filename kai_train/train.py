@@ -177,7 +177,7 @@ class Trainer:
         self.tracker = Tracker(OmegaConf.to_container(cfg.wandb, resolve=True), run_dir, cfg.run_id, resolved,
                                train["steps"], self.start) if rank == 0 else None
         # The segment since the last checkpoint: where its data began, its per-step losses; the last eval.
-        self.seg_start, self.seg_losses, self.last_eval = self.position, [], {}
+        self.seg_start, self.seg_losses, self.seg_routing, self.last_eval = self.position, [], [], {}
 
     def fit(self) -> None:
         """Steps `start+1 … train.steps`, an eval every `train.eval_every`, a checkpoint every
@@ -209,11 +209,13 @@ class Trainer:
         from kai_train.step import train_step
 
         train, engine = self.train, self.engine
-        losses, tokens, self.position = train_step(engine, self.batches, self.position, train["grad_accum"])
+        losses, tokens, self.position, routing = train_step(engine, self.batches, self.position, train["grad_accum"])
         mean = torch.stack(losses).mean()
         dist.all_reduce(mean)
         metrics = {"loss": float(mean) / self.world, "lr": float(engine.get_lr()[0])}
         self.seg_losses.append(metrics["loss"])  # per-step commitments: a replay names the first step that differs
+        if routing:  # and, for a mixture of experts, the first step and layer whose routing differs
+            self.seg_routing.append(routing)
         if self.tracker:
             self.tracker.step(step, tokens, metrics, train["log_every"])
         if self.prov is not None:
@@ -268,8 +270,14 @@ class Trainer:
                  "wandb_run": self.tracker.run_id if self.tracker else None}
             extra = {"rng_state": {"sources": sources, "ranks": rngs}, "environment": environment(world),
                      "step_losses": self.seg_losses}
+            if self.seg_routing:  # a mixture of experts: per step, per MoE layer (dense statements have none)
+                from kai_train.routing import ALGORITHM
+
+                layers = list(self.seg_routing[0])
+                extra["routing"] = {"algorithm": ALGORITHM, "layers": layers,
+                                    "steps": [[r[n] for n in layers] for r in self.seg_routing]}
             self.prov.record_checkpoint(step, world, consumed, m, bool(cfg.attest.optimizer_state), extra)
-        self.seg_start, self.seg_losses = self.position, []
+        self.seg_start, self.seg_losses, self.seg_routing = self.position, [], []
 
     def stop(self, step: int) -> None:
         """train.stop_at: every share written and every statement recorded; no release."""

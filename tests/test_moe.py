@@ -120,3 +120,49 @@ def test_genesis_of_each_expert_is_derived_from_its_name_alone() -> None:
     again, _ = build_genesis_model(cfg, seed=5)
     assert all(torch.equal(t, again.state_dict()[n]) for n, t in sd.items())
     assert not bool(sd["text.layers.2.mlp.router.bias"].any())
+
+
+def test_routing_digest_is_sha256_of_each_rows_int32_choices_then_of_the_rows_in_position_order() -> None:
+    """kai-routing/v1 recomputed here with hashlib and struct from the router's own choices."""
+    import hashlib
+    import struct
+
+    from kai_train.routing import row_digests, step_digest
+
+    torch.manual_seed(5)
+    cfg = moe_cfg()
+    moe = MoE(cfg)
+    torch.nn.init.normal_(moe.router.weight, std=0.5)
+    B, S, k = 3, 7, cfg.moe_top_k
+    x = torch.randn(B, S, cfg.dim)
+    moe(x)
+    _, idx, _ = moe.router(x.reshape(-1, cfg.dim))
+    assert moe.routing is not None and torch.equal(moe.routing, idx) and moe.routing.shape == (B * S, k)
+    rows = [hashlib.sha256(struct.pack(f"<{S * k}i", *idx.view(B, S * k)[b].tolist())).digest() for b in range(B)]
+    got = row_digests(moe.routing, B)
+    assert got.shape == (B, 32) and [bytes(r) for r in got] == rows
+    assert step_digest(got) == hashlib.sha256(b"".join(rows)).hexdigest()
+    assert step_digest(got[::-1]) != step_digest(got)  # the order of rows is part of the digest
+    flipped = moe.routing.clone()
+    flipped[S + 2, 1] = (flipped[S + 2, 1] + 1) % cfg.n_experts  # one choice of one token of row 1
+    changed = row_digests(flipped, B)
+    assert [bytes(a) == bytes(b) for a, b in zip(changed, got)] == [True, False, True]
+    with pytest.raises(ValueError, match="do not split into 2 rows"):
+        row_digests(moe.routing, 2)
+
+
+def test_a_steps_routing_digest_does_not_depend_on_how_its_rows_were_split_into_micro_steps() -> None:
+    from kai_train.routing import step_routing
+
+    torch.manual_seed(6)
+    layers, rows, seq, k = 2, 8, 5, 4
+    choices = torch.randint(0, 16, (layers, rows, seq, k))  # the step's rows in sampler position order
+
+    def split(micro: int) -> list[torch.Tensor]:
+        return [choices[:, m:m + micro].reshape(layers, micro * seq, k) for m in range(0, rows, micro)]
+
+    whole = step_routing(split(8), 8, 1, torch.device("cpu"))
+    assert len(whole) == layers and whole[0] != whole[1]
+    assert step_routing(split(4), 4, 1, torch.device("cpu")) == step_routing(split(2), 2, 1, torch.device("cpu")) == whole
+    swapped = split(4)[::-1]  # the same rows in another order: another step
+    assert step_routing(swapped, 4, 1, torch.device("cpu")) != whole

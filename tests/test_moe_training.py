@@ -1,7 +1,8 @@
 """The mixture-of-experts preset trained for real: 2 CPU ranks under torchrun with DeepSpeed ZeRO-2,
-resumed on 1 rank, bundled and verified with every segment replayed; its tensor names and genesis
-root independent of the layout; an insider who upcycles a foreign dense FFN into the experts is
-caught by genesis."""
+resumed on 1 rank, bundled and verified with every segment replayed (routing digests included); its
+tensor names and genesis root independent of the layout; an insider who upcycles a foreign dense FFN
+into the experts is caught by genesis; one who re-signs a step's routing digest is named by step and
+layer."""
 
 from __future__ import annotations
 
@@ -45,6 +46,15 @@ def test_moe_run_on_two_ranks_resumed_on_one_verifies_with_every_segment_replaye
         assert any(line.startswith("ok") and check in line for line in p.stdout.splitlines()), p.stdout
     ckpts = predicates(moe_run, "checkpoint")
     assert [c["data_consumed"]["sampler"]["world_size"] for c in ckpts] == [2, 1]
+    # each statement signs, per step of its segment, one routing digest per MoE layer, and replay reproduced them
+    for c in ckpts:
+        r = c["routing"]
+        assert r["algorithm"] == "kai-routing/v1" and r["layers"] == ["text.layers.1.mlp", "text.layers.2.mlp"]
+        assert len(r["steps"]) == len(c["step_losses"]) == 2 and all(len(s) == 2 for s in r["steps"])
+    digests = [d for c in ckpts for s in c["routing"]["steps"] for d in s]
+    assert len(set(digests)) == len(digests)  # other rows, other weights: no two steps or layers route alike
+    replayed = [line for line in p.stdout.splitlines() if line.startswith("ok    replay")]
+    assert all("routing per MoE layer" in line for line in replayed), replayed
 
 
 def test_router_selection_bias_is_signed_training_state_that_moves(moe_run: Path) -> None:
@@ -127,6 +137,30 @@ def test_insider_upcycles_a_foreign_dense_ffn_into_the_experts_and_genesis_names
     line = next(x for x in out.splitlines() if x.startswith("FAIL  genesis"))
     assert f"{len(upcycled)} of {len(w0)} tensors differ" in line, line
     assert "vision." not in line and "speech." not in line
+
+
+def test_insider_re_signs_one_steps_routing_digest_of_one_layer_and_replay_names_that_step_and_layer(
+        moe_run: Path, tmp_path: Path) -> None:
+    """The weights are honest; only the signed routing of step 3 (the first of the last segment) in the
+    second MoE layer is replaced. Exact replay reproduces the whole state, so the false commitment
+    fails the segment (not undecided) and the finding names step 3, layer 2."""
+    import random
+
+    b = Path(shutil.copytree(moe_run / "bundle", tmp_path / "bundle"))
+
+    def reroute(sts: list[dict]) -> None:
+        last = [s for s in sts if s["predicate"]["kind"] == "checkpoint"][-1]["predicate"]
+        assert last["step"] == 4 and last["routing"]["layers"][1] == "text.layers.2.mlp"
+        last["routing"]["steps"][0][1] = "0" * 64
+
+    resign(b, moe_run / "keys/signing-key.pem", reroute)
+    # a draw of the last segment only (the last one is always replayed): one replay, not two
+    seed = next(s for s in range(100) if random.Random(s).sample(range(2), 1) == [1])
+    p = verify_trusted(b, "--replay", "1", "--replay-seed", str(seed))
+    assert p.returncode == 1, p.stdout + p.stderr
+    fails = [line for line in p.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 1 and fails[0].startswith("FAIL  replay"), p.stdout
+    assert "segment 1: routing differs first at step 3, layer 2 (text.layers.2.mlp)" in fails[0], fails[0]
 
 
 def test_moe_export_loads_with_transformers_and_generates_what_kai_train_does(moe_run: Path) -> None:

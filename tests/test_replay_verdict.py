@@ -39,6 +39,62 @@ def test_tolerance_never_passes_without_an_evaluator_budget_and_never_above_it()
     assert tolerance_outcome({"ok": False, "why": "2 tensor(s) beyond"}, True, 1.0)[0] == "fail"
 
 
+ROUTED = {"layers": ["text.layers.1.mlp", "text.layers.2.mlp"],
+          "steps": [["a" * 64, "b" * 64], ["c" * 64, "d" * 64], ["e" * 64, "f" * 64]]}
+ROUTED_PLAN = {"segment": 2, "start_step": 6, "routing": ROUTED, "position_end": 48,
+               "expect": {"weights_root": "w" * 64, "optimizer_root": "o" * 64, "optimizer_step": 9}}
+
+
+def test_a_routing_difference_is_named_by_its_first_step_then_layer() -> None:
+    import copy
+
+    from attest.verify.replay import first_routing_difference
+
+    assert first_routing_difference(ROUTED_PLAN, {"routing": ROUTED}) is None
+    assert first_routing_difference({**ROUTED_PLAN, "routing": None}, {}) is None  # dense, or an older statement
+    other = copy.deepcopy(ROUTED)
+    other["steps"][2][0] = "0" * 64  # later step, first layer
+    other["steps"][1][1] = "0" * 64  # earlier step, second layer: this one is first
+    assert first_routing_difference(ROUTED_PLAN, {"routing": other}) == (
+        "segment 2: routing differs first at step 8, layer 2 (text.layers.2.mlp)")
+    other["steps"] = other["steps"][:1]  # a replay that routed fewer steps
+    assert "step 8, layer 1" in (first_routing_difference(ROUTED_PLAN, {"routing": other}) or "")
+    assert "no routing digests" in (first_routing_difference(ROUTED_PLAN, {"step_losses": []}) or "")
+    assert "MoE layers" in (first_routing_difference(ROUTED_PLAN, {"routing": {**ROUTED, "layers": ["x"]}}) or "")
+
+
+def test_tolerance_does_not_decide_a_moe_segment_but_a_reproduced_state_with_false_routing_fails() -> None:
+    from attest.verify.findings import Finding
+    from attest.verify.replay import _moe_not_exact
+
+    failed = Finding("replay", False, "chain.jsonl:9", "weights root", "another")
+    diverged = {"weights_root": "x" * 64, "optimizer_root": "y" * 64, "optimizer_step": 9, "position_end": 48}
+    where = "segment 2: routing differs first at step 8, layer 2 (text.layers.2.mlp)"
+    f = _moe_not_exact(ROUTED_PLAN, "chain.jsonl:9", {"state_reproduced": False, "first_routing_difference": where},
+                       failed, diverged)
+    assert f.skipped and not f.ok and where in f.detail and "cannot bound a mixture-of-experts segment" in f.detail
+    # the whole state reproduced bit for bit: the signed routing is false, and that stays a failure
+    reproduced = {**diverged, "weights_root": "w" * 64, "optimizer_root": "o" * 64}
+    assert _moe_not_exact(ROUTED_PLAN, "x", {"state_reproduced": True}, failed, reproduced) is failed
+    # another optimizer step or sampler end is wrong in any mode; no result is a failure too
+    assert _moe_not_exact(ROUTED_PLAN, "x", {}, failed, {**diverged, "position_end": 40}) is failed
+    assert _moe_not_exact(ROUTED_PLAN, "x", {}, failed, None) is failed
+    ok = Finding("replay", True, "x")
+    fact: dict = {}
+    assert _moe_not_exact(ROUTED_PLAN, "x", fact, ok, reproduced) is ok and fact["tolerance"]["outcome"] == "not run"
+
+
+def test_a_checkpoints_routing_has_one_digest_per_layer_for_each_step() -> None:
+    from attest.statements import routing_problem
+
+    good = {"algorithm": "kai-routing/v1", **ROUTED}
+    assert routing_problem(good, [1.0, 2.0, 3.0]) is None
+    assert "3 steps, step_losses 2" in (routing_problem(good, [1.0, 2.0]) or "")
+    for bad in ({**good, "algorithm": "v0"}, {**good, "layers": ["a", "a"]}, {**good, "steps": [["a" * 64]]},
+                {**good, "steps": [["A" * 64, "b" * 64]]}, {**good, "steps": []}, [good]):
+        assert routing_problem(bad) is not None, bad
+
+
 def test_the_replay_environment_ignores_the_evaluators_thread_settings(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     for k, v in {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "3", "MKL_CBWR": "AVX2", "LD_PRELOAD": "/x.so"}.items():

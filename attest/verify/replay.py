@@ -16,8 +16,15 @@ the recorded sampler range.
 Exact replay comes first for every segment, whatever its statement claims about its hardware.
 Only when it does not reproduce the segment do two tolerance replays measure a noise floor; the
 segment then fails if the claimed state or a signed per-step loss lies beyond it, and passes only
-within the evaluator's drift budget (`--max-drift`); otherwise it is not decided (INCOMPLETE). The
-plug-in needs torch and DeepSpeed (the `train` extra); this module imports neither.
+within the evaluator's drift budget (`--max-drift`); otherwise it is not decided (INCOMPLETE).
+
+A mixture-of-experts segment also signs a digest of each step's routing per MoE layer; a replay that
+recomputes other routing is named by the first step and layer that differ. Tolerance mode cannot
+bound such a segment (a routing flip moves the state discontinuously, so the difference of two
+replays is no noise floor, and the signed routing is a digest, not routing a replay could follow):
+an MoE segment that exact replay does not reproduce is not decided, unless the replay reproduced its
+whole state bit for bit (then the signed commitments that differ are false: FAIL). The plug-in
+needs torch and DeepSpeed (the `train` extra); this module imports neither.
 """
 
 from __future__ import annotations
@@ -222,6 +229,58 @@ def first_divergence(plan: dict[str, Any], losses: Any, other: Any = None, k: fl
             f"{base + len(recorded)} or in the stored state")
 
 
+def layer_label(name: str) -> str:
+    """`text.layers.3.mlp` -> `layer 3 (text.layers.3.mlp)`: the decoder block, then the module."""
+    import re
+
+    m = re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", name)
+    return f"layer {m.group(1)} ({name[:80]})" if m else f"layer {name[:80]}"
+
+
+def first_routing_difference(plan: dict[str, Any], result: Any) -> str | None:
+    """Where the replay's routing digests first differ from the signed ones (step order, then layer
+    order within a step): "segment k: routing differs first at step s, layer l (name)"; None when
+    every one agrees or the checkpoint signs none (a dense model, or a statement older than them)."""
+    want = plan.get("routing")
+    if want is None:
+        return None
+    seg, base = plan["segment"], plan["start_step"]
+    got = result.get("routing") if isinstance(result, dict) else None
+    if not isinstance(got, dict) or not isinstance(steps := got.get("steps"), list):
+        return f"segment {seg}: the replay returned no routing digests"
+    if got.get("layers") != want["layers"]:
+        return (f"segment {seg}: the replay routes in MoE layers {str(got.get('layers'))[:120]}, the signed "
+                f"routing names {str(want['layers'])[:120]}")
+    for i, signed in enumerate(want["steps"]):
+        replayed = steps[i] if i < len(steps) and isinstance(steps[i], list) else []
+        for j, name in enumerate(want["layers"]):
+            if j >= len(replayed) or replayed[j] != signed[j]:
+                return f"segment {seg}: routing differs first at step {base + i + 1}, {layer_label(name)}"
+    if len(steps) != len(want["steps"]):
+        return f"segment {seg}: the replay returned routing for {len(steps)} steps, {len(want['steps'])} signed"
+    return None
+
+
+MOE_TOLERANCE = ("tolerance mode cannot bound a mixture-of-experts segment (a routing flip moves the state "
+                 "discontinuously, so two replays' difference is no noise floor, and the signed routing is a "
+                 "digest, not routing a replay could follow)")
+
+
+def _moe_not_exact(plan: dict[str, Any], label: str, fact: dict[str, Any], finding, result: Any):
+    """An MoE segment where tolerance would run: no tolerance replays. Exact's pass stands; so does its
+    failure when the replay produced no result, reached the whole signed state bit for bit (the
+    differing signed commitments are then false) or another optimizer step or sampler end (these
+    agree in any mode). Otherwise: not decided, saying where the routing first differs."""
+    from attest.verify.findings import undecided
+
+    fact["tolerance"] = {"outcome": "not run", "why": MOE_TOLERANCE}
+    if finding.ok or result is None or fact.get("state_reproduced") or compare(plan, result, exact=False):
+        return finding
+    where = fact.get("first_routing_difference") or fact.get("first_divergence") or ""
+    return undecided("replay", label, f"exact replay did not reproduce segment {plan['segment']} ({where}); "
+                     f"{MOE_TOLERANCE}, so only exact replay on the hardware class it ran on decides it")
+
+
 def replayer(ctx, segments) -> Iterator:  # (Context, list[Entry]) -> Iterator[Finding]
     """The verifier's `replay` check body: one finding per chosen segment. Every segment is replayed
     exactly at the layout it recorded first, whatever its statement claims about its hardware; only
@@ -245,7 +304,9 @@ def replayer(ctx, segments) -> Iterator:  # (Context, list[Entry]) -> Iterator[F
                               "micro_batch": plan["train"]["micro_batch"], "threads": plan["threads"]}
             fact["cost"] = plan["cost"]
             finding, result = _exact(ctx, plan, label, fact)
-            if ctx.replay_mode == "tolerance" or (not finding.ok and ctx.replay_mode != "exact"):
+            if plan.get("moe") and (ctx.replay_mode == "tolerance" or (not finding.ok and ctx.replay_mode != "exact")):
+                finding = _moe_not_exact(plan, label, fact, finding, result)
+            elif ctx.replay_mode == "tolerance" or (not finding.ok and ctx.replay_mode != "exact"):
                 tol = _tolerance(ctx, k, label, fact, plan, result)
                 if not finding.ok and not tol.ok and not tol.skipped:  # both fail: the exact difference is the precise one
                     finding = Finding("replay", False, label, finding.expected, finding.found,
@@ -279,6 +340,11 @@ def _exact(ctx, plan: dict[str, Any], label: str, fact: dict[str, Any]):
             raise ReplayUndecided(f"{error} (policy limits.replay_timeout_s; raise it to replay this segment)")
         return Finding("replay", False, label, f"root {short(plan['expect']['weights_root'])}", "no result", error), None
     differ = compare(plan, result)
+    fact["state_reproduced"] = not differ
+    routing = first_routing_difference(plan, result)
+    if routing is not None:  # named first: the routing of a mixture of experts diverges before its state does
+        fact["first_routing_difference"] = routing
+        differ.insert(0, ("routing", "signed", "other"))
     if plan.get("step_losses") is not None and result.get("step_losses") != plan["step_losses"]:
         differ.append(("per-step losses", "the signed ones", "others"))
     fact["bit_exact"] = not differ
@@ -286,11 +352,13 @@ def _exact(ctx, plan: dict[str, Any], label: str, fact: dict[str, Any]):
         where = fact["first_divergence"] = first_divergence(plan, result.get("step_losses"))
         return Finding("replay", False, label, "; ".join(f"{w} {short(a)}" for w, a, _ in differ),
                        "; ".join(f"{w} {short(b)}" for w, _, b in differ),
-                       f"exact mode: re-running segment {plan['segment']} from its signed start state on its logged "
-                       f"rows and config does not reproduce the next checkpoint; {where}"), result
+                       (f"{routing}; " if routing else "") + f"exact mode: re-running segment {plan['segment']} from "
+                       f"its signed start state on its logged rows and config does not reproduce the next checkpoint; "
+                       f"{where}"), result
     lay = fact["layout"]
+    what = "weights, optimizer state, per-step losses" + (", routing per MoE layer" if plan.get("routing") else "")
     return Finding("replay", True, label, detail=f"segment {plan['segment']} reproduced bit-exactly (exact mode: "
-                   f"weights, optimizer state, per-step losses) at its recorded layout: {plan['world_size']} CPU "
+                   f"{what}) at its recorded layout: {plan['world_size']} CPU "
                    f"rank(s), grad_accum {lay['grad_accum']}, micro_batch {lay['micro_batch']}, "
                    f"{lay['threads']} thread(s) per rank"), result
 

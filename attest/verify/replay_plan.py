@@ -327,6 +327,15 @@ def build_plan(ctx: Context, k: int, replay_world: int | None = None) -> dict[st
     losses = tp.get("step_losses")
     recorded_losses = losses if isinstance(losses, list) and len(losses) == steps and all(
         _is_num(x) for x in losses) else None
+    routing = tp.get("routing")  # a mixture of experts' per-step, per-layer routing digests
+    if routing is not None:
+        from attest.statements import routing_problem
+
+        why = routing_problem(routing)
+        if why is None and len(routing["steps"]) != steps:
+            why = f"routing has {len(routing['steps'])} steps, the segment {steps}"
+        if why is not None:
+            raise PlanError(f"{ctx.where(target)}: {why}")
     return {"segment": k, "world_size": ranks, "recorded_world": world, "seed": seed, "model": model,
             "threads": threads, "cost": cost,
             "train": run_train, "deepspeed": deepspeed,
@@ -337,6 +346,8 @@ def build_plan(ctx: Context, k: int, replay_world: int | None = None) -> dict[st
             "num_rows": sampler.get("num_rows"), "position_start": sampler["position_start"],
             "position_end": want_end, "start": start, "target_step": tp["step"],
             "start_step": start["step"], "step_losses": recorded_losses,
+            "routing": {"layers": routing["layers"], "steps": routing["steps"]} if routing is not None else None,
+            "moe": bool(model.get("n_experts")) and model["n_layers"] > model.get("moe_dense_layers", 0),
             "claimed": [*expect["weights"], *expect["optimizer"]],
             "expect": {"weights_root": expect["weights_root"], "optimizer_root": expect["optimizer_root"],
                        "optimizer_step": expect["optimizer_step"]}}
