@@ -83,6 +83,9 @@ def test_tensor_names_and_genesis_root_do_not_depend_on_world_size_or_zero_stage
              for r in (moe_run, other)]  # one shard per rank
     assert names[0] == names[1] == set(g1["tensors"])
     assert {f"text.layers.2.mlp.experts.{e}.w2.weight" for e in range(16)} <= names[0]
+    if world * 2 == 2 * 4:  # the same 8 rows per step as moe_run (2 ranks x micro_batch 4), split 4 x 2
+        (first, *_), (other_first, *_) = (predicates(r, "checkpoint")[0]["routing"]["steps"] for r in (moe_run, other))
+        assert first == other_first, "step 1's routing digests do not depend on the rows' split over ranks"
 
 
 def test_insider_upcycles_a_foreign_dense_ffn_into_the_experts_and_genesis_names_them(
