@@ -278,7 +278,7 @@ def _moe_not_exact(plan: dict[str, Any], label: str, fact: dict[str, Any], findi
         return finding
     where = fact.get("first_routing_difference") or fact.get("first_divergence") or ""
     return undecided("replay", label, f"exact replay did not reproduce segment {plan['segment']} ({where}); "
-                     f"{MOE_TOLERANCE}, so only exact replay on the hardware class it ran on decides it")
+                     f"{MOE_TOLERANCE}, so only an exact replay decides it")
 
 
 def replayer(ctx, segments) -> Iterator:  # (Context, list[Entry]) -> Iterator[Finding]
