@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import netrc
 import os
+import re
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -51,6 +53,27 @@ def check_wandb(wandb_cfg: dict[str, Any]) -> None:
                             "use wandb.mode=offline (default) and `wandb sync RUN_DIR/wandb` later")
 
 
+WANDB_ID_FILE = "wandb/run-id"  # under RUN_DIR: the wandb run id every start of this run reuses
+_WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def wandb_run_id(run_dir: Path, run_id: str) -> str:
+    """The run's wandb id: read from RUN_DIR/wandb/run-id, or drawn (`<run_id>-<8 hex>`, so two runs
+    named alike stay two wandb runs) and written there on the first start. A resumed run continues
+    the same wandb run (offline, each start writes its own folder; `wandb sync` joins them by id)."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file():
+        got = path.read_text().strip()
+        if not _WANDB_ID.fullmatch(got):
+            raise TrackingError(f"{path}: not a wandb run id ({got[:40]!r}); delete it to draw a new one")
+        return got
+    stem = re.sub(r"[^A-Za-z0-9_-]", "-", run_id)[:48] or "run"
+    new = f"{stem}-{secrets.token_hex(4)}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new + "\n")
+    return new
+
+
 class Tracker:
     def __init__(self, wandb_cfg: dict[str, Any], run_dir: Path, run_id: str, config: dict[str, Any],
                  total_steps: int, start_step: int, world: int = 1, flops_per_step: float = 0.0,
@@ -66,8 +89,9 @@ class Tracker:
         if mode != "disabled":
             import wandb
 
-            self.run = wandb.init(project=wandb_cfg.get("project", "kai-train"), name=run_id, id=f"{run_id}",
-                                  dir=str(run_dir), mode=mode, config=config, resume="allow")
+            self.run = wandb.init(project=wandb_cfg.get("project", "kai-train"), name=run_id,
+                                  id=wandb_run_id(run_dir, run_id), dir=str(run_dir), mode=mode, config=config,
+                                  resume="allow")
         self.bar = None
         if sys.stdout.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
