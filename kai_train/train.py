@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -327,9 +328,55 @@ class Trainer:
             tracker.finish({"chain_head": prov.chain.previous, "weights_root": prov.last_root})
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
 def fit(cfg: DictConfig) -> None:
-    """The Hydra app's task: build the trainer from the config and run it."""
-    Trainer(cfg).fit()
+    """The Hydra app's task: build the trainer from the config and run it. Started without a launcher
+    (no torchrun, no MPI: `kai-train ...`, `kai-train -m ...`), it runs as one rank on this machine, and
+    each multirun job gets its own process group."""
+    solo = not any(v in os.environ for v in LAUNCHER_VARS)
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    if solo:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        log("no launcher environment (torchrun, deepspeed, MPI): one rank on this machine")
+    fresh = _deepspeed_globals() if solo else {}
+    try:
+        Trainer(cfg).fit()
+    finally:
+        if solo:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            _deepspeed_globals(restore=fresh)  # the next multirun job builds its own groups
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _deepspeed_globals(restore: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """DeepSpeed's process-group caches (deepspeed.utils.groups, deepspeed.comm's backend): a copy of
+    their module-level values, or, with `restore`, those values put back, so that a second job in
+    one process does not reuse groups of a destroyed process group."""
+    import copy
+    import types
+
+    import deepspeed.comm.comm as ds_comm
+    import deepspeed.utils.groups as ds_groups
+
+    if restore is not None:
+        for mod in (ds_groups, ds_comm):
+            for k, v in restore.get(mod.__name__, {}).items():
+                setattr(mod, k, copy.copy(v))
+        return restore
+    keep = (type(None), dict, int, bool, str, list)
+    return {mod.__name__: {k: copy.copy(v) for k, v in vars(mod).items()
+                           if not k.startswith("__") and isinstance(v, keep) and not isinstance(v, types.ModuleType)}
+            for mod in (ds_groups, ds_comm)}
 
 
 def make_run_sampler(cfg: DictConfig, shards: list[Path], shard_rows: list[int], holdout_every: int,
