@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("hydra", reason="the train extra; not on the evaluator's light install")
 
-from conftest import REPO, must, run  # noqa: E402
+from conftest import REPO, must, run
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL = ("bash", "sh", "shell", "console")
