@@ -66,6 +66,23 @@ MAX_CHAIN_BYTES = 64 << 20  # a bundle's chain.jsonl read for its release and ge
 CONSTANT_EPS = 1e-12  # a row whose centred norm is below this carries no information
 P_FLOOR = 1e-300
 CONTROL = "genesis (positive control)"
+# Public geneses a component may share without being derived from the other model: kai-init/v2 of
+# these seeds (1234 was kai-train's default before seeds were drawn), and of every seed a bundle
+# among the inputs records. GENESIS_MODULE makes them (torch-free; absent: none are checked).
+PUBLIC_SEEDS = (1234,)
+GENESIS_MODULE = "kai_train.initspec"
+GENESIS_RECIPE = "kai-init/v2"
+SHARED = "shared initialisation"
+# Residual-stream alignment: a stream is aligned when each half of its anchor rows has at least
+# this many rows per stream coordinate; a fitted map is read as a signed permutation when every
+# coordinate's largest entry is at least SNAP in magnitude.
+MIN_ANCHOR_RATIO = 1.0
+SNAP = 0.5
+# A rotation (a map that is no signed permutation) is applied only when it carries the anchors'
+# held-out rows onto the reference's with mean cosine at least this: two models trained on like data
+# have anchors alike up to a rotation (0.3-0.4 measured for independent tiny models), and a rotation
+# fitted on them would carry learnt structure, not copying, into the blocks.
+ROTATION_FIT = 0.8
 
 _FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
@@ -85,6 +102,7 @@ class Weights:
     label: str
     tensors: dict[str, tuple[Path, TensorEntry]]
     genesis: Weights | None = None  # a bundle's initial weights (the positive control)
+    recipe: dict[str, Any] | None = None  # a bundle's genesis recipe (name, seed, model)
 
     def shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         return [(n, e.shape) for n, (_, e) in self.tensors.items() if e.dtype in (*_FLOAT_DTYPES, "BF16")]
@@ -121,6 +139,27 @@ class Weights:
         return out
 
 
+class GenesisWeights(Weights):
+    """The kai-init/v2 genesis of a public seed, made for the tensor names and shapes of one model
+    (kai_train.initspec, torch-free); tensors it has no rule for are absent."""
+
+    def __init__(self, label: str, seed: int, like: Weights) -> None:
+        super().__init__(label, {})
+        from importlib import import_module  # kai_train is optional for attest: imported only here
+
+        initspec = import_module(GENESIS_MODULE)
+        self.arrays: dict[str, np.ndarray] = initspec.genesis_arrays(seed, dict(like.shapes()))
+
+    def shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        return [(n, tuple(a.shape)) for n, a in self.arrays.items()]
+
+    def non_float(self) -> list[str]:
+        return []
+
+    def array(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+
 def _index_files(label: str, files: list[Path]) -> dict[str, tuple[Path, TensorEntry]]:
     tensors: dict[str, tuple[Path, TensorEntry]] = {}
     for f in files:
@@ -139,7 +178,7 @@ def _index_files(label: str, files: list[Path]) -> dict[str, tuple[Path, TensorE
     return tensors
 
 
-def _bundle_subject(root: Path, kind: str) -> list[Path]:
+def _bundle_statement(root: Path, kind: str) -> dict[str, Any]:
     try:
         entries, _ = read_chain(safe_file(root, CHAIN_NAME, MAX_CHAIN_BYTES), MAX_CHAIN_BYTES)
     except (FileNotFoundError, BundlePathError) as e:
@@ -147,7 +186,20 @@ def _bundle_subject(root: Path, kind: str) -> list[Path]:
     found = [e for e in entries if e.kind == kind]
     if not found:
         raise LineageInputError(f"{root / CHAIN_NAME}: no {kind} statement")
-    subjects = found[-1].statement.get("subject")
+    return found[-1].statement
+
+
+def _bundle_recipe(root: Path) -> dict[str, Any] | None:
+    """The genesis recipe a bundle records (its seed and model), or None."""
+    try:
+        rec = _bundle_statement(root, "genesis").get("predicate", {}).get("recipe")
+    except (LineageInputError, ChainError, AttributeError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _bundle_subject(root: Path, kind: str) -> list[Path]:
+    subjects = _bundle_statement(root, kind).get("subject")
     names = [s.get("name", "") for s in (subjects if isinstance(subjects, list) else []) if isinstance(s, dict)]
     names = [n for n in names if isinstance(n, str) and n.endswith(".safetensors")]
     if not names:
@@ -178,7 +230,7 @@ def open_weights(path: str | Path, with_genesis: bool = False) -> Weights:
         except ChainError as e:
             raise LineageInputError(str(e)) from None
         g = Weights(f"{p.name}:genesis", _index_files(str(p), genesis)) if genesis else None
-        return Weights(p.name, _index_files(str(p), release), genesis=g)
+        return Weights(p.name, _index_files(str(p), release), genesis=g, recipe=_bundle_recipe(p))
     if p.is_dir():
         files = sorted(Path(os.path.realpath(f)) for f in p.glob("*.safetensors") if f.is_file())
         if not files:
@@ -285,6 +337,121 @@ def _orient(x: np.ndarray, slot: Slot) -> tuple[np.ndarray, tuple[Axis, ...]]:
     return x.reshape(shape), tuple(merged)
 
 
+# ---------------------------------------------------------------------------------------------
+# residual-stream alignment
+
+
+@dataclass
+class _Align:
+    """The map from the candidate's coordinates of one residual stream to the reference's, fitted on
+    the anchor matrices (rows fixed by the outside world: tokens, pixels, positions, mel bins).
+    `rot` (d x d, orthogonal) is applied to every stream axis of the candidate (x @ rot); an anchor
+    row uses the map fitted on the other half of the anchor rows (`folds`), so no anchor row is
+    compared through a map fitted on itself. `perm`: the map and both halves' maps are signed
+    permutations (`rot` then holds one exactly): only then are anchors aligned, and norm gains
+    follow it unsigned."""
+
+    stream: str
+    rot: np.ndarray
+    folds: tuple[np.ndarray, np.ndarray]
+    perm: bool
+    rows: int
+    fit: float  # held-out mean cosine of anchor rows after the map
+
+
+def _is_anchor(slot: Slot) -> bool:
+    """A tensor whose rows the outside world fixes, read or written along exactly one stream axis."""
+    kinds = [a.kind for a in slot.axes]
+    return not slot.is_norm and kinds.count("stream") == 1 and "unit" not in kinds and "fixed" in kinds
+
+
+def _stream_rows(x: np.ndarray, axis: int) -> np.ndarray:
+    """(rows, d): every vector along the stream axis of `x`."""
+    return np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+
+
+def _procrustes(xc: np.ndarray, xr: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The orthogonal map R minimising |xc R - xr|, snapped to a signed permutation when it is one."""
+    u, _, vt = np.linalg.svd(xc.T @ xr)
+    rot = u @ vt
+    r, c = linear_sum_assignment(np.abs(rot), maximize=True)
+    if np.abs(rot[r, c]).min() >= SNAP:
+        snapped = np.zeros_like(rot)
+        snapped[r, c] = np.sign(rot[r, c])
+        return snapped, True
+    return rot, False
+
+
+def _fit_alignment(cw: Weights, cmap: ModelMap, rw: Weights, rmap: ModelMap) -> dict[str, _Align]:
+    """One map per residual stream that both models anchor with enough rows."""
+    halves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for comp in sorted(set(cmap.components) & set(rmap.components)):
+        for role, cs in sorted(cmap.components[comp].items()):
+            rs = rmap.components[comp].get(role)
+            if rs is None or not _is_anchor(cs) or not _is_anchor(rs):
+                continue
+            a, a_axes = _orient(_load(cw, cs), cs)
+            b, b_axes = _orient(_load(rw, rs), rs)
+            if a_axes != b_axes or a.shape != b.shape:
+                continue
+            k = next(j for j, ax in enumerate(a_axes) if ax.kind == "stream")
+            xc, xr = _stream_rows(a, k), _stream_rows(b, k)
+            if xc.shape[0] < 2:
+                continue
+            # centred per coordinate and scaled to unit norm per tensor: each anchor weighs alike
+            xc, xr = xc - xc.mean(axis=0), xr - xr.mean(axis=0)
+            nc, nr = np.linalg.norm(xc), np.linalg.norm(xr)
+            if nc <= CONSTANT_EPS or nr <= CONSTANT_EPS:
+                continue
+            halves.setdefault(a_axes[k].name, []).append((xc / nc, xr / nr))
+    out: dict[str, _Align] = {}
+    for stream, pairs in sorted(halves.items()):
+        d = pairs[0][0].shape[1]
+        if any(xc.shape[1] != d for xc, _ in pairs):
+            continue
+        rows = sum(xc.shape[0] for xc, _ in pairs)
+        if rows // 2 < MIN_ANCHOR_RATIO * d:
+            continue
+        rot, perm = _procrustes(np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs]))
+        halves_c = [np.concatenate([x[f::2] for x, _ in pairs]) for f in (0, 1)]
+        halves_r = [np.concatenate([y[f::2] for _, y in pairs]) for f in (0, 1)]
+        folds = [_procrustes(halves_c[f], halves_r[f]) for f in (0, 1)]
+        # held out: each half's rows through the other half's map, cosine with the reference's row
+        cos = [_row_cosines(halves_c[f] @ folds[1 - f][0], halves_r[f]) for f in (0, 1)]
+        fit = float(np.concatenate(cos).mean())
+        perm = perm and folds[0][1] and folds[1][1]
+        if perm or fit >= ROTATION_FIT:
+            out[stream] = _Align(stream, rot, (folds[0][0], folds[1][0]), perm, rows, fit)
+    return out
+
+
+def _row_cosines(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+    return np.where(n > 0, (x * y).sum(axis=1) / np.where(n > 0, n, 1.0), 0.0)
+
+
+def _aligned(x: np.ndarray, axes: tuple[Axis, ...], slot: Slot, align: dict[str, _Align]) -> np.ndarray:
+    """The candidate's oriented tensor `x` in the reference's stream coordinates."""
+    for k, ax in enumerate(axes):
+        m = align.get(ax.name) if ax.kind == "stream" else None
+        if m is None or x.shape[k] != m.rot.shape[0]:
+            continue
+        if slot.is_norm:  # a gain per coordinate: it follows a permutation (unsigned), nothing else
+            if m.perm:
+                x = np.moveaxis(np.moveaxis(x, k, -1) @ np.abs(m.rot), -1, k)
+            continue
+        y = np.moveaxis(x, k, -1)
+        if _is_anchor(slot):  # each half of the rows through the map fitted on the other half
+            flat = y.reshape(-1, y.shape[-1])
+            out = np.empty_like(flat)
+            out[0::2], out[1::2] = flat[0::2] @ m.folds[1], flat[1::2] @ m.folds[0]
+            y = out.reshape(y.shape)
+        else:
+            y = y @ m.rot
+        x = np.moveaxis(y, -1, k)
+    return x
+
+
 @dataclass
 class _Plan:
     """The terms of one component for one (candidate, reference) pair, and what was left out."""
@@ -326,7 +493,7 @@ def _load(w: Weights, slot: Slot) -> np.ndarray:
 
 
 def _plan_component(comp: str, cw: Weights, cs: dict[str, Slot], rw: Weights, rs: dict[str, Slot],
-                    max_units: int, rng: np.random.Generator) -> _Plan:
+                    max_units: int, rng: np.random.Generator, align: dict[str, _Align]) -> _Plan:
     plan = _Plan(comp, norm_only=all(s.is_norm for s in (*cs.values(), *rs.values())))
     groups: dict[tuple[str, int, int], list[_Matrix]] = {}
     cosines = []
@@ -349,6 +516,7 @@ def _plan_component(comp: str, cw: Weights, cs: dict[str, Slot], rw: Weights, rs
             na, nb = np.linalg.norm(a), np.linalg.norm(b)
             if na > 0 and nb > 0:
                 cosines.append(float((a * b).sum() / (na * nb)))
+        a = _aligned(a, a_axes, cs[role], align)
         col_shape = a.shape[1:]
         an, a_const = _normalise_rows(a.reshape(a.shape[0], -1))
         bn, b_const = _normalise_rows(b.reshape(b.shape[0], -1))
@@ -463,16 +631,21 @@ def _p_values(obs: float, null: np.ndarray) -> tuple[float, float, float, float,
 
 
 def _compare(cand: Weights, cmap: ModelMap, ref: Weights, rmap: ModelMap, label: str, control: bool,
-             null_draws: int, seed: int, max_units: int) -> list[ComponentResult]:
+             null_draws: int, seed: int, max_units: int, only: set[str] | None = None) -> list[ComponentResult]:
     rng = np.random.default_rng(seed)
     results: list[ComponentResult] = []
     plans: list[_Plan] = []
+    # The candidate is brought into the reference's residual-stream coordinates first (fitted on the
+    # anchors); the null then permutes the reference's streams as before, the candidate fixed.
+    align = _fit_alignment(cand, cmap, ref, rmap)
     for comp in sorted(set(cmap.components) | set(rmap.components), key=component_sort_key):
+        if only is not None and comp not in only:
+            continue
         if comp not in rmap.components or comp not in cmap.components:
             side = "reference" if comp not in rmap.components else "candidate"
             results.append(ComponentResult(comp, label, "not comparable", control, reason=f"absent in the {side}"))
             continue
-        plan = _plan_component(comp, cand, cmap.components[comp], ref, rmap.components[comp], max_units, rng)
+        plan = _plan_component(comp, cand, cmap.components[comp], ref, rmap.components[comp], max_units, rng, align)
         if plan.terms:
             plans.append(plan)
         else:
