@@ -508,3 +508,31 @@ def test_norm_gain_decoy_with_raw_cosine_near_one_is_independent(zoo: Zoo, tmp_p
     for comp in ("text.norm", "vision.norm", "speech.norm"):
         assert res[comp].raw_cosine > 0.999 and res[comp].verdict == "independent", res[comp].line()
     assert report.dependent == [], [r.line() for r in report.dependent]
+
+
+def test_encoders_left_at_a_shared_public_genesis_are_named_shared_initialisation(zoo: Zoo, tmp_path: Path) -> None:
+    # The reference: every component trained from the seed-1234 genesis. The candidate: its own
+    # (foreign) decoder, encoders never trained: they equal the same public genesis.
+    genesis = _state(build_genesis_model(CFG, 1234)[0])
+    model = MultimodalLM(CFG)
+    model.load_state_dict(genesis)
+    ref_state = _state(_train(model, data_seed=55))
+    ref = _save(ref_state, tmp_path / "ref.safetensors")
+    text_of_12 = {k: v for k, v in load_file(str(zoo.base[1])).items() if not k.startswith(("vision.", "speech."))}
+    cand = _save({**genesis, **text_of_12}, tmp_path / "cand.safetensors")
+    report = lineage(cand, [ref], null_draws=DRAWS)
+    res = _by_component(report)
+    for comp in ("vision.embed", "vision.block.0", "vision.projector", "speech.embed", "speech.block.0"):
+        r = res[comp]
+        assert r.verdict == "shared initialisation" and r.shared_init == "kai-init/v2 seed 1234", r.line()
+    assert report.dependent == [], [r.line() for r in report.dependent]
+    # Without the public seed the same rows read as dependence: the relabelling is what changed.
+    plain = _by_component(lineage(cand, [ref], null_draws=DRAWS, public_seeds=()))
+    assert plain["vision.block.0"].verdict == "dependent"
+    # A candidate that copies the reference's *trained* image encoder is closer to it than to the
+    # genesis: still dependent, while its untouched speech encoder stays a shared initialisation.
+    copied = _save({**genesis, **text_of_12, **{k: v for k, v in ref_state.items() if k.startswith("vision.")}},
+                   tmp_path / "copied.safetensors")
+    res = _by_component(lineage(copied, [ref], null_draws=DRAWS))
+    assert res["vision.block.0"].verdict == "dependent", res["vision.block.0"].line()
+    assert res["speech.block.0"].verdict == "shared initialisation", res["speech.block.0"].line()

@@ -147,17 +147,19 @@ class GenesisWeights(Weights):
         super().__init__(label, {})
         from importlib import import_module  # kai_train is optional for attest: imported only here
 
-        initspec = import_module(GENESIS_MODULE)
-        self.arrays: dict[str, np.ndarray] = initspec.genesis_arrays(seed, dict(like.shapes()))
+        self.initspec, self.seed = import_module(GENESIS_MODULE), seed
+        given = dict(like.shapes())
+        self.known = {n: given[n] for n in self.initspec.rules_from_names(given)}
 
     def shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        return [(n, tuple(a.shape)) for n, a in self.arrays.items()]
+        return sorted(self.known.items())
 
     def non_float(self) -> list[str]:
         return []
 
-    def array(self, name: str) -> np.ndarray:
-        return self.arrays[name]
+    def array(self, name: str) -> np.ndarray:  # made when first compared: only components that need it
+        arr: np.ndarray = self.initspec.genesis_arrays(self.seed, {name: self.known[name]})[name]
+        return arr
 
 
 def _index_files(label: str, files: list[Path]) -> dict[str, tuple[Path, TensorEntry]]:
@@ -564,15 +566,17 @@ class ComponentResult:
     roles: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     reason: str = ""
+    shared_init: str = ""  # the public genesis both models descend from ("kai-init/v2 seed 1234")
 
     def line(self) -> str:
         ref = f"{self.reference}{' [control]' if self.control else ''}"
         if self.verdict == "not comparable":
             return f"{self.verdict:<15} {self.component:<20} ref={ref}  ({self.reason})"
         cos = f"  raw-cos={self.raw_cosine:.3f} (not used)" if self.raw_cosine is not None else ""
+        shared = f"  ({self.reason})" if self.shared_init else ""
         return (f"{self.verdict:<15} {self.component:<20} ref={ref}  p={self.p_value:.2e} "
                 f"(threshold {self.threshold:.1e}, p_perm={self.p_perm:.3f})  stat={self.statistic:.4f} "
-                f"null={self.null_mean:.4f}±{self.null_sd:.4f} z={self.z:.1f}{cos}")
+                f"null={self.null_mean:.4f}±{self.null_sd:.4f} z={self.z:.1f}{cos}{shared}")
 
 
 @dataclass
@@ -687,9 +691,60 @@ def _decide(results: list[ComponentResult], alpha: float, null_draws: int) -> No
             r.verdict = "dependent" if dependent else "independent"
 
 
+def _genesis_seeds(cand: Weights, refs: list[Weights], public: Iterable[int]) -> list[int]:
+    """Seeds of the public geneses a component may share: a bundle candidate's own recorded seed
+    (it can have started from no other), else the public seeds and every seed a reference bundle records."""
+    def v2_seed(w: Weights) -> int | None:
+        rec = w.recipe or {}
+        seed = rec.get("seed")
+        ok = rec.get("name") == GENESIS_RECIPE and isinstance(seed, int) and not isinstance(seed, bool)
+        return seed if ok else None  # type: ignore[return-value]
+
+    if cand.recipe is not None:
+        own = v2_seed(cand)
+        return [own] if own is not None else []
+    seeds = [*public, *(s for s in map(v2_seed, refs) if s is not None)]
+    return sorted(set(seeds), key=seeds.index)
+
+
+def _shared_init(rows: list[ComponentResult], cand: Weights, cmap: ModelMap, ref: Weights, rmap: ModelMap,
+                 seeds: list[int], null_draws: int, seed: int, max_units: int) -> None:
+    """Relabel a dependent row `shared initialisation` when both models descend from the same public
+    kai-init genesis and the candidate's component is at least as close to that genesis as to the
+    reference (a component copied from the reference's trained weights is closer to them)."""
+    floor = 1 / (null_draws + 1)
+    todo = {r.component: r for r in rows if r.verdict == "dependent" and not r.control}
+    for s in seeds:
+        if not todo:
+            return
+        label = f"{GENESIS_RECIPE} seed {s}"
+        try:
+            gc, gr = GenesisWeights(label, s, cand), GenesisWeights(label, s, ref)
+        except ImportError:
+            return  # kai_train is not installed: no genesis to compare with
+        only = set(todo)
+        c_rows = {r.component: r for r in _compare(cand, cmap, gc, map_names(gc.shapes()), label, False, null_draws,
+                                                   seed, max_units, only)}
+        r_rows = {r.component: r for r in _compare(ref, rmap, gr, map_names(gr.shapes()), label, False, null_draws,
+                                                   seed, max_units, only)}
+        for comp, row in list(todo.items()):
+            c, r = c_rows.get(comp), r_rows.get(comp)
+            if c is None or r is None or c.verdict == "not comparable" or r.verdict == "not comparable":
+                continue
+            assert row.threshold is not None and row.statistic is not None
+            both = all(x.p_value is not None and x.p_value <= row.threshold and x.p_perm is not None
+                       and x.p_perm <= floor for x in (c, r))
+            if both and c.statistic is not None and c.statistic >= row.statistic:
+                row.verdict, row.shared_init = SHARED, label
+                row.reason = (f"{SHARED} ({label}): both descend from this public genesis, candidate p={c.p_value:.1e} "
+                              f"stat {c.statistic:.3f} (vs the reference {row.statistic:.3f}), reference "
+                              f"p={r.p_value:.1e}; not evidence of copying from the reference")
+                del todo[comp]
+
+
 def lineage(candidate: str | Path, references: Iterable[str | Path], alpha: float = DEFAULT_ALPHA,
             null_draws: int = DEFAULT_NULL_DRAWS, seed: int = DEFAULT_SEED,
-            max_units: int = DEFAULT_MAX_UNITS) -> LineageReport:
+            max_units: int = DEFAULT_MAX_UNITS, public_seeds: Iterable[int] = PUBLIC_SEEDS) -> LineageReport:
     """Test every component of `candidate` against every reference (and against its own genesis
     when the candidate is a bundle)."""
     if null_draws < 9 or not 0 < alpha < 1:
@@ -700,16 +755,22 @@ def lineage(candidate: str | Path, references: Iterable[str | Path], alpha: floa
     unmatched = {cand.label: cand.non_float() + cmap.unmatched}
     results: list[ComponentResult] = []
     labels: list[str] = []
+    pairs: list[tuple[Weights, ModelMap, list[ComponentResult]]] = []
     for ref in refs:
         rmap = map_names(ref.shapes())
         label = ref.label if ref.label not in labels and ref.label != cand.label else f"{ref.label}#{len(labels) + 1}"
         labels.append(label)
         unmatched[label] = ref.non_float() + rmap.unmatched
-        results += _compare(cand, cmap, ref, rmap, label, False, null_draws, seed, max_units)
+        rows = _compare(cand, cmap, ref, rmap, label, False, null_draws, seed, max_units)
+        pairs.append((ref, rmap, rows))
+        results += rows
     if cand.genesis is not None:
         gmap = map_names(cand.genesis.shapes())
         results += _compare(cand, cmap, cand.genesis, gmap, CONTROL, True, null_draws, seed, max_units)
     _decide(results, alpha, null_draws)
+    seeds = _genesis_seeds(cand, refs, public_seeds)
+    for ref, rmap, rows in pairs:
+        _shared_init(rows, cand, cmap, ref, rmap, seeds, null_draws, seed, max_units)
     order = {label: k for k, label in enumerate([*labels, CONTROL])}
     results.sort(key=lambda r: (order[r.reference], component_sort_key(r.component)))
     return LineageReport(cand.label, labels, alpha, null_draws, seed, results,
