@@ -7,6 +7,11 @@ i.i.d. per tensor; norm gains are all 1) and from training that is equivariant t
 (AdamW, RMSNorm, attention and RoPE all are), then permuting the reference's residual stream gives
 an exchangeable copy under the null. So, per component:
 
+0. alignment: the candidate's residual streams are mapped into the reference's coordinates, one
+   orthogonal map per stream fitted on the anchors (token embedding, LM head, patch and position
+   embeddings, the speech front end): a signed permutation whenever the map is one, a rotation only
+   when it carries held-out anchor rows onto the reference's (learnt token geometry alone does not);
+   anchor rows are carried by the map fitted on the other half of them. Fixed before the null draws;
 1. statistic: residual-stream coordinates are aligned by index; hidden units private to the
    component (MLP units, attention rows, projector units) are matched by a linear assignment that
    maximises |Pearson correlation| of their weight rows (centred over the anchored axis, so a
@@ -24,7 +29,9 @@ A component is `dependent` when p <= alpha / m (Bonferroni over the m comparable
 reference tests of the run) and the observed statistic exceeds every null draw; `independent` means
 no evidence of dependence was found, nothing more. A raw cosine is reported for contrast and never
 used (the Solar/GLM trap: norm gains initialised at 1 have raw cosine near 1 between unrelated
-models). Reads safetensors with numpy only; never imports torch. See docs/lineage.md.
+models). A dependent component that both models inherit from a public kai-init genesis (seed 1234,
+or a seed a bundle records) is reported as `shared initialisation` instead. Reads safetensors with
+numpy only; never imports torch. See docs/lineage.md.
 """
 
 from __future__ import annotations
@@ -588,7 +595,8 @@ class LineageReport:
     seed: int
     results: list[ComponentResult]
     unmatched: dict[str, list[str]]  # model label -> tensors no layout rule matched
-    method: str = "match-|r| / residual-stream permutation null / Student-t tail / Bonferroni"
+    method: str = ("anchor-aligned streams / match-|r| / residual-stream permutation null / Student-t tail / "
+                   "Bonferroni / shared public genesis")
 
     @property
     def dependent(self) -> list[ComponentResult]:
@@ -698,7 +706,7 @@ def _genesis_seeds(cand: Weights, refs: list[Weights], public: Iterable[int]) ->
         rec = w.recipe or {}
         seed = rec.get("seed")
         ok = rec.get("name") == GENESIS_RECIPE and isinstance(seed, int) and not isinstance(seed, bool)
-        return seed if ok else None  # type: ignore[return-value]
+        return seed if ok else None
 
     if cand.recipe is not None:
         own = v2_seed(cand)
