@@ -472,9 +472,9 @@ def test_grafted_encoder_under_residual_permutation_or_rotation_is_dependent(zoo
     _same_function(graft, moved)  # the disguise costs the copier nothing
     cand = _save(add_noise(moved, 0.1, seed=4) if transform == "composed" else moved, tmp_path / "c.safetensors")
     res = _by_component(lineage(cand, [zoo.base[0]], null_draws=DRAWS))
-    # (the projector writes to the text stream, which is the other model's and was moved too: its
-    # output side has no anchor in common with model 11, see docs/lineage.md)
-    for comp in ("vision.embed", "vision.block.0"):
+    # (the projector writes to the text stream, which is model 12's and was moved too: it is judged
+    # on its vision side, which the alignment carries)
+    for comp in ("vision.embed", "vision.block.0", "vision.projector"):
         assert res[comp].verdict == "dependent" and res[comp].p_value < 1e-6, res[comp].line()
     for comp, r in res.items():
         if not comp.startswith("vision."):

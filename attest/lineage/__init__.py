@@ -473,14 +473,17 @@ class _Plan:
     norm_only: bool = False
     raw_cosine: float | None = None
 
+    alt: _Plan | None = None  # the same component without the tensors on a stream left unaligned
+
     def values(self, draws: list[dict[str, np.ndarray]]) -> np.ndarray:
-        """Mean over terms of each term's statistic, per draw, in chunks of bounded memory."""
+        """Mean over terms of each term's statistic, per draw, in chunks of bounded memory; with an
+        `alt`, the larger of the two statistics (every draw alike, so the null is that of the max)."""
         chunk = max(1, CHUNK_ELEMENTS // max(t.size() for t in self.terms))
         out = np.zeros(len(draws))
         for lo in range(0, len(draws), chunk):
             part = draws[lo:lo + chunk]
             out[lo:lo + chunk] = np.mean([t.values(part) for t in self.terms], axis=0)
-        return out
+        return out if self.alt is None else np.maximum(out, self.alt.values(draws))
 
     def streams(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -502,11 +505,23 @@ def _load(w: Weights, slot: Slot) -> np.ndarray:
 
 
 def _plan_component(comp: str, cw: Weights, cs: dict[str, Slot], rw: Weights, rs: dict[str, Slot],
-                    max_units: int, rng: np.random.Generator, align: dict[str, _Align]) -> _Plan:
+                    max_units: int, rng: np.random.Generator, align: dict[str, _Align],
+                    roles: set[str] | None = None) -> _Plan:
     plan = _Plan(comp, norm_only=all(s.is_norm for s in (*cs.values(), *rs.values())))
     groups: dict[tuple[str, int, int], list[_Matrix]] = {}
     cosines = []
-    for role in sorted(set(cs) | set(rs)):
+    if roles is None:
+        # A component between two streams (a projector) of which one is aligned and one is not: the
+        # unaligned side may be the candidate's own stream, moved; the statistic is then also taken
+        # on the aligned side's tensors alone, and the larger of the two is used.
+        streams = {ax.name for slot in cs.values() for ax in slot.axes if ax.kind == "stream"}
+        if streams & set(align) and streams - set(align):
+            keep = {r for r, slot in cs.items() if r in rs and not slot.is_norm
+                    and all(ax.name in align for ax in slot.axes if ax.kind == "stream")}
+            if keep:
+                alt = _plan_component(comp, cw, cs, rw, rs, max_units, rng, align, keep)
+                plan.alt = alt if alt.terms else None
+    for role in sorted((set(cs) | set(rs)) if roles is None else roles):
         if role not in rs or role not in cs:
             plan.skipped.append(f"{role}: only in the {'candidate' if role in cs else 'reference'}")
             continue
