@@ -745,19 +745,20 @@ def _shared_init(rows: list[ComponentResult], cand: Weights, cmap: ModelMap, ref
             gc, gr = GenesisWeights(label, s, cand), GenesisWeights(label, s, ref)
         except ImportError:
             return  # kai_train is not installed: no genesis to compare with
-        only = set(todo)
+        def descends(x: ComponentResult | None, row: ComponentResult) -> bool:
+            return (x is not None and x.p_value is not None and x.p_perm is not None and row.threshold is not None
+                    and x.p_value <= row.threshold and x.p_perm <= floor)
+
         c_rows = {r.component: r for r in _compare(cand, cmap, gc, map_names(gc.shapes()), label, False, null_draws,
-                                                   seed, max_units, only)}
+                                                   seed, max_units, set(todo))}
+        # the reference is compared only where the candidate is closer to the genesis than to it
+        only = {comp for comp, row in todo.items() if descends(c_rows.get(comp), row)
+                and (c_rows[comp].statistic or 0.0) >= (row.statistic or 0.0)}
         r_rows = {r.component: r for r in _compare(ref, rmap, gr, map_names(gr.shapes()), label, False, null_draws,
-                                                   seed, max_units, only)}
+                                                   seed, max_units, only)} if only else {}
         for comp, row in list(todo.items()):
             c, r = c_rows.get(comp), r_rows.get(comp)
-            if c is None or r is None or c.verdict == "not comparable" or r.verdict == "not comparable":
-                continue
-            assert row.threshold is not None and row.statistic is not None
-            both = all(x.p_value is not None and x.p_value <= row.threshold and x.p_perm is not None
-                       and x.p_perm <= floor for x in (c, r))
-            if both and c.statistic is not None and c.statistic >= row.statistic:
+            if comp in only and c is not None and r is not None and descends(r, row):
                 row.verdict, row.shared_init = SHARED, label
                 row.reason = (f"{SHARED} ({label}): both descend from this public genesis, candidate p={c.p_value:.1e} "
                               f"stat {c.statistic:.3f} (vs the reference {row.statistic:.3f}), reference "
