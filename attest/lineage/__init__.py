@@ -85,6 +85,7 @@ SHARED = "shared initialisation"
 # coordinate's largest entry is at least SNAP in magnitude.
 MIN_ANCHOR_RATIO = 1.0
 SNAP = 0.5
+MAX_ALIGN_DIM = 8192  # wider streams are not aligned: three SVDs of d x d bound the work
 # A rotation (a map that is no signed permutation) is applied only when it carries the anchors'
 # held-out rows onto the reference's with mean cosine at least this: two models trained on like data
 # have anchors alike up to a rotation (0.3-0.4 measured for independent tiny models), and a rotation
@@ -419,7 +420,7 @@ def _fit_alignment(cw: Weights, cmap: ModelMap, rw: Weights, rmap: ModelMap) -> 
         if any(xc.shape[1] != d for xc, _ in pairs):
             continue
         rows = sum(xc.shape[0] for xc, _ in pairs)
-        if rows // 2 < MIN_ANCHOR_RATIO * d:
+        if rows // 2 < MIN_ANCHOR_RATIO * d or d > MAX_ALIGN_DIM:
             continue
         rot, perm = _procrustes(np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs]))
         halves_c = [np.concatenate([x[f::2] for x, _ in pairs]) for f in (0, 1)]
@@ -641,6 +642,10 @@ class LineageReport:
         for r in self.control_failed:
             out.append(f"warning         positive control not dependent for {r.component}: "
                        "an 'independent' verdict there carries no evidence")
+        shared = [r for r in self.results if r.verdict == SHARED]
+        if shared:
+            out.append(f"note            {len(shared)} component(s) inherited from a public genesis by both models "
+                       f"({', '.join(sorted({r.shared_init for r in shared}))}): shared initialisation, not counted")
         dep = self.dependent
         out.append(f"verdict: {len(dep)} component(s) dependent on a reference" if dep
                    else "verdict: no component dependent on any reference (absence of evidence, not proof)")
