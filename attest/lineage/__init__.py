@@ -409,9 +409,11 @@ def _fit_alignment(cw: Weights, cmap: ModelMap, rw: Weights, rmap: ModelMap) -> 
             if xc.shape[0] < 2:
                 continue
             # centred per coordinate and scaled to unit norm per tensor: each anchor weighs alike
-            xc, xr = xc - xc.mean(axis=0), xr - xr.mean(axis=0)
-            nc, nr = np.linalg.norm(xc), np.linalg.norm(xr)
-            if nc <= CONSTANT_EPS or nr <= CONSTANT_EPS:
+            with np.errstate(over="ignore", invalid="ignore"):  # float64: no overflow short of hostile input
+                xc, xr = xc.astype(np.float64), xr.astype(np.float64)
+                xc, xr = xc - xc.mean(axis=0), xr - xr.mean(axis=0)
+                nc, nr = np.linalg.norm(xc), np.linalg.norm(xr)
+            if not (CONSTANT_EPS < nc < math.inf and CONSTANT_EPS < nr < math.inf):
                 continue
             halves.setdefault(a_axes[k].name, []).append((xc / nc, xr / nr))
     out: dict[str, _Align] = {}
@@ -422,16 +424,20 @@ def _fit_alignment(cw: Weights, cmap: ModelMap, rw: Weights, rmap: ModelMap) -> 
         rows = sum(xc.shape[0] for xc, _ in pairs)
         if rows // 2 < MIN_ANCHOR_RATIO * d or d > MAX_ALIGN_DIM:
             continue
-        rot, perm = _procrustes(np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs]))
         halves_c = [np.concatenate([x[f::2] for x, _ in pairs]) for f in (0, 1)]
         halves_r = [np.concatenate([y[f::2] for _, y in pairs]) for f in (0, 1)]
-        folds = [_procrustes(halves_c[f], halves_r[f]) for f in (0, 1)]
+        try:
+            rot, perm = _procrustes(np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs]))
+            folds = [_procrustes(halves_c[f], halves_r[f]) for f in (0, 1)]
+        except np.linalg.LinAlgError:  # no SVD: the stream stays index-aligned
+            continue
         # held out: each half's rows through the other half's map, cosine with the reference's row
         cos = [_row_cosines(halves_c[f] @ folds[1 - f][0], halves_r[f]) for f in (0, 1)]
         fit = float(np.concatenate(cos).mean())
         perm = perm and folds[0][1] and folds[1][1]
         if perm or fit >= ROTATION_FIT:
-            out[stream] = _Align(stream, rot, (folds[0][0], folds[1][0]), perm, rows, fit)
+            out[stream] = _Align(stream, rot.astype(np.float32), (folds[0][0].astype(np.float32),
+                                                              folds[1][0].astype(np.float32)), perm, rows, fit)
     return out
 
 
@@ -754,13 +760,16 @@ def _shared_init(rows: list[ComponentResult], cand: Weights, cmap: ModelMap, ref
             return (x is not None and x.p_value is not None and x.p_perm is not None and row.threshold is not None
                     and x.p_value <= row.threshold and x.p_perm <= floor)
 
-        c_rows = {r.component: r for r in _compare(cand, cmap, gc, map_names(gc.shapes()), label, False, null_draws,
-                                                   seed, max_units, set(todo))}
-        # the reference is compared only where the candidate is closer to the genesis than to it
-        only = {comp for comp, row in todo.items() if descends(c_rows.get(comp), row)
-                and (c_rows[comp].statistic or 0.0) >= (row.statistic or 0.0)}
-        r_rows = {r.component: r for r in _compare(ref, rmap, gr, map_names(gr.shapes()), label, False, null_draws,
-                                                   seed, max_units, only)} if only else {}
+        try:
+            c_rows = {r.component: r for r in _compare(cand, cmap, gc, map_names(gc.shapes()), label, False,
+                                                       null_draws, seed, max_units, set(todo))}
+            # the reference is compared only where the candidate is closer to the genesis than to it
+            only = {comp for comp, row in todo.items() if descends(c_rows.get(comp), row)
+                    and (c_rows[comp].statistic or 0.0) >= (row.statistic or 0.0)}
+            r_rows = {r.component: r for r in _compare(ref, rmap, gr, map_names(gr.shapes()), label, False,
+                                                       null_draws, seed, max_units, only)} if only else {}
+        except ValueError:  # shapes no kai-init genesis can have: nothing shared with it
+            continue
         for comp, row in list(todo.items()):
             c, r = c_rows.get(comp), r_rows.get(comp)
             if comp in only and c is not None and r is not None and descends(r, row):
