@@ -42,7 +42,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from attest.lineage import lineage  # noqa: E402
+from attest.lineage import ROTATION_FIT, lineage, stream_fits  # noqa: E402
 from kai_train.init import build_genesis_model  # noqa: E402
 from kai_train.model import ModelConfig, MultimodalLM  # noqa: E402
 
@@ -217,7 +217,11 @@ def main() -> None:
     if args.smoke:
         args.models, args.bases, args.steps, args.draws = 3, 1, 10, 19
     torch.set_num_threads(1)
-    work = Path(tempfile.mkdtemp(prefix="kai-bench-lineage-"))
+    with tempfile.TemporaryDirectory(prefix="kai-bench-lineage-") as tmp:
+        run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
     t0 = time.time()
     pool: list[Path] = []
     states: list[SD] = []
@@ -233,11 +237,16 @@ def main() -> None:
     t1 = time.time()
     fp: dict[str, list[float]] = defaultdict(list)  # component -> p of every independent test
     fp_dep: dict[str, int] = defaultdict(int)
+    fits: dict[str, list[float]] = defaultdict(list)  # stream -> held-out anchor fit of every pair
+    aligned: dict[str, int] = defaultdict(int)
     runs = 0
     for i in range(args.models):
         for j in range(i + 1, args.models):
             report = lineage(pool[i], [pool[j]], null_draws=args.draws)
             runs += 1
+            for stream, (fit, _, used) in stream_fits(pool[i], pool[j]).items():
+                fits[stream].append(fit)
+                aligned[stream] += used
             for r in report.results:
                 if r.p_value is not None:
                     fp[r.component].append(r.p_value)
@@ -253,8 +262,14 @@ def main() -> None:
     print(f"{'all':<18} {total_tests:>5} {total_dep:>9} {total_dep / max(1, total_tests):>8.5f} "
           f"{3 / max(1, total_tests) if total_dep == 0 else math.nan:>9.5f}")
 
+    for stream in sorted(fits):
+        print(f"independent pairs, {stream} stream: held-out anchor fit max {max(fits[stream]):.3f} "
+              f"median {sorted(fits[stream])[len(fits[stream]) // 2]:.3f}; aligned in {aligned[stream]} of "
+              f"{len(fits[stream])} pairs (a rotation needs {ROTATION_FIT})")
+
     t2 = time.time()
     power: dict[tuple[str, str], list[tuple[bool, float]]] = defaultdict(list)
+    dep_fits: dict[tuple[str, str], list[tuple[float, bool]]] = defaultdict(list)
     for b in range(min(args.bases, args.models)):
         for kind in TRANSFORMS:
             path = work / f"dep{b}-{kind}.safetensors"
@@ -263,6 +278,8 @@ def main() -> None:
             for r in lineage(path, [pool[b]], null_draws=args.draws).results:
                 if r.p_value is not None:
                     power[(kind, r.component)].append((r.verdict == "dependent", r.p_value))
+            for stream, (fit, perm, _) in stream_fits(path, pool[b]).items():
+                dep_fits[(kind, stream)].append((fit, perm))
     print(f"dependent: {min(args.bases, args.models)} bases x {len(TRANSFORMS)} transforms in {time.time() - t2:.0f} s")
     comps = sorted({c for _, c in power})
     print(f"{'power':<14} " + " ".join(f"{c.split('.', 1)[1][:9]:>9}" for c in comps))
@@ -273,6 +290,10 @@ def main() -> None:
             hits = power.get((kind, c), [])
             cells.append(f"{sum(h for h, _ in hits) / len(hits):>9.2f}" if hits else f"{'-':>9}")
         print(f"{kind:<14} " + " ".join(cells))
+    for kind in TRANSFORMS:
+        print(f"{kind:<14} anchor fit (min over bases; P = a signed permutation): " + ", ".join(
+            f"{st} {min(f for f, _ in v):.3f}{' P' if all(p for _, p in v) else ''}"
+            for (k, st), v in sorted(dep_fits.items()) if k == kind))
     print(f"{'largest p':<14} " + " ".join(
         f"{max((p for k in TRANSFORMS for _, p in power.get((k, c), [])), default=math.nan):>9.0e}" for c in comps))
 

@@ -392,7 +392,8 @@ def _procrustes(xc: np.ndarray, xr: np.ndarray) -> tuple[np.ndarray, bool]:
     return rot, False
 
 
-def _fit_alignment(cw: Weights, cmap: ModelMap, rw: Weights, rmap: ModelMap) -> dict[str, _Align]:
+def _fit_alignment(cw: Weights, cmap: ModelMap, rw: Weights, rmap: ModelMap,
+                   rotation_fit: float = ROTATION_FIT) -> dict[str, _Align]:
     """One map per residual stream that both models anchor with enough rows."""
     halves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for comp in sorted(set(cmap.components) & set(rmap.components)):
@@ -435,10 +436,19 @@ def _fit_alignment(cw: Weights, cmap: ModelMap, rw: Weights, rmap: ModelMap) -> 
         cos = [_row_cosines(halves_c[f] @ folds[1 - f][0], halves_r[f]) for f in (0, 1)]
         fit = float(np.concatenate(cos).mean())
         perm = perm and folds[0][1] and folds[1][1]
-        if perm or fit >= ROTATION_FIT:
+        if perm or fit >= rotation_fit:
             out[stream] = _Align(stream, rot.astype(np.float32), (folds[0][0].astype(np.float32),
                                                               folds[1][0].astype(np.float32)), perm, rows, fit)
     return out
+
+
+def stream_fits(candidate: str | Path, reference: str | Path) -> dict[str, tuple[float, bool, bool]]:
+    """Per residual stream the two models anchor: (held-out fit, whether the map is a signed
+    permutation, whether the stream is aligned), as `lineage` fits it (for calibration)."""
+    cw, rw = open_weights(candidate), open_weights(reference)
+    cmap, rmap = map_names(cw.shapes()), map_names(rw.shapes())
+    fitted = _fit_alignment(cw, cmap, rw, rmap, rotation_fit=-math.inf)  # every fitted stream
+    return {s: (m.fit, m.perm, m.perm or m.fit >= ROTATION_FIT) for s, m in fitted.items()}
 
 
 def _row_cosines(x: np.ndarray, y: np.ndarray) -> np.ndarray:
