@@ -527,6 +527,8 @@ def test_encoders_left_at_a_shared_public_genesis_are_named_shared_initialisatio
         assert r.verdict == "shared initialisation" and r.shared_init == "kai-init/v2 seed 1234", r.line()
     assert report.dependent == [], [r.line() for r in report.dependent]
     assert any(line.startswith("note") and "kai-init/v2 seed 1234" in line for line in report.lines())
+    page = render_html(report)
+    assert page.count('<tr class="shared">') == sum(r.verdict == "shared initialisation" for r in report.results)
     # Without the public seed the same rows read as dependence: the relabelling is what changed.
     plain = _by_component(lineage(cand, [ref], null_draws=DRAWS, public_seeds=()))
     assert plain["vision.block.0"].verdict == "dependent"
