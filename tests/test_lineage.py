@@ -539,3 +539,18 @@ def test_encoders_left_at_a_shared_public_genesis_are_named_shared_initialisatio
     res = _by_component(lineage(copied, [ref], null_draws=DRAWS))
     assert res["vision.block.0"].verdict == "dependent", res["vision.block.0"].line()
     assert res["speech.block.0"].verdict == "shared initialisation", res["speech.block.0"].line()
+
+
+def test_the_geneses_tried_are_a_bundle_candidates_own_seed_else_the_public_and_recorded_ones() -> None:
+    from attest.lineage import _genesis_seeds
+
+    def w(recipe: dict | None) -> Weights:
+        return Weights("m", {}, recipe=recipe)
+
+    v2 = {"name": "kai-init/v2", "model": {}}
+    plain, ref77, ref_v1 = w(None), w({**v2, "seed": 77}), w({"name": "kai-init/v1", "seed": 5})
+    assert _genesis_seeds(plain, [ref77, ref_v1, plain], (1234,)) == [1234, 77]
+    assert _genesis_seeds(plain, [], (1234, 9)) == [1234, 9]
+    # a bundle candidate can only have started from the genesis it records
+    assert _genesis_seeds(w({**v2, "seed": 42}), [ref77], (1234,)) == [42]
+    assert _genesis_seeds(w({**v2, "seed": True}), [ref77], (1234,)) == []

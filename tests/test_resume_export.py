@@ -235,6 +235,12 @@ def test_seed_is_drawn_when_none_is_given_kept_when_recorded_and_fixed_when_give
     assert choose_seed(99, {"seed": 99, "seed_source": "drawn"}) == (99, "drawn")
     assert choose_seed(5, {"seed": 99, "seed_source": "drawn"}) == (5, "fixed")  # the config check refuses it
     assert choose_seed(None, {"seed": 1234}) == (1234, None)  # recorded before seeds were drawn: as it was
+    # and verify's genesis line names the source the run config records
+    from attest.verify.checks.model import seed_origin
+
+    assert "drawn at random" in seed_origin({"seed": 5, "seed_source": "drawn"})
+    assert "fixed" in seed_origin({"seed": 5, "seed_source": "fixed"})
+    assert seed_origin({"seed": 5}) == ""
 
 
 @pytest.mark.slow
