@@ -554,3 +554,16 @@ def test_the_geneses_tried_are_a_bundle_candidates_own_seed_else_the_public_and_
     # a bundle candidate can only have started from the genesis it records
     assert _genesis_seeds(w({**v2, "seed": 42}), [ref77], (1234,)) == [42]
     assert _genesis_seeds(w({**v2, "seed": True}), [ref77], (1234,)) == []
+
+
+def test_a_rotated_copy_trained_on_further_is_still_dependent(zoo: Zoo, tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(23)
+    maps = {"text": _orthogonal(CFG.dim, g), "vision": _orthogonal(CFG.vision_dim, g),
+            "speech": _signed_permutation(CFG.speech_dim, g, signs=False)}
+    model = MultimodalLM(CFG)
+    model.load_state_dict(residual_map(zoo.base_state, maps, fold=True))
+    cand = _save(_state(_train(model, data_seed=4242)), tmp_path / "rot_trained.safetensors")
+    res = _by_component(lineage(cand, [zoo.base[0]], null_draws=DRAWS))
+    for comp in ("text.embed", "text.block.0", "text.block.1", "text.lm_head", "vision.embed", "vision.block.0",
+                 "vision.projector", "speech.block.0"):
+        assert res[comp].verdict == "dependent" and res[comp].p_value < 1e-6, res[comp].line()
