@@ -211,6 +211,9 @@ def genesis_arrays(seed: int, tensors: dict[str, tuple[int, ...]]) -> dict[str, 
     """The kai-init/v2 genesis of `seed` for the named tensors of a MultimodalLM (float32 arrays),
     rules read from the names (`modelspec.rules_from_names`); names of other layouts are left out.
     attest.lineage compares a model with the genesis of a public seed through this."""
-    rules = rules_from_names(tensors)
-    return {n: np.concatenate(list(generate(seed, n, tuple(tensors[n]), r))).reshape(tensors[n])
-            for n, r in rules.items()}
+    return {n: genesis_array(seed, n, tuple(tensors[n]), r) for n, r in rules_from_names(tensors).items()}
+
+
+def genesis_array(seed: int, name: str, shape: tuple[int, ...], rule: str) -> np.ndarray:
+    """One whole kai-init/v2 tensor as a float32 array."""
+    return np.concatenate(list(generate(seed, name, shape, rule))).reshape(shape)

@@ -567,3 +567,20 @@ def test_a_rotated_copy_trained_on_further_is_still_dependent(zoo: Zoo, tmp_path
     for comp in ("text.embed", "text.block.0", "text.block.1", "text.lm_head", "vision.embed", "vision.block.0",
                  "vision.projector", "speech.block.0"):
         assert res[comp].verdict == "dependent" and res[comp].p_value < 1e-6, res[comp].line()
+
+
+def test_a_public_genesis_is_made_bit_exact_from_the_names_alone(zoo: Zoo) -> None:
+    from attest.lineage import GenesisWeights
+    from kai_train.modelspec import param_specs, rules_from_names
+
+    want = _state(build_genesis_model(CFG, 1234)[0])
+    g = GenesisWeights("g", 1234, open_weights(zoo.base[0]))
+    assert {n for n, _ in g.shapes()} == set(want)
+    for name, t in want.items():
+        np.testing.assert_array_equal(g.array(name), t.numpy(), err_msg=name)
+    moe = ModelConfig(n_layers=3, vision_layers=2, n_experts=4, moe_top_k=2, moe_hidden=16, n_shared_experts=1,
+                      moe_dense_layers=1)
+    for cfg in (CFG, moe):
+        specs = param_specs(cfg)
+        assert rules_from_names(n for n, _, _ in specs) == {n: rule for n, _, rule in specs}
+    assert rules_from_names(["model.layers.0.self_attn.q_proj.weight"]) == {}  # other layouts: no genesis

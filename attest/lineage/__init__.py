@@ -158,7 +158,10 @@ class GenesisWeights(Weights):
 
         self.initspec, self.seed = import_module(GENESIS_MODULE), seed
         given = dict(like.shapes())
-        self.known = {n: given[n] for n in self.initspec.rules_from_names(given)}
+        # rules from all the names at once: a residual output's std depends on its stack's depth
+        self.rules: dict[str, str] = self.initspec.rules_from_names(given)
+        self.known = {n: given[n] for n in self.rules}
+        self.made: dict[str, np.ndarray] = {}
 
     def shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         return sorted(self.known.items())
@@ -167,8 +170,9 @@ class GenesisWeights(Weights):
         return []
 
     def array(self, name: str) -> np.ndarray:  # made when first compared: only components that need it
-        arr: np.ndarray = self.initspec.genesis_arrays(self.seed, {name: self.known[name]})[name]
-        return arr
+        if name not in self.made:
+            self.made[name] = self.initspec.genesis_array(self.seed, name, self.known[name], self.rules[name])
+        return self.made[name]
 
 
 def _index_files(label: str, files: list[Path]) -> dict[str, tuple[Path, TensorEntry]]:
