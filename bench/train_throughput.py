@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     from kai_train import determinism
 
     recorded = determinism.configure(args.determinism)  # as kai_train.train does, before the process group
-    deepspeed.init_distributed(dist_backend=eng.backend())
+    eng.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     on_gpu = eng.backend() == "nccl"
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")

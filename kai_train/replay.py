@@ -46,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
 
     prepare()
 
-    import deepspeed
     import torch
     import torch.distributed as dist
 
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     first = plans[0]
     torch.set_num_threads(int(first.get("threads", 1)))  # as the segment's training ran (its record)
     determinism.configure(recorded=first.get("determinism") or {})  # the segment's settings, before the process group
-    deepspeed.init_distributed(dist_backend=eng.backend())
+    eng.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     for i, plan in enumerate(plans):
         if world != plan["world_size"]:

@@ -57,6 +57,13 @@ def test_checkpoint_records_grad_norm_rng_state_and_environment(demo_run: Path) 
         assert c["environment"]["hardware"]["world_size"] == 2 and c["environment"]["versions"]["deepspeed"] != "absent"
 
 
+def test_the_demo_trains_without_compiling_an_op(demo_run: Path) -> None:
+    """DeepSpeed's shared-memory op (inference all-reduce only) is not built: no C++ compile on the
+    demo's path, in the JIT build folder the demo ran with."""
+    built = list((demo_run.parent / "torch_extensions").rglob("*.so"))
+    assert built == [], built
+
+
 def test_loss_falls_over_the_run(demo_run: Path) -> None:
     losses = [c["metrics"]["loss"] for c in entries_of(demo_run, "checkpoint")]
     assert losses[-1] < losses[0]

@@ -100,9 +100,14 @@ def run_plan(plan: dict[str, Any], timeout_s: int = 3600, scratch: Path | None =
     if p.returncode != 0 or not out.exists():
         last = [line for line in (p.stderr + p.stdout).splitlines() if line.strip()][-3:]
         return None, f"replay process failed (exit {p.returncode}): " + " | ".join(last)[-500:]
+    return read_result(out)
+
+
+def read_result(out: Path) -> tuple[dict[str, Any] | None, str]:
+    """The result file the verifier's own replay process wrote (in its scratch folder): (result, error)."""
     try:
         result = json.loads(out.read_text())
-    except ValueError as ex:
+    except (OSError, ValueError) as ex:
         return None, f"replay result unreadable ({ex})"
     return (result, "") if isinstance(result, dict) else (None, "replay result is not an object")
 
@@ -133,12 +138,8 @@ def run_plans(plans: list[dict[str, Any]], timeout_s: int = 3600) -> list[tuple[
         except subprocess.TimeoutExpired:
             pass
         for i in range(len(plans)):
-            f = results / f"result-{i}.json"
-            try:
-                got = json.loads(f.read_text()) if f.is_file() else None
-            except ValueError:
-                got = None
-            if isinstance(got, dict):
+            got, _ = read_result(results / f"result-{i}.json")
+            if got is not None:
                 out[i] = (got, "")
     return [r if r is not None else run_plan(p, timeout_s) for p, r in zip(plans, out)]
 
