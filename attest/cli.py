@@ -272,10 +272,11 @@ def _cmd_respond(args: argparse.Namespace) -> int:
 
 def _cmd_lineage(args: argparse.Namespace) -> int:
     # Imported here: scipy is needed by this command only.
-    from attest.lineage import lineage
+    from attest.lineage import PUBLIC_SEEDS, lineage
     from attest.lineage.report import write_html
 
-    given = {"alpha": args.alpha, "null_draws": args.null_draws, "seed": args.seed}
+    given = {"alpha": args.alpha, "null_draws": args.null_draws, "seed": args.seed,
+             "public_seeds": None if args.public_seed is None else (*PUBLIC_SEEDS, *args.public_seed)}
     opts = {k: v for k, v in given.items() if v is not None}  # unset: the defaults in attest/lineage/__init__.py
     try:
         report = lineage(args.candidate, args.reference, **opts)
@@ -304,6 +305,10 @@ def _add_lineage_parser(sub: argparse._SubParsersAction) -> None:
     ln.add_argument("--alpha", type=float, help="family-wise level before Bonferroni (default 1e-3)")
     ln.add_argument("--null-draws", type=int, help="residual-stream permutations in the null (default 99)")
     ln.add_argument("--seed", type=int, help="seed of the null draws (default 0)")
+    ln.add_argument("--public-seed", type=int, action="append", metavar="S",
+                    help="a kai-init/v2 genesis seed others may have started from too (repeatable; 1234 and "
+                    "the seeds reference bundles record are always tried): a component both models inherit "
+                    "from it reads 'shared initialisation', not dependent")
     ln.set_defaults(func=_cmd_lineage)
 
 

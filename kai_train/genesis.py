@@ -9,6 +9,7 @@ them one tensor at a time, so memory stays bounded by the largest tensor.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,28 @@ def recipe(cfg: ModelConfig, seed: int, name: str = init.RECIPE) -> dict[str, An
     if name != init.RECIPE_V1:
         raise ValueError(f"unknown init recipe {name!r} (known: {', '.join(init.RECIPES)})")
     return {"name": name, "seed": int(seed), "model": cfg.to_dict(), "dtype": "F32", "deriver": DERIVER}
+
+
+SEED_DRAWN, SEED_FIXED = "drawn", "fixed"
+SEED_BITS = 63  # a drawn seed fits a signed 64-bit integer (JSON readers, trackers)
+
+
+def choose_seed(given: int | None, recorded: Mapping[str, Any] | None) -> tuple[int, str | None]:
+    """The genesis seed of a run and how it was chosen (`seed_source`: "drawn" or "fixed").
+
+    A run config already in the chain (a resumed run, or a start that died before its genesis)
+    keeps its seed and its source: a resumed run never draws again. Otherwise a given seed is
+    "fixed", and none (`seed: null`, the default) draws 63 bits from os.urandom, so two runs that
+    leave the seed alone never share initial weights. None as the source: a run recorded before
+    seeds were drawn, whose config names no source (resumed as it was)."""
+    if recorded is not None and isinstance(recorded.get("seed"), int) and not isinstance(recorded.get("seed"), bool):
+        source = recorded.get("seed_source")
+        if given is None or given == recorded["seed"]:
+            return int(recorded["seed"]), source if isinstance(source, str) else None
+        return int(given), SEED_FIXED  # differs from the recorded one: the config check names `seed`
+    if given is not None:
+        return int(given), SEED_FIXED
+    return int.from_bytes(os.urandom(8), "little") >> (64 - SEED_BITS), SEED_DRAWN
 
 
 def recorded_recipe(chain: Path) -> str:

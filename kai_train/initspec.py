@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from attest.digest import tensor_digest
-from kai_train.modelspec import ModelConfig, param_specs
+from kai_train.modelspec import ModelConfig, param_specs, rules_from_names
 from kai_train.modelspec import param_count as modelspec_param_count
 
 RECIPE = "kai-init/v2"
@@ -205,3 +205,15 @@ def derive(rec: dict[str, Any]) -> Iterator[tuple[str, str]]:
 def recipe(cfg: ModelConfig, seed: int) -> dict[str, Any]:
     """The genesis statement's recipe for a v2 genesis."""
     return {"name": RECIPE, "seed": int(seed), "model": cfg.to_dict(), "dtype": "F32", "deriver": DERIVER}
+
+
+def genesis_arrays(seed: int, tensors: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The kai-init/v2 genesis of `seed` for the named tensors of a MultimodalLM (float32 arrays),
+    rules read from the names (`modelspec.rules_from_names`); names of other layouts are left out.
+    attest.lineage compares a model with the genesis of a public seed through this."""
+    return {n: genesis_array(seed, n, tuple(tensors[n]), r) for n, r in rules_from_names(tensors).items()}
+
+
+def genesis_array(seed: int, name: str, shape: tuple[int, ...], rule: str) -> np.ndarray:
+    """One whole kai-init/v2 tensor as a float32 array."""
+    return np.concatenate(list(generate(seed, name, shape, rule))).reshape(shape)

@@ -13,7 +13,8 @@ mirrored here, and the test above fails until it is.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -256,3 +257,37 @@ def param_specs(cfg: ModelConfig) -> list[Spec]:
 def param_count(cfg: ModelConfig) -> int:
     """Number of parameter elements of MultimodalLM(cfg)."""
     return sum(math.prod(shape) for _, shape, _ in param_specs(cfg))
+
+
+_LAYER_NAME = re.compile(r"(text|vision|speech)\.layers\.(\d+)\.(.+)")
+_RESIDUAL_OUT = re.compile(r"attn\.wo\.weight|(?:mlp\.(?:experts\.\d+\.|shared\.)?)w2\.weight")
+
+
+def rules_from_names(names: Iterable[str]) -> dict[str, str]:
+    """The init rule of each parameter name of MultimodalLM, from the names alone (what `param_specs`
+    gives for the config those names came from): "ones" for norm gains, "zeros" for biases, the
+    residual outputs' std from the depth of their stack (its highest layer index + 1). Lets a model
+    file without its config be compared with a kai-init genesis (attest.lineage). Names of other
+    layouts are left out."""
+    names = list(names)
+    depth: dict[str, int] = {}
+    for n in names:
+        if m := _LAYER_NAME.fullmatch(n):
+            depth[m[1]] = max(depth.get(m[1], 0), int(m[2]) + 1)
+    known = {s[0] for s in param_specs(ModelConfig())} | {"text.norm.weight"}
+    out: dict[str, str] = {}
+    for n in names:
+        m = _LAYER_NAME.fullmatch(n)
+        if m:
+            suffix = m[3]
+            if suffix.endswith("norm.weight"):
+                out[n] = "ones"
+            elif suffix.endswith(".bias"):
+                out[n] = "zeros"
+            elif _RESIDUAL_OUT.fullmatch(suffix):
+                out[n] = normal_rule(BASE_STD / math.sqrt(2 * depth[m[1]]))
+            elif suffix.endswith(".weight"):
+                out[n] = normal_rule(BASE_STD)
+        elif n in known:
+            out[n] = "ones" if n.endswith("norm.weight") else "zeros" if n.endswith(".bias") else normal_rule(BASE_STD)
+    return out

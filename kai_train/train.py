@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from attest.errors import KaiError
@@ -86,7 +86,6 @@ class Trainer:
         self.run_dir = run_dir = Path(cfg.run_dir)
         self.train: dict[str, Any] = OmegaConf.to_container(cfg.train, resolve=True)  # type: ignore[assignment]
         train = self.train
-        torch.manual_seed(cfg.seed)
 
         try:
             self.data = ShardDataset(shards, run_dir / cfg.tokenizer, train["text_len"])
@@ -97,9 +96,10 @@ class Trainer:
         if self.data.sp.vocab_size() > mcfg.vocab_size:
             raise AppError(f"tokenizer has {self.data.sp.vocab_size()} pieces, model.vocab_size is {mcfg.vocab_size}")
 
-        # resume point, init recipe (a resumed run keeps the chain's), and whether the chain's run
-        # config records a sampler (a run begun before sampler kinds keeps the permutation sampler)
-        box: list[Any] = [None, RECIPE, True]
+        # resume point, init recipe (a resumed run keeps the chain's), whether the chain's run config
+        # records a sampler (a run begun before sampler kinds keeps the permutation sampler), and the
+        # genesis seed with how it was chosen (drawn here when none is given; a resumed run keeps its own)
+        box: list[Any] = [None, RECIPE, True, None]
         if rank == 0:
             try:
                 box[0] = find_resume_point(run_dir)
@@ -107,13 +107,17 @@ class Trainer:
                     box[1] = genesis.recorded_recipe(run_dir / CHAIN_NAME)
                 earlier_cfg = recorded_run_config(run_dir)
                 box[2] = earlier_cfg is None or "sampler" in earlier_cfg
+                box[3] = genesis.choose_seed(cfg.seed, earlier_cfg)
             except (ResumeError, ValueError) as e:
                 raise AppError(str(e)) from e
             if box[0] is not None and cfg.resume == "never":
                 raise AppError(f"{run_dir / CHAIN_NAME} already holds a genesis; use resume=auto or a new run_dir")
             discard_unrecorded(run_dir, box[0].step if box[0] is not None else None)  # before any rank writes
         dist.broadcast_object_list(box, src=0)
-        resume, recipe_name, self.sampler_recorded = box
+        resume, recipe_name, self.sampler_recorded, (seed, seed_source) = box
+        with open_dict(cfg):
+            cfg.seed = seed  # every rank, and every record below, uses the one seed rank 0 chose
+        torch.manual_seed(seed)
         self.sampler = make_run_sampler(cfg, shards, self.data.shard_rows, train["holdout_every"],
                                         self.sampler_recorded)
         self.batches = Batches(self.data, self.sampler, rank, world, train["micro_batch"], mcfg.image_size,
@@ -141,6 +145,8 @@ class Trainer:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         if not self.sampler_recorded and isinstance(resolved, dict):  # the recorded config, as it was
             resolved.pop("sampler", None)
+        if seed_source is not None and isinstance(resolved, dict):  # "drawn" or "fixed", named by verify
+            resolved["seed_source"] = seed_source
         if rank == 0:
             from attest.runconfig import render_yaml
             from attest.signers import ensure_public_key, make_signer
@@ -178,7 +184,8 @@ class Trainer:
             if self.prov is not None:
                 shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in engine.module.named_parameters()}
                 root = self.prov.record_genesis(world, rec, rules, shapes)
-                log(f"genesis {root[:16]}… ({sum(map(math.prod, shapes.values())):,} parameters, seed {cfg.seed})")
+                log(f"genesis {root[:16]}… ({sum(map(math.prod, shapes.values())):,} parameters, "
+                    f"seed {seed}{' (drawn)' if seed_source == genesis.SEED_DRAWN else ''})")
         self.tracker = Tracker(OmegaConf.to_container(cfg.wandb, resolve=True), run_dir, cfg.run_id, resolved,
                                train["steps"], self.start, world, *self.flops_and_peak()) if rank == 0 else None
         # The segment since the last checkpoint: where its data began, its per-step losses; the last eval.

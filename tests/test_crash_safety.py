@@ -18,7 +18,7 @@ from conftest import env, free_port, kai_attest, must, prepared_data, run, torch
 
 pytestmark = pytest.mark.slow
 
-ARGS = ["train.steps=5", "train.ckpt_every=1", "train.micro_batch=4", "train.eval_every=2", "wandb.mode=disabled"]
+ARGS = ["seed=1234", "train.steps=5", "train.ckpt_every=1", "train.micro_batch=4", "train.eval_every=2", "wandb.mode=disabled"]
 # (fail point, hit) in the order a run meets them; each kill is followed by verify and a resume.
 KILLS = [
     ("chain-appended", 1),     # run statement written, genesis not yet

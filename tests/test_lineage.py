@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("torch", reason="the train extra; not on the evaluator's light install")
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from attest.chain import ChainWriter
 from attest.cli import main as cli_main
@@ -345,3 +345,242 @@ def test_lineage_never_imports_torch() -> None:
             "print('ok' if 'torch' not in sys.modules else 'torch was imported')")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# residual-stream symmetries: permutation (with signs), rotation, composed with the in-block ones
+
+
+def _orthogonal(n: int, g: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+def _signed_permutation(n: int, g: torch.Generator, signs: bool = True) -> torch.Tensor:
+    s = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if signs else torch.ones(n)
+    return torch.eye(n)[torch.randperm(n, generator=g)] * s[:, None]
+
+
+def residual_map(sd: dict[str, torch.Tensor], maps: dict[str, torch.Tensor], fold: bool) -> dict[str, torch.Tensor]:
+    """The model with each residual stream h replaced by Q h (Q = maps[stack], orthogonal): matrices
+    writing to a stream are multiplied by Q on the left, those reading from it by Q^T on the right.
+    `fold`: norm gains are first folded into the matrices that read the normed stream (they become 1,
+    as a rotation needs); otherwise Q must be a permutation (with signs) and gains are permuted."""
+    out = {k: v.clone() for k, v in sd.items()}
+
+    def gain(name: str, readers: list[str], stack: str) -> None:
+        g = out[name]
+        if fold:
+            for r in readers:
+                out[r] = out[r] * g[None, :]
+            out[name] = torch.ones_like(g)
+        else:
+            out[name] = maps[stack].abs() @ g
+
+    def read(name: str, stack: str) -> None:
+        out[name] = out[name] @ maps[stack].T
+
+    def write(name: str, stack: str) -> None:
+        w = out[name]
+        out[name] = torch.einsum("oa,a...->o...", maps[stack], w)
+
+    layers = {"text": CFG.n_layers, "vision": CFG.vision_layers, "speech": CFG.speech_layers}
+    for stack, Q in maps.items():
+        for i in range(layers[stack]):
+            p = f"{stack}.layers.{i}."
+            gain(p + "attn_norm.weight", [p + f"attn.{w}.weight" for w in ("wq", "wk", "wv")], stack)
+            gain(p + "mlp_norm.weight", [p + "mlp.w1.weight", p + "mlp.w3.weight"], stack)
+            for w in ("attn.wq", "attn.wk", "attn.wv", "mlp.w1", "mlp.w3"):
+                read(p + w + ".weight", stack)
+            for w in ("attn.wo", "mlp.w2"):
+                write(p + w + ".weight", stack)
+        if stack == "text":
+            gain("text.norm.weight", ["text.lm_head.weight"], stack)
+            read("text.lm_head.weight", stack)
+            read("text.tok_emb.weight", stack)  # rows are token vectors: e -> Q e
+            for name in ("absent_image", "absent_audio", "vision.proj.2.weight", "vision.proj.2.bias",
+                         "speech.proj.2.weight", "speech.proj.2.bias"):
+                write(name, stack)
+        else:
+            gain(f"{stack}.norm.weight", [f"{stack}.proj.0.weight"], stack)
+            read(f"{stack}.proj.0.weight", stack)
+            read(f"{stack}.pos_emb", stack)
+            if stack == "vision":
+                write("vision.patch_embed.weight", stack)
+                write("vision.patch_embed.bias", stack)
+            else:  # conv2's output passes a GELU before the stream: a permutation only
+                out["speech.conv2.weight"] = torch.einsum("oa,abk,ib->oik", Q, out["speech.conv2.weight"], Q)
+                write("speech.conv2.bias", stack)
+                write("speech.conv1.weight", stack)
+                write("speech.conv1.bias", stack)
+    return out
+
+
+def in_block_maps(sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Per-head V/O rotations and norm scaling (gain times s, the matrices reading it divided by s)
+    in every vision and speech block: output-preserving, and not a unit permutation."""
+    g = torch.Generator().manual_seed(seed)
+    out = {k: v.clone() for k, v in sd.items()}
+    for stack, layers, heads in (("vision", CFG.vision_layers, CFG.vision_heads),
+                                 ("speech", CFG.speech_layers, CFG.speech_heads)):
+        for i in range(layers):
+            p = f"{stack}.layers.{i}."
+            wv, wo = out[p + "attn.wv.weight"], out[p + "attn.wo.weight"]
+            hd = wv.shape[0] // heads
+            for h in range(heads):
+                R, rows = _orthogonal(hd, g), slice(h * hd, (h + 1) * hd)
+                wv[rows], wo[:, rows] = R @ wv[rows], wo[:, rows] @ R.T
+            s = 0.5 + torch.rand(wv.shape[1], generator=g)
+            out[p + "attn_norm.weight"] = out[p + "attn_norm.weight"] * s
+            for w in ("wq", "wk", "wv"):
+                out[p + f"attn.{w}.weight"] = out[p + f"attn.{w}.weight"] / s[None, :]
+    return out
+
+
+def _same_function(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    g = torch.Generator().manual_seed(3)
+    tokens, images, audio = _batch(g, B=2, T=16)
+    model = MultimodalLM(CFG).eval()
+    with torch.no_grad():
+        model.load_state_dict(a)
+        want = model(tokens, images, audio)
+        model.load_state_dict(b)
+        got = model(tokens, images, audio)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+def _grafted(zoo: Zoo) -> dict[str, torch.Tensor]:
+    """Model 12 with model 11's image encoder (and projector) pasted in."""
+    other = {k: v for k, v in load_file(str(zoo.base[1])).items()}
+    return {**other, **{k: v for k, v in zoo.base_state.items() if k.startswith("vision.")}}
+
+
+@pytest.mark.parametrize("transform", ["permutation", "rotation", "composed"])
+def test_grafted_encoder_under_residual_permutation_or_rotation_is_dependent(zoo: Zoo, tmp_path: Path,
+                                                                             transform: str) -> None:
+    g = torch.Generator().manual_seed(21)
+    graft = _grafted(zoo)
+    dims = {"text": CFG.dim, "vision": CFG.vision_dim, "speech": CFG.speech_dim}
+    if transform == "permutation":  # every stream, signs too (not speech: a GELU follows its convs)
+        maps = {s: _signed_permutation(d, g, signs=s != "speech") for s, d in dims.items()}
+        moved = residual_map(graft, maps, fold=False)
+    else:
+        maps = {s: _orthogonal(d, g) for s, d in dims.items() if s != "speech"}
+        maps["speech"] = _signed_permutation(dims["speech"], g, signs=False)
+        base = in_block_maps(disguise(graft, seed=8), seed=9) if transform == "composed" else graft
+        moved = residual_map(base, maps, fold=True)
+    _same_function(graft, moved)  # the disguise costs the copier nothing
+    cand = _save(add_noise(moved, 0.1, seed=4) if transform == "composed" else moved, tmp_path / "c.safetensors")
+    res = _by_component(lineage(cand, [zoo.base[0]], null_draws=DRAWS))
+    # (the projector writes to the text stream, which is model 12's and was moved too: it is judged
+    # on its vision side, which the alignment carries)
+    for comp in ("vision.embed", "vision.block.0", "vision.projector"):
+        assert res[comp].verdict == "dependent" and res[comp].p_value < 1e-6, res[comp].line()
+    for comp, r in res.items():
+        if not comp.startswith("vision."):
+            assert r.verdict != "dependent", r.line()
+    # and the model the encoder was pasted into is still recognised, through the same maps
+    other = _by_component(lineage(cand, [zoo.base[1]], null_draws=DRAWS))
+    for comp in ("text.block.0", "text.block.1", "speech.block.0"):
+        assert other[comp].verdict == "dependent", other[comp].line()
+
+
+def test_an_independent_pair_stays_independent_after_a_residual_rotation(zoo: Zoo, tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(22)
+    maps = {"text": _orthogonal(CFG.dim, g), "vision": _orthogonal(CFG.vision_dim, g)}
+    cand = _save(residual_map(load_file(str(zoo.base[1])), maps, fold=True), tmp_path / "rot.safetensors")
+    report = lineage(cand, [zoo.base[0]], null_draws=DRAWS)
+    assert report.dependent == [], [r.line() for r in report.dependent]
+    assert min(r.p_value for r in _comparable(report)) > 1e-3
+
+
+def test_norm_gain_decoy_with_raw_cosine_near_one_is_independent(zoo: Zoo, tmp_path: Path) -> None:
+    # Gains near 1 in both models (raw cosine ~1), drawn independently; everything else unrelated.
+    def decoy(path: Path, seed: int) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        sd = load_file(str(path))
+        return {k: 1 + 0.01 * torch.randn(v.shape, generator=gen) if "norm" in k else v for k, v in sd.items()}
+
+    a = _save(decoy(zoo.base[1], 1), tmp_path / "a.safetensors")
+    b = _save(decoy(zoo.base[2], 2), tmp_path / "b.safetensors")
+    report = lineage(a, [b], null_draws=DRAWS)
+    res = _by_component(report)
+    for comp in ("text.norm", "vision.norm", "speech.norm"):
+        assert res[comp].raw_cosine > 0.999 and res[comp].verdict == "independent", res[comp].line()
+    assert report.dependent == [], [r.line() for r in report.dependent]
+
+
+def test_encoders_left_at_a_shared_public_genesis_are_named_shared_initialisation(zoo: Zoo, tmp_path: Path) -> None:
+    # The reference: every component trained from the seed-1234 genesis. The candidate: its own
+    # (foreign) decoder, encoders never trained: they equal the same public genesis.
+    genesis = _state(build_genesis_model(CFG, 1234)[0])
+    model = MultimodalLM(CFG)
+    model.load_state_dict(genesis)
+    ref_state = _state(_train(model, data_seed=55))
+    ref = _save(ref_state, tmp_path / "ref.safetensors")
+    text_of_12 = {k: v for k, v in load_file(str(zoo.base[1])).items() if not k.startswith(("vision.", "speech."))}
+    cand = _save({**genesis, **text_of_12}, tmp_path / "cand.safetensors")
+    report = lineage(cand, [ref], null_draws=DRAWS)
+    res = _by_component(report)
+    for comp in ("vision.embed", "vision.block.0", "vision.projector", "speech.embed", "speech.block.0"):
+        r = res[comp]
+        assert r.verdict == "shared initialisation" and r.shared_init == "kai-init/v2 seed 1234", r.line()
+    assert report.dependent == [], [r.line() for r in report.dependent]
+    assert any(line.startswith("note") and "kai-init/v2 seed 1234" in line for line in report.lines())
+    page = render_html(report)
+    assert page.count('<tr class="shared">') == sum(r.verdict == "shared initialisation" for r in report.results)
+    # Without the public seed the same rows read as dependence: the relabelling is what changed.
+    plain = _by_component(lineage(cand, [ref], null_draws=DRAWS, public_seeds=()))
+    assert plain["vision.block.0"].verdict == "dependent"
+    # A candidate that copies the reference's *trained* image encoder is closer to it than to the
+    # genesis: still dependent, while its untouched speech encoder stays a shared initialisation.
+    copied = _save({**genesis, **text_of_12, **{k: v for k, v in ref_state.items() if k.startswith("vision.")}},
+                   tmp_path / "copied.safetensors")
+    res = _by_component(lineage(copied, [ref], null_draws=DRAWS))
+    assert res["vision.block.0"].verdict == "dependent", res["vision.block.0"].line()
+    assert res["speech.block.0"].verdict == "shared initialisation", res["speech.block.0"].line()
+
+
+def test_the_geneses_tried_are_a_bundle_candidates_own_seed_else_the_public_and_recorded_ones() -> None:
+    from attest.lineage import _genesis_seeds
+
+    def w(recipe: dict | None) -> Weights:
+        return Weights("m", {}, recipe=recipe)
+
+    v2 = {"name": "kai-init/v2", "model": {}}
+    plain, ref77, ref_v1 = w(None), w({**v2, "seed": 77}), w({"name": "kai-init/v1", "seed": 5})
+    assert _genesis_seeds(plain, [ref77, ref_v1, plain], (1234,)) == [1234, 77]
+    assert _genesis_seeds(plain, [], (1234, 9)) == [1234, 9]
+    # a bundle candidate can only have started from the genesis it records
+    assert _genesis_seeds(w({**v2, "seed": 42}), [ref77], (1234,)) == [42]
+    assert _genesis_seeds(w({**v2, "seed": True}), [ref77], (1234,)) == []
+
+
+def test_a_rotated_copy_trained_on_further_is_still_dependent(zoo: Zoo, tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(23)
+    maps = {"text": _orthogonal(CFG.dim, g), "vision": _orthogonal(CFG.vision_dim, g),
+            "speech": _signed_permutation(CFG.speech_dim, g, signs=False)}
+    model = MultimodalLM(CFG)
+    model.load_state_dict(residual_map(zoo.base_state, maps, fold=True))
+    cand = _save(_state(_train(model, data_seed=4242)), tmp_path / "rot_trained.safetensors")
+    res = _by_component(lineage(cand, [zoo.base[0]], null_draws=DRAWS))
+    for comp in ("text.embed", "text.block.0", "text.block.1", "text.lm_head", "vision.embed", "vision.block.0",
+                 "vision.projector", "speech.block.0"):
+        assert res[comp].verdict == "dependent" and res[comp].p_value < 1e-6, res[comp].line()
+
+
+def test_a_public_genesis_is_made_bit_exact_from_the_names_alone(zoo: Zoo) -> None:
+    from attest.lineage import GenesisWeights
+    from kai_train.modelspec import param_specs, rules_from_names
+
+    want = _state(build_genesis_model(CFG, 1234)[0])
+    g = GenesisWeights("g", 1234, open_weights(zoo.base[0]))
+    assert {n for n, _ in g.shapes()} == set(want)
+    for name, t in want.items():
+        np.testing.assert_array_equal(g.array(name), t.numpy(), err_msg=name)
+    moe = ModelConfig(n_layers=3, vision_layers=2, n_experts=4, moe_top_k=2, moe_hidden=16, n_shared_experts=1,
+                      moe_dense_layers=1)
+    for cfg in (CFG, moe):
+        specs = param_specs(cfg)
+        assert rules_from_names(n for n, _, _ in specs) == {n: rule for n, _, rule in specs}
+    assert rules_from_names(["model.layers.0.self_attn.q_proj.weight"]) == {}  # other layouts: no genesis

@@ -21,7 +21,7 @@ import pytest
 
 from attest.verify.policy import PolicyError, parse_policy
 from attest.verify.replay import replay_env, tolerance_outcome
-from conftest import free_port, kai_attest, must, prepared_data, resign, run
+from conftest import free_port, kai_attest, must, prepared_data, resign, run, with_seed
 
 HONEST_DECISION = {"ok": True, "drift_budget": 2e-4, "tensor_budget": 8e-4, "loosest_tensor": "text.emb.weight"}
 
@@ -256,7 +256,7 @@ def test_replay_cost_is_checked_against_policy_limits_before_any_process_starts(
 
 def torchrun_env(run_dir: Path, nproc: int, *overrides: str, env: dict[str, str] | None = None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), "-m", "kai_train.train", f"run_dir={run_dir}", *overrides]
+           str(free_port()), "-m", "kai_train.train", f"run_dir={run_dir}", *with_seed(overrides)]
     return run(cmd, extra_env=env)
 
 

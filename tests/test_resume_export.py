@@ -221,3 +221,45 @@ def test_bf16_mixed_precision_signs_the_fp32_master_state_and_resumes_bit_exactl
     must(kai_attest("bundle", str(straight)))
     p = must(verify_trusted(straight / "bundle", "--replay", "all"))
     assert sum(line.startswith("ok    replay") for line in p.stdout.splitlines()) == 2, p.stdout
+
+
+def test_seed_is_drawn_when_none_is_given_kept_when_recorded_and_fixed_when_given() -> None:
+    from kai_train.genesis import SEED_BITS, choose_seed
+
+    drawn = [choose_seed(None, None) for _ in range(4)]
+    assert all(src == "drawn" and 0 <= s < 1 << SEED_BITS for s, src in drawn)
+    assert len({s for s, _ in drawn}) == 4  # fresh randomness each time
+    assert choose_seed(7, None) == (7, "fixed")
+    # a recorded run config (resumed, or a start that died before its genesis) keeps its seed and source
+    assert choose_seed(None, {"seed": 99, "seed_source": "drawn"}) == (99, "drawn")
+    assert choose_seed(99, {"seed": 99, "seed_source": "drawn"}) == (99, "drawn")
+    assert choose_seed(5, {"seed": 99, "seed_source": "drawn"}) == (5, "fixed")  # the config check refuses it
+    assert choose_seed(None, {"seed": 1234}) == (1234, None)  # recorded before seeds were drawn: as it was
+    # and verify's genesis line names the source the run config records
+    from attest.verify.checks.model import seed_origin
+
+    assert "drawn at random" in seed_origin({"seed": 5, "seed_source": "drawn"})
+    assert "fixed" in seed_origin({"seed": 5, "seed_source": "fixed"})
+    assert seed_origin({"seed": 5}) == ""
+
+
+@pytest.mark.slow
+def test_a_run_without_a_seed_draws_one_records_it_and_resumes_with_it(data_run: Path, tmp_path: Path) -> None:
+    runs = [prepared_data(tmp_path / f"run{k}", data_run) for k in range(2)]
+    for r in runs:
+        must(torchrun(r, 1, "seed=null", *TRAIN_ARGS, *QUIET, "train.stop_at=2"))
+    p = must(torchrun(runs[0], 1, "seed=null", *TRAIN_ARGS, *QUIET))  # resumed: the recorded seed, not a new one
+    assert "resumed at step 2" in p.stdout
+    seeds = []
+    for r in runs:
+        entries, _ = read_chain(r / "chain.jsonl")
+        config = next(e.predicate["config"] for e in entries if e.kind == "run")
+        recipes = [e.predicate["recipe"] for e in entries if e.kind == "genesis"]
+        samplers = {e.predicate["data_consumed"]["sampler"]["seed"] for e in entries if e.kind == "checkpoint"}
+        assert len(recipes) == 1 and config["seed_source"] == "drawn", config
+        assert recipes[0]["seed"] == config["seed"] and samplers == {config["seed"]}
+        seeds.append(config["seed"])
+    assert seeds[0] != seeds[1]  # two runs that leave the seed alone do not share a genesis
+    must(kai_attest("bundle", str(runs[0])))
+    out = must(verify_trusted(runs[0] / "bundle")).stdout
+    assert f"re-derived from seed {seeds[0]} (drawn at random when the run began)" in out, out

@@ -7,6 +7,11 @@ i.i.d. per tensor; norm gains are all 1) and from training that is equivariant t
 (AdamW, RMSNorm, attention and RoPE all are), then permuting the reference's residual stream gives
 an exchangeable copy under the null. So, per component:
 
+0. alignment: the candidate's residual streams are mapped into the reference's coordinates, one
+   orthogonal map per stream fitted on the anchors (token embedding, LM head, patch and position
+   embeddings, the speech front end): a signed permutation whenever the map is one, a rotation only
+   when it carries held-out anchor rows onto the reference's (learnt token geometry alone does not);
+   anchor rows are carried by the map fitted on the other half of them. Fixed before the null draws;
 1. statistic: residual-stream coordinates are aligned by index; hidden units private to the
    component (MLP units, attention rows, projector units) are matched by a linear assignment that
    maximises |Pearson correlation| of their weight rows (centred over the anchored axis, so a
@@ -24,7 +29,9 @@ A component is `dependent` when p <= alpha / m (Bonferroni over the m comparable
 reference tests of the run) and the observed statistic exceeds every null draw; `independent` means
 no evidence of dependence was found, nothing more. A raw cosine is reported for contrast and never
 used (the Solar/GLM trap: norm gains initialised at 1 have raw cosine near 1 between unrelated
-models). Reads safetensors with numpy only; never imports torch. See docs/lineage.md.
+models). A dependent component that both models inherit from a public kai-init genesis (seed 1234,
+or a seed a bundle records) is reported as `shared initialisation` instead. Reads safetensors with
+numpy only; never imports torch. See docs/lineage.md.
 """
 
 from __future__ import annotations
@@ -66,6 +73,25 @@ MAX_CHAIN_BYTES = 64 << 20  # a bundle's chain.jsonl read for its release and ge
 CONSTANT_EPS = 1e-12  # a row whose centred norm is below this carries no information
 P_FLOOR = 1e-300
 CONTROL = "genesis (positive control)"
+# Public geneses a component may share without being derived from the other model: kai-init/v2 of
+# these seeds (1234 was kai-train's default before seeds were drawn), and of every seed a bundle
+# among the inputs records. GENESIS_MODULE makes them (torch-free; absent: none are checked).
+PUBLIC_SEEDS = (1234,)
+GENESIS_MODULE = "kai_train.initspec"
+GENESIS_RECIPE = "kai-init/v2"
+SHARED = "shared initialisation"
+# Residual-stream alignment: a stream is aligned when each half of its anchor rows has at least
+# this many rows per stream coordinate; a fitted map is read as a signed permutation when every
+# coordinate's largest entry is at least SNAP in magnitude.
+MIN_ANCHOR_RATIO = 1.0
+SNAP = 0.5
+MAX_ALIGN_DIM = 8192  # wider streams are not aligned: three SVDs of d x d bound the work
+# A rotation (a map that is no signed permutation) is applied only when it carries the anchors'
+# held-out rows onto the reference's with mean cosine at least this: two models trained on like data
+# have anchors alike up to a rotation (at most 0.44 over 300 independent tiny pairs), and a rotation
+# fitted on them would carry learnt structure, not copying, into the blocks. A copy trained on for
+# 7.5x its base's steps still fits 0.79 (text).
+ROTATION_FIT = 0.7
 
 _FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
@@ -85,6 +111,7 @@ class Weights:
     label: str
     tensors: dict[str, tuple[Path, TensorEntry]]
     genesis: Weights | None = None  # a bundle's initial weights (the positive control)
+    recipe: dict[str, Any] | None = None  # a bundle's genesis recipe (name, seed, model)
 
     def shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         return [(n, e.shape) for n, (_, e) in self.tensors.items() if e.dtype in (*_FLOAT_DTYPES, "BF16")]
@@ -121,6 +148,33 @@ class Weights:
         return out
 
 
+class GenesisWeights(Weights):
+    """The kai-init/v2 genesis of a public seed, made for the tensor names and shapes of one model
+    (kai_train.initspec, torch-free); tensors it has no rule for are absent."""
+
+    def __init__(self, label: str, seed: int, like: Weights) -> None:
+        super().__init__(label, {})
+        from importlib import import_module  # kai_train is optional for attest: imported only here
+
+        self.initspec, self.seed = import_module(GENESIS_MODULE), seed
+        given = dict(like.shapes())
+        # rules from all the names at once: a residual output's std depends on its stack's depth
+        self.rules: dict[str, str] = self.initspec.rules_from_names(given)
+        self.known = {n: given[n] for n in self.rules}
+        self.made: dict[str, np.ndarray] = {}
+
+    def shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        return sorted(self.known.items())
+
+    def non_float(self) -> list[str]:
+        return []
+
+    def array(self, name: str) -> np.ndarray:  # made when first compared: only components that need it
+        if name not in self.made:
+            self.made[name] = self.initspec.genesis_array(self.seed, name, self.known[name], self.rules[name])
+        return self.made[name]
+
+
 def _index_files(label: str, files: list[Path]) -> dict[str, tuple[Path, TensorEntry]]:
     tensors: dict[str, tuple[Path, TensorEntry]] = {}
     for f in files:
@@ -139,7 +193,7 @@ def _index_files(label: str, files: list[Path]) -> dict[str, tuple[Path, TensorE
     return tensors
 
 
-def _bundle_subject(root: Path, kind: str) -> list[Path]:
+def _bundle_statement(root: Path, kind: str) -> dict[str, Any]:
     try:
         entries, _ = read_chain(safe_file(root, CHAIN_NAME, MAX_CHAIN_BYTES), MAX_CHAIN_BYTES)
     except (FileNotFoundError, BundlePathError) as e:
@@ -147,7 +201,20 @@ def _bundle_subject(root: Path, kind: str) -> list[Path]:
     found = [e for e in entries if e.kind == kind]
     if not found:
         raise LineageInputError(f"{root / CHAIN_NAME}: no {kind} statement")
-    subjects = found[-1].statement.get("subject")
+    return found[-1].statement
+
+
+def _bundle_recipe(root: Path) -> dict[str, Any] | None:
+    """The genesis recipe a bundle records (its seed and model), or None."""
+    try:
+        rec = _bundle_statement(root, "genesis").get("predicate", {}).get("recipe")
+    except (LineageInputError, ChainError, AttributeError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _bundle_subject(root: Path, kind: str) -> list[Path]:
+    subjects = _bundle_statement(root, kind).get("subject")
     names = [s.get("name", "") for s in (subjects if isinstance(subjects, list) else []) if isinstance(s, dict)]
     names = [n for n in names if isinstance(n, str) and n.endswith(".safetensors")]
     if not names:
@@ -178,7 +245,7 @@ def open_weights(path: str | Path, with_genesis: bool = False) -> Weights:
         except ChainError as e:
             raise LineageInputError(str(e)) from None
         g = Weights(f"{p.name}:genesis", _index_files(str(p), genesis)) if genesis else None
-        return Weights(p.name, _index_files(str(p), release), genesis=g)
+        return Weights(p.name, _index_files(str(p), release), genesis=g, recipe=_bundle_recipe(p))
     if p.is_dir():
         files = sorted(Path(os.path.realpath(f)) for f in p.glob("*.safetensors") if f.is_file())
         if not files:
@@ -285,6 +352,137 @@ def _orient(x: np.ndarray, slot: Slot) -> tuple[np.ndarray, tuple[Axis, ...]]:
     return x.reshape(shape), tuple(merged)
 
 
+# ---------------------------------------------------------------------------------------------
+# residual-stream alignment
+
+
+@dataclass
+class _Align:
+    """The map from the candidate's coordinates of one residual stream to the reference's, fitted on
+    the anchor matrices (rows fixed by the outside world: tokens, pixels, positions, mel bins).
+    `rot` (d x d, orthogonal) is applied to every stream axis of the candidate (x @ rot); an anchor
+    row uses the map fitted on the other half of the anchor rows (`folds`), so no anchor row is
+    compared through a map fitted on itself. `perm`: the map and both halves' maps are signed
+    permutations (`rot` then holds one exactly): only then are anchors aligned, and norm gains
+    follow it unsigned."""
+
+    stream: str
+    rot: np.ndarray
+    folds: tuple[np.ndarray, np.ndarray]
+    perm: bool
+    rows: int
+    fit: float  # held-out mean cosine of anchor rows after the map
+
+
+def _is_anchor(slot: Slot) -> bool:
+    """A tensor whose rows the outside world fixes, read or written along exactly one stream axis."""
+    kinds = [a.kind for a in slot.axes]
+    return not slot.is_norm and kinds.count("stream") == 1 and "unit" not in kinds and "fixed" in kinds
+
+
+def _stream_rows(x: np.ndarray, axis: int) -> np.ndarray:
+    """(rows, d): every vector along the stream axis of `x`."""
+    return np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+
+
+def _procrustes(xc: np.ndarray, xr: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The orthogonal map R minimising |xc R - xr|, snapped to a signed permutation when it is one."""
+    u, _, vt = np.linalg.svd(xc.T @ xr)
+    rot = u @ vt
+    r, c = linear_sum_assignment(np.abs(rot), maximize=True)
+    if np.abs(rot[r, c]).min() >= SNAP:
+        snapped = np.zeros_like(rot)
+        snapped[r, c] = np.sign(rot[r, c])
+        return snapped, True
+    return rot, False
+
+
+def _fit_alignment(cw: Weights, cmap: ModelMap, rw: Weights, rmap: ModelMap,
+                   rotation_fit: float = ROTATION_FIT) -> dict[str, _Align]:
+    """One map per residual stream that both models anchor with enough rows."""
+    halves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for comp in sorted(set(cmap.components) & set(rmap.components)):
+        for role, cs in sorted(cmap.components[comp].items()):
+            rs = rmap.components[comp].get(role)
+            if rs is None or not _is_anchor(cs) or not _is_anchor(rs):
+                continue
+            a, a_axes = _orient(_load(cw, cs), cs)
+            b, b_axes = _orient(_load(rw, rs), rs)
+            if a_axes != b_axes or a.shape != b.shape:
+                continue
+            k = next(j for j, ax in enumerate(a_axes) if ax.kind == "stream")
+            xc, xr = _stream_rows(a, k), _stream_rows(b, k)
+            if xc.shape[0] < 2:
+                continue
+            # centred per coordinate and scaled to unit norm per tensor: each anchor weighs alike
+            with np.errstate(over="ignore", invalid="ignore"):  # float64: no overflow short of hostile input
+                xc, xr = xc.astype(np.float64), xr.astype(np.float64)
+                xc, xr = xc - xc.mean(axis=0), xr - xr.mean(axis=0)
+                nc, nr = np.linalg.norm(xc), np.linalg.norm(xr)
+            if not (CONSTANT_EPS < nc < math.inf and CONSTANT_EPS < nr < math.inf):
+                continue
+            halves.setdefault(a_axes[k].name, []).append((xc / nc, xr / nr))
+    out: dict[str, _Align] = {}
+    for stream, pairs in sorted(halves.items()):
+        d = pairs[0][0].shape[1]
+        if any(xc.shape[1] != d for xc, _ in pairs):
+            continue
+        rows = sum(xc.shape[0] for xc, _ in pairs)
+        if rows // 2 < MIN_ANCHOR_RATIO * d or d > MAX_ALIGN_DIM:
+            continue
+        halves_c = [np.concatenate([x[f::2] for x, _ in pairs]) for f in (0, 1)]
+        halves_r = [np.concatenate([y[f::2] for _, y in pairs]) for f in (0, 1)]
+        try:
+            rot, perm = _procrustes(np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs]))
+            folds = [_procrustes(halves_c[f], halves_r[f]) for f in (0, 1)]
+        except np.linalg.LinAlgError:  # no SVD: the stream stays index-aligned
+            continue
+        # held out: each half's rows through the other half's map, cosine with the reference's row
+        cos = [_row_cosines(halves_c[f] @ folds[1 - f][0], halves_r[f]) for f in (0, 1)]
+        fit = float(np.concatenate(cos).mean())
+        perm = perm and folds[0][1] and folds[1][1]
+        if perm or fit >= rotation_fit:
+            out[stream] = _Align(stream, rot.astype(np.float32), (folds[0][0].astype(np.float32),
+                                                              folds[1][0].astype(np.float32)), perm, rows, fit)
+    return out
+
+
+def stream_fits(candidate: str | Path, reference: str | Path) -> dict[str, tuple[float, bool, bool]]:
+    """Per residual stream the two models anchor: (held-out fit, whether the map is a signed
+    permutation, whether the stream is aligned), as `lineage` fits it (for calibration)."""
+    cw, rw = open_weights(candidate), open_weights(reference)
+    cmap, rmap = map_names(cw.shapes()), map_names(rw.shapes())
+    fitted = _fit_alignment(cw, cmap, rw, rmap, rotation_fit=-math.inf)  # every fitted stream
+    return {s: (m.fit, m.perm, m.perm or m.fit >= ROTATION_FIT) for s, m in fitted.items()}
+
+
+def _row_cosines(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+    return np.where(n > 0, (x * y).sum(axis=1) / np.where(n > 0, n, 1.0), 0.0)
+
+
+def _aligned(x: np.ndarray, axes: tuple[Axis, ...], slot: Slot, align: dict[str, _Align]) -> np.ndarray:
+    """The candidate's oriented tensor `x` in the reference's stream coordinates."""
+    for k, ax in enumerate(axes):
+        m = align.get(ax.name) if ax.kind == "stream" else None
+        if m is None or x.shape[k] != m.rot.shape[0]:
+            continue
+        if slot.is_norm:  # a gain per coordinate: it follows a permutation (unsigned), nothing else
+            if m.perm:
+                x = np.moveaxis(np.moveaxis(x, k, -1) @ np.abs(m.rot), -1, k)
+            continue
+        y = np.moveaxis(x, k, -1)
+        if _is_anchor(slot):  # each half of the rows through the map fitted on the other half
+            flat = y.reshape(-1, y.shape[-1])
+            out = np.empty_like(flat)
+            out[0::2], out[1::2] = flat[0::2] @ m.folds[1], flat[1::2] @ m.folds[0]
+            y = out.reshape(y.shape)
+        else:
+            y = y @ m.rot
+        x = np.moveaxis(y, -1, k)
+    return x
+
+
 @dataclass
 class _Plan:
     """The terms of one component for one (candidate, reference) pair, and what was left out."""
@@ -297,14 +495,17 @@ class _Plan:
     norm_only: bool = False
     raw_cosine: float | None = None
 
+    alt: _Plan | None = None  # the same component without the tensors on a stream left unaligned
+
     def values(self, draws: list[dict[str, np.ndarray]]) -> np.ndarray:
-        """Mean over terms of each term's statistic, per draw, in chunks of bounded memory."""
+        """Mean over terms of each term's statistic, per draw, in chunks of bounded memory; with an
+        `alt`, the larger of the two statistics (every draw alike, so the null is that of the max)."""
         chunk = max(1, CHUNK_ELEMENTS // max(t.size() for t in self.terms))
         out = np.zeros(len(draws))
         for lo in range(0, len(draws), chunk):
             part = draws[lo:lo + chunk]
             out[lo:lo + chunk] = np.mean([t.values(part) for t in self.terms], axis=0)
-        return out
+        return out if self.alt is None else np.maximum(out, self.alt.values(draws))
 
     def streams(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -326,11 +527,23 @@ def _load(w: Weights, slot: Slot) -> np.ndarray:
 
 
 def _plan_component(comp: str, cw: Weights, cs: dict[str, Slot], rw: Weights, rs: dict[str, Slot],
-                    max_units: int, rng: np.random.Generator) -> _Plan:
+                    max_units: int, rng: np.random.Generator, align: dict[str, _Align],
+                    roles: set[str] | None = None) -> _Plan:
     plan = _Plan(comp, norm_only=all(s.is_norm for s in (*cs.values(), *rs.values())))
     groups: dict[tuple[str, int, int], list[_Matrix]] = {}
     cosines = []
-    for role in sorted(set(cs) | set(rs)):
+    if roles is None:
+        # A component between two streams (a projector) of which one is aligned and one is not: the
+        # unaligned side may be the candidate's own stream, moved; the statistic is then also taken
+        # on the aligned side's tensors alone, and the larger of the two is used.
+        streams = {ax.name for slot in cs.values() for ax in slot.axes if ax.kind == "stream"}
+        if streams & set(align) and streams - set(align):
+            keep = {r for r, slot in cs.items() if r in rs and not slot.is_norm
+                    and all(ax.name in align for ax in slot.axes if ax.kind == "stream")}
+            if keep:
+                alt = _plan_component(comp, cw, cs, rw, rs, max_units, rng, align, keep)
+                plan.alt = alt if alt.terms else None
+    for role in sorted((set(cs) | set(rs)) if roles is None else roles):
         if role not in rs or role not in cs:
             plan.skipped.append(f"{role}: only in the {'candidate' if role in cs else 'reference'}")
             continue
@@ -349,6 +562,7 @@ def _plan_component(comp: str, cw: Weights, cs: dict[str, Slot], rw: Weights, rs
             na, nb = np.linalg.norm(a), np.linalg.norm(b)
             if na > 0 and nb > 0:
                 cosines.append(float((a * b).sum() / (na * nb)))
+        a = _aligned(a, a_axes, cs[role], align)
         col_shape = a.shape[1:]
         an, a_const = _normalise_rows(a.reshape(a.shape[0], -1))
         bn, b_const = _normalise_rows(b.reshape(b.shape[0], -1))
@@ -396,15 +610,17 @@ class ComponentResult:
     roles: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     reason: str = ""
+    shared_init: str = ""  # the public genesis both models descend from ("kai-init/v2 seed 1234")
 
     def line(self) -> str:
         ref = f"{self.reference}{' [control]' if self.control else ''}"
         if self.verdict == "not comparable":
             return f"{self.verdict:<15} {self.component:<20} ref={ref}  ({self.reason})"
         cos = f"  raw-cos={self.raw_cosine:.3f} (not used)" if self.raw_cosine is not None else ""
+        shared = f"  ({self.reason})" if self.shared_init else ""
         return (f"{self.verdict:<15} {self.component:<20} ref={ref}  p={self.p_value:.2e} "
                 f"(threshold {self.threshold:.1e}, p_perm={self.p_perm:.3f})  stat={self.statistic:.4f} "
-                f"null={self.null_mean:.4f}±{self.null_sd:.4f} z={self.z:.1f}{cos}")
+                f"null={self.null_mean:.4f}±{self.null_sd:.4f} z={self.z:.1f}{cos}{shared}")
 
 
 @dataclass
@@ -416,7 +632,8 @@ class LineageReport:
     seed: int
     results: list[ComponentResult]
     unmatched: dict[str, list[str]]  # model label -> tensors no layout rule matched
-    method: str = "match-|r| / residual-stream permutation null / Student-t tail / Bonferroni"
+    method: str = ("anchor-aligned streams / match-|r| / residual-stream permutation null / Student-t tail / "
+                   "Bonferroni / shared public genesis")
 
     @property
     def dependent(self) -> list[ComponentResult]:
@@ -446,6 +663,10 @@ class LineageReport:
         for r in self.control_failed:
             out.append(f"warning         positive control not dependent for {r.component}: "
                        "an 'independent' verdict there carries no evidence")
+        shared = [r for r in self.results if r.verdict == SHARED]
+        if shared:
+            out.append(f"note            {len(shared)} component(s) inherited from a public genesis by both models "
+                       f"({', '.join(sorted({r.shared_init for r in shared}))}): shared initialisation, not counted")
         dep = self.dependent
         out.append(f"verdict: {len(dep)} component(s) dependent on a reference" if dep
                    else "verdict: no component dependent on any reference (absence of evidence, not proof)")
@@ -463,16 +684,21 @@ def _p_values(obs: float, null: np.ndarray) -> tuple[float, float, float, float,
 
 
 def _compare(cand: Weights, cmap: ModelMap, ref: Weights, rmap: ModelMap, label: str, control: bool,
-             null_draws: int, seed: int, max_units: int) -> list[ComponentResult]:
+             null_draws: int, seed: int, max_units: int, only: set[str] | None = None) -> list[ComponentResult]:
     rng = np.random.default_rng(seed)
     results: list[ComponentResult] = []
     plans: list[_Plan] = []
+    # The candidate is brought into the reference's residual-stream coordinates first (fitted on the
+    # anchors); the null then permutes the reference's streams as before, the candidate fixed.
+    align = _fit_alignment(cand, cmap, ref, rmap)
     for comp in sorted(set(cmap.components) | set(rmap.components), key=component_sort_key):
+        if only is not None and comp not in only:
+            continue
         if comp not in rmap.components or comp not in cmap.components:
             side = "reference" if comp not in rmap.components else "candidate"
             results.append(ComponentResult(comp, label, "not comparable", control, reason=f"absent in the {side}"))
             continue
-        plan = _plan_component(comp, cand, cmap.components[comp], ref, rmap.components[comp], max_units, rng)
+        plan = _plan_component(comp, cand, cmap.components[comp], ref, rmap.components[comp], max_units, rng, align)
         if plan.terms:
             plans.append(plan)
         else:
@@ -514,9 +740,64 @@ def _decide(results: list[ComponentResult], alpha: float, null_draws: int) -> No
             r.verdict = "dependent" if dependent else "independent"
 
 
+def _genesis_seeds(cand: Weights, refs: list[Weights], public: Iterable[int]) -> list[int]:
+    """Seeds of the public geneses a component may share: a bundle candidate's own recorded seed
+    (it can have started from no other), else the public seeds and every seed a reference bundle records."""
+    def v2_seed(w: Weights) -> int | None:
+        rec = w.recipe or {}
+        seed = rec.get("seed")
+        ok = rec.get("name") == GENESIS_RECIPE and isinstance(seed, int) and not isinstance(seed, bool)
+        return seed if ok else None
+
+    if cand.recipe is not None:
+        own = v2_seed(cand)
+        return [own] if own is not None else []
+    seeds = [*public, *(s for s in map(v2_seed, refs) if s is not None)]
+    return sorted(set(seeds), key=seeds.index)
+
+
+def _shared_init(rows: list[ComponentResult], cand: Weights, cmap: ModelMap, ref: Weights, rmap: ModelMap,
+                 seeds: list[int], null_draws: int, seed: int, max_units: int) -> None:
+    """Relabel a dependent row `shared initialisation` when both models descend from the same public
+    kai-init genesis and the candidate's component is at least as close to that genesis as to the
+    reference (a component copied from the reference's trained weights is closer to them)."""
+    floor = 1 / (null_draws + 1)
+    todo = {r.component: r for r in rows if r.verdict == "dependent" and not r.control}
+    for s in seeds:
+        if not todo:
+            return
+        label = f"{GENESIS_RECIPE} seed {s}"
+        try:
+            gc, gr = GenesisWeights(label, s, cand), GenesisWeights(label, s, ref)
+        except ImportError:
+            return  # kai_train is not installed: no genesis to compare with
+        def descends(x: ComponentResult | None, row: ComponentResult) -> bool:
+            return (x is not None and x.p_value is not None and x.p_perm is not None and row.threshold is not None
+                    and x.p_value <= row.threshold and x.p_perm <= floor)
+
+        try:
+            c_rows = {r.component: r for r in _compare(cand, cmap, gc, map_names(gc.shapes()), label, False,
+                                                       null_draws, seed, max_units, set(todo))}
+            # the reference is compared only where the candidate is closer to the genesis than to it
+            only = {comp for comp, row in todo.items() if descends(c_rows.get(comp), row)
+                    and (c_rows[comp].statistic or 0.0) >= (row.statistic or 0.0)}
+            r_rows = {r.component: r for r in _compare(ref, rmap, gr, map_names(gr.shapes()), label, False,
+                                                       null_draws, seed, max_units, only)} if only else {}
+        except ValueError:  # shapes no kai-init genesis can have: nothing shared with it
+            continue
+        for comp, row in list(todo.items()):
+            c, r = c_rows.get(comp), r_rows.get(comp)
+            if comp in only and c is not None and r is not None and descends(r, row):
+                row.verdict, row.shared_init = SHARED, label
+                row.reason = (f"{SHARED} ({label}): both descend from this public genesis, candidate p={c.p_value:.1e} "
+                              f"stat {c.statistic:.3f} (vs the reference {row.statistic:.3f}), reference "
+                              f"p={r.p_value:.1e}; not evidence of copying from the reference")
+                del todo[comp]
+
+
 def lineage(candidate: str | Path, references: Iterable[str | Path], alpha: float = DEFAULT_ALPHA,
             null_draws: int = DEFAULT_NULL_DRAWS, seed: int = DEFAULT_SEED,
-            max_units: int = DEFAULT_MAX_UNITS) -> LineageReport:
+            max_units: int = DEFAULT_MAX_UNITS, public_seeds: Iterable[int] = PUBLIC_SEEDS) -> LineageReport:
     """Test every component of `candidate` against every reference (and against its own genesis
     when the candidate is a bundle)."""
     if null_draws < 9 or not 0 < alpha < 1:
@@ -527,16 +808,22 @@ def lineage(candidate: str | Path, references: Iterable[str | Path], alpha: floa
     unmatched = {cand.label: cand.non_float() + cmap.unmatched}
     results: list[ComponentResult] = []
     labels: list[str] = []
+    pairs: list[tuple[Weights, ModelMap, list[ComponentResult]]] = []
     for ref in refs:
         rmap = map_names(ref.shapes())
         label = ref.label if ref.label not in labels and ref.label != cand.label else f"{ref.label}#{len(labels) + 1}"
         labels.append(label)
         unmatched[label] = ref.non_float() + rmap.unmatched
-        results += _compare(cand, cmap, ref, rmap, label, False, null_draws, seed, max_units)
+        rows = _compare(cand, cmap, ref, rmap, label, False, null_draws, seed, max_units)
+        pairs.append((ref, rmap, rows))
+        results += rows
     if cand.genesis is not None:
         gmap = map_names(cand.genesis.shapes())
         results += _compare(cand, cmap, cand.genesis, gmap, CONTROL, True, null_draws, seed, max_units)
     _decide(results, alpha, null_draws)
+    seeds = _genesis_seeds(cand, refs, public_seeds)
+    for ref, rmap, rows in pairs:
+        _shared_init(rows, cand, cmap, ref, rmap, seeds, null_draws, seed, max_units)
     order = {label: k for k, label in enumerate([*labels, CONTROL])}
     results.sort(key=lambda r: (order[r.reference], component_sort_key(r.component)))
     return LineageReport(cand.label, labels, alpha, null_draws, seed, results,

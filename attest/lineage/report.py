@@ -76,15 +76,17 @@ def _plot(report: LineageReport) -> str:
         out.append(f'<circle cx="{left + 6}" cy="{ly}" r="4" fill="{colour[ref]}"/>'
                    f'<text x="{left + 16}" y="{ly + 4}">{_e(ref)}</text>')
     out.append(f'<text x="{W - right}" y="{H + 8}" text-anchor="end" fill="#555">filled: dependent; hollow: '
-               f'no evidence of dependence; ×: not comparable; ▲: -log10 p above {CAP:.0f}</text>')
+               f'no evidence of dependence, or a shared public genesis; ×: not comparable; ▲: -log10 p above '
+               f'{CAP:.0f}</text>')
     out.append("</svg>")
     return "\n".join(out)
 
 
 def _row(r: ComponentResult) -> str:
-    cls = {"dependent": "dep", "independent": "ind"}.get(r.verdict, "nc")
+    cls = {"dependent": "dep", "independent": "ind", "shared initialisation": "shared"}.get(r.verdict, "nc")
     compared = [f"compared {', '.join(r.roles)}"] if r.roles else []
-    details = r.reason if r.verdict == "not comparable" else "; ".join(compared + r.skipped)
+    details = r.reason if r.verdict == "not comparable" else "; ".join(
+        ([r.reason] if r.shared_init else []) + compared + r.skipped)
     cells = [r.component, r.reference + (" [control]" if r.control else ""), r.verdict,
              _fmt(r.p_value, ".2e"), _fmt(r.threshold, ".1e"), _fmt(r.p_perm, ".3f"), _fmt(r.statistic, ".4f"),
              "" if r.null_mean is None else f"{r.null_mean:.4f} ± {r.null_sd:.4f}", _fmt(r.z, ".1f"),
@@ -100,6 +102,10 @@ def render_html(report: LineageReport) -> str:
     warn = "".join(f"<p class=warn>Positive control not dependent for {_e(r.component)}: an “independent” verdict "
                    "for that component carries no evidence.</p>" for r in report.control_failed)
     unmatched = "".join(f"<li>{_e(label)}: {_e(n)}</li>" for label, names in report.unmatched.items() for n in names)
+    inherited = [r for r in report.results if r.shared_init]
+    shared = (f"<p>{len(inherited)} component(s) inherited by both models from a public genesis "
+              f"({_e(', '.join(sorted({r.shared_init for r in inherited})))}): shared initialisation, not evidence "
+              "of copying and not counted as dependent.</p>") if inherited else ""
     head = ["component", "reference", "verdict", "p", "threshold", "p_perm", "statistic", "null mean ± sd", "z",
             "raw cosine (not used)", "details"]
     return f"""<!doctype html>
@@ -108,13 +114,13 @@ def render_html(report: LineageReport) -> str:
 body {{ font-family: sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; font-size: 12px; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 6px; text-align: left; vertical-align: top; }}
-tr.dep td {{ background: #fde2e2; }} tr.nc td {{ color: #777; }}
+tr.dep td {{ background: #fde2e2; }} tr.nc td {{ color: #777; }} tr.shared td {{ background: #eef3fb; }}
 .warn {{ color: #a40; }} .note {{ font-size: 13px; color: #444; max-width: 60em; }}
 </style></head><body>
 <h1>Lineage: {_e(report.candidate)}</h1>
 <p>References: {_e(", ".join(report.references))}. Method: {_e(report.method)}; alpha {report.alpha:g} with a
 Bonferroni correction over the comparable tests; {report.null_draws} null draws; seed {report.seed}.</p>
-<p><strong>{_e(summary)}</strong></p>{warn}
+<p><strong>{_e(summary)}</strong></p>{warn}{shared}
 {_plot(report)}
 <table><tr>{"".join(f"<th>{_e(h)}</th>" for h in head)}</tr>
 {"".join(_row(r) for r in report.results)}

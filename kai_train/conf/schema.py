@@ -88,7 +88,7 @@ class TrainApp:
 
     run_id: str = MISSING
     run_dir: str = MISSING
-    seed: int = MISSING
+    seed: Optional[int] = MISSING  # null: drawn from os.urandom when the run begins, then recorded
     data_dir: str = MISSING
     tokenizer: str = MISSING
     resume: str = MISSING

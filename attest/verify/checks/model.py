@@ -103,7 +103,19 @@ def check_genesis(ctx: Context) -> Iterator[Finding]:
         )
         ctx.facts["genesis_differs"] = differ
         return
-    yield Finding("genesis", True, ctx.where(g), detail=f"{len(leaves)} tensors re-derived from seed {recipe.get('seed')}")
+    yield Finding("genesis", True, ctx.where(g), detail=f"{len(leaves)} tensors re-derived from seed {recipe.get('seed')}"
+                                                        f"{seed_origin(ctx.run_config)}")
+
+
+def seed_origin(run_config: dict[str, Any]) -> str:
+    """How the run chose its genesis seed, as its config records it (`seed_source`): drawn at random
+    when the run began (no seed given), or fixed by the operator; nothing for a run that records neither."""
+    source = run_config.get("seed_source")
+    if source == "drawn":
+        return " (drawn at random when the run began)"
+    if source == "fixed":
+        return " (fixed in the run config)"
+    return ""
 
 
 def _weight_sets(ctx: Context) -> list[tuple[Entry, int]]:
