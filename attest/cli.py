@@ -271,9 +271,13 @@ def _cmd_respond(args: argparse.Namespace) -> int:
 
 
 def _cmd_lineage(args: argparse.Namespace) -> int:
-    # Imported here: scipy is needed by this command only.
-    from attest.lineage import PUBLIC_SEEDS, lineage
-    from attest.lineage.report import write_html
+    # Imported here: scipy is needed by this command only (the `lineage` extra).
+    try:
+        from attest.lineage import PUBLIC_SEEDS, lineage
+        from attest.lineage.report import write_html
+    except ModuleNotFoundError as e:
+        print(f"kai-attest: error: lineage needs {e.name} (pip install 'kai-train[lineage]')", file=sys.stderr)
+        return 2
 
     given = {"alpha": args.alpha, "null_draws": args.null_draws, "seed": args.seed,
              "public_seeds": None if args.public_seed is None else (*PUBLIC_SEEDS, *args.public_seed)}
