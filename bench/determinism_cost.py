@@ -25,7 +25,8 @@ BENCH = REPO / "bench" / "train_throughput.py"
 
 def rate(mode: str, a: argparse.Namespace) -> float:
     args = ["--determinism", mode, "--paths", "deepspeed", "--model", a.model, "--seq-len", str(a.seq_len),
-            "--micro-batch", str(a.micro_batch), "--steps", str(a.steps), "--rounds", "1", "--warmup", "1"]
+            "--micro-batch", str(a.micro_batch), "--steps", str(a.steps), "--rounds", "1", "--warmup", "1",
+            *[x for item in a.set for x in ("--set", item)]]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc), str(BENCH)]
            if a.nproc > 1 else [sys.executable, str(BENCH)]) + args
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=REPO)
@@ -38,6 +39,7 @@ def rate(mode: str, a: argparse.Namespace) -> float:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="model field overrides, as train_throughput")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=8)

@@ -45,6 +45,9 @@ from safetensors.torch import save_file  # noqa: E402
 from attest.lineage import ROTATION_FIT, lineage, stream_fits  # noqa: E402
 from kai_train.init import build_genesis_model  # noqa: E402
 from kai_train.model import ModelConfig, MultimodalLM  # noqa: E402
+from kai_train.symmetry import (  # noqa: E402
+    in_block_maps, orthogonal, residual_map, signed_permutation, unit_maps,
+)
 
 CFG = ModelConfig()
 LR = 3e-3
@@ -75,111 +78,6 @@ def train(sd: SD, data_seed: int, steps: int) -> SD:
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
-def orthogonal(n: int, g: torch.Generator) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(r))).float()
-
-
-def signed_permutation(n: int, g: torch.Generator, signs: bool) -> torch.Tensor:
-    s = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if signs else torch.ones(n)
-    return torch.eye(n)[torch.randperm(n, generator=g)] * s[:, None]
-
-
-def units(sd: SD, seed: int) -> SD:
-    """MLP units permuted and rescaled, heads permuted (kv heads with their query groups), q/k rescaled."""
-    g = torch.Generator().manual_seed(seed)
-    out = {k: v.clone() for k, v in sd.items()}
-    for stack, layers, heads, kv in (("text", CFG.n_layers, CFG.n_heads, CFG.n_kv_heads),
-                                     ("vision", CFG.vision_layers, CFG.vision_heads, CFG.vision_heads),
-                                     ("speech", CFG.speech_layers, CFG.speech_heads, CFG.speech_heads)):
-        for i in range(layers):
-            p = f"{stack}.layers.{i}."
-            w1, w3, w2 = (out[p + f"mlp.{w}.weight"] for w in ("w1", "w3", "w2"))
-            perm = torch.randperm(w1.shape[0], generator=g)
-            c = 0.5 + 1.5 * torch.rand(w1.shape[0], generator=g)
-            out[p + "mlp.w1.weight"], out[p + "mlp.w3.weight"] = w1[perm], w3[perm] * c[:, None]
-            out[p + "mlp.w2.weight"] = w2[:, perm] / c[None, :]
-            wq, wk, wv, wo = (out[p + f"attn.{w}.weight"] for w in ("wq", "wk", "wv", "wo"))
-            hd, rep = wq.shape[0] // heads, heads // kv
-            kv_perm = torch.randperm(kv, generator=g)
-            q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd)
-                                for h in (int(kv_perm[h // rep]) * rep + h % rep for h in range(heads))])
-            kv_rows = torch.cat([torch.arange(int(j) * hd, (int(j) + 1) * hd) for j in kv_perm])
-            out[p + "attn.wq.weight"], out[p + "attn.wk.weight"] = wq[q_rows] * 2.0, wk[kv_rows] / 2.0
-            out[p + "attn.wv.weight"], out[p + "attn.wo.weight"] = wv[kv_rows], wo[:, q_rows]
-    return out
-
-
-def in_block(sd: SD, seed: int) -> SD:
-    """Per-head V/O rotations and attention-norm scaling in every encoder block."""
-    g = torch.Generator().manual_seed(seed)
-    out = {k: v.clone() for k, v in sd.items()}
-    for stack, layers, heads in (("vision", CFG.vision_layers, CFG.vision_heads),
-                                 ("speech", CFG.speech_layers, CFG.speech_heads)):
-        for i in range(layers):
-            p = f"{stack}.layers.{i}."
-            wv, wo = out[p + "attn.wv.weight"], out[p + "attn.wo.weight"]
-            hd = wv.shape[0] // heads
-            for h in range(heads):
-                R, rows = orthogonal(hd, g), slice(h * hd, (h + 1) * hd)
-                wv[rows], wo[:, rows] = R @ wv[rows], wo[:, rows] @ R.T
-            s = 0.5 + torch.rand(wv.shape[1], generator=g)
-            out[p + "attn_norm.weight"] = out[p + "attn_norm.weight"] * s
-            for w in ("wq", "wk", "wv"):
-                out[p + f"attn.{w}.weight"] = out[p + f"attn.{w}.weight"] / s[None, :]
-    return out
-
-
-def residual(sd: SD, maps: dict[str, torch.Tensor], fold: bool) -> SD:
-    """Each residual stream h replaced by Q h: writers multiplied by Q, readers by Q^T; norm gains
-    folded into their readers (`fold`, for a rotation) or permuted."""
-    out = {k: v.clone() for k, v in sd.items()}
-
-    def gain(name: str, readers: list[str], Q: torch.Tensor) -> None:
-        if fold:
-            for r in readers:
-                out[r] = out[r] * out[name][None, :]
-            out[name] = torch.ones_like(out[name])
-        else:
-            out[name] = Q.abs() @ out[name]
-
-    def read(name: str, Q: torch.Tensor) -> None:
-        out[name] = out[name] @ Q.T
-
-    def write(name: str, Q: torch.Tensor) -> None:
-        out[name] = torch.einsum("oa,a...->o...", Q, out[name])
-
-    layers = {"text": CFG.n_layers, "vision": CFG.vision_layers, "speech": CFG.speech_layers}
-    for stack, Q in maps.items():
-        for i in range(layers[stack]):
-            p = f"{stack}.layers.{i}."
-            gain(p + "attn_norm.weight", [p + f"attn.{w}.weight" for w in ("wq", "wk", "wv")], Q)
-            gain(p + "mlp_norm.weight", [p + "mlp.w1.weight", p + "mlp.w3.weight"], Q)
-            for w in ("attn.wq", "attn.wk", "attn.wv", "mlp.w1", "mlp.w3"):
-                read(p + w + ".weight", Q)
-            for w in ("attn.wo", "mlp.w2"):
-                write(p + w + ".weight", Q)
-        if stack == "text":
-            gain("text.norm.weight", ["text.lm_head.weight"], Q)
-            for name in ("text.lm_head.weight", "text.tok_emb.weight"):
-                read(name, Q)
-            for name in ("absent_image", "absent_audio", "vision.proj.2.weight", "vision.proj.2.bias",
-                         "speech.proj.2.weight", "speech.proj.2.bias"):
-                write(name, Q)
-            continue
-        gain(f"{stack}.norm.weight", [f"{stack}.proj.0.weight"], Q)
-        read(f"{stack}.proj.0.weight", Q)
-        read(f"{stack}.pos_emb", Q)
-        if stack == "vision":
-            write("vision.patch_embed.weight", Q)
-            write("vision.patch_embed.bias", Q)
-        else:
-            out["speech.conv2.weight"] = torch.einsum("oa,abk,ib->oik", Q, out["speech.conv2.weight"], Q)
-            for name in ("speech.conv2.bias", "speech.conv1.weight", "speech.conv1.bias"):
-                write(name, Q)
-    return out
-
-
 def noise(sd: SD, rel: float, seed: int) -> SD:
     g = torch.Generator().manual_seed(seed)
     return {k: v + rel * v.std() * torch.randn(v.shape, generator=g) if v.ndim >= 2 else v for k, v in sd.items()}
@@ -193,13 +91,13 @@ def transformed(sd: SD, kind: str, seed: int, steps: int) -> SD:
     if kind == "finetune":
         return train(sd, data_seed=10_000 + seed, steps=steps)
     if kind == "units":
-        return noise(units(sd, seed), 0.5, seed)
+        return noise(unit_maps(sd, seed, CFG), 0.5, seed)
     if kind == "residual-perm":
-        return residual(sd, {s: signed_permutation(d, g, signs=s != "speech") for s, d in dims.items()}, fold=False)
+        return residual_map(sd, {s: signed_permutation(d, g, signs=s != "speech") for s, d in dims.items()}, fold=False, cfg=CFG)
     if kind == "residual-rot":
-        return residual(sd, rot, fold=True)
+        return residual_map(sd, rot, fold=True, cfg=CFG)
     if kind == "composed":
-        return noise(residual(in_block(units(sd, seed), seed), rot, fold=True), 0.1, seed)
+        return noise(residual_map(in_block_maps(unit_maps(sd, seed, CFG), seed, CFG), rot, fold=True, cfg=CFG), 0.1, seed)
     raise ValueError(kind)
 
 

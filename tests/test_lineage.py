@@ -31,6 +31,7 @@ from attest.signing import PemSigner
 from attest.statements import subject
 from kai_train.init import build_genesis_model
 from kai_train.model import ModelConfig, MultimodalLM
+from kai_train.symmetry import in_block_maps, orthogonal, residual_map, signed_permutation, unit_maps
 
 REPO = Path(__file__).resolve().parent.parent
 CFG = ModelConfig()  # the tiny preset: dim 64, 2 decoder layers, MLP width 172, 1 vision and 1 speech layer
@@ -68,34 +69,6 @@ def _state(model: MultimodalLM) -> dict[str, torch.Tensor]:
 def _save(sd: dict[str, torch.Tensor], path: Path) -> Path:
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path
-
-
-def disguise(sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """Output-preserving transforms of every block: MLP hidden units permuted (w1/w3 rows, w2 columns)
-    and rescaled (w3 row by c, w2 column by 1/c); attention heads permuted (kv heads with their query
-    groups, wo columns alike) and q/k rescaled (q by s, k by 1/s)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {k: v.clone() for k, v in sd.items()}
-    stacks = [("text", CFG.n_layers, CFG.n_heads, CFG.n_kv_heads),
-              ("vision", CFG.vision_layers, CFG.vision_heads, CFG.vision_heads),
-              ("speech", CFG.speech_layers, CFG.speech_heads, CFG.speech_heads)]
-    for stack, layers, heads, kv in stacks:
-        for i in range(layers):
-            p = f"{stack}.layers.{i}."
-            w1, w3, w2 = (out[p + f"mlp.{w}.weight"] for w in ("w1", "w3", "w2"))
-            perm = torch.randperm(w1.shape[0], generator=g)
-            c = 0.5 + 1.5 * torch.rand(w1.shape[0], generator=g)
-            out[p + "mlp.w1.weight"], out[p + "mlp.w3.weight"] = w1[perm], w3[perm] * c[:, None]
-            out[p + "mlp.w2.weight"] = w2[:, perm] / c[None, :]
-            wq, wk, wv, wo = (out[p + f"attn.{w}.weight"] for w in ("wq", "wk", "wv", "wo"))
-            hd, rep = wq.shape[0] // heads, heads // kv
-            kv_perm = torch.randperm(kv, generator=g)
-            q_heads = [int(kv_perm[h // rep]) * rep + h % rep for h in range(heads)]
-            q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in q_heads])
-            kv_rows = torch.cat([torch.arange(int(j) * hd, (int(j) + 1) * hd) for j in kv_perm])
-            out[p + "attn.wq.weight"], out[p + "attn.wk.weight"] = wq[q_rows] * 2.0, wk[kv_rows] / 2.0
-            out[p + "attn.wv.weight"], out[p + "attn.wo.weight"] = wv[kv_rows], wo[:, q_rows]
-    return out
 
 
 def add_noise(sd: dict[str, torch.Tensor], rel: float, seed: int) -> dict[str, torch.Tensor]:
@@ -154,7 +127,7 @@ def _make_zoo(d: Path) -> Zoo:
     finetuned = _save(_state(_train(model, data_seed=999)), d / "finetuned.safetensors")
     model.load_state_dict({**states[1], **{k: v for k, v in states[0].items() if k.startswith("vision.")}})
     vision_copy = _save(_state(_train(model, data_seed=777, steps=20)), d / "vision_copy.safetensors")
-    disguised = _save(add_noise(disguise(states[0], seed=5), rel=0.5, seed=6), d / "disguised.safetensors")
+    disguised = _save(add_noise(unit_maps(states[0], seed=5, cfg=CFG), rel=0.5, seed=6), d / "disguised.safetensors")
     assert genesis is not None
     return Zoo(genesis, base, finetuned, vision_copy, disguised, states[0])
 
@@ -199,7 +172,7 @@ def test_permuted_rescaled_and_noised_copy_is_still_dependent(zoo: Zoo) -> None:
     with torch.no_grad():
         model.load_state_dict(zoo.base_state)
         want = model(tokens, images, audio)
-        model.load_state_dict(disguise(zoo.base_state, seed=5))
+        model.load_state_dict(unit_maps(zoo.base_state, seed=5, cfg=CFG))
         got = model(tokens, images, audio)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -351,92 +324,6 @@ def test_lineage_never_imports_torch() -> None:
 # residual-stream symmetries: permutation (with signs), rotation, composed with the in-block ones
 
 
-def _orthogonal(n: int, g: torch.Generator) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(r))).float()
-
-
-def _signed_permutation(n: int, g: torch.Generator, signs: bool = True) -> torch.Tensor:
-    s = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if signs else torch.ones(n)
-    return torch.eye(n)[torch.randperm(n, generator=g)] * s[:, None]
-
-
-def residual_map(sd: dict[str, torch.Tensor], maps: dict[str, torch.Tensor], fold: bool) -> dict[str, torch.Tensor]:
-    """The model with each residual stream h replaced by Q h (Q = maps[stack], orthogonal): matrices
-    writing to a stream are multiplied by Q on the left, those reading from it by Q^T on the right.
-    `fold`: norm gains are first folded into the matrices that read the normed stream (they become 1,
-    as a rotation needs); otherwise Q must be a permutation (with signs) and gains are permuted."""
-    out = {k: v.clone() for k, v in sd.items()}
-
-    def gain(name: str, readers: list[str], stack: str) -> None:
-        g = out[name]
-        if fold:
-            for r in readers:
-                out[r] = out[r] * g[None, :]
-            out[name] = torch.ones_like(g)
-        else:
-            out[name] = maps[stack].abs() @ g
-
-    def read(name: str, stack: str) -> None:
-        out[name] = out[name] @ maps[stack].T
-
-    def write(name: str, stack: str) -> None:
-        w = out[name]
-        out[name] = torch.einsum("oa,a...->o...", maps[stack], w)
-
-    layers = {"text": CFG.n_layers, "vision": CFG.vision_layers, "speech": CFG.speech_layers}
-    for stack, Q in maps.items():
-        for i in range(layers[stack]):
-            p = f"{stack}.layers.{i}."
-            gain(p + "attn_norm.weight", [p + f"attn.{w}.weight" for w in ("wq", "wk", "wv")], stack)
-            gain(p + "mlp_norm.weight", [p + "mlp.w1.weight", p + "mlp.w3.weight"], stack)
-            for w in ("attn.wq", "attn.wk", "attn.wv", "mlp.w1", "mlp.w3"):
-                read(p + w + ".weight", stack)
-            for w in ("attn.wo", "mlp.w2"):
-                write(p + w + ".weight", stack)
-        if stack == "text":
-            gain("text.norm.weight", ["text.lm_head.weight"], stack)
-            read("text.lm_head.weight", stack)
-            read("text.tok_emb.weight", stack)  # rows are token vectors: e -> Q e
-            for name in ("absent_image", "absent_audio", "vision.proj.2.weight", "vision.proj.2.bias",
-                         "speech.proj.2.weight", "speech.proj.2.bias"):
-                write(name, stack)
-        else:
-            gain(f"{stack}.norm.weight", [f"{stack}.proj.0.weight"], stack)
-            read(f"{stack}.proj.0.weight", stack)
-            read(f"{stack}.pos_emb", stack)
-            if stack == "vision":
-                write("vision.patch_embed.weight", stack)
-                write("vision.patch_embed.bias", stack)
-            else:  # conv2's output passes a GELU before the stream: a permutation only
-                out["speech.conv2.weight"] = torch.einsum("oa,abk,ib->oik", Q, out["speech.conv2.weight"], Q)
-                write("speech.conv2.bias", stack)
-                write("speech.conv1.weight", stack)
-                write("speech.conv1.bias", stack)
-    return out
-
-
-def in_block_maps(sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """Per-head V/O rotations and norm scaling (gain times s, the matrices reading it divided by s)
-    in every vision and speech block: output-preserving, and not a unit permutation."""
-    g = torch.Generator().manual_seed(seed)
-    out = {k: v.clone() for k, v in sd.items()}
-    for stack, layers, heads in (("vision", CFG.vision_layers, CFG.vision_heads),
-                                 ("speech", CFG.speech_layers, CFG.speech_heads)):
-        for i in range(layers):
-            p = f"{stack}.layers.{i}."
-            wv, wo = out[p + "attn.wv.weight"], out[p + "attn.wo.weight"]
-            hd = wv.shape[0] // heads
-            for h in range(heads):
-                R, rows = _orthogonal(hd, g), slice(h * hd, (h + 1) * hd)
-                wv[rows], wo[:, rows] = R @ wv[rows], wo[:, rows] @ R.T
-            s = 0.5 + torch.rand(wv.shape[1], generator=g)
-            out[p + "attn_norm.weight"] = out[p + "attn_norm.weight"] * s
-            for w in ("wq", "wk", "wv"):
-                out[p + f"attn.{w}.weight"] = out[p + f"attn.{w}.weight"] / s[None, :]
-    return out
-
-
 def _same_function(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     g = torch.Generator().manual_seed(3)
     tokens, images, audio = _batch(g, B=2, T=16)
@@ -462,13 +349,13 @@ def test_grafted_encoder_under_residual_permutation_or_rotation_is_dependent(zoo
     graft = _grafted(zoo)
     dims = {"text": CFG.dim, "vision": CFG.vision_dim, "speech": CFG.speech_dim}
     if transform == "permutation":  # every stream, signs too (not speech: a GELU follows its convs)
-        maps = {s: _signed_permutation(d, g, signs=s != "speech") for s, d in dims.items()}
-        moved = residual_map(graft, maps, fold=False)
+        maps = {s: signed_permutation(d, g, signs=s != "speech") for s, d in dims.items()}
+        moved = residual_map(graft, maps, fold=False, cfg=CFG)
     else:
-        maps = {s: _orthogonal(d, g) for s, d in dims.items() if s != "speech"}
-        maps["speech"] = _signed_permutation(dims["speech"], g, signs=False)
-        base = in_block_maps(disguise(graft, seed=8), seed=9) if transform == "composed" else graft
-        moved = residual_map(base, maps, fold=True)
+        maps = {s: orthogonal(d, g) for s, d in dims.items() if s != "speech"}
+        maps["speech"] = signed_permutation(dims["speech"], g, signs=False)
+        base = in_block_maps(unit_maps(graft, seed=8, cfg=CFG), seed=9, cfg=CFG) if transform == "composed" else graft
+        moved = residual_map(base, maps, fold=True, cfg=CFG)
     _same_function(graft, moved)  # the disguise costs the copier nothing
     cand = _save(add_noise(moved, 0.1, seed=4) if transform == "composed" else moved, tmp_path / "c.safetensors")
     res = _by_component(lineage(cand, [zoo.base[0]], null_draws=DRAWS))
@@ -487,8 +374,8 @@ def test_grafted_encoder_under_residual_permutation_or_rotation_is_dependent(zoo
 
 def test_an_independent_pair_stays_independent_after_a_residual_rotation(zoo: Zoo, tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(22)
-    maps = {"text": _orthogonal(CFG.dim, g), "vision": _orthogonal(CFG.vision_dim, g)}
-    cand = _save(residual_map(load_file(str(zoo.base[1])), maps, fold=True), tmp_path / "rot.safetensors")
+    maps = {"text": orthogonal(CFG.dim, g), "vision": orthogonal(CFG.vision_dim, g)}
+    cand = _save(residual_map(load_file(str(zoo.base[1])), maps, fold=True, cfg=CFG), tmp_path / "rot.safetensors")
     report = lineage(cand, [zoo.base[0]], null_draws=DRAWS)
     assert report.dependent == [], [r.line() for r in report.dependent]
     assert min(r.p_value for r in _comparable(report)) > 1e-3
@@ -558,10 +445,10 @@ def test_the_geneses_tried_are_a_bundle_candidates_own_seed_else_the_public_and_
 
 def test_a_rotated_copy_trained_on_further_is_still_dependent(zoo: Zoo, tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(23)
-    maps = {"text": _orthogonal(CFG.dim, g), "vision": _orthogonal(CFG.vision_dim, g),
-            "speech": _signed_permutation(CFG.speech_dim, g, signs=False)}
+    maps = {"text": orthogonal(CFG.dim, g), "vision": orthogonal(CFG.vision_dim, g),
+            "speech": signed_permutation(CFG.speech_dim, g, signs=False)}
     model = MultimodalLM(CFG)
-    model.load_state_dict(residual_map(zoo.base_state, maps, fold=True))
+    model.load_state_dict(residual_map(zoo.base_state, maps, fold=True, cfg=CFG))
     cand = _save(_state(_train(model, data_seed=4242)), tmp_path / "rot_trained.safetensors")
     res = _by_component(lineage(cand, [zoo.base[0]], null_draws=DRAWS))
     for comp in ("text.embed", "text.block.0", "text.block.1", "text.lm_head", "vision.embed", "vision.block.0",
