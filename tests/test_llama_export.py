@@ -206,3 +206,41 @@ def test_the_release_records_the_transform_and_the_verifier_renders_the_folder(d
     names = {s["name"] for s in rel.statement["subject"]}
     assert {f"export/llama/{n}" for n in ("config.json", "generation_config.json", "model.safetensors",
                                           "tokenizer.json", "tokenizer_config.json", "tokenizer.model")} <= names
+
+
+RECORD = r"""
+import json, os, sys
+folder = os.path.realpath(sys.argv[1])
+opened = set()
+def hook(event, args):
+    if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        p = os.path.realpath(os.fsdecode(args[0]))
+        if p.startswith(folder + os.sep):
+            opened.add(os.path.relpath(p, folder))
+sys.addaudithook(hook)
+import transformers
+model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
+tok = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+model.generate(**tok("a red", return_tensors="pt"), max_new_tokens=2)
+transformers.pipeline("text-generation", model=folder, trust_remote_code=False)("a", max_new_tokens=1)
+print(json.dumps(sorted(opened)))
+"""
+
+
+def test_transformers_opens_only_rendered_files_of_the_llama_folder(demo_run: Path, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO, env
+
+    folder = tmp_path / "llama"
+    shutil.copytree(demo_run / "export/llama", folder)
+    p = subprocess.run([sys.executable, "-c", RECORD, str(folder)], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env={**env(), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+                                         "TRANSFORMERS_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    opened = set(json.loads(p.stdout.strip().splitlines()[-1]))
+    rendered = {p.name for p in folder.iterdir()}  # the release check holds this set to the rendering
+    # (safetensors and tokenizers open their files in Rust, which the audit hook does not see)
+    assert {"config.json", "tokenizer_config.json", "generation_config.json"} <= opened <= rendered, opened
