@@ -95,19 +95,21 @@ def committed(entries: list[Entry]) -> dict[str, str]:
 
 
 def draw(bundle: Path, segments: int, seed: int | None = None) -> dict[str, Any]:
-    """The evaluator's challenge: `segments` of the bundle's segments, drawn with fresh randomness
-    (or `seed`), bound to the bundle's chain by its sha256, and the last segment (the one that yields
-    the release) always with them."""
+    """The evaluator's challenge: `segments` of the bundle's segments before the last, drawn with fresh
+    randomness (or `seed`), bound to the bundle's chain by its sha256, and the last segment (the one
+    that yields the release) always with them. Asking for as many as there are, or more, challenges
+    every segment."""
     chain = safe_file(bundle, CHAIN_NAME, MAX_CHAIN_BYTES)
     entries, _ = read_chain(chain, MAX_CHAIN_BYTES)
     n = sum(1 for e in entries if e.kind == "checkpoint")
-    if not 1 <= segments <= n:
-        raise ChallengeError(f"{chain}: {n} segment(s) to challenge; --segments {segments} is not in [1, {n}]")
+    if n == 0 or segments < 1:
+        raise ChallengeError(f"{chain}: {n} segment(s) to challenge; --segments {segments} must be at least 1")
     seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
     chain_sha = sha256_file(chain)
     # The draw depends on the chain too: one seed reused for two bundles draws independently.
     rng = random.Random(hashlib.sha256(f"{seed}:{chain_sha}".encode()).digest())
-    picked = sorted(set(rng.sample(range(n), segments)) | {n - 1})
+    pool = range(n - 1) if n > 1 else range(n)
+    picked = sorted(set(rng.sample(pool, min(segments, len(pool)))) | {n - 1})
     steps = [e.predicate.get("step") for e in entries if e.kind == "checkpoint"]
     return {"format": CHALLENGE_FORMAT, "chain_sha256": chain_sha, "segments_total": n, "seed": seed,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

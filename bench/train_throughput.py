@@ -23,7 +23,7 @@ untimed steps of each path, so drift in machine speed hits all of them. Tokens a
 (the image and audio prefix rows are not counted), as the trainer's log counts them.
 
 On a GPU it also prints MFU against the bf16 dense peak (--peak-tflops, or a table: H100/H200
-989, A100 312): by 6·N·tokens/s, and by the model's FLOPs per sample (prefix rows and attention
+989, A100 312, …: kai_train.sizing.PEAK_TFLOPS): by 6·N·tokens/s, and by the model's FLOPs per sample (prefix rows and attention
 included, `kai_train.sizing.flops_per_sample`).
 """
 
@@ -43,7 +43,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 ZERO_CONFIGS = sorted(p.stem.removeprefix("zero") for p in (REPO / "kai_train/conf/deepspeed").glob("zero*.yaml"))
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, no sparsity
 
 
 def _free_port() -> int:
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from kai_train import engine as eng
     from kai_train.init import build_genesis_model
-    from kai_train.sizing import flops_per_sample, param_counts
+    from kai_train.sizing import flops_per_sample, param_counts, peak_tflops
     from kai_train.step import loss_fn  # the trainer's loss
 
     deepspeed.init_distributed(dist_backend=eng.backend())
@@ -273,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"ratio {'   '.join(ratios)}   (deepspeed total {rates['deepspeed'] * world:,.0f} tok/s)")
         if on_gpu and "deepspeed" in rates:
             name = torch.cuda.get_device_name(device)
-            peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+            peak = args.peak_tflops or peak_tflops(name, bf16=True)
             if peak is None:
                 print(f"MFU: unknown peak for {name!r}: pass --peak-tflops")
             else:

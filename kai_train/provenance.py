@@ -92,12 +92,15 @@ def hardware(world_size: int) -> dict[str, Any]:
 
 
 @functools.cache
-def environment(world_size: int) -> dict[str, Any]:
-    """Library versions and hardware of this process, recorded with each checkpoint (a run may be
-    resumed elsewhere)."""
+def environment(world_size: int, attention: tuple[int, int, int, int] | None = None, bf16: bool = False
+                ) -> dict[str, Any]:
+    """Library versions, hardware and determinism settings of this process, recorded with each checkpoint
+    (a run may be resumed elsewhere); `attention` (micro batch, heads, decoder rows, head dim) adds the
+    SDPA kernel chosen for the model's shapes."""
     from kai_train.determinism import record
 
-    return {"versions": library_versions(), "hardware": hardware(world_size), "determinism": record()}
+    det = record(attention, torch.bfloat16 if bf16 else torch.float32)
+    return {"versions": library_versions(), "hardware": hardware(world_size), "determinism": det}
 
 
 def rng_state_digest() -> tuple[list[str], str]:

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = json.loads(a.plan.read_text())
     torch.set_num_threads(int(plan.get("threads", 1)))  # as the segment's training ran (its record)
-    determinism.configure()  # the trainer's settings, before the process group
+    determinism.configure(recorded=plan.get("determinism") or {})  # the segment's settings, before the process group
     deepspeed.init_distributed(dist_backend=eng.backend())
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != plan["world_size"]:

@@ -125,9 +125,33 @@ def layout_change(recorded: dict, current: dict, run_world: int | None, world: i
 LAYOUT_KEYS = ("grad_accum", "micro_batch")
 
 
-# Config keys a resumed run may change: where it stops, how it resumes, how it is tracked, and
-# whether checkpoints are hashed in the background (the statements are the same either way).
-MAY_DIFFER = {"resume", "train.stop_at", "wandb", "attest.background"}
+# Config keys a resumed run may change: where it stops, how it resumes, how it is tracked, whether
+# checkpoints are hashed in the background (the statements are the same either way), and the
+# determinism mode (each checkpoint records the settings its segment ran under).
+MAY_DIFFER = {"resume", "train.stop_at", "wandb", "attest.background", "determinism",
+              # where the signer is found: its identity is checked by the public key's fingerprint
+              # (keys/signing-key.pub.pem, attest.signers.ensure_public_key), not by a path or URI
+              "attest.key", "attest.uri", "attest.pin_env"}
+RUN_DIR_MARK = "${run_dir}"
+
+
+def relocated(cfg: dict) -> dict:
+    """`cfg` with `run_dir`, and every string under it, written relative to it ("${run_dir}/..."): the
+    config of a run folder that was moved or copied compares equal to the one it recorded."""
+    base = str(cfg.get("run_dir", "")).rstrip("/")
+
+    def rel(v: object) -> object:
+        if isinstance(v, dict):
+            return {k: rel(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [rel(x) for x in v]
+        if isinstance(v, str) and base and v.rstrip("/") == base:
+            return RUN_DIR_MARK
+        if isinstance(v, str) and base and v.startswith(base + "/"):
+            return RUN_DIR_MARK + v[len(base):]
+        return v
+
+    return rel(cfg)  # type: ignore[return-value]
 
 
 def config_difference(recorded: dict, current: dict, prefix: str = "", also: frozenset[str] = frozenset()

@@ -19,9 +19,12 @@ split over E ranks and replicated over N / E, the rest Ψd over all N. So whole 
 cost 2(Ψd + Ψe/E) each, and every ZeRO stage shards what it shards over N in all (the dense part
 over N, each expert slice over its N / E replicas).
 
-Activations are a rough estimate (see `activation_bytes`), not a measurement: it assumes a
-memory-efficient attention kernel (no s×s score matrix) and ignores DeepSpeed's communication
-buckets, the CUDA context and allocator fragmentation, which add a few GiB per GPU.
+Activations are a rough estimate (see `activation_bytes`), not a measurement. They follow the
+attention kernel (`--attention`): `fused` (flash, cuDNN or memory-efficient: no s×s score matrix)
+is what `determinism=exact` and `fast` run on a GPU (kai_train.determinism); `math` keeps the
+scores and probabilities of every head, as the math kernel does (a CPU run, or a run whose record
+says `sdp_kernels: math`). DeepSpeed's communication buckets, the CUDA context and allocator
+fragmentation are left out; they add a few GiB per GPU.
 """
 
 from __future__ import annotations
@@ -90,13 +93,19 @@ def _block_bytes(rows: int, width: int, kv_width: int, hidden: int, a: int) -> i
     return rows * per_row
 
 
+ATTENTION_KERNELS = ("fused", "math")
+
+
 def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, checkpointing: bool,
-                     dtype_bytes: int = 2) -> int:
+                     dtype_bytes: int = 2, attention: str = "fused") -> int:
     """Rough activation memory of one micro batch (per GPU; ZeRO does not shard activations).
 
     With checkpointing the decoder keeps only each block's input and recomputes one block at a
-    time in backward (kai_train.model.TextDecoder); the encoders are never checkpointed.
+    time in backward (kai_train.model.TextDecoder); the encoders are never checkpointed. `attention`
+    "math" adds each block's score and probability matrices (heads × rows × rows, twice).
     """
+    if attention not in ATTENTION_KERNELS:
+        raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
     a = dtype_bytes
     rows = cfg.n_image_tokens + cfg.n_audio_tokens + seq_len  # decoder sequence: prefix + text
     kv = cfg.n_kv_heads * (cfg.dim // cfg.n_heads)
@@ -105,12 +114,18 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, checkpoin
     # the (rows, k, dim) dispatch buffer and the float32 router scores.
     moe = _block_bytes(rows, cfg.dim, kv, (cfg.moe_top_k + cfg.n_shared_experts) * cfg.moe_hidden, a)
     moe += rows * (a * cfg.moe_top_k * cfg.dim + 8 * cfg.n_experts)
+    if attention == "math":
+        dense += 2 * a * cfg.n_heads * rows * rows
+        moe += 2 * a * cfg.n_heads * rows * rows
     blocks = [moe if cfg.is_moe_layer(i) else dense for i in range(cfg.n_layers)]
     decoder = (cfg.n_layers * a * rows * cfg.dim + max(blocks, default=0)) if checkpointing else sum(blocks)
     logits = 2 * a * seq_len * cfg.vocab_size  # logits + log-softmax kept by cross-entropy
     vw, sw = cfg.vision_dim, cfg.speech_dim
     vision = cfg.vision_layers * _block_bytes(cfg.n_image_tokens, vw, vw, _swiglu_hidden(vw), a)
     speech = cfg.speech_layers * _block_bytes(cfg.n_audio_tokens, sw, sw, _swiglu_hidden(sw), a)
+    if attention == "math":
+        vision += cfg.vision_layers * 2 * a * cfg.vision_heads * cfg.n_image_tokens**2
+        speech += cfg.speech_layers * 2 * a * cfg.speech_heads * cfg.n_audio_tokens**2
     speech += 4 * cfg.n_mels * cfg.n_audio_frames + 2 * a * sw * cfg.n_audio_tokens * 2  # log-mel, convs
     return micro_batch * (decoder + logits + vision + speech + a * rows * cfg.dim)
 
@@ -121,7 +136,8 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, checkpoin
 
 def memory_per_gpu(cfg: ModelConfig, world_size: int, zero_stage: int, offload: bool = False,
                    dtype_bytes: int = 2, micro_batch: int = 1, seq_len: int | None = None,
-                   activation_checkpointing: bool = True, expert_parallel: int = 1) -> dict[str, int]:
+                   activation_checkpointing: bool = True, expert_parallel: int = 1, attention: str = "fused"
+                   ) -> dict[str, int]:
     """Bytes per GPU (and per rank in CPU memory when offloading) for one training rank.
 
     Keys: params, grads, optimizer (the GPU-resident parts), activations, gpu_total, and
@@ -151,14 +167,35 @@ def memory_per_gpu(cfg: ModelConfig, world_size: int, zero_stage: int, offload: 
     if offload:
         optimizer = 0.0
     acts = activation_bytes(cfg, micro_batch, cfg.max_seq_len if seq_len is None else seq_len,
-                            activation_checkpointing, dtype_bytes)
+                            activation_checkpointing, dtype_bytes, attention)
     out = {"params": params, "grads": grads, "optimizer": optimizer, "activations": acts, "cpu_offload": cpu}
     out["gpu_total"] = params + grads + optimizer + acts
     return {k: int(round(v)) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------------------------------
-# FLOPs (for MFU in bench/train_throughput.py)
+# FLOPs and MFU (the trainer's log, wandb and bench/train_throughput.py)
+
+# Dense (no sparsity) tensor-core peaks per device in TFLOP/s: bf16/fp16, and tf32 (what fp32
+# matmuls may use). Matched by substring of torch.cuda.get_device_name(), longest key first.
+PEAK_TFLOPS = {
+    "H200": (989.0, 494.0), "H100 PCIe": (756.0, 378.0), "H100": (989.0, 494.0), "H800": (989.0, 494.0),
+    "H20": (148.0, 74.0), "GH200": (989.0, 494.0), "B200": (2250.0, 1100.0), "GB200": (2500.0, 1250.0),
+    "A100": (312.0, 156.0), "A800": (312.0, 156.0), "A10G": (70.0, 35.0), "A10": (125.0, 62.5),
+    "L40S": (362.0, 183.0), "L40": (181.0, 90.5), "L4": (121.0, 60.0), "RTX 4090": (165.0, 82.6),
+    "MI300X": (1307.0, 654.0), "MI250X": (383.0, 95.7),
+}
+
+
+def peak_tflops(device_name: str | None, bf16: bool = True) -> float | None:
+    """The device's dense peak TFLOP/s (bf16, else tf32) from PEAK_TFLOPS; None when unknown (a CPU)."""
+    if not device_name:
+        return None
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if key in device_name:
+            return PEAK_TFLOPS[key][0 if bf16 else 1]
+    return None
+
 
 
 def flops_per_sample(cfg: ModelConfig, seq_len: int) -> int:
@@ -246,7 +283,8 @@ def _fmt_params(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
-def table(world_size: int, micro_batch: int, checkpointing: bool, seq_len: int | None = None) -> str:
+def table(world_size: int, micro_batch: int, checkpointing: bool, seq_len: int | None = None,
+          attention: str = "fused") -> str:
     """The Markdown table `python -m kai_train.sizing` prints."""
     head = ["preset", "text", "vision", "speech", "total", "seq", "act GiB",
             "ZeRO-1", "ZeRO-2", "ZeRO-3", "ZeRO-3+offload", "offload CPU GiB/rank", "genesis CPU GiB/rank"]
@@ -257,7 +295,7 @@ def table(world_size: int, micro_batch: int, checkpointing: bool, seq_len: int |
         c = param_counts(cfg)
         seq = min(seq_len, cfg.max_seq_len) if seq_len else cfg.max_seq_len
         mem = {k: memory_per_gpu(cfg, world_size, stage, off, micro_batch=micro_batch, seq_len=seq,
-                                 activation_checkpointing=checkpointing)
+                                 activation_checkpointing=checkpointing, attention=attention)
                for k, (stage, off) in {"z1": (1, False), "z2": (2, False), "z3": (3, False), "z3o": (3, True)}.items()}
         gib = {k: f"{m['gpu_total'] / GiB:.1f}" for k, m in mem.items()}
         rows.append([name, *(_fmt_params(c[k]) for k in (*COMPONENTS, "total")), str(seq),
@@ -267,7 +305,7 @@ def table(world_size: int, micro_batch: int, checkpointing: bool, seq_len: int |
 
 
 def moe_table(world_size: int, expert_parallel: int, micro_batch: int, checkpointing: bool,
-              seq_len: int | None = None, gpu_gib: float = 80.0) -> str:
+              seq_len: int | None = None, gpu_gib: float = 80.0, attention: str = "fused") -> str:
     """The Markdown table of the mixture-of-experts presets `python -m kai_train.sizing` prints."""
     head = ["preset", "experts", "total", "active", "EP", "ZeRO-1 GiB", "ZeRO-3 GiB",
             f"GPUs ZeRO-1 ({gpu_gib:.0f} GiB)", f"GPUs ZeRO-3 ({gpu_gib:.0f} GiB)", "ckpt GiB/rank"]
@@ -276,7 +314,7 @@ def moe_table(world_size: int, expert_parallel: int, micro_batch: int, checkpoin
         if not cfg.n_experts or cfg.n_experts % expert_parallel or world_size % expert_parallel:
             continue
         seq = min(seq_len, cfg.max_seq_len) if seq_len else cfg.max_seq_len
-        kw = dict(micro_batch=micro_batch, seq_len=seq, activation_checkpointing=checkpointing)
+        kw = dict(micro_batch=micro_batch, seq_len=seq, activation_checkpointing=checkpointing, attention=attention)
         mem = {z: memory_per_gpu(cfg, world_size, z, expert_parallel=expert_parallel, **kw)["gpu_total"] / GiB
                for z in (1, 3)}
         need = {z: gpus_needed(cfg, z, expert_parallel, gpu_gib, **kw) for z in (1, 3)}
@@ -296,17 +334,22 @@ def main(argv: list[str] | None = None) -> None:
                     help="estimate activations without recomputation (train.activation_checkpointing=false)")
     ap.add_argument("--expert-parallel", type=int, default=8,
                     help="ranks the routed experts of a mixture-of-experts preset are split over [8: one node]")
+    ap.add_argument("--attention", choices=ATTENTION_KERNELS, default="fused",
+                    help="the attention kernel: fused (flash/cuDNN/memory-efficient, what a GPU run uses) or math "
+                         "(s×s scores kept; a CPU run) [fused]")
     args = ap.parse_args(argv)
     if args.world_size < 1 or args.micro_batch < 1:
         ap.error("--world-size and --micro-batch must be >= 1")
     if args.expert_parallel < 1 or args.world_size % args.expert_parallel:
         ap.error("--expert-parallel must be >= 1 and divide --world-size")
     print(f"GiB per GPU: bf16 params and grads, fp32 Adam states; world size {args.world_size}, "
-          f"micro batch {args.micro_batch}, activation checkpointing {'on' if args.checkpointing else 'off'}; "
+          f"micro batch {args.micro_batch}, activation checkpointing {'on' if args.checkpointing else 'off'}, "
+          f"{args.attention} attention; "
           "add ~2-4 GiB for DeepSpeed buffers and the CUDA context. Host memory: the offloaded optimizer "
           "shard, and at start the fp32 genesis model on every rank.\n")
-    print(table(args.world_size, args.micro_batch, args.checkpointing, args.seq_len))
-    moe = moe_table(args.world_size, args.expert_parallel, args.micro_batch, args.checkpointing, args.seq_len)
+    print(table(args.world_size, args.micro_batch, args.checkpointing, args.seq_len, args.attention))
+    moe = moe_table(args.world_size, args.expert_parallel, args.micro_batch, args.checkpointing, args.seq_len,
+                    attention=args.attention)
     if moe.count("\n") > 1:
         print(f"\nMixture-of-experts presets at world size {args.world_size}, expert-parallel size "
               f"{args.expert_parallel} (routed experts split over EP ranks, replicated over world / EP); "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ class Trainer:
             layout_change,
             recorded_run,
             recorded_run_config,
+            relocated,
         )
         from kai_train.tracking import Tracker, check_wandb
 
@@ -76,7 +78,10 @@ class Trainer:
         if cfg.resume not in ("auto", "never"):
             raise AppError(f"resume must be auto or never, got {cfg.resume!r}")
         self.shards = shards = shard_paths(Path(cfg.run_dir), cfg.data_dir)
-        determinism.configure()  # before the process group: NCCL's algorithm is read at its creation
+        try:  # before the process group: NCCL's algorithm is read at its creation
+            determinism.configure(cfg.get("determinism", "exact"))
+        except determinism.DeterminismError as e:
+            raise AppError(str(e)) from e
         deepspeed.init_distributed(dist_backend=eng.backend())
         self.rank, self.world = rank, world = dist.get_rank(), dist.get_world_size()
         self.run_dir = run_dir = Path(cfg.run_dir)
@@ -150,7 +155,8 @@ class Trainer:
             resolved["data_shards"] = [{"name": str(p.relative_to(run_dir)), "sha256": sha256_file(p)} for p in shards]
             earlier = recorded_run_config(run_dir)  # a resumed run, or a start that died before its genesis
             layout_keys = frozenset(f"train.{k}" for k in LAYOUT_KEYS) if resume is not None else frozenset()
-            if earlier is not None and (key := config_difference(earlier, resolved, also=layout_keys)):
+            if earlier is not None and (key := config_difference(relocated(earlier), relocated(resolved),
+                                                                 also=layout_keys)):
                 raise AppError(f"{run_dir / CHAIN_NAME}: config key {key} differs from the run statement's; "
                      "resume with the recorded config or use a new run_dir")
             if earlier is not None and resume is not None:  # grad_accum/micro_batch follow the world size
@@ -175,7 +181,7 @@ class Trainer:
                 root = self.prov.record_genesis(world, rec, rules, shapes)
                 log(f"genesis {root[:16]}… ({sum(map(math.prod, shapes.values())):,} parameters, seed {cfg.seed})")
         self.tracker = Tracker(OmegaConf.to_container(cfg.wandb, resolve=True), run_dir, cfg.run_id, resolved,
-                               train["steps"], self.start) if rank == 0 else None
+                               train["steps"], self.start, world, *self.flops_and_peak()) if rank == 0 else None
         # The segment since the last checkpoint: where its data began, its per-step losses; the last eval.
         self.seg_start, self.seg_losses, self.last_eval = self.position, [], {}
 
@@ -266,10 +272,29 @@ class Trainer:
                     consumed["sampler"]["sources"] = self.sampler.record(seg_start, position)
             m = {**metrics, "grad_norm": grad_norm, **{f"eval_{k}": v for k, v in self.last_eval.items()},
                  "wandb_run": self.tracker.run_id if self.tracker else None}
-            extra = {"rng_state": {"sources": sources, "ranks": rngs}, "environment": environment(world),
+            extra = {"rng_state": {"sources": sources, "ranks": rngs}, "environment": environment(world, self.attention_shape(),
+                                                                                          self.engine.bfloat16_enabled()),
                      "step_losses": self.seg_losses}
             self.prov.record_checkpoint(step, world, consumed, m, bool(cfg.attest.optimizer_state), extra)
         self.seg_start, self.seg_losses = self.position, []
+
+    def flops_and_peak(self) -> tuple[float, float | None]:
+        """One device's training FLOPs per optimizer step, and its dense peak TFLOP/s (None on a CPU)."""
+        from kai_train.sizing import flops_per_sample, peak_tflops
+
+        per_step = flops_per_sample(self.mcfg, self.train["text_len"]) * self.train["micro_batch"] * self.train["grad_accum"]
+        from kai_train.determinism import accelerator
+
+        accel = accelerator()
+        name = accel.removeprefix("cuda:") if accel != "cpu" else None
+        return float(per_step), peak_tflops(name, self.engine.bfloat16_enabled())
+
+    def attention_shape(self) -> tuple[int, int, int, int]:
+        """(micro batch, heads, decoder rows, head dim) of the decoder's attention: the shapes the recorded
+        attention kernel is chosen for."""
+        m = self.mcfg
+        return (self.train["micro_batch"], m.n_heads, m.n_image_tokens + m.n_audio_tokens + self.train["text_len"],
+                m.dim // m.n_heads)
 
     def stop(self, step: int) -> None:
         """train.stop_at: every share written and every statement recorded; no release."""
@@ -303,9 +328,55 @@ class Trainer:
             tracker.finish({"chain_head": prov.chain.previous, "weights_root": prov.last_root})
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
 def fit(cfg: DictConfig) -> None:
-    """The Hydra app's task: build the trainer from the config and run it."""
-    Trainer(cfg).fit()
+    """The Hydra app's task: build the trainer from the config and run it. Started without a launcher
+    (no torchrun, no MPI: `kai-train ...`, `kai-train -m ...`), it runs as one rank on this machine, and
+    each multirun job gets its own process group."""
+    solo = not any(v in os.environ for v in LAUNCHER_VARS)
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    if solo:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        log("no launcher environment (torchrun, deepspeed, MPI): one rank on this machine")
+    fresh = _deepspeed_globals() if solo else {}
+    try:
+        Trainer(cfg).fit()
+    finally:
+        if solo:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            _deepspeed_globals(restore=fresh)  # the next multirun job builds its own groups
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _deepspeed_globals(restore: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """DeepSpeed's process-group caches (deepspeed.utils.groups, deepspeed.comm's backend): a copy of
+    their module-level values, or, with `restore`, those values put back, so that a second job in
+    one process does not reuse groups of a destroyed process group."""
+    import copy
+    import types
+
+    import deepspeed.comm.comm as ds_comm
+    import deepspeed.utils.groups as ds_groups
+
+    if restore is not None:
+        for mod in (ds_groups, ds_comm):
+            for k, v in restore.get(mod.__name__, {}).items():
+                setattr(mod, k, copy.copy(v))
+        return restore
+    keep = (type(None), dict, int, bool, str, list)
+    return {mod.__name__: {k: copy.copy(v) for k, v in vars(mod).items()
+                           if not k.startswith("__") and isinstance(v, keep) and not isinstance(v, types.ModuleType)}
+            for mod in (ds_groups, ds_comm)}
 
 
 def make_run_sampler(cfg: DictConfig, shards: list[Path], shard_rows: list[int], holdout_every: int,

@@ -38,9 +38,9 @@ def env() -> dict[str, str]:
     return e
 
 
-def run(cmd: list[str], timeout: int = 600, extra_env: dict[str, str] | None = None,
+def run(cmd: list[str], timeout: int = 600, extra_env: dict[str, str] | None = None, cwd: Path = REPO,
         ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, text=True, capture_output=True,
+    return subprocess.run(cmd, cwd=cwd, env={**env(), **(extra_env or {})}, text=True, capture_output=True,
                           timeout=timeout)
 
 

@@ -184,6 +184,19 @@ def test_replay_cost_is_checked_against_policy_limits_before_any_process_starts(
     assert rc in (1, 4) and "limits.max_replay_micro_batches" in out and 1 not in started, out
     assert not any(line.startswith("ok    replay") and "(step 4)" in line for line in out.splitlines()), out
 
+    # a determinism mode the replay does not know is refused by name before launch
+    odd = Path(shutil.copytree(b, tmp_path / "odd"))
+
+    def turbo(sts: list[dict]) -> None:
+        [s for s in sts if s["predicate"]["kind"] == "checkpoint"][-1]["predicate"]["environment"]["determinism"][
+            "mode"] = "turbo"
+
+    resign(odd, demo_run / "keys/signing-key.pem", turbo)
+    started.clear()
+    rc = main(["verify", str(odd), "--trust", pub, "--replay", "all"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "environment.determinism.mode 'turbo'" in out and 1 not in started, out
+
 
 def torchrun_env(run_dir: Path, nproc: int, *overrides: str, env: dict[str, str] | None = None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",

@@ -3,6 +3,7 @@ schedules, and the guards around resume."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,11 +37,18 @@ def test_resume_is_bit_exact_across_two_ranks(zero: str, demo_run: Path, data_ru
         losses = checkpoint_losses(straight)
         assert losses[-1] < losses[0], f"{zero}: loss did not fall: {losses}"
     split = prepared_data(tmp_path / "split", data_run)
-    must(torchrun(split, 2, f"deepspeed={zero}", *TRAIN_ARGS, *QUIET, "train.stop_at=2"))
+    tracking = [] if zero == "zero2" else QUIET  # one case with wandb offline, as the demo runs
+    must(torchrun(split, 2, f"deepspeed={zero}", *TRAIN_ARGS, *tracking, "train.stop_at=2"))
     entries, _ = read_chain(split / "chain.jsonl")
     assert [e.kind for e in entries][-1] == "checkpoint"  # stopped, not released
-    p = must(torchrun(split, 2, f"deepspeed={zero}", *TRAIN_ARGS, *QUIET))
+    p = must(torchrun(split, 2, f"deepspeed={zero}", *TRAIN_ARGS, *tracking))
     assert "resumed at step 2" in p.stdout
+    if tracking == []:  # the resumed start continues the same wandb run: one id, recorded in the run folder
+        wid = (split / "wandb/run-id").read_text().strip()
+        entries, _ = read_chain(split / "chain.jsonl")
+        assert {e.predicate["metrics"]["wandb_run"] for e in entries if e.kind == "checkpoint"} == {wid}
+        starts = sorted((split / "wandb").glob("offline-run-*"))
+        assert len(starts) == 2 and all(d.name.endswith(f"-{wid}") for d in starts), starts
     assert release_root(split) == release_root(straight)
     must(kai_attest("bundle", str(split)))
     must(verify_trusted(split / "bundle"))
@@ -48,8 +56,10 @@ def test_resume_is_bit_exact_across_two_ranks(zero: str, demo_run: Path, data_ru
 
 @pytest.mark.slow
 def test_resume_on_one_rank_after_two_continues_the_chain(data_run: Path, tmp_path: Path) -> None:
-    run = prepared_data(tmp_path / "run", data_run)
-    must(torchrun(run, 2, "deepspeed=zero2", *TRAIN_ARGS, *QUIET, "train.stop_at=2"))
+    """... in a run folder moved elsewhere in between (its recorded paths name the old place)."""
+    first = prepared_data(tmp_path / "run", data_run)
+    must(torchrun(first, 2, "deepspeed=zero2", *TRAIN_ARGS, *QUIET, "train.stop_at=2"))
+    run = Path(shutil.move(first, tmp_path / "elsewhere"))
     p = must(torchrun(run, 1, "deepspeed=zero2", *TRAIN_ARGS, *QUIET))
     assert "resumed at step 2 from its signed state" in p.stdout and "world size 1" in p.stdout
     entries, _ = read_chain(run / "chain.jsonl")
@@ -172,6 +182,21 @@ def test_config_difference_names_the_changed_key_and_ignores_stop_and_tracking()
     assert config_difference(rec, {**rec, "train": {"lr": 3e-3, "stop_at": None}, "wandb": {"mode": "disabled"}}) is None
     assert config_difference(rec, {**rec, "train": {"lr": 1e-3, "stop_at": 2}}) == "train.lr"
     assert config_difference(rec, {**rec, "extra": 1}) == "extra"
+
+
+def test_a_moved_or_copied_run_folder_compares_equal_and_the_key_path_may_differ() -> None:
+    from kai_train.resume import config_difference, relocated
+
+    rec = {"run_dir": "/a/run", "data_dir": "data/shards", "attest": {"key": "/a/run/keys/k.pem", "tsa_url": None},
+           "out": ["/a/run/x", "/a/runner/y"], "seed": 1}
+    moved = {**rec, "run_dir": "/b/copy/", "attest": {"key": "/b/copy/keys/k.pem", "tsa_url": None},
+             "out": ["/b/copy/x", "/a/runner/y"]}
+    assert config_difference(relocated(rec), relocated(moved)) is None
+    assert relocated(rec)["out"] == ["${run_dir}/x", "/a/runner/y"]  # a sibling folder is not inside the run
+    assert config_difference(relocated(rec), relocated({**moved, "out": ["/b/copy/z", "/a/runner/y"]})) == "out"
+    # the signer's path may change (its key is checked by fingerprint), its other settings may not
+    assert config_difference(rec, {**rec, "attest": {"key": "/keys/k.pem", "tsa_url": None}}) is None
+    assert config_difference(rec, {**rec, "attest": {"key": "/a/run/keys/k.pem", "tsa_url": "http://t"}}) == "attest.tsa_url"
 
 
 @pytest.mark.slow

@@ -107,6 +107,25 @@ def test_activation_checkpointing_cuts_activation_memory() -> None:
     assert activation_bytes(cfg, 4, 4096, True) == 2 * activation_bytes(cfg, 2, 4096, True)
 
 
+def test_math_attention_keeps_the_score_matrices_that_a_fused_kernel_does_not() -> None:
+    cfg = load("1b")
+    rows = cfg.n_image_tokens + cfg.n_audio_tokens + 4096
+    for ckpt in (False, True):
+        fused = activation_bytes(cfg, 1, 4096, ckpt)
+        math = activation_bytes(cfg, 1, 4096, ckpt, attention="math")
+        # the decoder's scores and probabilities, heads x rows x rows in bf16, for every block without
+        # checkpointing and for the one block recomputed at a time with it
+        blocks = 1 if ckpt else cfg.n_layers
+        enc = cfg.vision_layers * 4 * cfg.vision_heads * cfg.n_image_tokens**2 + \
+            cfg.speech_layers * 4 * cfg.speech_heads * cfg.n_audio_tokens**2
+        assert math - fused == blocks * 4 * cfg.n_heads * rows * rows + enc
+    # quadratic in the sequence: at 32k the math kernel's activations dwarf the fused kernel's
+    long = dict(micro_batch=1, seq_len=32768, checkpointing=True)
+    assert activation_bytes(cfg, **long, attention="math") > 4 * activation_bytes(cfg, **long)
+    with pytest.raises(ValueError, match="attention"):
+        activation_bytes(cfg, 1, 128, True, attention="flashy")
+
+
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="zero_stage"):
         memory_per_gpu(ModelConfig(), 2, 4)

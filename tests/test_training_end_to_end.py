@@ -69,14 +69,22 @@ def test_json_report_lists_every_check(demo_run: Path) -> None:
     assert {f["check"] for f in report["findings"]} >= {"signature", "chain-sequence", "genesis", "weights-digest"}
 
 
-@pytest.mark.parametrize("nproc,zero", [(1, "zero1"), (2, "zero1"), (2, "zero3"), (2, "zero3_offload")])
+@pytest.mark.parametrize("nproc,zero,determinism", [(1, "zero1", "exact"), (2, "zero1", "fast"), (2, "zero3", "exact"),
+                                                    (2, "zero3_offload", "exact")])
 def test_genesis_digest_is_the_same_for_any_rank_count_and_zero_stage(
-    nproc: int, zero: str, demo_run: Path, data_run: Path, tmp_path: Path
+    nproc: int, zero: str, determinism: str, demo_run: Path, data_run: Path, tmp_path: Path
 ) -> None:
     run_dir = prepared_data(tmp_path / "run", data_run)
     must(torchrun(run_dir, nproc, f"deepspeed={zero}", "train.steps=2", "train.ckpt_every=1", "train.micro_batch=4",
-                  "wandb.mode=disabled"))
+                  "wandb.mode=disabled", f"determinism={determinism}"))
     assert entries_of(run_dir, "genesis")[0]["weights_root"] == entries_of(demo_run, "genesis")[0]["weights_root"]
+    # each checkpoint records the determinism mode and the attention kernel SDPA chose (on CPU: math
+    # when exact, any kernel when fast); a fast segment that replays bit for bit on CPU still passes
+    for c in entries_of(run_dir, "checkpoint"):
+        det = c["environment"]["determinism"]
+        assert det["mode"] == determinism and det["deterministic_algorithms"] == (determinism == "exact")
+        assert det["sdp_kernels"] == ("math" if determinism == "exact" else "flash,efficient,cudnn")
+        assert det["attention_kernel"] in (("math",) if determinism == "exact" else ("math", "flash"))
     # and the run passes the strictest verification, with no false alarm: every check required,
     # every segment replayed (closed at both ends), the data recomputed
     must(kai_attest("bundle", str(run_dir)))

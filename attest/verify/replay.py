@@ -22,6 +22,7 @@ plug-in needs torch and DeepSpeed (the `train` extra); this module imports neith
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -244,14 +245,19 @@ def replayer(ctx, segments) -> Iterator:  # (Context, list[Entry]) -> Iterator[F
             fact["layout"] = {"world_size": plan["world_size"], "grad_accum": plan["train"]["grad_accum"],
                               "micro_batch": plan["train"]["micro_batch"], "threads": plan["threads"]}
             fact["cost"] = plan["cost"]
+            fact["determinism"] = plan["determinism"]["mode"]
             finding, result = _exact(ctx, plan, label, fact)
             if ctx.replay_mode == "tolerance" or (not finding.ok and ctx.replay_mode != "exact"):
-                tol = _tolerance(ctx, k, label, fact, plan, result)
+                exact_ok, tol = finding.ok, _tolerance(ctx, k, label, fact, plan, result)
                 if not finding.ok and not tol.ok and not tol.skipped:  # both fail: the exact difference is the precise one
                     finding = Finding("replay", False, label, finding.expected, finding.found,
                                       f"{finding.detail}; tolerance mode fails too ({tol.found}; {tol.detail})"[:900])
                 elif not finding.ok:
                     finding = tol
+                if fact["determinism"] == "fast" and not exact_ok:  # the run said its kernels were not deterministic
+                    finding = dataclasses.replace(finding, detail=(
+                        f"trained with determinism=fast (non-deterministic kernels), so decided in tolerance mode; "
+                        f"{finding.detail}")[:900])
         except ReplayUndecided as ex:
             finding = undecided("replay", label, str(ex)[:400])
         except PlanError as ex:

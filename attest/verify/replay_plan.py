@@ -36,6 +36,7 @@ class ReplayUndecided(PlanError):
 
 MAX_THREADS = 256  # intra-op threads a replay rank may be pinned to (what the segment's training recorded)
 RANK_OVERHEAD_BYTES = 512 << 20  # a rank's interpreter, torch and DeepSpeed, before the model
+DETERMINISM_MODES = ("exact", "fast")  # kai_train.determinism.MODES (attest does not import torch)
 
 
 def replay_cost(plan: dict[str, Any], weight_bytes: int, model: dict[str, Any]) -> dict[str, int]:
@@ -314,7 +315,13 @@ def build_plan(ctx: Context, k: int, replay_world: int | None = None) -> dict[st
                                   f"cannot keep each step's rows on {ranks} ranks (not a divisor of "
                                   f"{rows_per_micro_step}); tolerance mode needs other --replay-worlds")
         run_train["grad_accum"] = rows_per_micro_step // ranks
-    threads = as_dict(as_dict(tp.get("environment")).get("determinism")).get("threads", 1)
+    det = as_dict(as_dict(tp.get("environment")).get("determinism"))
+    threads = det.get("threads", 1)
+    mode = det.get("mode", "exact")
+    if mode not in DETERMINISM_MODES:
+        raise PlanError(f"{ctx.where(target)}: environment.determinism.mode {str(mode)[:20]!r}: expected one of "
+                        f"{', '.join(DETERMINISM_MODES)}")
+    kernels = det.get("sdp_kernels")
     if not (_is_int(threads) and 1 <= threads <= MAX_THREADS):
         raise PlanError(f"{ctx.where(target)}: environment.determinism.threads {str(threads)[:20]!r}: expected a "
                         f"whole number in [1, {MAX_THREADS}]")
@@ -329,6 +336,7 @@ def build_plan(ctx: Context, k: int, replay_world: int | None = None) -> dict[st
         _is_num(x) for x in losses) else None
     return {"segment": k, "world_size": ranks, "recorded_world": world, "seed": seed, "model": model,
             "threads": threads, "cost": cost,
+            "determinism": {"mode": mode, "sdp_kernels": kernels if isinstance(kernels, str) else None},
             "train": run_train, "deepspeed": deepspeed,
             "shards": shards, "tokenizer": tokenizer, "holdout_every": train["holdout_every"],
             "sampler_kind": kind, "mixture": mixture,

@@ -92,6 +92,7 @@ class TrainApp:
     data_dir: str = MISSING
     tokenizer: str = MISSING
     resume: str = MISSING
+    determinism: str = "exact"  # exact | fast (kai_train.determinism)
     license: Optional[str] = None  # the released model's licence (SPDX id) for export/README.md
     wandb: WandbSchema = MISSING
     model: ModelSchema = MISSING  # type: ignore[valid-type]

@@ -527,21 +527,23 @@ def _first_difference(want: Any, got: Any) -> str:
 
 def replay_segments(ctx: Context, draw: bool = True) -> list[Entry]:
     """The checkpoints whose segments to replay: all, the challenge's, or N drawn at random by the
-    verifier after it received the bundle (seeded by --replay-seed for a reproducible choice), with
-    the last segment (the one that yields the release) always added. `draw=False`: only how many (the
+    verifier after it received the bundle (seeded by --replay-seed for a reproducible choice) among the
+    segments before the last, with the last segment (the one that yields the release) always added. `draw=False`: only how many (the
     first N, plus the last; nothing drawn or recorded)."""
     ckpts = ctx.of_kind("checkpoint")
     if ctx.replay == "all" or not ctx.replay:
         return ckpts if ctx.replay == "all" else []
     if isinstance(ctx.replay, list):  # a challenge's segments (attest.challenge), drawn by the evaluator
         return [ckpts[i] for i in sorted(set(ctx.replay)) if 0 <= i < len(ckpts)]
-    n = max(0, min(int(ctx.replay), len(ckpts)))
+    # drawn among the segments before the last (which is added anyway), unless it is the only one
+    pool = range(len(ckpts) - 1) if len(ckpts) > 1 else range(len(ckpts))
+    n = max(0, min(int(ctx.replay), len(pool)))
     if not draw:
         picked = list(range(n))
     else:
         seed = ctx.replay_seed if ctx.replay_seed is not None else int.from_bytes(os.urandom(8), "little")
         ctx.facts["replay_seed"] = seed
-        picked = sorted(random.Random(seed).sample(range(len(ckpts)), n))
+        picked = sorted(random.Random(seed).sample(pool, n))
         ctx.facts["replay_drawn"] = list(picked)
     if ckpts and len(ckpts) - 1 not in picked:
         picked.append(len(ckpts) - 1)
