@@ -39,6 +39,10 @@ ABSENT_IMAGE = "<kai_absent_image>"
 ABSENT_AUDIO = "<kai_absent_audio>"
 UNUSED = "<kai_unused_{}>"  # the model's vocabulary rows the tokenizer has no piece for
 CHUNK = 16 << 20  # bytes read at a time from a weight file
+# Bounds on what a (possibly hostile) genesis recipe makes the verifier build: a model beyond them has
+# no Llama folder, on both sides alike (an honest one is far below: a 256k vocabulary, ~500 prefix rows).
+MAX_VOCAB = 1 << 21
+MAX_PREFIX = 1 << 16
 _WIDTH = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 _INT = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len",
         "image_size", "patch_size", "audio_samples", "hop_length")
@@ -84,6 +88,10 @@ def unsupported(model: Any) -> str | None:
             return f"model.{k} is not a positive number"
     if model.get("n_experts"):
         return "the decoder has mixture-of-experts blocks, which a Llama folder cannot hold"
+    if model["vocab_size"] > MAX_VOCAB:
+        return f"model.vocab_size is above {MAX_VOCAB}"
+    if model["image_size"] > MAX_PREFIX * model["patch_size"] or sum(prefix_lengths(model)) > MAX_PREFIX:
+        return f"the modality prefix is longer than {MAX_PREFIX} rows"
     hd = model["dim"] // model["n_heads"]
     if model["dim"] % model["n_heads"] or hd % 2 or model["n_heads"] % model["n_kv_heads"]:
         return "the attention heads do not divide the width (or the head width is odd)"
@@ -325,11 +333,13 @@ def weights(model: dict[str, Any], files: Sequence[Sequence[TensorLike]]) -> Wei
         dtypes.add(t.dtype)
         return i, t
 
-    def copy(name: str, shape: tuple[int, ...], order: tuple[int, ...] | None = None) -> Part:
-        i, t = src(name, shape)
+    def copy(name: str, shape: tuple[int, ...], heads: int = 0) -> Part:
+        """The tensor as it is, or (heads > 0) its rows in RoPE order head by head."""
+        i, t = src(name, shape)  # the file holds it with this shape: the order below is bounded by its bytes
         rows = shape[0] if len(shape) > 1 else 1
+        order = rope_order(heads, hd) if heads else None
         return Part(file=i, start=t.start, row=(t.end - t.start) // rows, rows=rows, order=order,
-                    group=hd if order is not None else 1)
+                    group=hd if heads else 1)
 
     out: list[tuple[str, list[int], list[Part]]] = []  # (name, shape, parts)
 
@@ -344,17 +354,17 @@ def weights(model: dict[str, Any], files: Sequence[Sequence[TensorLike]]) -> Wei
     nq, nkv, ffn = model["n_heads"], model["n_kv_heads"], model["ffn_hidden"]
     for n in range(model["n_layers"]):
         k, o = f"text.layers.{n}.", f"model.layers.{n}."
-        for new, old, shape, order in (
-                ("self_attn.q_proj", "attn.wq", (nq * hd, dim), rope_order(nq, hd)),
-                ("self_attn.k_proj", "attn.wk", (nkv * hd, dim), rope_order(nkv, hd)),
-                ("self_attn.v_proj", "attn.wv", (nkv * hd, dim), None),
-                ("self_attn.o_proj", "attn.wo", (dim, nq * hd), None),
-                ("mlp.gate_proj", "mlp.w1", (ffn, dim), None),
-                ("mlp.up_proj", "mlp.w3", (ffn, dim), None),
-                ("mlp.down_proj", "mlp.w2", (dim, ffn), None),
-                ("input_layernorm", "attn_norm", (dim,), None),
-                ("post_attention_layernorm", "mlp_norm", (dim,), None)):
-            put(f"{o}{new}.weight", list(shape), [copy(f"{k}{old}.weight", shape, order)])
+        for new, old, shape, heads in (
+                ("self_attn.q_proj", "attn.wq", (nq * hd, dim), nq),
+                ("self_attn.k_proj", "attn.wk", (nkv * hd, dim), nkv),
+                ("self_attn.v_proj", "attn.wv", (nkv * hd, dim), 0),
+                ("self_attn.o_proj", "attn.wo", (dim, nq * hd), 0),
+                ("mlp.gate_proj", "mlp.w1", (ffn, dim), 0),
+                ("mlp.up_proj", "mlp.w3", (ffn, dim), 0),
+                ("mlp.down_proj", "mlp.w2", (dim, ffn), 0),
+                ("input_layernorm", "attn_norm", (dim,), 0),
+                ("post_attention_layernorm", "mlp_norm", (dim,), 0)):
+            put(f"{o}{new}.weight", list(shape), [copy(f"{k}{old}.weight", shape, heads)])
     if len(dtypes) != 1:
         raise LlamaError(f"the decoder's tensors have several dtypes ({', '.join(sorted(dtypes))})")
     (dtype,) = dtypes
