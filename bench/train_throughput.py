@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="paths to time, comma-separated; each plain path holds its own fp32 model and "
                          "AdamW state (16 bytes/param), so drop some for large models [plain,deepspeed,ddp]")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--determinism", choices=("exact", "fast"), default="exact",
+                    help="the trainer's determinism setting (kai_train.determinism) every path runs under [exact]")
     ap.add_argument("--smoke", action="store_true", help="a seconds-sized run (the test suite runs it, so the bench cannot rot)")
     a = ap.parse_args(argv)
     if a.smoke:
@@ -144,14 +146,16 @@ def main(argv: list[str] | None = None) -> None:
     from kai_train.sizing import flops_per_sample, param_counts, peak_tflops
     from kai_train.step import loss_fn  # the trainer's loss
 
-    deepspeed.init_distributed(dist_backend=eng.backend())
+    from kai_train import determinism
+
+    recorded = determinism.configure(args.determinism)  # as kai_train.train does, before the process group
+    eng.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     on_gpu = eng.backend() == "nccl"
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)  # as kai_train.train does
 
     cfg = model_config(args)
     if args.seq_len > cfg.max_seq_len:
@@ -259,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"batch {args.micro_batch} x {args.seq_len} text tokens per rank (+ {cfg.n_image_tokens} image, "
               f"{cfg.n_audio_tokens} audio prefix rows), ZeRO-{args.zero}, world size {world}, {dev}, "
               f"{'bf16' if bf16 else 'fp32'}, activation checkpointing {'on' if args.activation_checkpointing else 'off'}")
+        print(f"determinism={recorded['mode']}: deterministic algorithms {recorded['deterministic_algorithms']}, "
+              f"attention kernels {recorded['sdp_kernels']}")
         print(f"timed: {args.rounds} rounds x {args.steps} steps per path after {args.warmup} warmup steps each; "
               f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
         print(f"{'path':<10} {'tok/s/rank':>12} {'ms/step':>9} {'first loss':>11} {'last loss':>10}")

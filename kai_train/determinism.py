@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from attest.errors import KaiError
+
 CUBLAS_WORKSPACE = ":4096:8"
 NCCL_SETTINGS = {"NCCL_ALGO": "Ring", "NCCL_PROTO": "Simple"}
 MODES = ("exact", "fast")
@@ -41,7 +43,7 @@ MODES = ("exact", "fast")
 SDP_BACKENDS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
 
 
-class DeterminismError(ValueError):
+class DeterminismError(KaiError, ValueError):
     pass
 
 

@@ -26,6 +26,21 @@ def backend() -> str:
     return "nccl"
 
 
+def init_distributed() -> None:
+    """DeepSpeed's process group (gloo on CPU, NCCL on GPUs), without its shared-memory collective op:
+    DeepSpeed uses that op only for inference all-reduce, never in training, yet builds it with a C++
+    compiler at the first start on CPU (minutes). Training and replay collectives are
+    torch.distributed's either way, so skipping it changes no number."""
+    import deepspeed
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    deepspeed.init_distributed(dist_backend=backend())
+
+
 def ds_config(zero: dict[str, Any], train: dict[str, Any], world_size: int) -> dict[str, Any]:
     cfg = {
         "train_micro_batch_size_per_gpu": train["micro_batch"],

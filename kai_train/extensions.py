@@ -1,7 +1,8 @@
 """Where DeepSpeed builds its JIT C++ ops, and recovery from a build a kill interrupted.
 
-DeepSpeed compiles small CPU ops (the shm collective) with torch's cpp_extension at first use,
-under a lock *file* in the build folder. A process killed mid-build leaves that file behind and
+DeepSpeed compiles C++ ops with torch's cpp_extension at first use (CPU Adam for optimizer
+offload; its shared-memory collective is never built here: `kai_train.engine.init_distributed`
+turns it off, training does not use it), under a lock *file* in the build folder. A process killed mid-build leaves that file behind and
 every later start waits on it forever. Two rules keep a machine usable:
 
 * one build folder per Python environment (`<sys.prefix>/torch_extensions`, unless the user set

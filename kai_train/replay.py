@@ -1,6 +1,10 @@
-"""Replay plug-in: re-run one segment from a plan the verifier built, report the state it reaches.
+"""Replay plug-in: re-run segments from plans the verifier built, report the state each reaches.
 
     torchrun --nproc_per_node W -m kai_train.replay --plan plan.json --out result.json
+    torchrun --nproc_per_node W -m kai_train.replay --plan plans.json --out results/   # {"plans": [...]}
+
+Several plans of one layout (world size, threads, determinism settings) run one after another in
+one launch, each with an engine of its own: the process start is paid once.
 
 The plan (attest.verify.replay_plan.build_plan) is everything this process may use: the signed start state
 (weights, and AdamW state after the first segment), the training shards and tokenizer, the run's
@@ -32,35 +36,60 @@ from typing import Any
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kai_train.replay", description=__doc__.splitlines()[0])
-    ap.add_argument("--plan", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--plan", type=Path, required=True,
+                    help="one plan, or {\"plans\": [...]} of one layout (world size, threads, determinism)")
+    ap.add_argument("--out", type=Path, required=True, help="the result file; for several plans a folder "
+                    "that gets result-<i>.json for plan i, written as each segment is done")
     a = ap.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from kai_train.extensions import prepare
 
     prepare()
 
-    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from kai_train import determinism
+    from kai_train import engine as eng
+
+    loaded = json.loads(a.plan.read_text())
+    batch = isinstance(loaded, dict) and isinstance(loaded.get("plans"), list)
+    plans = loaded["plans"] if batch else [loaded]
+    first = plans[0]
+    torch.set_num_threads(int(first.get("threads", 1)))  # as the segment's training ran (its record)
+    determinism.configure(recorded=first.get("determinism") or {})  # the segment's settings, before the process group
+    eng.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for i, plan in enumerate(plans):
+        if world != plan["world_size"]:
+            raise SystemExit(f"kai-train replay: segment {plan['segment']} ran on {plan['world_size']} ranks; launch with "
+                             "that many")
+        result = replay_segment(plan, rank, world)
+        if rank == 0:
+            out = a.out / f"result-{i}.json" if batch else a.out
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(result))
+            tmp.replace(out)
+        dist.barrier()
+    return 0
+
+
+def replay_segment(plan: dict[str, Any], rank: int, world: int) -> dict[str, Any] | None:
+    """Replay one plan on this rank; the result (on rank 0; None elsewhere)."""
+    import gc
+
     import torch
     import torch.distributed as dist
 
     from attest.digest import merkle_root
-    from kai_train import checkpoint as ckpt
-    from kai_train import determinism
-    from kai_train import engine as eng
     from data_pipelines.sampler import make_sampler
+    from kai_train import checkpoint as ckpt
+    from kai_train import engine as eng
     from kai_train.data import Batches, ShardDataset
     from kai_train.model import ModelConfig
     from kai_train.step import train_step
     from kai_train.weights import state_dict_leaves
 
-    plan = json.loads(a.plan.read_text())
-    torch.set_num_threads(int(plan.get("threads", 1)))  # as the segment's training ran (its record)
-    determinism.configure(recorded=plan.get("determinism") or {})  # the segment's settings, before the process group
-    deepspeed.init_distributed(dist_backend=eng.backend())
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if world != plan["world_size"]:
-        raise SystemExit(f"kai-train replay: segment {plan['segment']} ran on {plan['world_size']} ranks; launch with that many")
     train, start = plan["train"], plan["start"]
     mcfg = ModelConfig.from_dict(plan["model"])
     _, engine = eng.setup(mcfg, plan["deepspeed"], train, world)  # the trainer's: partitioned as built under ZeRO-3
@@ -89,12 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         losses.append(float(mean) / world)  # what the trainer records per step
     batches.close()
     # The roots of the state reached, from each rank's share (as the trainer's checkpoints are made).
-    weights, moments, opt_step = ckpt.collect_share(engine, rank, world, True)
+    weights, moments_reached, opt_step = ckpt.collect_share(engine, rank, world, True)
     stats = None
     if plan.get("compare"):
-        stats = compare_share({**weights, **moments}, plan["compare"], start, rank)
+        stats = compare_share({**weights, **moments_reached}, plan["compare"], start, rank)
     leaves: list[Any] | None = [None] * world if rank == 0 else None
-    dist.gather_object((state_dict_leaves(weights), state_dict_leaves(moments), stats), leaves, dst=0)
+    dist.gather_object((state_dict_leaves(weights), state_dict_leaves(moments_reached), stats), leaves, dst=0)
+    result = None
     if rank == 0:
         assert leaves is not None
         w = {k: v for lw, _, _ in leaves for k, v in lw.items()}
@@ -104,9 +134,11 @@ def main(argv: list[str] | None = None) -> int:
                   "world_size": world, "step_losses": losses}
         if plan.get("compare"):
             result["tensors"] = {k: v for _, _, st in leaves for k, v in (st or {}).items()}
-        a.out.write_text(json.dumps(result))
-    dist.barrier()
-    return 0
+    if hasattr(engine, "destroy"):
+        engine.destroy()  # the next segment of a batch builds its own engine
+    del engine, weights, moments_reached, leaves
+    gc.collect()
+    return result
 
 
 def compare_share(reached: dict[str, Any], compare: dict[str, Any], start: dict[str, Any], rank: int

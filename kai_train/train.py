@@ -48,7 +48,6 @@ class Trainer:
     `kai_train.step.train_step`."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        import deepspeed
 
         from attest.digest import sha256_file
         from kai_train import checkpoint as ckpt
@@ -82,7 +81,7 @@ class Trainer:
             determinism.configure(cfg.get("determinism", "exact"))
         except determinism.DeterminismError as e:
             raise AppError(str(e)) from e
-        deepspeed.init_distributed(dist_backend=eng.backend())
+        eng.init_distributed()
         self.rank, self.world = rank, world = dist.get_rank(), dist.get_world_size()
         self.run_dir = run_dir = Path(cfg.run_dir)
         self.train: dict[str, Any] = OmegaConf.to_container(cfg.train, resolve=True)  # type: ignore[assignment]

@@ -16,7 +16,8 @@ from conftest import REPO, env
 
 BENCHES = sorted(p.name for p in (REPO / "bench").glob("*.py") if not p.name.startswith("_"))
 # benches that train (torchrun/DeepSpeed, about a minute each): `make bench-smoke`, outside `make test`
-HEAVY = {"audit_cost.py", "provenance_overhead.py", "scale_provenance.py", "train_throughput.py", "moe.py"}
+HEAVY = {"audit_cost.py", "provenance_overhead.py", "scale_provenance.py", "train_throughput.py", "moe.py",
+         "determinism_cost.py"}
 
 
 def test_every_bench_has_a_smoke_size() -> None:

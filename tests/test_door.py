@@ -39,7 +39,7 @@ ALLOWED = {
     ("attest/pkcs11.py", "_read_pin"): "the operator's HSM PIN file (training side)",
     ("attest/pkcs11.py", "__init__"): "token.open(): a PKCS#11 session, not a file",
     ("attest/verify/checks/model.py", "_own_code"): "the verifier's own installed kai_train sources",
-    ("attest/verify/replay.py", "run_plan"): "the result file the verifier's own replay process wrote",
+    ("attest/verify/replay.py", "read_result"): "the result file the verifier's own replay process wrote",
 }
 
 

@@ -100,11 +100,48 @@ def run_plan(plan: dict[str, Any], timeout_s: int = 3600, scratch: Path | None =
     if p.returncode != 0 or not out.exists():
         last = [line for line in (p.stderr + p.stdout).splitlines() if line.strip()][-3:]
         return None, f"replay process failed (exit {p.returncode}): " + " | ".join(last)[-500:]
+    return read_result(out)
+
+
+def read_result(out: Path) -> tuple[dict[str, Any] | None, str]:
+    """The result file the verifier's own replay process wrote (in its scratch folder): (result, error)."""
     try:
         result = json.loads(out.read_text())
-    except ValueError as ex:
+    except (OSError, ValueError) as ex:
         return None, f"replay result unreadable ({ex})"
     return (result, "") if isinstance(result, dict) else (None, "replay result is not an object")
+
+
+def layout_key(plan: dict[str, Any]) -> str:
+    """Plans with the same key can share one launch: world size, threads and determinism settings."""
+    return json.dumps([plan["world_size"], plan.get("threads", 1), plan.get("determinism")], sort_keys=True)
+
+
+def run_plans(plans: list[dict[str, Any]], timeout_s: int = 3600) -> list[tuple[dict[str, Any] | None, str]]:
+    """Run plans of one layout (`layout_key`) in one launch, the process start paid once; a plan whose
+    result that launch did not give (it failed or ran out of time first) runs again on its own, so one
+    segment's failure is never another's. Returns (result, error) per plan, in order."""
+    if len(plans) < 2:
+        return [run_plan(p, timeout_s) for p in plans]
+    assert len({layout_key(p) for p in plans}) == 1, "plans of one layout only"
+    out: list[tuple[dict[str, Any] | None, str] | None] = [None] * len(plans)
+    with tempfile.TemporaryDirectory(prefix="kai-replay-") as tmp:
+        scratch = Path(tmp)
+        (scratch / "plans.json").write_text(json.dumps({"plans": plans}))
+        results = scratch / "results"
+        results.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(plans[0]["world_size"]), "-m", PLUGIN, "--plan", str(scratch / "plans.json"), "--out", str(results)]
+        try:
+            subprocess.run(cmd, env=replay_env(scratch, int(plans[0].get("threads", 1))), cwd=scratch,
+                           capture_output=True, text=True, timeout=timeout_s * len(plans), stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            pass
+        for i in range(len(plans)):
+            got, _ = read_result(results / f"result-{i}.json")
+            if got is not None:
+                out[i] = (got, "")
+    return [r if r is not None else run_plan(p, timeout_s) for p, r in zip(plans, out)]
 
 
 def compare(plan: dict[str, Any], result: dict[str, Any], exact: bool = True) -> list[tuple[str, str, str]]:
@@ -234,6 +271,15 @@ def replayer(ctx, segments) -> Iterator:  # (Context, list[Entry]) -> Iterator[F
     ckpts = ctx.of_kind("checkpoint")
     index = {id(e): i for i, e in enumerate(ckpts)}
     facts = ctx.facts.setdefault("replay", [])
+    # every plan first (what it costs is checked before any process starts), then the exact replays of
+    # one layout in one launch each
+    plans: dict[int, dict[str, Any] | Exception] = {}
+    for e in segments:
+        try:
+            plans[index[id(e)]] = build_plan(ctx, index[id(e)])
+        except (ReplayUndecided, PlanError) as ex:
+            plans[index[id(e)]] = ex
+    exact_results = _exact_batches(ctx, [p for p in plans.values() if isinstance(p, dict)])
     for e in segments:
         k, p = index[id(e)], e.predicate
         label = f"{ctx.where(e)} (step {p.get('step')})"
@@ -241,12 +287,14 @@ def replayer(ctx, segments) -> Iterator:  # (Context, list[Entry]) -> Iterator[F
                                 "claimed_hardware": claimed_environment(e)}
         facts.append(fact)
         try:
-            plan = build_plan(ctx, k)
+            plan = plans[k]
+            if isinstance(plan, Exception):
+                raise plan
             fact["layout"] = {"world_size": plan["world_size"], "grad_accum": plan["train"]["grad_accum"],
                               "micro_batch": plan["train"]["micro_batch"], "threads": plan["threads"]}
             fact["cost"] = plan["cost"]
             fact["determinism"] = plan["determinism"]["mode"]
-            finding, result = _exact(ctx, plan, label, fact)
+            finding, result = _exact(ctx, plan, label, fact, exact_results.get(k))
             if ctx.replay_mode == "tolerance" or (not finding.ok and ctx.replay_mode != "exact"):
                 exact_ok, tol = finding.ok, _tolerance(ctx, k, label, fact, plan, result)
                 if not finding.ok and not tol.ok and not tol.skipped:  # both fail: the exact difference is the precise one
@@ -271,15 +319,30 @@ def _timeout(ctx) -> int:
     return int(ctx.policy.limits.get("replay_timeout_s", 3600))
 
 
-def _exact(ctx, plan: dict[str, Any], label: str, fact: dict[str, Any]):
-    """(finding, the replay's result or None) for one exact replay at the recorded layout."""
+def _exact_batches(ctx, plans: list[dict[str, Any]]) -> dict[int, tuple[dict[str, Any] | None, str]]:
+    """segment -> (result, error) of its exact replay, the plans of one layout run in one launch."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for plan in plans:
+        if plan["world_size"] == plan["recorded_world"]:
+            groups.setdefault(layout_key(plan), []).append(plan)
+    out: dict[int, tuple[dict[str, Any] | None, str]] = {}
+    for group in groups.values():
+        for plan, got in zip(group, run_plans(group, _timeout(ctx))):
+            out[plan["segment"]] = got
+    return out
+
+
+def _exact(ctx, plan: dict[str, Any], label: str, fact: dict[str, Any],
+           done: tuple[dict[str, Any] | None, str] | None = None):
+    """(finding, the replay's result or None) for one exact replay at the recorded layout (`done`: its
+    result, when it ran in a batch)."""
     from attest.verify.findings import Finding, short
     from attest.verify.replay_plan import ReplayUndecided
 
     if plan["world_size"] != plan["recorded_world"]:
         raise PlanError("exact replay runs at the recorded world size")
     fact["worlds"] = [plan["world_size"]]
-    result, error = run_plan(plan, _timeout(ctx))
+    result, error = done if done is not None else run_plan(plan, _timeout(ctx))
     if error or result is None:
         if "exceeded" in error:  # the policy's time limit, not a wrong segment
             raise ReplayUndecided(f"{error} (policy limits.replay_timeout_s; raise it to replay this segment)")
