@@ -8,6 +8,7 @@ names one of these paths takes it from here.
     checkpoints/step-NNNNNN/{model,optimizer}-RRRRR-of-WWWWW.safetensors   each rank's share of a checkpoint
     .provenance/step-NNNNNN/rank-RRRRR.json             a rank's digests of its share (run directory only)
     export/                                             the released model folder (transformers loads it)
+    export/llama/                                       its text decoder as a standard Llama folder (no remote code)
     release.slsa.json                                   SLSA Provenance of the release
 """
 
@@ -20,6 +21,7 @@ PUBLIC_KEY_NAME = "signing-key.pub.pem"
 CONFIG_NAME = "config/run.yaml"
 SLSA_NAME = "release.slsa.json"
 EXPORT_DIR = "export"  # the folder a user loads; kai_train.export writes it, the release names every file of it
+EXPORT_LLAMA_DIR = "llama"  # inside export/: the text decoder as a Llama folder (attest.llama), export format 3 on
 # What transformers runs with trust_remote_code from export/: these files, byte for byte this
 # package's (kai_train/), named by these auto_maps; the release check holds every export to them.
 EXPORT_CODE_FILES = ("modeling_kai.py", "model.py", "modelspec.py", "tokenization_kai.py")

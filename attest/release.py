@@ -12,8 +12,13 @@ Torch-free and sentencepiece-free (the light install renders too): the tokenizer
 read from its bytes by attest.spm, the code files are the verifier's own kai_train sources, read as
 bytes, never imported.
 
-Versions. A release statement states `export_format`. Format 2 (this renderer) requires the exact
-set. A release without the key was written by format 1, whose exporter wrote the same bytes for the
+export/llama/ (format 3) is the text decoder as a standard Llama folder, rendered by attest.llama
+(transform `kai-llama/v1`): its config, generation config and tokenizer files byte for byte, its
+model.safetensors from the released weights' bytes, its tokenizer.model a copy of the declared one.
+
+Versions. A release statement states `export_format`. Format 3 (this renderer) requires the exact
+set, export/llama/ included; format 2 is the same without export/llama/ (and without the card's
+paragraph on it). A release without the key was written by format 1, whose exporter wrote the same bytes for the
 files it wrote, up to the key order of JSON objects, but may have left out the loader's optional
 files (generation and tokenizer configs, card, code); format 1 therefore compares every file present
 (JSON files by their strictly compared values, the rest byte for byte) and tolerates only those
@@ -27,16 +32,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from attest import spm
-from attest.layout import EXPORT_AUTO_MAP, EXPORT_CODE_FILES, EXPORT_TOKENIZER_AUTO_MAP
+from attest import llama, spm
+from attest.layout import EXPORT_AUTO_MAP, EXPORT_CODE_FILES, EXPORT_LLAMA_DIR, EXPORT_TOKENIZER_AUTO_MAP
 
-EXPORT_FORMAT = 2
+EXPORT_FORMAT = 3
+LLAMA_FORMAT = 3  # the first format with export/llama/
 MODEL_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 TOKENIZER_NAME = "tokenizer.model"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
+TOKENIZER_JSON_NAME = "tokenizer.json"  # export/llama/ only
 CARD_NAME = "README.md"
 SIGNATURE_NAME = "model.sig"  # attest.oms.SIGNATURE_NAME (the folder's model-signing signature)
 # Files a format-1 release may leave out (its exporter wrote them only for real tokenizers and runs).
@@ -51,11 +58,13 @@ class Rendered:
     copies: dict[str, str] = field(default_factory=dict)  # name -> sha256 of the signed file it is a copy of
     signature: bool = False  # export/model.sig (checked by the oms-signature check)
     optional: frozenset[str] = frozenset()  # may be absent (format 1 only)
+    derived: dict[str, llama.Weights] = field(default_factory=dict)  # computed from the released weight files' bytes
+    text_export: str | None = None  # the transform of export/llama/ (attest.llama.TRANSFORM), None without one
     problems: list[str] = field(default_factory=list)  # what could not be rendered: the comparison fails
     notes: list[str] = field(default_factory=list)  # what the rendering had to leave out, consistently on both sides
 
     def names(self) -> set[str]:
-        return set(self.files) | set(self.copies) | ({SIGNATURE_NAME} if self.signature else set())
+        return set(self.files) | set(self.copies) | set(self.derived) | ({SIGNATURE_NAME} if self.signature else set())
 
 
 def shard_file(i: int, n: int) -> str:
@@ -123,7 +132,7 @@ def generation_config(special: dict[str, int]) -> str:
 
 
 def model_card(entries: Sequence[Any], step: int, root: str, model: dict[str, Any], run_cfg: dict[str, Any],
-               genesis: dict[str, Any]) -> str:
+               genesis: dict[str, Any], text_export: bool = False) -> str:
     """export/README.md, a Hugging Face model card: licence, the training data by source and
     licence, parameter counts, the chain head, the weights root and how to verify. Every fact comes
     from the signed chain."""
@@ -211,17 +220,34 @@ def model_card(entries: Sequence[Any], step: int, root: str, model: dict[str, An
         "kai-train installed.",
         "",
     ]
+    if text_export:
+        lines += [
+            "## The text decoder as a Llama model",
+            "",
+            f"`{EXPORT_LLAMA_DIR}/` holds the text decoder as a standard `LlamaForCausalLM` (no remote code), its "
+            "weights computed from the ones above by the transform `kai-llama/v1` (RoPE rows permuted for "
+            "transformers' layout; the learned absent-image and absent-audio vectors as two extra tokens that "
+            "its tokenizer puts before every text, as kai-train does for a text-only input):",
+            "",
+            "```python",
+            f"model = AutoModelForCausalLM.from_pretrained(\"export/{EXPORT_LLAMA_DIR}\")",
+            f"tok = AutoTokenizer.from_pretrained(\"export/{EXPORT_LLAMA_DIR}\")",
+            "```",
+            "",
+        ]
     return "\n".join(lines)
 
 
 def render(entries: Sequence[Any], step: int, weights: Sequence[tuple[str, Sequence[tuple[str, int]] | None]],
            tokenizer: tuple[bytes, str] | None, code: Callable[[str], bytes | None], signed: bool,
-           fmt: int = EXPORT_FORMAT) -> Rendered:
+           fmt: int = EXPORT_FORMAT, tensors: Sequence[Sequence[llama.TensorLike]] | None = None) -> Rendered:
     """export/ of checkpoint `step`: `entries` is the chain before the release (genesis, run, that
     checkpoint among them); `weights` the checkpoint's weight files in name order, each as (sha256,
     (tensor, byte length) list or None when its header is not at hand); `tokenizer` the declared
     tokenizer's (bytes, sha256) or None; `code(name)` this installation's kai_train/NAME bytes;
-    `signed`: the checkpoint folders carry model-signing signatures, so export/ does too."""
+    `signed`: the checkpoint folders carry model-signing signatures, so export/ does too; `tensors`
+    (format 3) each weight file's tensor entries (attest.digest.read_safetensors_index), from which
+    export/llama/model.safetensors is computed, or None when they are not at hand."""
     out = Rendered(signature=signed, optional=FORMAT1_OPTIONAL if fmt < 2 else frozenset())
     ckpts = {e.predicate.get("step"): e.predicate for e in entries  # a hostile step may be unhashable
              if e.kind == "checkpoint" and isinstance(e.predicate.get("step"), (int, str, float, type(None)))}
@@ -254,8 +280,12 @@ def render(entries: Sequence[Any], step: int, weights: Sequence[tuple[str, Seque
     out.files[GENERATION_CONFIG_NAME] = generation_config(special).encode()
     if facts is not None:
         out.files[TOKENIZER_CONFIG_NAME] = tokenizer_config(facts, model or {}).encode()
+    if fmt >= LLAMA_FORMAT:
+        render_llama(out, model, step, root, entries[0].predicate.get("run_id") if entries else None,
+                     special, facts, tokenizer, tensors)
     if entries:
-        out.files[CARD_NAME] = model_card(entries, step, root, model or {}, run_cfg, genesis).encode()
+        out.files[CARD_NAME] = model_card(entries, step, root, model or {}, run_cfg, genesis,
+                                          out.text_export is not None).encode()
     for name in EXPORT_CODE_FILES:
         src = code(name)
         if src is None:
@@ -263,3 +293,34 @@ def render(entries: Sequence[Any], step: int, weights: Sequence[tuple[str, Seque
         else:
             out.files[name] = src
     return out
+
+
+def render_llama(out: Rendered, model: dict[str, Any] | None, step: int, root: str, run_id: Any,
+                 special: dict[str, int], facts: spm.SpmFacts | None, tokenizer: tuple[bytes, str] | None,
+                 tensors: Sequence[Sequence[llama.TensorLike]] | None) -> None:
+    """export/llama/ into `out` (attest.llama): nothing, with a note, for a model a Llama folder cannot hold."""
+    d = EXPORT_LLAMA_DIR
+    reason = llama.unsupported(model)
+    if reason is not None or model is None:
+        out.notes.append(f"{d}/: no Llama folder: {reason}")
+        return
+    out.text_export = llama.TRANSFORM
+    out.files[f"{d}/{CONFIG_NAME}"] = llama.config(
+        model, special, {"step": step, "weights_root": root, "run_id": run_id}).encode()
+    out.files[f"{d}/{GENERATION_CONFIG_NAME}"] = llama.generation_config(model, special).encode()
+    if facts is not None and tokenizer is not None:
+        try:
+            files = {TOKENIZER_JSON_NAME: llama.tokenizer_json(facts, model).encode(),
+                     TOKENIZER_CONFIG_NAME: llama.tokenizer_config(facts, model).encode()}
+        except llama.LlamaError as e:
+            out.notes.append(f"{d}/{TOKENIZER_JSON_NAME}: {e}: no tokenizer in the Llama folder")
+        else:
+            out.files.update({f"{d}/{n}": data for n, data in files.items()})
+            out.copies[f"{d}/{TOKENIZER_NAME}"] = tokenizer[1]
+    if tensors is None:
+        out.problems.append(f"{d}/{MODEL_NAME}: the released weight files' headers are not at hand to compute it")
+        return
+    try:
+        out.derived[f"{d}/{MODEL_NAME}"] = llama.weights(model, tensors)
+    except llama.LlamaError as e:
+        out.problems.append(f"{d}/{MODEL_NAME}: {e}")

@@ -9,7 +9,9 @@ kai_train.provenance.record_release), and on demand from any checkpoint in the c
 The weights are the checkpoint's own signed files, hard-linked (copied across file systems): one file becomes
 `model.safetensors`; a checkpoint written by several ranks becomes `model-00001-of-0000N.safetensors` …
 with `model.safetensors.index.json`, the Hugging Face convention for sharded weights. No process
-consolidates the model. Every other file (config.json, generation_config.json, tokenizer_config.json,
+consolidates the model. export/llama/ holds the text decoder as a standard Llama folder: its
+model.safetensors is computed from those files by attest.llama (RoPE rows permuted, the absent-modality
+vectors as two extra tokens), its tokenizer.json rendered from the tokenizer. Every other file (config.json, generation_config.json, tokenizer_config.json,
 the model card, the model and tokenizer code) is rendered from the chain by attest.release, the same
 renderer the verifier runs to compare export/ byte for byte; the tokenizer is the one the run config
 names, which a `tokenizer` statement declares.
@@ -25,7 +27,8 @@ from pathlib import Path
 
 from attest.chain import read_chain
 from attest.digest import read_safetensors_index, safetensors_root
-from attest.layout import CHAIN_NAME, EXPORT_CODE_FILES, EXPORT_DIR
+from attest.llama import Weights
+from attest.layout import CHAIN_NAME, EXPORT_CODE_FILES, EXPORT_DIR, EXPORT_LLAMA_DIR
 from attest.release import (  # noqa: F401 - the names users of this module know
     CARD_NAME,
     CONFIG_NAME,
@@ -88,22 +91,49 @@ def export(run_dir: Path, step: int | None = None, out: Path | None = None) -> P
 
         data = tokenizer.read_bytes()
         tok = (data, hashlib.sha256(data).hexdigest())
-    heads = [(sha, [(t.name, t.end - t.start) for t in read_safetensors_index(src)])
-             for src, (_, sha) in zip(srcs, weights)]
+    tensors = [read_safetensors_index(src) for src in srcs]
+    heads = [(sha, [(t.name, t.end - t.start) for t in ts]) for ts, (_, sha) in zip(tensors, weights)]
     signed = any(s["name"].endswith("/model.sig") for subs in subjects.values() for s in subs)
-    rendered = render(entries, step, heads, tok, own_code, signed)
+    rendered = render(entries, step, heads, tok, own_code, signed, tensors=tensors)
     if rendered.problems:
         raise ValueError(f"{out}: cannot render the export: {'; '.join(rendered.problems)}")
     out.mkdir(parents=True, exist_ok=True)
     # what an earlier export of another layout or format wrote (a user's other files in --out stay)
     for old in [*out.glob("model*.safetensors"), out / INDEX_NAME, out / TOKENIZER_NAME, *(out / n for n in FORMAT1_OPTIONAL)]:
         old.unlink(missing_ok=True)
+    llama_dir = out / EXPORT_LLAMA_DIR  # rendered whole each time
+    if llama_dir.is_dir() and not llama_dir.is_symlink():
+        shutil.rmtree(llama_dir)
     write_weights(srcs, out)
-    if tok is not None:
-        shutil.copy2(tokenizer, out / TOKENIZER_NAME)
+    for name in rendered.copies:
+        if name.endswith(TOKENIZER_NAME) and tok is not None:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(tokenizer, out / name)
     for name, data in rendered.files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_bytes(data)
+    for name, derived in rendered.derived.items():
+        write_derived(derived, srcs, out / name)
     return out
+
+
+def write_derived(derived: Weights, srcs: list[Path], dst: Path) -> None:
+    """A file attest.llama computes from the weight files `srcs` (read by byte range), written whole."""
+    handles = [p.open("rb") for p in srcs]
+    try:
+        def read(i: int, offset: int, length: int) -> bytes:
+            handles[i].seek(offset)
+            return handles[i].read(length)
+
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".tmp")
+        with tmp.open("wb") as f:
+            for chunk in derived.chunks(read):
+                f.write(chunk)
+        tmp.replace(dst)
+    finally:
+        for h in handles:
+            h.close()
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

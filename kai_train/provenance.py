@@ -43,7 +43,7 @@ from attest import failpoints
 from attest.chain import ChainWriter
 from attest.digest import hash_safetensors, merkle_root, sha256_file, tree_digest
 from attest.errors import KaiError
-from attest.layout import CHAIN_NAME, EXPORT_DIR, checkpoint_dir
+from attest.layout import CHAIN_NAME, EXPORT_DIR, EXPORT_LLAMA_DIR, checkpoint_dir
 from attest.oms import SIGNATURE_NAME as OMS_SIGNATURE
 from attest.oms import sign_checkpoint_dir
 from attest.plugins import REPLAY_PLUGIN
@@ -250,9 +250,12 @@ class Provenance:
 
     @_blocking
     def record_release(self) -> Path:
-        """Export the last checkpoint to export/ (weights, config.json, tokenizer), sign that folder in
-        the OpenSSF model-signing format (export/model.sig, key back-ends), then record the release:
-        every file of export/ is a subject. Returns the export folder."""
+        """Export the last checkpoint to export/ (weights, config.json, tokenizer, the Llama folder
+        export/llama/), sign that folder in the OpenSSF model-signing format (export/model.sig, key
+        back-ends), then record the release: every file of export/ is a subject, and `text_export`
+        names the transform of export/llama/ (None when the model has no Llama form). Returns the
+        export folder."""
+        from attest.llama import TRANSFORM
         from attest.release import EXPORT_FORMAT
         from kai_train.export import export
 
@@ -272,7 +275,7 @@ class Provenance:
             if (st.st_dev, st.st_ino) in signed:  # a hard link to a signed checkpoint shard: its digest is known
                 digests[rel] = signed[(st.st_dev, st.st_ino)]
                 linked += 1
-            elif rel.endswith(".safetensors"):  # model.safetensors, or the shards of a sharded export
+            elif rel.endswith(".safetensors") and "/" not in rel:  # model.safetensors, or the shards of a sharded export
                 digests[rel], lv = hash_safetensors(p)
                 leaves.update(lv)
             else:
@@ -285,8 +288,9 @@ class Provenance:
         else:
             (out / OMS_SIGNATURE).unlink(missing_ok=True)  # an earlier signature would not list this export
         subjects = [subject(f"{EXPORT_DIR}/{rel}", sha) for rel, sha in sorted(digests.items())]
+        text_export = TRANSFORM if (out / EXPORT_LLAMA_DIR).is_dir() else None
         self.chain.append("release", subjects, {"step": self.last_step, "weights_root": self.last_root,
-                                                "export_format": EXPORT_FORMAT})
+                                                "export_format": EXPORT_FORMAT, "text_export": text_export})
         write_provenance(self.run_dir, self.chain.signer)  # release.slsa.json: the same facts as SLSA Provenance v1
         return out
 

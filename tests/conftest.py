@@ -140,7 +140,7 @@ def card_of(b: Path, entries: list) -> bytes | None:
         return None
     last = ckpts[-1].predicate
     return model_card(entries, last["step"], last["weights_root"], genesis["recipe"]["model"], run["config"],
-                      genesis).encode()
+                      genesis, (b / "export/llama").is_dir()).encode()
 
 
 def refresh_card(b: Path, key: Path, release: dict, honest: bytes | None) -> None:

@@ -70,7 +70,8 @@ def test_generation_config_tokenizer_config_and_model_card_state_the_chain(hf, d
     total = sum(p.numel() for p in model.parameters())
     assert f"| total | {total:,} |" in card
     names = {s["name"] for s in release.statement["subject"]}
-    assert {f"export/{p.name}" for p in export.iterdir()} == names  # every file of export/ is a subject
+    on_disk = {f"export/{p.relative_to(export).as_posix()}" for p in export.rglob("*") if p.is_file()}
+    assert on_disk == names  # every file of export/ (export/llama/ included) is a subject
 
 
 def test_model_signing_public_verifier_accepts_the_export_and_rejects_an_edited_card(demo_run: Path,

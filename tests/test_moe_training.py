@@ -173,6 +173,7 @@ def test_moe_export_loads_with_transformers_and_generates_what_kai_train_does(mo
     from kai_train.generate import generate, load_export
 
     export = moe_run / "export"
+    assert not (export / "llama").exists()  # experts have no Llama form: the release records text_export null
     model = transformers.AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
     kai, sp = load_export(export)
     assert kai.cfg.n_experts == 16 and len(kai.moe_layers()) == 2

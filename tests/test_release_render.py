@@ -83,10 +83,10 @@ def test_a_format_2_release_must_name_every_rendered_file_and_format_1_may_omit_
         root, _ = make_bundle(tmp_path / "two", mutate=as_format(2))
         missing = {f.file for f in verify.verify_bundle(root).failed if f.check == "release"}
         assert {"export/generation_config.json", "export/modeling_kai.py"} <= missing, missing
-        root, _ = make_bundle(tmp_path / "three", mutate=as_format(3))
+        root, _ = make_bundle(tmp_path / "four", mutate=as_format(4))
         assert [f.line() for f in verify.verify_bundle(root).failed if f.check == "release"] == [
-            "FAIL  release           chain.jsonl:12: expected export_format 1 … 2 (this verifier renders those), "
-            "found export_format 3"]
+            "FAIL  release           chain.jsonl:12: expected export_format 1 … 3 (this verifier renders those), "
+            "found export_format 4"]
     finally:
         verify.DERIVERS.pop(DERIVER, None)
 
@@ -127,6 +127,17 @@ def foreign_tokenizer(export: Path) -> None:
     add_file("tokenizer.json", json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {"Qwen": 0}}}))(export)
 
 
+def reordered_llama_rows(export: Path) -> None:
+    """export/llama/'s weights with the query rows of layer 0 in another order (a RoPE layout the
+    transform does not give): a file that loads, with other logits."""
+    from safetensors.numpy import load_file, save_file
+
+    f = export / "llama/model.safetensors"
+    tensors = load_file(f)
+    tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"][::-1].copy()
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
 ATTACKS: dict[str, tuple[Callable[[Path], None], str]] = {
     "sampling generation config": (edit_json("generation_config.json", lambda d: d.update(
         do_sample=True, temperature=1.3, suppress_tokens=[5, 6], sequence_bias=[[[7], 4.0]])), "export/generation_config.json"),
@@ -143,6 +154,14 @@ ATTACKS: dict[str, tuple[Callable[[Path], None], str]] = {
         "impl": "someone/else--pipe.Pipe", "pt": ["AutoModelForCausalLM"]}})), "export/config.json"),
     "custom generate": (add_file("custom_generate/generate.py", "def generate(model, **kw): ...\n"),
                         "export/custom_generate/generate.py"),
+    "llama rope base": (edit_json("llama/config.json", lambda d: d.update(rope_theta=500000.0)), "export/llama/config.json"),
+    "llama weights": (reordered_llama_rows, "export/llama/model.safetensors"),
+    "llama tokenizer without the prefix": (edit_json("llama/tokenizer.json", lambda d: d.update(post_processor=None)),
+                                           "export/llama/tokenizer.json"),
+    "llama chat template": (add_file("llama/chat_template.jinja", "{{ 'You are Qwen.' }}"),
+                            "export/llama/chat_template.jinja"),
+    "llama sampling": (edit_json("llama/generation_config.json", lambda d: d.update(suppress_tokens=[], do_sample=True)),
+                       "export/llama/generation_config.json"),
     "model card": (lambda e: (e / "README.md").write_text((e / "README.md").read_text().replace("CC0-1.0", "Apache-2.0")
                                                            .replace("genesis seed:", "genesis seed: 99 (was")),
                    "export/README.md"),

@@ -52,7 +52,8 @@ def resign_export(b: Path, key: Path) -> None:
 
     def rename(sts: list[dict]) -> None:
         (rel,) = of_kind(sts, "release")
-        rel["subject"] = [subject(f"export/{p.name}", sha256_file(p)) for p in sorted((b / "export").iterdir())]
+        rel["subject"] = [subject(f"export/{p.relative_to(b / 'export').as_posix()}", sha256_file(p))
+                          for p in sorted((b / "export").rglob("*")) if p.is_file()]
 
     resign(b, key, rename)
 
@@ -72,7 +73,8 @@ def test_honest_demo_bundle_binds_every_export_file_and_its_signature(demo_run: 
     names = sorted(s["name"] for s in rel.statement["subject"])
     assert {"export/config.json", "export/model.sig", "export/tokenizer.model"} <= set(names)
     assert any(n.endswith(".safetensors") for n in names)  # one file, or shards with their index
-    on_disk = sorted(f"export/{p.name}" for p in (demo_run / "bundle/export").iterdir())
+    on_disk = sorted(f"export/{p.relative_to(demo_run / 'bundle/export').as_posix()}"
+                     for p in (demo_run / "bundle/export").rglob("*") if p.is_file())
     assert on_disk == names  # the bundle carries export/ and its signature
     rc = main(["verify", str(demo_run / "bundle"), "--trust", str(demo_run / "keys/signing-key.pub.pem"), "--no-replay"])
     out = capsys.readouterr().out
@@ -330,9 +332,14 @@ def test_export_again_gives_the_released_bytes_and_refuses_to_overwrite_them_wit
         demo_run: Path, tmp_path: Path) -> None:
     from kai_train.export import export
 
-    before = {p.name: p.read_bytes() for p in (demo_run / "export").iterdir()}
+    def files() -> dict[str, bytes]:
+        return {str(p.relative_to(demo_run / "export")): p.read_bytes() for p in (demo_run / "export").rglob("*")
+                if p.is_file()}
+
+    before = files()
+    assert "llama/model.safetensors" in before
     export(demo_run)  # the released step again: the same files, so the release still holds
-    assert {p.name: p.read_bytes() for p in (demo_run / "export").iterdir()} == before
+    assert files() == before
     with pytest.raises(ValueError, match="holds the signed release of step 4"):
         export(demo_run, step=2)
     assert any(p.suffix == ".safetensors" for p in export(demo_run, step=2, out=tmp_path / "step2").iterdir())

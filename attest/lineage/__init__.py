@@ -53,7 +53,7 @@ from attest.bundle import BundlePathError, safe_file
 from attest.chain import ChainError, read_chain
 from attest.digest import DigestError, TensorEntry, read_safetensors_index
 from attest.errors import KaiError
-from attest.layout import CHAIN_NAME
+from attest.layout import CHAIN_NAME, EXPORT_DIR, EXPORT_LLAMA_DIR
 from attest.lineage.names import Axis, ModelMap, Slot, component_sort_key, map_names
 
 DEFAULT_ALPHA = 1e-3
@@ -216,7 +216,9 @@ def _bundle_recipe(root: Path) -> dict[str, Any] | None:
 def _bundle_subject(root: Path, kind: str) -> list[Path]:
     subjects = _bundle_statement(root, kind).get("subject")
     names = [s.get("name", "") for s in (subjects if isinstance(subjects, list) else []) if isinstance(s, dict)]
-    names = [n for n in names if isinstance(n, str) and n.endswith(".safetensors")]
+    # the released weights as trained (export/llama/ holds the same decoder, computed from them)
+    names = [n for n in names if isinstance(n, str) and n.endswith(".safetensors")
+             and not n.startswith(f"{EXPORT_DIR}/{EXPORT_LLAMA_DIR}/")]
     if not names:
         raise LineageInputError(f"{root / CHAIN_NAME}: the {kind} statement names no .safetensors file")
     try:

@@ -13,7 +13,7 @@ from attest.chain import Entry
 from attest.verify.checknames import CHECK_NAMES
 from attest.digest import DigestError
 from attest.errors import KaiError
-from attest.layout import CHAIN_NAME
+from attest.layout import CHAIN_NAME, EXPORT_DIR, EXPORT_LLAMA_DIR
 from attest.verify.policy import Policy
 from attest.signing import PublicKeyVerifier
 from attest.verify.cache import FileDigests
@@ -149,9 +149,11 @@ def as_list(x: Any) -> list[Any]:
 
 def weights_files(e: Entry) -> list[str]:
     """The model weights a statement names: its .safetensors subjects, less optimizer state
-    (`optimizer*.safetensors`, the AdamW moments a replay starts from)."""
+    (`optimizer*.safetensors`, the AdamW moments a replay starts from) and the Llama folder's
+    weights (export/llama/, computed from the released ones, which the release check renders)."""
     return [s["name"] for s in subjects_of(e)
-            if s["name"].endswith(".safetensors") and not s["name"].rsplit("/", 1)[-1].startswith("optimizer")]
+            if s["name"].endswith(".safetensors") and not s["name"].rsplit("/", 1)[-1].startswith("optimizer")
+            and not s["name"].startswith(f"{EXPORT_DIR}/{EXPORT_LLAMA_DIR}/")]
 
 
 def subjects_of(e: Entry) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@ segment), the release, and the replay hook (segment replay plug-ins register in 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -346,10 +347,11 @@ def check_release(ctx: Context) -> Iterator[Finding]:
                       f"{len(subs)} files of {EXPORT_DIR}/ signed, each rendered from the chain or a signed copy")
 
 
-def release_inputs(ctx: Context, r: Entry, last: Entry) -> tuple[list[Entry], Any, Any, bool]:
+def release_inputs(ctx: Context, r: Entry, last: Entry, full: bool = False) -> tuple[list[Entry], Any, Any, bool, Any]:
     """What attest.release renders export/ from, as the bundle holds it: the chain before the release,
     the last checkpoint's weight files (sha256 and, for sharded weights, export/'s shard headers),
-    the declared tokenizer's bytes and sha256, and whether checkpoint folders are model-signed."""
+    the declared tokenizer's bytes and sha256, whether checkpoint folders are model-signed, and
+    (`full`, format 3) the tensor entries of every released weight file, None when one is not readable."""
     from attest.digest import read_safetensors_index
     from attest.release import TOKENIZER_NAME, weight_names
 
@@ -357,14 +359,17 @@ def release_inputs(ctx: Context, r: Entry, last: Entry) -> tuple[list[Entry], An
     ck = {s["name"]: s["sha256"] for s in subjects_of(last)}
     weights = sorted((n, ck[n]) for n in weights_files(last))
     heads: list[tuple[str, list[tuple[str, int]] | None]] = []
+    entries: list[Any] | None = [] if full else None
     for (_, sha), name in zip(weights, weight_names(len(weights))):
         tensors = None
-        if len(weights) > 1:
+        if len(weights) > 1 or full:
             try:
-                tensors = [(t.name, t.end - t.start) for t in read_safetensors_index(ctx.files.path(f"{EXPORT_DIR}/{name}"))]
+                index = read_safetensors_index(ctx.files.path(f"{EXPORT_DIR}/{name}"))
+                tensors = [(t.name, t.end - t.start) for t in index]
+                entries = None if entries is None else [*entries, index]
             except UNREADABLE:
-                tensors = None  # the comparison names the index as not renderable; subject-digest names the file
-        heads.append((sha, tensors))
+                tensors = entries = None  # the comparison names what is not renderable; subject-digest names the file
+        heads.append((sha, tensors if len(weights) > 1 else None))
     declared = {s["sha256"]: s["name"] for e in ctx.of_kind("tokenizer") for s in subjects_of(e)}
     tok = None
     if declared:
@@ -382,23 +387,26 @@ def release_inputs(ctx: Context, r: Entry, last: Entry) -> tuple[list[Entry], An
         if tok is None:
             tok = (b"", want[0])  # its bytes are not here: rendered without ids, and the comparison says so
     signed = any(s["name"].endswith("/model.sig") for e in ctx.of_kind("checkpoint") for s in subjects_of(e))
-    return before, heads, tok, signed
+    return before, heads, tok, signed, entries
 
 
 def _release_rendered(ctx: Context, r: Entry, last: Entry, subs: dict[str, str]) -> Iterator[Finding]:
     """Render export/ from the chain (attest.release) and compare the release's subjects with it."""
     import hashlib
 
-    from attest.release import EXPORT_FORMAT, render
+    from attest.release import EXPORT_FORMAT, LLAMA_FORMAT, render
 
     fmt = r.predicate.get("export_format", 1)
     if not isinstance(fmt, int) or isinstance(fmt, bool) or not 1 <= fmt <= EXPORT_FORMAT:
         yield Finding("release", False, ctx.where(r), f"export_format 1 … {EXPORT_FORMAT} (this verifier renders those)",
                       f"export_format {str(fmt)[:40]}")
         return
-    before, heads, tok, signed = release_inputs(ctx, r, last)
+    before, heads, tok, signed, tensors = release_inputs(ctx, r, last, full=fmt >= LLAMA_FORMAT)
     step = last.predicate.get("step")
-    rendered = render(before, step if isinstance(step, int) else -1, heads, tok, _own_code, signed, fmt)
+    rendered = render(before, step if isinstance(step, int) else -1, heads, tok, _own_code, signed, fmt, tensors)
+    if fmt >= LLAMA_FORMAT and r.predicate.get("text_export") != rendered.text_export:
+        yield Finding("release", False, ctx.where(r), f"text_export {json.dumps(rendered.text_export)} (rendered from the chain)",
+                      f"text_export {json.dumps(r.predicate.get('text_export'))[:60]}")
     if tok is not None and not tok[0]:
         yield Finding("release", False, f"{EXPORT_DIR}/tokenizer.model", f"the declared tokenizer (sha256 {short(tok[1])})",
                       "its bytes are in neither export/ nor the tokenizer's own path")
@@ -423,8 +431,43 @@ def _release_rendered(ctx: Context, r: Entry, last: Entry, subs: dict[str, str])
     for base, sha in sorted(rendered.copies.items()):
         name = f"{EXPORT_DIR}/{base}"
         if name in subs and subs[name] != sha:
-            what = "the declared tokenizer" if base == "tokenizer.model" else "the last checkpoint's weight file"
+            what = "the declared tokenizer" if base.endswith("tokenizer.model") else "the last checkpoint's weight file"
             yield Finding("release", False, name, f"sha256 {short(sha)} ({what})", f"sha256 {short(subs[name])}")
+    for base, derived in sorted(rendered.derived.items()):
+        name = f"{EXPORT_DIR}/{base}"
+        if name not in subs:
+            continue
+        try:
+            want = _derived_sha256(ctx, derived, len(heads))
+        except UNREADABLE as ex:  # a ValueError (attest.llama.LlamaError, attest.inputs' errors) among them
+            yield Finding("release", False, name, "a file the verifier can compute from the released weights",
+                          f"{type(ex).__name__}: {str(ex)[:160]}")
+            continue
+        if subs[name] != want:
+            yield Finding("release", False, name, f"the bytes computed from the released weights by "
+                          f"{rendered.text_export} (sha256 {short(want)})", f"sha256 {short(subs[name])}")
+
+
+def _derived_sha256(ctx: Context, derived: Any, n: int) -> str:
+    """sha256 of a file attest.llama computes from export/'s weight files (read by byte range, bounded by
+    their checked headers; each is a copy of a signed checkpoint file, which the release check compares)."""
+    from attest.release import weight_names
+
+    names = weight_names(n)
+    with contextlib.ExitStack() as stack:
+        handles: dict[int, Any] = {}
+
+        def read(i: int, offset: int, length: int) -> bytes:
+            if i not in handles:
+                name = f"{EXPORT_DIR}/{names[i]}"
+                handles[i] = stack.enter_context(inputs.open_file(ctx.files.path(name), where=name))
+            f = handles[i]
+            f.seek(offset)
+            data: bytes = f.read(length)
+            return data
+
+        sha: str = derived.sha256(read)
+        return sha
 
 
 def _same_json(ctx: Context, name: str, want: bytes) -> bool:
