@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from attest import spm
+from attest.errors import KaiError
 
 TRANSFORM = "kai-llama/v1"
 ABSENT_IMAGE = "<kai_absent_image>"
@@ -48,7 +49,7 @@ _INT = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", 
         "image_size", "patch_size", "audio_samples", "hop_length")
 
 
-class LlamaError(ValueError):
+class LlamaError(KaiError, ValueError):
     """The model or its weights cannot be written as a Llama folder (the reason is the message)."""
 
 

@@ -97,8 +97,13 @@ def slices_of(numel: int, chunk: int) -> list[tuple[int, int]]:
 def test_numpy_and_torch_agree_on_every_tensor_of_every_preset(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Small chunks on both sides put chunk edges inside the slices without generating big tensors.
     monkeypatch.setattr(init, "SLICE_CHUNK_CPU", 64)
-    specs = param_specs(preset(path))
+    cfg = preset(path)
+    specs = param_specs(cfg)
     assert {r for _, _, r in specs} >= {"ones", "zeros", "normal:0.02"}
+    # routed experts: the first, second and last of each layer (the others differ only by the id in
+    # their name, which every tensor's stream already covers): thousands of tensors fewer at 519B
+    edge = {0, 1, cfg.n_experts - 1}
+    specs = [s for s in specs if ".mlp.experts." not in s[0] or int(s[0].split(".mlp.experts.")[1].split(".")[0]) in edge]
     for name, shape, rule in specs:
         numel = math.prod(shape)
         for a, b in slices_of(numel, 100):
