@@ -164,6 +164,21 @@ def refresh_card(b: Path, key: Path, release: dict, honest: bytes | None) -> Non
             s["digest"]["sha256"] = sha256_file(b / s["name"])
 
 
+# The head of a script (run as `python -c SCRIPT FOLDER`) that records, under a Python audit hook,
+# every file below FOLDER the code after it opens; it ends with `print(json.dumps(sorted(opened)))`.
+RECORD_OPENS = r"""
+import json, os, sys
+folder = os.path.realpath(sys.argv[1])
+opened = set()
+def hook(event, args):
+    if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        p = os.path.realpath(os.fsdecode(args[0]))
+        if p.startswith(folder + os.sep):
+            opened.add(os.path.relpath(p, folder))
+sys.addaudithook(hook)
+"""
+
+
 @contextlib.contextmanager
 def serve_tsa(answer: Callable[[bytes], bytes]) -> Iterator[str]:
     """An RFC 3161 TSA over HTTP on 127.0.0.1 that replies `answer(query)`; yields its URL."""

@@ -212,15 +212,6 @@ def test_the_release_records_the_transform_and_the_verifier_renders_the_folder(d
 
 
 RECORD = r"""
-import json, os, sys
-folder = os.path.realpath(sys.argv[1])
-opened = set()
-def hook(event, args):
-    if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
-        p = os.path.realpath(os.fsdecode(args[0]))
-        if p.startswith(folder + os.sep):
-            opened.add(os.path.relpath(p, folder))
-sys.addaudithook(hook)
 import transformers
 model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
 tok = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
@@ -235,11 +226,11 @@ def test_transformers_opens_only_rendered_files_of_the_llama_folder(demo_run: Pa
     import subprocess
     import sys
 
-    from conftest import REPO, env
+    from conftest import RECORD_OPENS, REPO, env
 
     folder = tmp_path / "llama"
     shutil.copytree(demo_run / "export/llama", folder)
-    p = subprocess.run([sys.executable, "-c", RECORD, str(folder)], cwd=REPO, capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-c", RECORD_OPENS + RECORD, str(folder)], cwd=REPO, capture_output=True, text=True,
                        timeout=600, env={**env(), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
                                          "TRANSFORMERS_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr[-3000:]

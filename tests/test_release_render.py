@@ -26,7 +26,7 @@ from attest.digest import sha256_file
 from attest.oms import sign_checkpoint_dir
 from attest.release import render
 from attest.statements import subject
-from conftest import REPO, env, kai_attest, resign
+from conftest import RECORD_OPENS, REPO, env, kai_attest, resign
 
 # ------------------------------------------------------------------ the tokenizer facts
 
@@ -263,15 +263,7 @@ def test_check_vsa_fails_a_genuine_passed_vsa_beside_a_changed_export(bundle: Pa
 
 
 RECORD = r"""
-import json, os, sys
-export = os.path.realpath(sys.argv[1])
-opened = set()
-def hook(event, args):
-    if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
-        p = os.path.realpath(os.fsdecode(args[0]))
-        if p.startswith(export + os.sep):
-            opened.add(os.path.relpath(p, export))
-sys.addaudithook(hook)
+export = folder
 import transformers
 model = transformers.AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True)
 tok = transformers.AutoTokenizer.from_pretrained(export, trust_remote_code=True)
@@ -297,7 +289,7 @@ def test_transformers_opens_only_rendered_files_of_the_export(demo_run: Path, tm
     export = tmp_path / "export"
     shutil.copytree(demo_run / "export", export)
     cache = tmp_path / "hf"
-    p = subprocess.run([sys.executable, "-c", RECORD, str(export)], cwd=REPO, capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-c", RECORD_OPENS + RECORD, str(export)], cwd=REPO, capture_output=True, text=True,
                        timeout=600, env={**env(), "HF_HOME": str(cache), "HF_HUB_OFFLINE": "1",
                                          "TRANSFORMERS_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
