@@ -57,6 +57,13 @@ def take_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def say(line: str) -> None:
+    """`line` on stderr in one write: under torchrun (`python -u`) every rank prints its error at once,
+    and print's separate write of the newline would let another rank's line in between."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def one_line(e: BaseException) -> str:
     """An exception and the config error beneath it as one line, without OmegaConf's key/type notes."""
     parts = []
@@ -98,7 +105,7 @@ def run(app: str, config_name: str, task: Callable[[DictConfig], None], dir_key:
             task(cfg)
         except known as e:
             where = f" in job {hc.job.num} ({' '.join(hc.overrides.task) or 'no overrides'}, {cfg[dir_key]})" if multirun else ""
-            print(f"{app}: error{where}: {one_line(e)}", file=sys.stderr, flush=True)
+            say(f"{app}: error{where}: {one_line(e)}")
             failed.append(e)
             if multirun:
                 raise  # Hydra marks the job failed and goes on with the next
@@ -122,7 +129,7 @@ def run(app: str, config_name: str, task: Callable[[DictConfig], None], dir_key:
         else:
             raise
         if outcome[1] == 2 or jobs[0] > 1:
-            print(f"{app}: error: {outcome[0]}", file=sys.stderr, flush=True)
+            say(f"{app}: error: {outcome[0]}")
     finally:
         if full is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
