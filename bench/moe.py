@@ -1,6 +1,6 @@
 """Mixture-of-experts training throughput against a dense model with the same active parameters.
 
-    python bench/moe.py [--steps 8] [--ranks 1 2] [--smoke]
+    python bench/moe.py [--steps 8] [--layouts 1x1 2x1 2x2] [--smoke]
 
 Both models train for real through `kai_train.train` under torchrun on CPU ranks (DeepSpeed ZeRO-2,
 gloo), with provenance on: genesis, checkpoints hashed and signed, the release. The dense model is
@@ -10,8 +10,8 @@ gloo), with provenance on: genesis, checkpoints hashed and signed, the release. 
 Printed per model and rank count: text tokens/s (mean of the steps after the first, as the
 trainer logs them), the time the training loop was blocked per checkpoint (the trainer's own
 figure: assembling the shares; hashing and signing run in the background) and the peak RSS of the
-largest process (a rank). Expert parallelism is 1 here (experts replicated on every rank), so the
-rank count is the only layout that changes.
+largest process (a rank). A layout RxE is R ranks with the routed experts split over E of them
+(`train.expert_parallel`; E = 1: every rank holds every expert); the dense twin runs at E = 1 only.
 """
 
 from __future__ import annotations
@@ -79,11 +79,13 @@ def run(data: Path, ranks: int, steps: int, overrides: list[str]) -> dict[str, f
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--layouts", nargs="+", default=["1x1", "2x1", "2x2"],
+                    help="RxE: R ranks, routed experts split over E of them")
     ap.add_argument("--smoke", action="store_true", help="a seconds-sized run (the test suite runs it, so the bench cannot rot)")
     args = ap.parse_args()
     if args.smoke:
-        args.steps, args.ranks = 2, [1]
+        args.steps, args.layouts = 2, ["1x1", "2x2"]
+    layouts = [tuple(int(x) for x in lay.split("x")) for lay in args.layouts]
     from kai_train.modelspec import param_count
     from kai_train.sizing import active_params, load_preset
 
@@ -102,13 +104,15 @@ def main() -> None:
             f"model.ffn_hidden={hidden}"],
     }
     print(f"CPU, {os.cpu_count()} cores, DeepSpeed ZeRO-2 on gloo, provenance on, {args.steps} steps, micro batch 4 per rank\n")
-    print("| model | ranks | text tok/s | blocked s/checkpoint | peak RSS MiB (largest process) | final loss |")
-    print("|---|---|---|---|---|---|")
-    for ranks in args.ranks:
-        for name, over in models.items():
-            r = run(data, ranks, args.steps, over)
-            print(f"| {name} | {ranks} | {r['tok_s']:.0f} | {r['blocked_s']:.3f} | {r['peak_rss_mib']:.0f} | {r['loss']:.3f} |",
-                  flush=True)
+    print("| model | ranks | expert parallel | text tok/s | blocked s/checkpoint | peak RSS MiB (largest process) | final loss |")
+    print("|---|---|---|---|---|---|---|")
+    for ranks, ep in layouts:
+        for i, (name, over) in enumerate(models.items()):
+            if i and ep > 1:  # the dense twin has no experts to split
+                continue
+            r = run(data, ranks, args.steps, [*over, f"train.expert_parallel={ep}"])
+            print(f"| {name} | {ranks} | {ep} | {r['tok_s']:.0f} | {r['blocked_s']:.3f} | {r['peak_rss_mib']:.0f} | "
+                  f"{r['loss']:.3f} |", flush=True)
     shutil.rmtree(data, ignore_errors=True)
 
 

@@ -20,6 +20,7 @@ signed one: 12 bytes per parameter (4 for the weights, 8 for the two moments).
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import threading
@@ -38,13 +39,15 @@ def sidecar(run_dir: Path, step: int, rank: int) -> Path:
     return run_dir / layout.sidecar(step, rank)
 
 
-def assign(sizes: Mapping[str, int], world: int) -> dict[str, int]:
-    """Owner rank of each tensor: largest first, each to the least-loaded rank (ties: lowest rank).
+def assign(sizes: Mapping[str, int], world: int, holders: Mapping[str, list[int]] | None = None) -> dict[str, int]:
+    """Owner rank of each tensor: largest first, each to the least-loaded rank (ties: lowest rank)
+    among the ranks that hold it (`holders`; every rank by default: under expert parallelism an
+    expert's tensors are held by some ranks only, kai_train.expert_parallel.holders).
     Deterministic, so every rank computes the same map without communicating."""
     load = [0] * world
     owner: dict[str, int] = {}
     for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
-        r = min(range(world), key=lambda i: (load[i], i))
+        r = min(holders[name] if holders is not None else range(world), key=lambda i: (load[i], i))
         owner[name] = r
         load[r] += sizes[name]
     return owner
@@ -61,8 +64,18 @@ def collect_share(engine, rank: int, world: int, with_optimizer: bool
 
     from kai_train.engine import _link_optimizer_state
 
+    from kai_train import expert_parallel
+
     params = dict(sorted(engine.module.named_parameters()))
-    owner = assign({n: p.ds_numel if hasattr(p, "ds_numel") else p.numel() for n, p in params.items()}, world)
+    ep = expert_parallel.of(engine.module)
+    if ep > 1:  # this rank holds some experts only: owners come from every tensor of the model
+        from kai_train.engine import canonical_shapes
+
+        cfg = engine.module.cfg
+        sizes = {n: math.prod(s) for n, s in canonical_shapes(cfg).items()}
+        owner = assign(sizes, world, {n: expert_parallel.holders(n, cfg, ep, world) for n in sizes})
+    else:
+        owner = assign({n: p.ds_numel if hasattr(p, "ds_numel") else p.numel() for n, p in params.items()}, world)
     if with_optimizer:
         _link_optimizer_state(engine)
     weights: dict[str, torch.Tensor] = {}
@@ -203,7 +216,14 @@ def restore(engine, weights: SignedTensors, moments: Mapping[str, torch.Tensor] 
     under ZeRO-3 each rank reads only the slices of its partitions."""
     from kai_train.engine import fill, load_full_optimizer_state
 
-    params = {n for n, _ in engine.module.named_parameters()}
+    from kai_train import expert_parallel
+
+    if expert_parallel.of(engine.module) > 1:  # this rank holds some experts: compare every tensor's name
+        from kai_train.engine import canonical_shapes
+
+        params = set(canonical_shapes(engine.module.cfg))
+    else:
+        params = {n for n, _ in engine.module.named_parameters()}
     if params != set(weights):
         raise ValueError(f"signed weights name {len(weights)} tensors, the model has {len(params)}: "
                          f"{sorted(params ^ set(weights))[:3]}")

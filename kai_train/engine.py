@@ -57,12 +57,19 @@ def ds_config(zero: dict[str, Any], train: dict[str, Any], world_size: int) -> d
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices; leave norms gains, biases and 1-D embeddings undecayed."""
+    """Decay matrices; leave norms gains, biases and 1-D embeddings undecayed. Under expert
+    parallelism the experts' parameters go to DeepSpeed's MoE groups (kai_train.expert_parallel)."""
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
     decay, no_decay = [], []
     for _, p in sorted(model.named_parameters()):
         dims = len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()  # ZeRO-3 partitions are flat
         (decay if dims >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    if any(is_moe_param(p) for p in decay + no_decay):
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return groups
 
 
 def build_engine(model: nn.Module, zero: dict[str, Any], train: dict[str, Any], world_size: int):
@@ -119,12 +126,32 @@ def build_model(mcfg, zero: dict[str, Any], train: dict[str, Any], world_size: i
     """The model, its parameters not yet holding any meaningful value (`fill` writes them). Under
     ZeRO-3 it is partitioned while it is built (deepspeed.zero.Init): a rank allocates its partition
     of each parameter and, transiently, one module's parameters; never the model."""
+    from kai_train import expert_parallel
     from kai_train.model import MultimodalLM
 
-    if zero_stage(zero) != 3:
+    ep = expert_parallel.size(train)
+    if (why := expert_parallel.problem(mcfg, ep, world_size, zero_stage(zero))) is not None:
+        raise ValueError(why)
+    if zero_stage(zero) == 3:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config(zero, train, world_size), dtype=torch.float32):
+            return MultimodalLM(mcfg)
+    model = MultimodalLM(mcfg, expert_parallel.held(mcfg, ep, dist.get_rank()))
+    if ep > 1:
+        expert_parallel.attach(model, ep)
+    return model
+
+
+def canonical_model(mcfg) -> nn.Module:
+    """The whole model on the meta device (nothing allocated): every tensor under its canonical name,
+    whatever this process holds."""
+    from kai_train.model import MultimodalLM
+
+    with torch.device("meta"):
         return MultimodalLM(mcfg)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config(zero, train, world_size), dtype=torch.float32):
-        return MultimodalLM(mcfg)
+
+
+def canonical_shapes(mcfg) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in canonical_model(mcfg).named_parameters()}
 
 
 def setup(mcfg, zero: dict[str, Any], train: dict[str, Any], world_size: int) -> tuple[nn.Module, Any]:

@@ -15,6 +15,7 @@ them), so renaming a module changes every digest.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -143,12 +144,17 @@ class MoE(nn.Module):
     routing commitments, kai_train.routing).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, held: range | None = None):
         super().__init__()
         self.n_experts, self.top_k = cfg.n_experts, cfg.moe_top_k
         self.capacity_factor, self.aux_coef = cfg.moe_capacity_factor, cfg.moe_aux_loss_coef
         self.router = Router(cfg.dim, cfg.n_experts, cfg.moe_top_k)
-        self.experts = nn.ModuleList(SwiGLU(cfg.dim, cfg.moe_hidden) for _ in range(cfg.n_experts))
+        # Keyed by global expert id: the same tensor names whichever experts this process holds.
+        self.held = range(cfg.n_experts) if held is None else held
+        self.experts = nn.ModuleDict({str(e): SwiGLU(cfg.dim, cfg.moe_hidden) for e in self.held})
+        # Expert parallelism (kai_train.expert_parallel): (moe, rows, counts) -> the experts' outputs for
+        # `rows` (N, dim), grouped by global expert with counts (E,), whichever process holds each expert.
+        self.exchange: Callable[[MoE, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         # Shared experts are always on; n of them are one SwiGLU n times as wide (same function).
         self.shared = SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_hidden) if cfg.n_shared_experts else None
         self.load: torch.Tensor | None = None
@@ -165,15 +171,23 @@ class MoE(nn.Module):
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert, token order inside
         cap = math.ceil(self.capacity_factor * N * k / E) if self.capacity_factor > 0 else N * k
         out = xf.new_zeros(N, k, shape[-1])  # (N, k, dim)
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            a = order[start:start + min(n, cap)]
-            start += n
-            # An expert with no tokens still runs (on zero rows): every rank then builds the same
-            # autograd graph, so gradients become ready in the same order on every rank, which
-            # bucketed data-parallel reduction (ZeRO-1/2) relies on.
+        if self.exchange is None:
+            start = 0
+            for e, n in enumerate(counts.tolist()):
+                a = order[start:start + min(n, cap)]
+                start += n
+                # An expert with no tokens still runs (on zero rows): every rank then builds the same
+                # autograd graph, so gradients become ready in the same order on every rank, which
+                # bucketed data-parallel reduction (ZeRO-1/2) relies on.
+                tok, slot = a // k, a % k
+                y = self.experts[str(e)](xf[tok])  # (n_e, dim)
+                out[tok, slot] = y * gates[tok, slot].unsqueeze(-1).to(y.dtype)
+        else:  # the kept assignments of every expert, in expert order, computed where each expert is held
+            kept = counts.clamp(max=cap)
+            starts = torch.cumsum(counts, 0) - counts
+            a = torch.cat([order[s:s + n] for s, n in zip(starts.tolist(), kept.tolist())])
             tok, slot = a // k, a % k
-            y = self.experts[e](xf[tok])  # (n_e, dim)
+            y = self.exchange(self, xf[tok], kept)  # (sum kept, dim)
             out[tok, slot] = y * gates[tok, slot].unsqueeze(-1).to(y.dtype)
         y = out.sum(1)  # (N, dim)
         if self.shared is not None:
@@ -190,12 +204,12 @@ class Block(nn.Module):
     With a `moe` config the feed-forward is a mixture of experts instead of one SwiGLU."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden: int, eps: float, causal: bool,
-                 moe: ModelConfig | None = None):
+                 moe: ModelConfig | None = None, held_experts: range | None = None):
         super().__init__()
         self.attn_norm = RMSNorm(dim, eps)
         self.attn = Attention(dim, n_heads, n_kv_heads, causal)
         self.mlp_norm = RMSNorm(dim, eps)
-        self.mlp: nn.Module = MoE(moe) if moe is not None else SwiGLU(dim, hidden)
+        self.mlp: nn.Module = MoE(moe, held_experts) if moe is not None else SwiGLU(dim, hidden)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None
@@ -323,12 +337,12 @@ class SpeechEncoder(nn.Module):
 
 
 class TextDecoder(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope_len: int):
+    def __init__(self, cfg: ModelConfig, rope_len: int, held_experts: range | None = None):
         super().__init__()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(
             Block(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden, cfg.norm_eps, causal=True,
-                  moe=cfg if cfg.is_moe_layer(i) else None)
+                  moe=cfg if cfg.is_moe_layer(i) else None, held_experts=held_experts)
             for i in range(cfg.n_layers)
         )
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -351,12 +365,15 @@ class TextDecoder(nn.Module):
 
 
 class MultimodalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The model. `held_experts`: the global ids of the routed experts this process holds in each MoE
+    layer (expert parallelism, kai_train.expert_parallel); all of them by default."""
+
+    def __init__(self, cfg: ModelConfig, held_experts: range | None = None):
         super().__init__()
         self.cfg = cfg
         self.vision = VisionEncoder(cfg)
         self.speech = SpeechEncoder(cfg)
-        self.text = TextDecoder(cfg, rope_len=cfg.max_seq_len + self.prefix_len)
+        self.text = TextDecoder(cfg, rope_len=cfg.max_seq_len + self.prefix_len, held_experts=held_experts)
         self.absent_image = nn.Parameter(torch.zeros(cfg.dim))
         self.absent_audio = nn.Parameter(torch.zeros(cfg.dim))
         self.grad_checkpointing = False  # set by the trainer; recompute decoder blocks in backward

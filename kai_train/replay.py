@@ -89,6 +89,7 @@ def replay_segment(plan: dict[str, Any], rank: int, world: int) -> dict[str, Any
     from kai_train import engine as eng
     from kai_train.data import Batches, ShardDataset
     from kai_train.model import ModelConfig
+    from kai_train.routing import RoutingLog
     from kai_train.step import train_step
     from kai_train.weights import state_dict_leaves
 
@@ -112,14 +113,18 @@ def replay_segment(plan: dict[str, Any], rank: int, world: int) -> dict[str, Any
     if sampler.num_rows != plan["num_rows"]:
         raise SystemExit(f"kai-train replay: {sampler.num_rows} training rows, the statement says {plan['num_rows']}")
     batches = Batches(data, sampler, rank, world, train["micro_batch"], mcfg.image_size, mcfg.audio_samples)
-    position, losses, routing = plan["position_start"], [], []
+    position, losses = plan["position_start"], []
+    log = RoutingLog(train["micro_batch"], world, engine.device) if engine.module.moe_layers() else None
     for _ in range(start["step"], plan["target_step"]):
-        step_losses, _, position, step_routing = train_step(engine, batches, position, train["grad_accum"])
+        step_losses, _, position = train_step(engine, batches, position, train["grad_accum"], log)
         mean = torch.stack(step_losses).mean()
         dist.all_reduce(mean)
         losses.append(float(mean) / world)  # what the trainer records per step
-        routing.append(step_routing)  # and its routing digest per MoE layer (none for a dense model)
     batches.close()
+    # and, for a mixture of experts, each step's routing digest per MoE layer
+    layers, routing = log.segment() if log is not None else ([], [])
+    if log is not None:
+        log.close()
     # The roots of the state reached, from each rank's share (as the trainer's checkpoints are made).
     weights, moments_reached, opt_step = ckpt.collect_share(engine, rank, world, True)
     stats = None
@@ -135,9 +140,8 @@ def replay_segment(plan: dict[str, Any], rank: int, world: int) -> dict[str, Any
         result = {"segment": plan["segment"], "step": plan["target_step"], "weights_root": merkle_root(w),
                   "optimizer_root": merkle_root(m), "optimizer_step": opt_step, "position_end": position,
                   "world_size": world, "step_losses": losses}
-        if any(routing):
-            layers = list(routing[0])
-            result["routing"] = {"layers": layers, "steps": [[r.get(n) for n in layers] for r in routing]}
+        if routing:
+            result["routing"] = {"layers": layers, "steps": routing}
         if plan.get("compare"):
             result["tensors"] = {k: v for _, _, st in leaves for k, v in (st or {}).items()}
     if hasattr(engine, "destroy"):

@@ -129,6 +129,8 @@ LAYOUT_KEYS = ("grad_accum", "micro_batch")
 # checkpoints are hashed in the background (the statements are the same either way), and the
 # determinism mode (each checkpoint records the settings its segment ran under).
 MAY_DIFFER = {"resume", "train.stop_at", "wandb", "attest.background", "determinism",
+              # how experts are split over ranks: each checkpoint records its segment's (sampler.expert_parallel)
+              "train.expert_parallel",
               # where the signer is found: its identity is checked by the public key's fingerprint
               # (keys/signing-key.pub.pem, attest.signers.ensure_public_key), not by a path or URI
               "attest.key", "attest.uri", "attest.pin_env"}

@@ -8,7 +8,7 @@ function of the signed config and the position.
 For a mixture-of-experts model the step adds the blocks' load-balancing losses to the loss it
 backpropagates, and after the optimizer step moves each router's selection bias from the expert
 loads of the whole step on all ranks (auxiliary-loss-free balancing), so replay moves it alike, and
-it returns the step's routing digest per MoE layer (kai_train.routing), the same on every rank.
+its expert choices go to a RoutingLog (kai_train.routing), which hashes them off the step.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kai_train.data import Batches
+from kai_train.routing import RoutingLog
 
 
 def loss_fn(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -26,11 +27,11 @@ def loss_fn(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Te
     )
 
 
-def train_step(engine, batches: Batches, position: int, accum: int
-               ) -> tuple[list[torch.Tensor], int, int, dict[str, str]]:
+def train_step(engine, batches: Batches, position: int, accum: int, routing: RoutingLog | None = None
+               ) -> tuple[list[torch.Tensor], int, int]:
     """Run `accum` micro-steps (DeepSpeed steps the optimizer at the boundary).
-    Returns (per-micro-step losses, text tokens seen by all ranks, new position, {MoE layer: the
-    step's routing digest}, empty for a dense model)."""
+    Returns (per-micro-step losses, text tokens seen by all ranks, new position); a mixture of
+    experts' choices go to `routing`, which hashes them off the step (kai_train.routing)."""
     losses, tokens = [], 0
     loads: dict[str, torch.Tensor] = {}  # assignments per expert of each MoE block over the optimizer step
     choices: list[torch.Tensor] = []  # per micro-step, (layers, tokens, k) chosen experts, on the CPU
@@ -50,15 +51,11 @@ def train_step(engine, batches: Batches, position: int, accum: int
         losses.append(loss.detach())  # the language-model loss; the balancing loss is not reported in it
         tokens += int((b["tokens"] != batches.pad_id).sum()) * batches.world
         position += batches.micro * batches.world
-    routing: dict[str, str] = {}
-    if choices:
-        from kai_train.routing import step_routing
-
-        digests = step_routing(choices, batches.micro, batches.world, losses[0].device)
-        routing = dict(zip(engine.module.moe_layers(), digests))
+    if choices and routing is not None:
+        routing.add(list(engine.module.moe_layers()), choices)
     rate = engine.module.cfg.moe_bias_update_rate
     if loads and rate > 0:
         from kai_train.engine import nudge_router_bias
 
         nudge_router_bias(engine, {f"{name}.router.bias": load for name, load in loads.items()}, rate)
-    return losses, tokens, position, routing
+    return losses, tokens, position

@@ -51,7 +51,7 @@ class Trainer:
 
         from attest.digest import sha256_file
         from kai_train import checkpoint as ckpt
-        from kai_train import determinism, genesis
+        from kai_train import determinism, expert_parallel, genesis
         from kai_train import engine as eng
         from kai_train.data import Batches, ShardDataset
         from kai_train.evaluate import held_out_rows
@@ -126,9 +126,13 @@ class Trainer:
         # The model, partitioned as it is built under ZeRO-3, then the engine; its values come next:
         # the genesis (a fresh run, or one resumed before its first checkpoint) or the signed state.
         zero = OmegaConf.to_container(cfg.deepspeed, resolve=True)
+        self.ep = expert_parallel.size(train)
+        if (why := expert_parallel.problem(mcfg, self.ep, world, eng.zero_stage(zero))) is not None:  # type: ignore[arg-type]
+            raise AppError(why)
         model, self.engine = eng.setup(mcfg, zero, train, world)  # type: ignore[arg-type]
         engine = self.engine
-        rules = init_rules(model)
+        whole = eng.canonical_model(mcfg) if self.ep > 1 else model  # a rank holds some experts only
+        rules = init_rules(whole)
         rec = genesis.recipe(mcfg, cfg.seed, recipe_name)
         self.writer = ckpt.ShareWriter(run_dir, rank, world, background=bool(cfg.attest.get("background", True)))
         self.start, self.position = 0, 0
@@ -182,14 +186,17 @@ class Trainer:
             self.writer.submit(0, weights, {}, None)
             del weights
             if self.prov is not None:
-                shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in engine.module.named_parameters()}
+                shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in whole.named_parameters()}
                 root = self.prov.record_genesis(world, rec, rules, shapes)
                 log(f"genesis {root[:16]}… ({sum(map(math.prod, shapes.values())):,} parameters, "
                     f"seed {seed}{' (drawn)' if seed_source == genesis.SEED_DRAWN else ''})")
         self.tracker = Tracker(OmegaConf.to_container(cfg.wandb, resolve=True), run_dir, cfg.run_id, resolved,
                                train["steps"], self.start, world, *self.flops_and_peak()) if rank == 0 else None
         # The segment since the last checkpoint: where its data began, its per-step losses; the last eval.
-        self.seg_start, self.seg_losses, self.seg_routing, self.last_eval = self.position, [], [], {}
+        self.seg_start, self.seg_losses, self.last_eval = self.position, [], {}
+        from kai_train.routing import RoutingLog
+
+        self.routing = RoutingLog(train["micro_batch"], world, engine.device) if engine.module.moe_layers() else None
 
     def fit(self) -> None:
         """Steps `start+1 … train.steps`, an eval every `train.eval_every`, a checkpoint every
@@ -221,13 +228,11 @@ class Trainer:
         from kai_train.step import train_step
 
         train, engine = self.train, self.engine
-        losses, tokens, self.position, routing = train_step(engine, self.batches, self.position, train["grad_accum"])
+        losses, tokens, self.position = train_step(engine, self.batches, self.position, train["grad_accum"], self.routing)
         mean = torch.stack(losses).mean()
         dist.all_reduce(mean)
         metrics = {"loss": float(mean) / self.world, "lr": float(engine.get_lr()[0])}
         self.seg_losses.append(metrics["loss"])  # per-step commitments: a replay names the first step that differs
-        if routing:  # and, for a mixture of experts, the first step and layer whose routing differs
-            self.seg_routing.append(routing)
         if self.tracker:
             self.tracker.step(step, tokens, metrics, train["log_every"])
         if self.prov is not None:
@@ -259,6 +264,9 @@ class Trainer:
         sources, rng = rng_state_digest()
         rngs: list[Any] | None = [None] * world if rank == 0 else None
         dist.gather_object(rng, rngs, dst=0)
+        # a mixture of experts: per step, per MoE layer, the routing digest (a replay names the first
+        # step and layer whose routing differs); gathered from every rank here, once per segment
+        layers, seg_routing = self.routing.segment() if self.routing is not None else ([], [])
         weights, moments, opt_step = collect_share(self.engine, rank, world, bool(cfg.attest.optimizer_state))
         failpoints.reached("gathered")
         self.writer.submit(step, weights, moments, opt_step)
@@ -270,6 +278,7 @@ class Trainer:
                 "holdout_every": train["holdout_every"],
                 "sampler": {"seed": cfg.seed, "num_rows": n, "world_size": world, "micro_batch": train["micro_batch"],
                             "grad_accum": train["grad_accum"],
+                            **({"expert_parallel": self.ep} if self.ep > 1 else {}),
                             "epoch_start": seg_start // n, "epoch_end": max(seg_start, position - 1) // n,
                             "position_start": seg_start, "position_end": position},
             }
@@ -283,14 +292,12 @@ class Trainer:
             extra = {"rng_state": {"sources": sources, "ranks": rngs}, "environment": environment(world, self.attention_shape(),
                                                                                           self.engine.bfloat16_enabled()),
                      "step_losses": self.seg_losses}
-            if self.seg_routing:  # a mixture of experts: per step, per MoE layer (dense statements have none)
+            if seg_routing:  # dense statements have none
                 from kai_train.routing import ALGORITHM
 
-                layers = list(self.seg_routing[0])
-                extra["routing"] = {"algorithm": ALGORITHM, "layers": layers,
-                                    "steps": [[r[n] for n in layers] for r in self.seg_routing]}
+                extra["routing"] = {"algorithm": ALGORITHM, "layers": layers, "steps": seg_routing}
             self.prov.record_checkpoint(step, world, consumed, m, bool(cfg.attest.optimizer_state), extra)
-        self.seg_start, self.seg_losses, self.seg_routing = self.position, [], []
+        self.seg_start, self.seg_losses = self.position, []
 
     def flops_and_peak(self) -> tuple[float, float | None]:
         """One device's training FLOPs per optimizer step, and its dense peak TFLOP/s (None on a CPU)."""
@@ -314,6 +321,8 @@ class Trainer:
         """train.stop_at: every share written and every statement recorded; no release."""
         log(f"stopping at step {step} (train.stop_at); continue with resume=auto")
         self.batches.close()
+        if self.routing is not None:
+            self.routing.close()
         self.writer.close()
         if self.prov is not None:
             self.prov.close()
@@ -327,6 +336,8 @@ class Trainer:
 
         steps, prov, tracker = self.train["steps"], self.prov, self.tracker
         self.batches.close()
+        if self.routing is not None:
+            self.routing.close()
         self.writer.close()  # every rank's shares written before the release is recorded
         if prov is not None and tracker is not None:
             out = prov.record_release()  # exports to run_dir/export first: the release names its files

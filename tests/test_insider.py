@@ -188,3 +188,30 @@ def test_replay_is_bounded_by_the_policy_not_by_the_rank_count_a_bundle_records(
     ctx.failed.add("genesis")
     with pytest.raises(PlanError, match="genesis check failed"):
         build_plan(ctx, 0)
+
+
+@pytest.mark.parametrize(("ep", "words"), [(2, "a divisor of the world size 1 and of the model's 16 experts"),
+                                           ("1", "expected a divisor"), (True, "expected a divisor")])
+def test_a_segments_expert_parallel_record_must_fit_its_world_and_model(tmp_path: Path, ep: object,
+                                                                         words: str) -> None:
+    """A hostile `sampler.expert_parallel` is refused by name before any replay process starts."""
+    from attest.chain import read_chain
+    from attest.verify.findings import Context
+    from attest.verify.policy import Policy
+    from attest.verify.replay_plan import build_plan
+
+    import yaml
+
+    conf = Path(__file__).resolve().parent.parent / "kai_train/conf"
+    train = {**yaml.safe_load((conf / "train/demo.yaml").read_text()), "holdout_every": 0}
+
+    def mutate(sts: list[dict]) -> None:  # a complete run config and a mixture-of-experts model
+        kinds(sts, "run")[0]["config"].update(train={**train, **kinds(sts, "run")[0]["config"]["train"]},
+                                              deepspeed=yaml.safe_load((conf / "deepspeed/zero2.yaml").read_text()))
+        kinds(sts, "genesis")[0]["recipe"]["model"] = yaml.safe_load((conf / "model/moe-cpu.yaml").read_text())
+        kinds(sts, "checkpoint")[0]["data_consumed"]["sampler"].update(expert_parallel=ep)
+
+    root, _ = make_bundle(tmp_path / "b", mutate=mutate)
+    entries, _ = read_chain(root / "chain.jsonl")
+    with pytest.raises(PlanError, match=f"sampler.expert_parallel .*{words}"):
+        build_plan(Context(root, entries, [], False, False, policy=Policy()), 0)

@@ -53,7 +53,7 @@ def test_dispatch_equals_the_per_token_sum_of_gated_experts() -> None:
     xf = x.reshape(-1, cfg.dim)
     _, idx, gates = moe.router(xf)
     want = torch.stack([
-        sum(gates[t, s] * moe.experts[int(idx[t, s])](xf[t:t + 1])[0] for s in range(cfg.moe_top_k))
+        sum(gates[t, s] * moe.experts[str(int(idx[t, s]))](xf[t:t + 1])[0] for s in range(cfg.moe_top_k))
         for t in range(xf.shape[0])]) + moe.shared(xf)
     torch.testing.assert_close(y.reshape(-1, cfg.dim), want, rtol=1e-5, atol=1e-6)
     assert torch.equal(moe(x), y), "dispatch is deterministic"
@@ -166,3 +166,33 @@ def test_a_steps_routing_digest_does_not_depend_on_how_its_rows_were_split_into_
     assert step_routing(split(4), 4, 1, torch.device("cpu")) == step_routing(split(2), 2, 1, torch.device("cpu")) == whole
     swapped = split(4)[::-1]  # the same rows in another order: another step
     assert step_routing(swapped, 4, 1, torch.device("cpu")) != whole
+
+
+def test_the_routing_log_hashes_off_the_step_what_the_step_digest_gives_on_the_spot() -> None:
+    from kai_train.routing import RoutingLog, step_routing
+
+    torch.manual_seed(7)
+    layers, micro, seq, k, accum = 2, 4, 5, 4, 2
+    steps = [[torch.randint(0, 16, (layers, micro * seq, k), dtype=torch.int32) for _ in range(accum)]
+             for _ in range(3)]
+    log = RoutingLog(micro, 1, torch.device("cpu"))
+    for s in steps[:2]:
+        log.add(["a", "b"], s)
+    names, first = log.segment()
+    log.add(["a", "b"], steps[2])
+    _, second = log.segment()
+    assert log.segment() == (["a", "b"], [])  # a segment begins empty after each call
+    log.close()
+    want = [step_routing(s, micro, 1, torch.device("cpu")) for s in steps]
+    assert names == ["a", "b"] and first == want[:2] and second == want[2:]
+    assert first[0] != first[1]
+
+
+def test_a_hashing_error_reaches_the_training_thread() -> None:
+    from kai_train.routing import RoutingLog
+
+    log = RoutingLog(3, 1, torch.device("cpu"))
+    log.add(["a"], [torch.zeros(1, 4, 2, dtype=torch.int32)])  # 4 tokens do not split into 3 rows
+    with pytest.raises(RuntimeError, match="do not split into 3 rows"):
+        log.segment()
+    log.close()

@@ -1,6 +1,7 @@
-"""The mixture-of-experts preset trained for real: 2 CPU ranks under torchrun with DeepSpeed ZeRO-2,
-resumed on 1 rank, bundled and verified with every segment replayed (routing digests included); its
-tensor names and genesis root independent of the layout; an insider who upcycles a foreign dense FFN
+"""The mixture-of-experts preset trained for real: 2 CPU ranks under torchrun with DeepSpeed ZeRO-2 and
+the experts split over both (expert parallelism 2), resumed on 1 rank (every expert on it), bundled
+and verified with every segment replayed (routing digests included); its tensor names and genesis
+root independent of the layout (expert parallelism 1 and 2, world 1, 2 and 4); an insider who upcycles a foreign dense FFN
 into the experts is caught by genesis; one who re-signs a step's routing digest is named by step and
 layer."""
 
@@ -29,9 +30,9 @@ def predicates(run_dir: Path, kind: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def moe_run(data_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """moe-cpu: steps 1-2 on 2 ranks (ZeRO-2), steps 3-4 resumed on 1 rank; bundled."""
+    """moe-cpu: steps 1-2 on 2 ranks (ZeRO-2, experts split over both), steps 3-4 resumed on 1 rank; bundled."""
     run_dir = prepared_data(tmp_path_factory.mktemp("moe") / "run", data_run)
-    must(torchrun(run_dir, 2, "deepspeed=zero2", *TRAIN_ARGS, *MOE, "train.stop_at=2"))
+    must(torchrun(run_dir, 2, "deepspeed=zero2", *TRAIN_ARGS, *MOE, "train.expert_parallel=2", "train.stop_at=2"))
     p = must(torchrun(run_dir, 1, "deepspeed=zero2", *TRAIN_ARGS, *MOE))
     assert "resumed at step 2" in p.stdout
     must(kai_attest("bundle", str(run_dir)))
@@ -46,6 +47,8 @@ def test_moe_run_on_two_ranks_resumed_on_one_verifies_with_every_segment_replaye
         assert any(line.startswith("ok") and check in line for line in p.stdout.splitlines()), p.stdout
     ckpts = predicates(moe_run, "checkpoint")
     assert [c["data_consumed"]["sampler"]["world_size"] for c in ckpts] == [2, 1]
+    assert [c["data_consumed"]["sampler"].get("expert_parallel") for c in ckpts] == [2, None]
+    assert "experts split over 2 ranks" in next(x for x in p.stdout.splitlines() if "segment 0 reproduced" in x)
     # each statement signs, per step of its segment, one routing digest per MoE layer, and replay reproduced them
     for c in ckpts:
         r = c["routing"]
@@ -69,14 +72,29 @@ def test_router_selection_bias_is_signed_training_state_that_moves(moe_run: Path
     assert "text.layers.1.mlp.router.bias" in predicates(moe_run, "genesis")[0]["tensors"]
 
 
-@pytest.mark.parametrize(("world", "zero"), [(1, "zero3"), (2, "zero3"), (4, "zero1")])
-def test_tensor_names_and_genesis_root_do_not_depend_on_world_size_or_zero_stage(
-        world: int, zero: str, moe_run: Path, data_run: Path, tmp_path: Path) -> None:
+def test_each_expert_parallel_rank_writes_and_hashes_only_the_experts_it_holds(moe_run: Path) -> None:
+    import re
+
+    from safetensors import safe_open
+
+    for step in (0, 2):  # the genesis and the checkpoint written with the experts split over 2 ranks
+        for rank, held in ((0, range(0, 8)), (1, range(8, 16))):
+            for kind in ("model", "optimizer") if step else ("model",):
+                with safe_open(str(moe_run / f"checkpoints/step-{step:06d}/{kind}-{rank:05d}-of-00002.safetensors"),
+                               "pt") as f:
+                    names = list(f.keys())
+                experts = {int(m.group(1)) for n in names if (m := re.search(r"\.experts\.(\d+)\.", n))}
+                assert experts and experts <= set(held), (step, rank, kind, sorted(experts))
+
+
+@pytest.mark.parametrize(("world", "zero", "ep"), [(1, "zero3", 1), (2, "zero3", 1), (4, "zero1", 2)])
+def test_tensor_names_and_genesis_root_do_not_depend_on_world_size_zero_stage_or_expert_parallelism(
+        world: int, zero: str, ep: int, moe_run: Path, data_run: Path, tmp_path: Path) -> None:
     from kai_train.checkpoint import SignedTensors
 
     other = prepared_data(tmp_path / "other", data_run)
     must(torchrun(other, world, f"deepspeed={zero}", "train.steps=2", "train.ckpt_every=2", "train.micro_batch=2",
-                  "train.eval_every=2", *MOE))
+                  "train.eval_every=2", f"train.expert_parallel={ep}", *MOE))
     (g1,), (g2,) = predicates(moe_run, "genesis"), predicates(other, "genesis")
     assert g1["weights_root"] == g2["weights_root"] and g1["tensors"] == g2["tensors"]
     names = [set(SignedTensors(sorted((r / "checkpoints/step-000002").glob("model-*.safetensors"))))

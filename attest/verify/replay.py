@@ -120,8 +120,10 @@ def read_result(out: Path) -> tuple[dict[str, Any] | None, str]:
 
 
 def layout_key(plan: dict[str, Any]) -> str:
-    """Plans with the same key can share one launch: world size, threads and determinism settings."""
-    return json.dumps([plan["world_size"], plan.get("threads", 1), plan.get("determinism")], sort_keys=True)
+    """Plans with the same key can share one launch: world size, expert parallelism, threads and
+    determinism settings."""
+    return json.dumps([plan["world_size"], plan["train"].get("expert_parallel", 1), plan.get("threads", 1),
+                       plan.get("determinism")], sort_keys=True)
 
 
 def run_plans(plans: list[dict[str, Any]], timeout_s: int = 3600) -> list[tuple[dict[str, Any] | None, str]]:
@@ -429,7 +431,8 @@ def _exact(ctx, plan: dict[str, Any], label: str, fact: dict[str, Any],
     return Finding("replay", True, label, detail=f"segment {plan['segment']} reproduced bit-exactly (exact mode: "
                    f"{what}) at its recorded layout: {plan['world_size']} CPU "
                    f"rank(s), grad_accum {lay['grad_accum']}, micro_batch {lay['micro_batch']}, "
-                   f"{lay['threads']} thread(s) per rank"), result
+                   + (f"experts split over {ep} ranks, " if (ep := plan["train"].get("expert_parallel", 1)) > 1 else "")
+                   + f"{lay['threads']} thread(s) per rank"), result
 
 
 def _tolerance(ctx, k: int, label: str, fact: dict[str, Any], exact_plan: dict[str, Any], exact_result: Any):

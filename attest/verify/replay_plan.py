@@ -76,7 +76,7 @@ TRAIN_SCHEMA: dict[str, tuple[Any, ...]] = {
     "min_lr_ratio": (_NUM, 0.0, 1.0), "decay_frac": (_NUM, 0.0, 1.0), "grad_clip": (_NUM, 0.0, 1e6),
     "activation_checkpointing": (_BOOL,), "holdout_every": (_INT, 0, 1 << 30), "eval_every": (_INT, 0, 10**7),
     "eval_batches": (_INT, 0, 1 << 20), "log_every": (_INT, 0, 10**7), "ckpt_every": (_INT, 1, 10**7),
-    "stop_at": ("opt_int", 0, 10**7),
+    "stop_at": ("opt_int", 0, 10**7), "expert_parallel": (_INT, 1, 1 << 16),
 }
 _OFFLOAD = {"device": (_STR, ("cpu", "none")), "pin_memory": (_BOOL,)}
 ZERO_SCHEMA: dict[str, tuple[Any, ...]] = {
@@ -251,7 +251,7 @@ def build_plan(ctx: Context, k: int, replay_world: int | None = None) -> dict[st
                               "CPU processes here (policy limits.max_replay_ranks; raise it to replay this segment)")
     cfg = ctx.run_config
     train = validate(cfg.get("train"), TRAIN_SCHEMA, "run config train")
-    missing = sorted(set(TRAIN_SCHEMA) - set(train) - {"stop_at"})
+    missing = sorted(set(TRAIN_SCHEMA) - set(train) - {"stop_at", "expert_parallel"})
     if missing:
         raise PlanError(f"run config train: missing {missing}")
     deepspeed = validate(cfg.get("deepspeed"), DEEPSPEED_SCHEMA, "run config deepspeed")
@@ -307,7 +307,18 @@ def build_plan(ctx: Context, k: int, replay_world: int | None = None) -> dict[st
     if tokenizer is None:
         raise PlanError("run config names no tokenizer")
 
-    run_train = {**train, "micro_batch": micro_batch, "grad_accum": grad_accum}
+    # Expert parallelism: what the segment recorded (absent: 1; the trainer records it when above 1,
+    # and a resumed segment may differ from the run config). A replay on another world size splits no experts.
+    ep = sampler.get("expert_parallel", 1)
+    n_experts = model.get("n_experts") or 0
+    if not (_is_int(ep) and 1 <= ep <= world and world % ep == 0 and (ep == 1 or n_experts % ep == 0)):
+        raise PlanError(f"{ctx.where(target)}: data_consumed sampler.expert_parallel {str(ep)[:20]!r}: expected a "
+                        f"divisor of the world size {world} and of the model's {n_experts} experts")
+    if ep > 1 and as_dict(deepspeed.get("zero_optimization")).get("stage") == 3:
+        raise PlanError(f"{ctx.where(target)}: data_consumed sampler.expert_parallel {ep} with ZeRO-3: the trainer "
+                        "refuses experts split over ranks under ZeRO-3")
+    run_train = {**train, "micro_batch": micro_batch, "grad_accum": grad_accum,
+                 "expert_parallel": ep if ranks == world else 1}
     if ranks != world:  # the same rows per optimizer step, split over other ranks and micro-steps
         rows_per_micro_step = world * grad_accum
         if rows_per_micro_step % ranks:

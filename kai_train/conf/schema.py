@@ -48,6 +48,7 @@ class TrainSchema:
     log_every: int = MISSING
     ckpt_every: int = MISSING
     stop_at: Optional[int] = MISSING
+    expert_parallel: int = 1  # ranks the routed experts are split over (kai_train.expert_parallel)
 
 
 @dataclass
