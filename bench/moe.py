@@ -9,7 +9,8 @@ gloo), with provenance on: genesis, checkpoints hashed and signed, the release. 
 
 Printed per model and rank count: text tokens/s (mean of the steps after the first, as the
 trainer logs them), the time the training loop was blocked per checkpoint (the trainer's own
-figure: assembling the shares; hashing and signing run in the background) and the peak RSS of the
+figure, the largest over its ranks: assembling each rank's share, gathering the routing digests and
+handing the statement over; hashing and signing run in the background) and the peak RSS of the
 largest process (a rank). A layout RxE is R ranks with the routed experts split over E of them
 (`train.expert_parallel`; E = 1: every rank holds every expert); the dense twin runs at E = 1 only.
 """
@@ -71,8 +72,8 @@ def run(data: Path, ranks: int, steps: int, overrides: list[str]) -> dict[str, f
     if p.returncode:
         raise SystemExit(f"training failed ({' '.join(overrides)}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     rates = [float(m) for m in re.findall(r"step \d+/\d+ loss \S+\s+(\d+) tok/s", p.stdout)]
-    blocked = re.search(r"([\d.]+) s per checkpoint", p.stdout)
-    return {"tok_s": sum(rates[1:]) / max(1, len(rates) - 1), "blocked_s": float(blocked.group(1)) if blocked else float("nan"),
+    blocked = re.search(r"checkpoints held the training loop ([\d. ]+) s each", p.stdout)
+    return {"tok_s": sum(rates[1:]) / max(1, len(rates) - 1), "blocked_s": max(map(float, blocked.group(1).split())) if blocked else float("nan"),
             "peak_rss_mib": peak_kib / 1024, "loss": float(re.findall(r"loss (\S+)", p.stdout)[-1])}
 
 
@@ -104,7 +105,7 @@ def main() -> None:
             f"model.ffn_hidden={hidden}"],
     }
     print(f"CPU, {os.cpu_count()} cores, DeepSpeed ZeRO-2 on gloo, provenance on, {args.steps} steps, micro batch 4 per rank\n")
-    print("| model | ranks | expert parallel | text tok/s | blocked s/checkpoint | peak RSS MiB (largest process) | final loss |")
+    print("| model | ranks | expert parallel | text tok/s | checkpoint wait s (slowest rank) | peak RSS MiB (largest process) | final loss |")
     print("|---|---|---|---|---|---|---|")
     for ranks, ep in layouts:
         for i, (name, over) in enumerate(models.items()):

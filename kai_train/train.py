@@ -194,6 +194,7 @@ class Trainer:
                                train["steps"], self.start, world, *self.flops_and_peak()) if rank == 0 else None
         # The segment since the last checkpoint: where its data began, its per-step losses; the last eval.
         self.seg_start, self.seg_losses, self.last_eval = self.position, [], {}
+        self.ckpt_wait: list[float] = []  # seconds each checkpoint held this rank's training loop
         from kai_train.routing import RoutingLog
 
         self.routing = RoutingLog(train["micro_batch"], world, engine.device) if engine.module.moe_layers() else None
@@ -211,7 +212,9 @@ class Trainer:
                 if self.eval_ids and train["eval_every"] and (step % train["eval_every"] == 0 or step == steps):
                     self.evaluate(step)
                 if step % train["ckpt_every"] == 0 or step == steps:
+                    t0 = time.perf_counter()
                     self.checkpoint(step, metrics)
+                    self.ckpt_wait.append(time.perf_counter() - t0)
                 self.writer.check()
                 if train["stop_at"] is not None and step >= train["stop_at"]:
                     self.stop(step)
@@ -339,7 +342,11 @@ class Trainer:
         if self.routing is not None:
             self.routing.close()
         self.writer.close()  # every rank's shares written before the release is recorded
+        waits: list[Any] | None = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(sum(self.ckpt_wait) / max(1, len(self.ckpt_wait)), waits, dst=0)
         if prov is not None and tracker is not None:
+            tracker.log(steps, {}, "checkpoints held the training loop " + " ".join(f"{w:.3f}" for w in waits or [])
+                        + " s each (per rank: assembling its share, the routing digests, the statement)")
             out = prov.record_release()  # exports to run_dir/export first: the release names its files
             log_recorded(prov, tracker, steps)
             failpoints.reached("release-recorded")
