@@ -57,14 +57,13 @@ def collect_share(engine, rank: int, world: int, with_optimizer: bool
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int | None]:
     """This rank's share of the float32 master weights and AdamW moments, as CPU tensors.
 
-    Collective: every rank calls it and walks the parameters in the same (sorted) order; each
-    tensor is assembled by DeepSpeed (`safe_get_full_fp32_param` / `safe_get_full_optimizer_state`)
-    and kept only by its owner. Peak memory per rank: its share plus the largest tensor."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    from kai_train.engine import _link_optimizer_state
-
+    Every rank calls it and walks the parameters in the same (sorted) order. Each tensor's owner
+    assembles it from the pieces the ZeRO partitions hold (`_pieces`): every other rank holding a
+    piece sends it to the owner alone (point to point), so a rank sends about 1/world of the state
+    per checkpoint and receives its own share, not the whole model as an all-reduce per tensor
+    would make it. Peak memory per rank: its share plus one tensor being assembled."""
     from kai_train import expert_parallel
+    from kai_train.engine import _link_optimizer_state
 
     params = dict(sorted(engine.module.named_parameters()))
     ep = expert_parallel.of(engine.module)
@@ -78,22 +77,14 @@ def collect_share(engine, rank: int, world: int, with_optimizer: bool
         owner = assign({n: p.ds_numel if hasattr(p, "ds_numel") else p.numel() for n, p in params.items()}, world)
     if with_optimizer:
         _link_optimizer_state(engine)
+    layout = _pieces(engine, params, world)
     weights: dict[str, torch.Tensor] = {}
     moments: dict[str, torch.Tensor] = {}
     for name, p in params.items():
-        mine = owner[name] == rank
-        full = safe_get_full_fp32_param(p)
-        if full is None:  # no DeepSpeed optimizer wraps it (not reached with our engine)
-            full = p.detach()
-        if mine:
-            weights[name] = full.detach().to("cpu", torch.float32).clone()
-        del full
-        if with_optimizer:
-            for key in ("exp_avg", "exp_avg_sq"):
-                t = safe_get_full_optimizer_state(p, key)
-                if mine:
-                    moments[f"{key}/{name}"] = t.detach().to("cpu", torch.float32).clone()
-                del t
+        for key in (None, "exp_avg", "exp_avg_sq") if with_optimizer else (None,):
+            full = _assemble(p, key, layout[name], owner[name], rank)
+            if full is not None:
+                (weights if key is None else moments)[name if key is None else f"{key}/{name}"] = full
     opt_step = None
     if with_optimizer:
         steps = {int(s["step"]) for s in engine.optimizer.optimizer.state.values() if "step" in s}
@@ -101,6 +92,84 @@ def collect_share(engine, rank: int, world: int, with_optimizer: bool
             raise RuntimeError(f"optimizer parameter groups disagree on the step count: {sorted(steps)}")
         opt_step = steps.pop() if steps else 0
     return weights, moments, opt_step
+
+
+def _local_piece(p: torch.nn.Parameter) -> tuple[int, int]:
+    """(start, numel) of the flat fp32 master tensor that this rank's ZeRO partition holds (numel 0: none)."""
+    if hasattr(p, "ds_tensor"):  # ZeRO-3: partition r of the parameter's group holds [r·size, (r+1)·size), padded
+        size = p.ds_tensor.numel()
+        r = torch.distributed.get_rank(group=p.ds_process_group)
+        start = min(r * size, p.ds_numel)
+        return start, min((r + 1) * size, p.ds_numel) - start
+    mapping = getattr(p, "_hp_mapping", None)  # ZeRO 1/2: a fragment of the flat parameter, or none
+    if mapping is None:
+        return 0, 0
+    return int(mapping.lp_fragment_address.start), int(mapping.lp_fragment_address.numel)
+
+
+def _piece_data(p: torch.nn.Parameter, key: str | None, numel: int) -> torch.Tensor:
+    """This rank's piece of the parameter's fp32 master copy (`key` None) or of an AdamW moment."""
+    if hasattr(p, "ds_tensor"):
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        local = safe_get_local_fp32_param(p) if key is None else safe_get_local_optimizer_state(p, key)
+        return local.reshape(-1)[:numel]
+    return p._hp_mapping.get_hp_fragment(key).reshape(-1)  # type: ignore[union-attr]
+
+
+def _pieces(engine, params: Mapping[str, torch.nn.Parameter], world: int) -> dict[str, dict[int, tuple[int, int]]]:
+    """For every parameter, the ranks holding a piece of it: {rank: (start, numel)}. The ZeRO layout
+    is fixed for the engine's life, so it is exchanged (one gather of small tuples) once per engine."""
+    import torch.distributed as dist
+
+    cached = getattr(engine, "_kai_pieces", None)
+    if cached is not None:
+        return cached
+    mine = {name: piece for name, p in params.items() if (piece := _local_piece(p))[1] > 0}
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, mine)
+    out: dict[str, dict[int, tuple[int, int]]] = {}
+    for r, pieces in enumerate(every):
+        for name, piece in pieces.items():
+            out.setdefault(name, {})[r] = tuple(piece)  # type: ignore[assignment]
+    for name, p in params.items():
+        numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        got = sorted(out.get(name, {}).values())
+        if sum(n for _, n in got) != numel or any(a + n != b for (a, n), (b, _) in zip(got, got[1:])):
+            raise RuntimeError(f"the ZeRO partitions of {name} do not cover its {numel} elements once: {got[:4]}")
+    engine._kai_pieces = out
+    return out
+
+
+def _assemble(p: torch.nn.Parameter, key: str | None, pieces: Mapping[int, tuple[int, int]], owner: int,
+              rank: int) -> torch.Tensor | None:
+    """The whole tensor on its owner (a CPU float32 copy; None elsewhere): the owner receives each
+    other holder's piece, the holders send theirs to it, nobody else takes part."""
+    import torch.distributed as dist
+
+    shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+    if rank == owner:
+        buf = torch.empty(math.prod(shape), dtype=torch.float32, device=_comm_device())
+        waits = []
+        for r, (start, numel) in sorted(pieces.items()):
+            if r == rank:
+                buf[start:start + numel].copy_(_piece_data(p, key, numel))
+            else:
+                waits.append(dist.irecv(buf[start:start + numel], src=r))
+        for w in waits:
+            w.wait()
+        return buf.view(shape).to("cpu", copy=True)
+    if rank in pieces:
+        data = _piece_data(p, key, pieces[rank][1])
+        dist.send(data.to(_comm_device(), torch.float32).contiguous(), dst=owner)
+    return None
+
+
+def _comm_device() -> torch.device:
+    """Where pieces travel from: the rank's GPU under NCCL (also when ZeRO offloads them to the host), the CPU under gloo."""
+    from kai_train.engine import backend
+
+    return torch.device("cuda", torch.cuda.current_device()) if backend() == "nccl" else torch.device("cpu")
 
 
 def write_share(run_dir: Path, step: int, rank: int, world: int, weights: Mapping[str, torch.Tensor],
