@@ -8,7 +8,7 @@ Layout of one checkpoint (docs/bundle-format.md, the `checkpoint` statement):
 
 Each tensor has one owner rank (`assign`: whole tensors, balanced by bytes, a pure function of the
 names, shapes and world size), so each rank holds, writes and hashes about 1/world of the state
-(plus the largest tensor, transiently, while a collective assembles it). A tensor's leaf digest does
+(plus one tensor, transiently, while it assembles it from the pieces the other ranks send it). A tensor's leaf digest does
 not depend on which file holds it, so the canonical root is the same at any world size and ZeRO
 stage. Rank R reports its files' sha256 and leaves in a small sidecar
 (`.provenance/step-NNNNNN/rank-RRRRR.json`, written last and atomically); rank 0's provenance worker
