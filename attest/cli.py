@@ -279,7 +279,8 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
         print(f"kai-attest: error: lineage needs {e.name} (pip install 'kai-train[lineage]')", file=sys.stderr)
         return 2
 
-    given = {"alpha": args.alpha, "null_draws": args.null_draws, "seed": args.seed,
+    given = {"alpha": args.alpha, "null_draws": args.null_draws, "seed": args.seed, "layout": args.layout,
+             "reference_layout": args.reference_layout,
              "public_seeds": None if args.public_seed is None else (*PUBLIC_SEEDS, *args.public_seed)}
     opts = {k: v for k, v in given.items() if v is not None}  # unset: the defaults in attest/lineage/__init__.py
     try:
@@ -313,6 +314,10 @@ def _add_lineage_parser(sub: argparse._SubParsersAction) -> None:
                     help="a kai-init/v2 genesis seed others may have started from too (repeatable; 1234 and "
                     "the seeds reference bundles record are always tried): a component both models inherit "
                     "from it reads 'shared initialisation', not dependent")
+    ln.add_argument("--layout", metavar="NAME", help="how the candidate's tensor names are read: auto (default: "
+                    "detected from the names), kai, llama, qwen2, qwen2-vl, qwen2.5-vl, qwen2-vl-vision, siglip, "
+                    "clip, vit, llava, whisper")
+    ln.add_argument("--reference-layout", metavar="NAME", help="the same for every reference given by path")
     ln.set_defaults(func=_cmd_lineage)
 
 

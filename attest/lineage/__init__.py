@@ -54,7 +54,7 @@ from attest.chain import ChainError, read_chain
 from attest.digest import DigestError, TensorEntry, read_safetensors_index
 from attest.errors import KaiError
 from attest.layout import CHAIN_NAME, EXPORT_DIR, EXPORT_LLAMA_DIR
-from attest.lineage.names import Axis, ModelMap, Slot, component_sort_key, map_names
+from attest.lineage.names import AUTO, LAYOUTS, Axis, ModelMap, Slot, component_sort_key, map_names
 
 DEFAULT_ALPHA = 1e-3
 DEFAULT_NULL_DRAWS = 99
@@ -112,6 +112,10 @@ class Weights:
     tensors: dict[str, tuple[Path, TensorEntry]]
     genesis: Weights | None = None  # a bundle's initial weights (the positive control)
     recipe: dict[str, Any] | None = None  # a bundle's genesis recipe (name, seed, model)
+    layout: str = AUTO  # how its names are read (attest.lineage.names.LAYOUTS; auto: detected)
+
+    def map(self) -> ModelMap:
+        return map_names(self.shapes(), self.layout)
 
     def shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         return [(n, e.shape) for n, (_, e) in self.tensors.items() if e.dtype in (*_FLOAT_DTYPES, "BF16")]
@@ -333,6 +337,8 @@ def _normalise_rows(x: np.ndarray) -> tuple[np.ndarray, int]:
 
 def _orient(x: np.ndarray, slot: Slot) -> tuple[np.ndarray, tuple[Axis, ...]]:
     """Squeeze leading 1s, cut a fused row range, move the unit axis (else axis 0) first."""
+    if slot.view is not None:
+        x = x.reshape(slot.view)
     x = x.reshape(x.shape[x.ndim - len(slot.axes):]) if x.ndim > len(slot.axes) else x
     if slot.rows is not None:
         x = x[slot.rows[0]:slot.rows[1]]
@@ -453,7 +459,7 @@ def stream_fits(candidate: str | Path, reference: str | Path) -> dict[str, tuple
     """Per residual stream the two models anchor: (held-out fit, whether the map is a signed
     permutation, whether the stream is aligned), as `lineage` fits it (for calibration)."""
     cw, rw = open_weights(candidate), open_weights(reference)
-    cmap, rmap = map_names(cw.shapes()), map_names(rw.shapes())
+    cmap, rmap = cw.map(), rw.map()
     fitted = _fit_alignment(cw, cmap, rw, rmap, rotation_fit=-math.inf)  # every fitted stream
     return {s: (m.fit, m.perm, m.perm or m.fit >= ROTATION_FIT) for s, m in fitted.items()}
 
@@ -797,22 +803,31 @@ def _shared_init(rows: list[ComponentResult], cand: Weights, cmap: ModelMap, ref
                 del todo[comp]
 
 
-def lineage(candidate: str | Path, references: Iterable[str | Path], alpha: float = DEFAULT_ALPHA,
+def lineage(candidate: str | Path, references: Iterable[str | Path | Weights], alpha: float = DEFAULT_ALPHA,
             null_draws: int = DEFAULT_NULL_DRAWS, seed: int = DEFAULT_SEED,
-            max_units: int = DEFAULT_MAX_UNITS, public_seeds: Iterable[int] = PUBLIC_SEEDS) -> LineageReport:
+            max_units: int = DEFAULT_MAX_UNITS, public_seeds: Iterable[int] = PUBLIC_SEEDS,
+            layout: str = AUTO, reference_layout: str = AUTO) -> LineageReport:
     """Test every component of `candidate` against every reference (and against its own genesis
-    when the candidate is a bundle)."""
+    when the candidate is a bundle). A reference is a path or already opened `Weights` (a registry
+    entry); `layout` and `reference_layout` say how names are read (auto: detected per model)."""
     if null_draws < 9 or not 0 < alpha < 1:
         raise LineageInputError(f"null draws must be at least 9 (got {null_draws}) and alpha in (0, 1) (got {alpha})")
+    for name in (layout, reference_layout):
+        if name != AUTO and name not in LAYOUTS:
+            raise LineageInputError(f"unknown layout {name!r} (known: {AUTO}, {', '.join(LAYOUTS)})")
     cand = open_weights(candidate, with_genesis=True)
-    refs = [open_weights(r) for r in references]
-    cmap = map_names(cand.shapes())
+    cand.layout = layout
+    refs = [r if isinstance(r, Weights) else open_weights(r) for r in references]
+    for r in refs:
+        if r.layout == AUTO:
+            r.layout = reference_layout
+    cmap = cand.map()
     unmatched = {cand.label: cand.non_float() + cmap.unmatched}
     results: list[ComponentResult] = []
     labels: list[str] = []
     pairs: list[tuple[Weights, ModelMap, list[ComponentResult]]] = []
     for ref in refs:
-        rmap = map_names(ref.shapes())
+        rmap = ref.map()
         label = ref.label if ref.label not in labels and ref.label != cand.label else f"{ref.label}#{len(labels) + 1}"
         labels.append(label)
         unmatched[label] = ref.non_float() + rmap.unmatched

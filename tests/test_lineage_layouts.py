@@ -1,0 +1,210 @@
+"""Lineage on public layouts: Qwen2 (Llama-style) decoders, the Qwen2-VL and Qwen2.5-VL vision towers,
+SigLIP and the Whisper encoder, each built by `transformers` from its config class (small, random
+init, nothing downloaded) and written by `save_pretrained`, so the names are the ones public
+checkpoints carry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch", reason="the train extra; not on the evaluator's light install")
+transformers = pytest.importorskip("transformers", reason="builds the public layouts")
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from attest.cli import main as cli_main  # noqa: E402
+from attest.lineage import LineageReport, lineage, open_weights  # noqa: E402
+from attest.lineage.names import NOT_COMPARED, map_names  # noqa: E402
+from kai_train.init import build_genesis_model  # noqa: E402
+from kai_train.model import ModelConfig  # noqa: E402
+
+DRAWS = 49
+CFG = ModelConfig()  # the kai-train tiny preset, for the cross-layout graft
+
+
+def qwen2(tie: bool = False, layers: int = 2) -> torch.nn.Module:
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=CFG.vocab_size, hidden_size=CFG.dim, intermediate_size=CFG.ffn_hidden, num_hidden_layers=layers,
+        num_attention_heads=CFG.n_heads, num_key_value_heads=CFG.n_kv_heads, tie_word_embeddings=tie))
+
+
+def qwen2_vl() -> torch.nn.Module:
+    return transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(
+        text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=4,
+                           temporal_patch_size=2, spatial_merge_size=2)))
+
+
+def qwen25_vl() -> torch.nn.Module:
+    return transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2),
+        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=4,
+                           patch_size=4, temporal_patch_size=2, spatial_merge_size=2, fullatt_block_indexes=[1])))
+
+
+def siglip() -> torch.nn.Module:
+    return transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=4))
+
+
+def whisper() -> torch.nn.Module:
+    return transformers.WhisperModel(transformers.WhisperConfig(
+        vocab_size=128, num_mel_bins=16, encoder_layers=2, decoder_layers=1, d_model=32, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_source_positions=64,
+        max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1))
+
+
+# layout -> (builder, parts detected, components mapped, a block to graft (saved-name prefix, component),
+# prefixes of the tensors expected unmatched)
+LAYOUTS: dict[str, tuple[Callable[[], torch.nn.Module], tuple[str, ...], set[str], tuple[str, str], tuple[str, ...]]] = {
+    "qwen2": (qwen2, ("llama",), {"text.embed", "text.block.0", "text.block.1", "text.lm_head", "text.norm"},
+              ("model.layers.1.", "text.block.1"), ()),
+    "qwen2-vl": (qwen2_vl, ("llama", "qwen2-vl-vision"),
+                 {"text.embed", "text.block.0", "text.lm_head", "text.norm", "vision.embed", "vision.block.0",
+                  "vision.block.1", "vision.norm", "vision.projector"}, ("visual.blocks.1.", "vision.block.1"), ()),
+    "qwen2.5-vl": (qwen25_vl, ("llama", "qwen2-vl-vision"),
+                   {"text.embed", "text.block.0", "text.lm_head", "text.norm", "vision.embed", "vision.block.0",
+                    "vision.block.1", "vision.norm", "vision.projector"}, ("visual.blocks.0.", "vision.block.0"), ()),
+    "siglip": (siglip, ("clip",), {"vision.embed", "vision.block.0", "vision.block.1", "vision.norm"},
+               ("encoder.layers.1.", "vision.block.1"), ("head.",)),
+    "whisper": (whisper, ("whisper",), {"speech.embed", "speech.block.0", "speech.block.1", "speech.norm"},
+                ("encoder.layers.0.", "speech.block.0"), ("decoder.", "encoder.embed_positions.")),
+}
+
+
+def _saved(build: Callable[[], torch.nn.Module], seed: int, out: Path) -> Path:
+    torch.manual_seed(seed)
+    build().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    """Two independently initialised models of every layout, as save_pretrained writes them."""
+    d = tmp_path_factory.mktemp("layouts")
+    return {name: [_saved(spec[0], seed, d / f"{name}-{seed}") for seed in (1, 2)] for name, spec in LAYOUTS.items()}
+
+
+def _by_component(report: LineageReport) -> dict[str, str]:
+    return {r.component: r.verdict for r in report.results}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_public_layout_maps_onto_lineage_components(models: dict[str, list[Path]], layout: str) -> None:
+    _, parts, components, _, expected_unmatched = LAYOUTS[layout]
+    shapes = open_weights(models[layout][0]).shapes()
+    for given in ("auto", layout):  # detected from the names, or named
+        m = map_names(shapes, given)
+        assert m.parts == parts and set(m.components) == components, (given, sorted(m.components))
+        assert all(u.startswith(expected_unmatched) for u in m.unmatched), m.unmatched
+    if layout == "whisper":  # the sinusoidal position table is identical in every Whisper model
+        assert any(u.startswith("encoder.embed_positions.") and NOT_COMPARED in u for u in m.unmatched)
+    if layout.startswith("qwen2"):
+        vision = m.components.get("vision.block.0", {})
+        if vision:  # the fused qkv is split into q, k and v; the merger is the projector
+            assert {"attn.q", "attn.k", "attn.v"} <= set(vision)
+            assert set(m.components["vision.projector"]) == {"in", "in.bias", "out", "out.bias"}
+            assert m.components["vision.projector"]["in"].view == (128, 4, 32)
+
+
+def test_a_layout_named_for_other_names_maps_nothing_of_them(models: dict[str, list[Path]]) -> None:
+    # SigLIP and a bare Whisper encoder both name blocks `encoder.layers.N.self_attn.q_proj`: read as
+    # Whisper, the SigLIP tower has no speech front end, and its attention is not taken for speech.
+    m = map_names(open_weights(models["siglip"][0]).shapes(), "whisper")
+    assert not any(c.startswith("vision.") for c in m.components)
+    assert "speech.embed" not in m.components
+    with pytest.raises(ValueError, match="unknown layout 'gpt9'"):
+        map_names([], "gpt9")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_independent_public_models_are_independent_and_a_grafted_block_is_dependent(
+        models: dict[str, list[Path]], layout: str, tmp_path: Path) -> None:
+    a, b = models[layout]
+    report = lineage(a, [b], null_draws=DRAWS)
+    assert report.dependent == [], [r.line() for r in report.dependent]
+    assert any(r.verdict == "independent" for r in report.results)
+    # B with one block of A pasted in (every tensor of that block, biases and norms too)
+    prefix, component = LAYOUTS[layout][3]
+    sa, sb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    moved = {k for k in sa if k.startswith(prefix)}
+    assert moved
+    cand = tmp_path / "graft.safetensors"
+    save_file({**sb, **{k: sa[k] for k in moved}}, str(cand))
+    verdicts = _by_component(lineage(cand, [a], null_draws=DRAWS))
+    assert verdicts[component] == "dependent", verdicts
+    assert [c for c, v in verdicts.items() if v == "dependent"] == [component], verdicts
+
+
+def _rotate(sd: dict[str, torch.Tensor], r: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A Qwen2 model with its residual stream mapped by the orthogonal `r` (x -> x r): RMSNorm gains at 1
+    commute with it, so the model computes the same function."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(("embed_tokens.weight", "lm_head.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight",
+                       "gate_proj.weight", "up_proj.weight")):
+            v = v @ r
+        elif k.endswith(("o_proj.weight", "down_proj.weight")):
+            v = r.T @ v
+        else:
+            assert k.endswith(("norm.weight", "bias")) and (not k.endswith("norm.weight") or bool((v == 1).all())), k
+        out[k] = v.contiguous()
+    return out
+
+
+@pytest.mark.parametrize("transform", ["rotation", "signed permutation"])
+def test_a_foreign_qwen2_block_inside_a_rotated_copy_is_named_on_both_sides(
+        models: dict[str, list[Path]], tmp_path: Path, transform: str) -> None:
+    a, b = models["qwen2"]
+    sa, sb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    if transform == "rotation":
+        r = torch.linalg.qr(torch.randn(CFG.dim, CFG.dim, generator=g))[0]
+    else:
+        r = torch.eye(CFG.dim)[torch.randperm(CFG.dim, generator=g)] * torch.where(
+            torch.rand(CFG.dim, generator=g) < 0.5, -1.0, 1.0)
+    moved = _rotate(sa, r)
+    model = qwen2().eval()
+    tokens = torch.randint(0, CFG.vocab_size, (2, 12), generator=g)
+    with torch.no_grad():
+        model.load_state_dict(sa)
+        want = model(tokens).logits
+        model.load_state_dict(moved)
+        torch.testing.assert_close(model(tokens).logits, want, atol=1e-4, rtol=1e-4)  # the disguise is free
+    moved.update({k: v for k, v in sb.items() if k.startswith("model.layers.1.")})  # B's block 1, as it is
+    cand = tmp_path / "cand.safetensors"
+    save_file(moved, str(cand))
+    vs_a = _by_component(lineage(cand, [a], null_draws=DRAWS))
+    assert {c for c, v in vs_a.items() if v == "dependent"} == {"text.embed", "text.block.0", "text.lm_head"}, vs_a
+    vs_b = _by_component(lineage(cand, [b], null_draws=DRAWS))
+    assert {c for c, v in vs_b.items() if v == "dependent"} == {"text.block.1"}, vs_b
+
+
+def test_a_qwen2_block_grafted_into_a_kai_train_model_is_found(models: dict[str, list[Path]], tmp_path: Path) -> None:
+    # The kai-train tiny preset with its decoder block 1 taken from a Qwen2 checkpoint (renamed to our
+    # names); the reference is the Qwen2 folder as save_pretrained wrote it: each side's layout is detected.
+    qa = models["qwen2"][0]
+    sa = load_file(str(qa / "model.safetensors"))
+    ours = {k: v.detach().clone().contiguous() for k, v in build_genesis_model(CFG, 31)[0].state_dict().items()}
+    names = {"self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
+             "self_attn.o_proj": "attn.wo", "mlp.gate_proj": "mlp.w1", "mlp.up_proj": "mlp.w3",
+             "mlp.down_proj": "mlp.w2"}
+    plain = tmp_path / "kai.safetensors"
+    save_file(ours, str(plain))
+    for hf, kai in names.items():
+        ours[f"text.layers.1.{kai}.weight"] = sa[f"model.layers.1.{hf}.weight"]
+    cand = tmp_path / "kai_graft.safetensors"
+    save_file(ours, str(cand))
+    report = lineage(cand, [qa], null_draws=DRAWS)
+    assert [r.component for r in report.dependent] == ["text.block.1"], [r.line() for r in report.results]
+    assert lineage(plain, [qa], null_draws=DRAWS).dependent == []
+    # the CLI names the layouts the same way; an unknown one is a usage error naming it
+    assert cli_main(["lineage", str(cand), "--reference", str(qa), "--layout", "kai", "--reference-layout",
+                     "qwen2", "--null-draws", "19"]) == 1
+    assert cli_main(["lineage", str(cand), "--reference", str(qa), "--layout", "gpt9"]) == 2
