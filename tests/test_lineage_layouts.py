@@ -6,6 +6,8 @@ checkpoints carry.
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from attest.cli import main as cli_main  # noqa: E402
+from attest.digest import sha256_file  # noqa: E402
 from attest.lineage import LineageReport, lineage, open_weights  # noqa: E402
 from attest.lineage.names import NOT_COMPARED, map_names  # noqa: E402
 from kai_train.init import build_genesis_model  # noqa: E402
@@ -208,3 +211,57 @@ def test_a_qwen2_block_grafted_into_a_kai_train_model_is_found(models: dict[str,
     assert cli_main(["lineage", str(cand), "--reference", str(qa), "--layout", "kai", "--reference-layout",
                      "qwen2", "--null-draws", "19"]) == 1
     assert cli_main(["lineage", str(cand), "--reference", str(qa), "--layout", "gpt9"]) == 2
+
+
+def _registry(path: Path, entries: list[dict]) -> Path:
+    path.write_text(json.dumps({"format": "kai-lineage-registry/v1", "references": entries}))
+    return path
+
+
+def test_registry_names_references_and_checks_their_digests_first(
+        models: dict[str, list[Path]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = models["qwen2"][0] / "model.safetensors"
+    root = tmp_path / "downloads"
+    (root / "qwen2-a").mkdir(parents=True)
+    shutil.copyfile(a, root / "qwen2-a" / "model.safetensors")
+    entry = {"name": "qwen2-a", "layout": "qwen2", "source": "made by this test",
+             "files": [{"path": "model.safetensors", "sha256": sha256_file(a)}]}
+    reg = _registry(tmp_path / "registry.json", [entry])
+    cand = models["qwen2"][1]
+
+    def run(*extra: str) -> tuple[int, str, str]:
+        rc = cli_main(["lineage", str(cand), "--registry", str(reg), "--registry-root", str(root), "--json",
+                       "--null-draws", "19", *extra])
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    rc, out, err = run("--reference-name", "qwen2-a")
+    assert rc == 0 and json.loads(out)["references"] == ["qwen2-a"], err
+    # the same entry by name, against a candidate that holds its block 1: dependent there
+    sb = load_file(str(cand / "model.safetensors"))
+    graft = tmp_path / "graft.safetensors"
+    save_file({**sb, **{k: v for k, v in load_file(str(a)).items() if k.startswith("model.layers.1.")}}, str(graft))
+    assert cli_main(["lineage", str(graft), "--registry", str(reg), "--registry-root", str(root),
+                     "--reference-name", "qwen2-a", "--null-draws", "19", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["dependent_components"] == ["text.block.1 <- qwen2-a"]
+
+    # each problem: exit 2, one line naming the file and what is wrong
+    def refused(entries: list[dict] | None, want: str, name: str = "qwen2-a") -> None:
+        if entries is not None:
+            _registry(reg, entries)
+        rc, _, err = run("--reference-name", name)
+        assert rc == 2 and err.count("\n") == 1 and want in err, err
+
+    refused(None, "no reference named 'other'", name="other")
+    refused([{**entry, "sha": "x"}], "unknown field(s) sha")
+    refused([{**entry, "name": "../up"}], "not a plain folder name")
+    refused([{**entry, "layout": "gpt9"}], "not a known layout")
+    refused([{**entry, "files": [{"path": "../model.safetensors", "sha256": "0" * 64}]}], "path leaves")
+    refused([{**entry, "files": [{"path": "model.safetensors", "sha256": "0" * 64}]}],
+            f"records {'0' * 64} for 'qwen2-a'")
+    refused([entry, entry], "appears twice")
+    _registry(reg, [entry])
+    (root / "qwen2-a" / "model.safetensors").unlink()
+    refused(None, "model.safetensors")
+    reg.write_text('{"format": "kai-lineage-registry/v1", "references": [], "references": []}')
+    refused(None, "registry.json")
