@@ -265,3 +265,34 @@ def test_registry_names_references_and_checks_their_digests_first(
     refused(None, "model.safetensors")
     reg.write_text('{"format": "kai-lineage-registry/v1", "references": [], "references": []}')
     refused(None, "registry.json")
+
+
+def _renumbered(sd: dict[str, torch.Tensor], keep: list[int]) -> dict[str, torch.Tensor]:
+    """The model with decoder layers `keep` (in that order, repeats allowed) as layers 0, 1, 2 ..."""
+    out = {k: v for k, v in sd.items() if not k.startswith("model.layers.")}
+    for new, old in enumerate(keep):
+        p = f"model.layers.{old}."
+        out.update({f"model.layers.{new}.{k[len(p):]}": v.clone() for k, v in sd.items() if k.startswith(p)})
+    return out
+
+
+def test_layers_kept_from_a_deeper_model_are_matched_to_their_source_layers(tmp_path: Path) -> None:
+    deep = _saved(lambda: qwen2(layers=4), 7, tmp_path / "deep")
+    sd = load_file(str(deep / "model.safetensors"))
+    pruned, grown = tmp_path / "pruned.safetensors", tmp_path / "grown.safetensors"
+    save_file(_renumbered(sd, [0, 2, 3]), str(pruned))
+    save_file(_renumbered(sd, [0, 1, 2, 2, 3]), str(grown))  # layer 2 duplicated
+    for cand, want in ((pruned, ["block.0", "block.2", "block.3"]), (grown, ["block.0", "block.1", "block.2",
+                                                                                "block.2", "block.3"])):
+        report = lineage(cand, [deep], null_draws=DRAWS)
+        blocks = [r for r in report.results if ".block." in r.component]
+        assert [r.component for r in blocks] == [f"text.block.{i}" for i in range(len(want))]
+        assert [r.matched for r in blocks] == [f"text.{w}" for w in want], [r.line() for r in blocks]
+        assert all(r.verdict == "dependent" and r.p_value < 1e-6 for r in blocks), [r.line() for r in blocks]
+        assert cand == grown or "text.block.1~block.2" in "\n".join(report.lines())
+    # an independent 3-layer model: every block matched to some layer, none dependent (the null takes
+    # the same maximum over the reference's layers)
+    other = _saved(lambda: qwen2(layers=3), 8, tmp_path / "other")
+    report = lineage(other, [deep], null_draws=DRAWS)
+    assert report.dependent == [], [r.line() for r in report.dependent]
+    assert len([r for r in report.results if r.matched]) == 3

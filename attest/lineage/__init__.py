@@ -92,6 +92,9 @@ MAX_ALIGN_DIM = 8192  # wider streams are not aligned: three SVDs of d x d bound
 # fitted on them would carry learnt structure, not copying, into the blocks. A copy trained on for
 # 7.5x its base's steps still fits 0.79 (text).
 ROTATION_FIT = 0.7
+# Stacks of different depths are matched block to block when candidate x reference blocks is at most
+# this many (each pair is one comparison per null draw; its matrices are held at once).
+MAX_ACROSS = 4096
 
 _FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
@@ -526,6 +529,48 @@ class _Plan:
         return out
 
 
+@dataclass
+class _Across:
+    """A candidate block of a stack whose depth differs from the reference's (pruned or grown): its
+    statistic is the largest over every reference block of that stack, in every draw alike (so the
+    null is that of the maximum), and the block it was matched to is the one that gives it at draw 0."""
+
+    component: str
+    plans: list[tuple[str, _Plan]]  # (reference block, plan), each with terms
+    best: int = 0
+
+    def values(self, draws: list[dict[str, np.ndarray]]) -> np.ndarray:
+        per = np.stack([p.values(draws) for _, p in self.plans])  # (reference blocks, draws)
+        self.best = int(per[:, 0].argmax())  # draw 0 is the identity: the observed match
+        return per.max(axis=0)
+
+    def streams(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for _, p in self.plans:
+            out.update(p.streams())
+        return out
+
+    @property
+    def matched(self) -> str:
+        return self.plans[self.best][0]
+
+    # what the row reports is the matched plan's
+    roles = property(lambda self: self.plans[self.best][1].roles)
+    skipped = property(lambda self: self.plans[self.best][1].skipped)
+    raw_cosine = property(lambda self: self.plans[self.best][1].raw_cosine)
+    norm_only = property(lambda self: self.plans[self.best][1].norm_only)
+
+
+def _blocks(m: ModelMap) -> dict[str, list[str]]:
+    """family -> its block components, in layer order."""
+    out: dict[str, list[str]] = {}
+    for comp in sorted(m.components, key=component_sort_key):
+        family, _, rest = comp.partition(".")
+        if rest.startswith("block."):
+            out.setdefault(family, []).append(comp)
+    return out
+
+
 def _load(w: Weights, slot: Slot) -> np.ndarray:
     """The slot's tensor, or its parts (a block's experts) joined along the unit axis."""
     if not slot.parts:
@@ -619,6 +664,7 @@ class ComponentResult:
     skipped: list[str] = field(default_factory=list)
     reason: str = ""
     shared_init: str = ""  # the public genesis both models descend from ("kai-init/v2 seed 1234")
+    matched: str = ""  # the reference block it was matched to, when the two stacks' depths differ
 
     def line(self) -> str:
         ref = f"{self.reference}{' [control]' if self.control else ''}"
@@ -626,7 +672,8 @@ class ComponentResult:
             return f"{self.verdict:<15} {self.component:<20} ref={ref}  ({self.reason})"
         cos = f"  raw-cos={self.raw_cosine:.3f} (not used)" if self.raw_cosine is not None else ""
         shared = f"  ({self.reason})" if self.shared_init else ""
-        return (f"{self.verdict:<15} {self.component:<20} ref={ref}  p={self.p_value:.2e} "
+        comp = f"{self.component}~{self.matched.partition('.')[2]}" if self.matched else self.component
+        return (f"{self.verdict:<15} {comp:<20} ref={ref}  p={self.p_value:.2e} "
                 f"(threshold {self.threshold:.1e}, p_perm={self.p_perm:.3f})  stat={self.statistic:.4f} "
                 f"null={self.null_mean:.4f}±{self.null_sd:.4f} z={self.z:.1f}{cos}{shared}")
 
@@ -695,12 +742,28 @@ def _compare(cand: Weights, cmap: ModelMap, ref: Weights, rmap: ModelMap, label:
              null_draws: int, seed: int, max_units: int, only: set[str] | None = None) -> list[ComponentResult]:
     rng = np.random.default_rng(seed)
     results: list[ComponentResult] = []
-    plans: list[_Plan] = []
     # The candidate is brought into the reference's residual-stream coordinates first (fitted on the
     # anchors); the null then permutes the reference's streams as before, the candidate fixed.
     align = _fit_alignment(cand, cmap, ref, rmap)
+    # Stacks whose depths differ (a pruned or grown model): each candidate block is matched to the
+    # reference block it is most like, under the null too (`_Across`), not compared index to index.
+    cb, rb = _blocks(cmap), _blocks(rmap)
+    across = {f for f in set(cb) & set(rb) if len(cb[f]) != len(rb[f]) and len(cb[f]) * len(rb[f]) <= MAX_ACROSS}
+    plans: list[_Plan | _Across] = []
+    for f in sorted(across):
+        for comp in cb[f]:
+            if only is not None and comp not in only:
+                continue
+            pairs = [(r, _plan_component(comp, cand, cmap.components[comp], ref, rmap.components[r], max_units, rng,
+                                         align)) for r in rb[f]]
+            usable = [(r, p) for r, p in pairs if p.terms]
+            if usable:
+                plans.append(_Across(comp, usable))
+            else:
+                results.append(ComponentResult(comp, label, "not comparable", control, raw_cosine=pairs[0][1].raw_cosine,
+                                               skipped=pairs[0][1].skipped, reason=pairs[0][1].reason))
     for comp in sorted(set(cmap.components) | set(rmap.components), key=component_sort_key):
-        if only is not None and comp not in only:
+        if only is not None and comp not in only or comp.partition(".")[0] in across and ".block." in comp:
             continue
         if comp not in rmap.components or comp not in cmap.components:
             side = "reference" if comp not in rmap.components else "candidate"
@@ -729,7 +792,8 @@ def _compare(cand: Weights, cmap: ModelMap, ref: Weights, rmap: ModelMap, label:
         mean, sd, z, pv, pp = _p_values(obs[j], null[:, j])
         results.append(ComponentResult(
             p.component, label, "", control, statistic=float(obs[j]), null_mean=mean, null_sd=sd, z=z, p_value=pv,
-            p_perm=pp, raw_cosine=p.raw_cosine, norm_only=p.norm_only, roles=p.roles, skipped=p.skipped))
+            p_perm=pp, raw_cosine=p.raw_cosine, norm_only=p.norm_only, roles=p.roles, skipped=p.skipped,
+            matched=p.matched if isinstance(p, _Across) else ""))
     return results
 
 

@@ -85,8 +85,9 @@ def _plot(report: LineageReport) -> str:
 def _row(r: ComponentResult) -> str:
     cls = {"dependent": "dep", "independent": "ind", "shared initialisation": "shared"}.get(r.verdict, "nc")
     compared = [f"compared {', '.join(r.roles)}"] if r.roles else []
+    matched = [f"matched to the reference's {r.matched} (the stacks' depths differ)"] if r.matched else []
     details = r.reason if r.verdict == "not comparable" else "; ".join(
-        ([r.reason] if r.shared_init else []) + compared + r.skipped)
+        matched + ([r.reason] if r.shared_init else []) + compared + r.skipped)
     cells = [r.component, r.reference + (" [control]" if r.control else ""), r.verdict,
              _fmt(r.p_value, ".2e"), _fmt(r.threshold, ".1e"), _fmt(r.p_perm, ".3f"), _fmt(r.statistic, ".4f"),
              "" if r.null_mean is None else f"{r.null_mean:.4f} ± {r.null_sd:.4f}", _fmt(r.z, ".1f"),
