@@ -7,8 +7,11 @@ checkpoints carry.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from attest.cli import main as cli_main  # noqa: E402
 from attest.digest import sha256_file  # noqa: E402
 from attest.lineage import LineageReport, lineage, open_weights  # noqa: E402
 from attest.lineage.names import NOT_COMPARED, map_names  # noqa: E402
+from attest.lineage.report import render_html  # noqa: E402
 from kai_train.init import build_genesis_model  # noqa: E402
 from kai_train.model import ModelConfig  # noqa: E402
 
@@ -296,3 +300,66 @@ def test_layers_kept_from_a_deeper_model_are_matched_to_their_source_layers(tmp_
     report = lineage(other, [deep], null_draws=DRAWS)
     assert report.dependent == [], [r.line() for r in report.dependent]
     assert len([r for r in report.results if r.matched]) == 3
+
+
+class _Rows(HTMLParser):
+    """The report table's rows: (cells' text, the inline SVG of the last cell or '')."""
+
+    def __init__(self, page: str) -> None:
+        super().__init__()
+        self.page, self.rows, self.cells, self.svg_at = page, [], [], None
+        self.feed(page)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "tr":
+            self.cells = []
+        elif tag == "td":
+            self.cells.append("")
+        elif tag == "svg" and dict(attrs).get("class") == "null":
+            line, col = self.getpos()
+            self.svg_at = sum(len(x) for x in self.page.splitlines(True)[:line - 1]) + col
+
+    def handle_data(self, data: str) -> None:
+        if self.cells and self.svg_at is None:
+            self.cells[-1] += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "tr" and self.cells:
+            svg = ""
+            if self.svg_at is not None:
+                svg = self.page[self.svg_at:self.page.index("</svg>", self.svg_at) + len("</svg>")]
+            self.rows.append((self.cells, svg))
+            self.svg_at = None
+
+
+def test_html_report_draws_each_observed_statistic_against_its_null(models: dict[str, list[Path]],
+                                                                    tmp_path: Path) -> None:
+    a, b = models["qwen2"]
+    sb = load_file(str(b / "model.safetensors"))
+    cand = tmp_path / "graft.safetensors"
+    save_file({**sb, **{k: v for k, v in load_file(str(a / "model.safetensors")).items()
+                        if k.startswith("model.layers.1.")}}, str(cand))
+    report = lineage(cand, [a], null_draws=DRAWS)
+    page = render_html(report)
+    assert "<script" not in page and not re.search(r"(src|href)=", page)
+    rows = [r for r in _Rows(page).rows if r[0][0] in {x.component for x in report.results}]
+    assert len(rows) == len(report.results)
+    verdicts = {}
+    for (cells, svg), r in zip(rows, report.results):
+        assert cells[0] == r.component
+        if r.statistic is None:
+            assert svg == ""
+            continue
+        root = ET.fromstring(svg)
+        ns = "{http://www.w3.org/2000/svg}"
+        bins = root.findall(f"{ns}rect")
+        drawn = sum(int(b.find(f"{ns}title").text.split()[0]) for b in bins)
+        assert drawn == DRAWS  # every null draw is in the histogram
+        (obs,) = [el for el in root.findall(f"{ns}line") if el.get("class") == "observed"]
+        x = float(obs.get("x1"))
+        right = max(float(b.get("x")) + float(b.get("width")) for b in bins)
+        above_all = x > right
+        assert above_all == (r.p_perm == pytest.approx(1 / (DRAWS + 1))), (r.line(), x, right)
+        verdicts[r.component] = (r.verdict, above_all)
+    assert verdicts["text.block.1"] == ("dependent", True)
+    assert verdicts["text.block.0"][0] == "independent"

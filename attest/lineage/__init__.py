@@ -665,6 +665,7 @@ class ComponentResult:
     reason: str = ""
     shared_init: str = ""  # the public genesis both models descend from ("kai-init/v2 seed 1234")
     matched: str = ""  # the reference block it was matched to, when the two stacks' depths differ
+    null_values: list[float] = field(default_factory=list)  # the statistic under each null draw
 
     def line(self) -> str:
         ref = f"{self.reference}{' [control]' if self.control else ''}"
@@ -793,7 +794,7 @@ def _compare(cand: Weights, cmap: ModelMap, ref: Weights, rmap: ModelMap, label:
         results.append(ComponentResult(
             p.component, label, "", control, statistic=float(obs[j]), null_mean=mean, null_sd=sd, z=z, p_value=pv,
             p_perm=pp, raw_cosine=p.raw_cosine, norm_only=p.norm_only, roles=p.roles, skipped=p.skipped,
-            matched=p.matched if isinstance(p, _Across) else ""))
+            matched=p.matched if isinstance(p, _Across) else "", null_values=[float(v) for v in null[:, j]]))
     return results
 
 
