@@ -111,7 +111,8 @@ QWENVL_BLOCK = {
 # A layout is the set of *parts* a checkpoint is made of (a decoder, a vision tower, a projector, a
 # speech encoder), each with the prefixes its tensors sit under, its block pattern (group i, the layer
 # index) with a suffix table, and its whole-name rules. `{P}` in a rule is the part's prefix. A part is
-# *detected* when a tensor matches its signature; `map_names` uses the detected parts only, so two
+# *detected* when a tensor matches its signature (a front end, or a block tensor no other part names
+# alike, so one shard of a sharded checkpoint is read too); `map_names` uses the detected parts only, so two
 # parts that name alike (a SigLIP tower and a Whisper encoder saved bare: `encoder.layers.N.self_attn.
 # q_proj`) never take each other's tensors. With none detected, every part is tried in order.
 
@@ -173,7 +174,7 @@ PARTS: dict[str, Part] = {p.name: p for p in [
              (r"{P}pre_layrnorm\.weight", "norm", "*pre", "S"), (r"{P}pre_layrnorm\.bias", "norm", "*pre.bias", "S"),
              (r"{P}post_layernorm\.weight", "norm", "*final", "S"),
              (r"{P}post_layernorm\.bias", "norm", "*final.bias", "S")]),
-         r"{P}embeddings\.patch_embedding\.weight"),
+         r"{P}(?:embeddings\.patch_embedding\.weight|encoder\.layers\.\d+\.layer_norm1\.weight)"),
     Part("vit", "vision", r"vit\.", r"encoder\.layer\.(?P<i>\d+)\.", VIT_BLOCK, _rules("vision", [
         (r"{P}embeddings\.patch_embeddings\.projection\.weight", "embed", "patch", "S F*"),
         (r"{P}embeddings\.patch_embeddings\.projection\.bias", "embed", "patch.bias", "S"),
@@ -192,7 +193,7 @@ PARTS: dict[str, Part] = {p.name: p for p in [
              (r"{P}merger\.mlp\.0\.bias", "projector", "in.bias", "U:proj"),
              (r"{P}merger\.mlp\.2\.weight", "projector", "out", "T U:proj"),
              (r"{P}merger\.mlp\.2\.bias", "projector", "out.bias", "T")]),
-         r"{P}patch_embed\.proj\.weight"),
+         r"{P}(?:patch_embed\.proj\.weight|blocks\.\d+\.attn\.qkv\.weight)"),
     Part("llava-projector", "vision", r"(?:model\.)?multi_modal_projector\.", "$^", {}, _rules("vision", [
         (rf"{{P}}linear_{1 if r.startswith('in') else 2}\.{'bias' if r.endswith('bias') else 'weight'}",
          "projector", r, spec) for r, spec in _PROJ]), r"{P}linear_1\.weight"),
@@ -204,7 +205,7 @@ PARTS: dict[str, Part] = {p.name: p for p in [
              (r"{P}conv2\.weight", "embed", "conv2", "S S F*"), (r"{P}conv2\.bias", "embed", "conv2.bias", "S"),
              (r"{P}embed_positions\.weight", "", NOT_COMPARED, "-"),
              (r"{P}layer_norm\.weight", "norm", "*final", "S"), (r"{P}layer_norm\.bias", "norm", "*final.bias", "S")]),
-         r"{P}conv1\.weight"),
+         r"{P}(?:conv1\.weight|layers\.\d+\.self_attn_layer_norm\.weight)"),
 ]}
 
 # The names `--layout` accepts: each a tuple of parts (auto: the parts detected from the names).
