@@ -854,12 +854,14 @@ def _shared_init(rows: list[ComponentResult], cand: Weights, cmap: ModelMap, ref
             # the reference is compared only where the candidate is closer to the genesis than to it
             only = {comp for comp, row in todo.items() if descends(c_rows.get(comp), row)
                     and (c_rows[comp].statistic or 0.0) >= (row.statistic or 0.0)}
+            # (a block matched across depths is the reference's matched block there)
+            r_only = {todo[comp].matched or comp for comp in only}
             r_rows = {r.component: r for r in _compare(ref, rmap, gr, map_names(gr.shapes()), label, False,
-                                                       null_draws, seed, max_units, only)} if only else {}
+                                                       null_draws, seed, max_units, r_only)} if only else {}
         except ValueError:  # shapes no kai-init genesis can have: nothing shared with it
             continue
         for comp, row in list(todo.items()):
-            c, r = c_rows.get(comp), r_rows.get(comp)
+            c, r = c_rows.get(comp), r_rows.get(row.matched or comp)
             if comp in only and c is not None and r is not None and descends(r, row):
                 row.verdict, row.shared_init = SHARED, label
                 row.reason = (f"{SHARED} ({label}): both descend from this public genesis, candidate p={c.p_value:.1e} "
