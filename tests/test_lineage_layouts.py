@@ -367,3 +367,20 @@ def test_html_report_draws_each_observed_statistic_against_its_null(models: dict
         verdicts[r.component] = (r.verdict, above_all)
     assert verdicts["text.block.1"] == ("dependent", True)
     assert verdicts["text.block.0"][0] == "independent"
+
+
+def test_a_tied_qwen2_head_is_absent_and_its_embedding_still_compared(models: dict[str, list[Path]],
+                                                                      tmp_path: Path) -> None:
+    tied = _saved(lambda: qwen2(tie=True), 3, tmp_path / "tied")
+    shapes = open_weights(tied).shapes()
+    assert not any(n.startswith("lm_head") for n, _ in shapes)  # save_pretrained drops a tied head
+    assert "text.lm_head" not in map_names(shapes).components
+    a = models["qwen2"][0]
+    sd = load_file(str(tied / "model.safetensors"))
+    sd["model.embed_tokens.weight"] = load_file(str(a / "model.safetensors"))["model.embed_tokens.weight"]
+    cand = tmp_path / "tied_copy.safetensors"
+    save_file(sd, str(cand))
+    res = {r.component: r for r in lineage(cand, [a], null_draws=DRAWS).results}
+    assert res["text.embed"].verdict == "dependent", res["text.embed"].line()
+    assert res["text.lm_head"].verdict == "not comparable" and "absent in the candidate" in res["text.lm_head"].reason
+    assert [c for c, r in res.items() if r.verdict == "dependent"] == ["text.embed"]
