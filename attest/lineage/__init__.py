@@ -54,7 +54,7 @@ from attest.chain import ChainError, read_chain
 from attest.digest import DigestError, TensorEntry, read_safetensors_index
 from attest.errors import KaiError
 from attest.layout import CHAIN_NAME, EXPORT_DIR, EXPORT_LLAMA_DIR
-from attest.lineage.names import AUTO, LAYOUTS, Axis, ModelMap, Slot, component_sort_key, map_names
+from attest.lineage.names import AUTO, LAYOUTS, NOT_COMPARED, Axis, ModelMap, Slot, component_sort_key, map_names
 
 DEFAULT_ALPHA = 1e-3
 DEFAULT_NULL_DRAWS = 99
@@ -597,6 +597,9 @@ def _plan_component(comp: str, cw: Weights, cs: dict[str, Slot], rw: Weights, rs
                 alt = _plan_component(comp, cw, cs, rw, rs, max_units, rng, align, keep)
                 plan.alt = alt if alt.terms else None
     for role in sorted((set(cs) | set(rs)) if roles is None else roles):
+        if role in cs and cs[role].anchor_only or role in rs and rs[role].anchor_only:
+            plan.skipped.append(f"{role}: {NOT_COMPARED}")
+            continue
         if role not in rs or role not in cs:
             plan.skipped.append(f"{role}: only in the {'candidate' if role in cs else 'reference'}")
             continue

@@ -47,6 +47,7 @@ class Slot:
     is_norm: bool = False  # a normalisation gain or bias (init 1 / 0: never a verdict by itself)
     parts: tuple[str, ...] = ()  # tensors joined along the unit axis (a block's experts), `tensor` the first
     view: tuple[int, ...] | None = None  # the shape the tensor is read as (a merger's input: units, merge, width)
+    anchor_only: bool = False  # aligns its stream, never compared (NOT_COMPARED)
 
 
 # Axes of each block role; S is the family's stream, U:x a unit group of the block.
@@ -128,8 +129,9 @@ class Part:
     signature: str  # {P}-regex: any tensor matching it marks the part present
 
 
-# A rule with axes "-" names a tensor that is deliberately not compared.
-NOT_COMPARED = "a fixed sinusoidal table, the same in every model of the layout: not compared"
+# A role marked "!" is an anchor only: it aligns its stream (a copier who permutes the stream must
+# permute it too) but is never compared (a fixed table, the same in every model of the layout).
+NOT_COMPARED = "a fixed table, the same in every model of the layout: used to align its stream, not compared"
 
 
 def _rules(family: str, rows: list[tuple[str, str, str, str]]) -> tuple[tuple[str, str, str, str], ...]:
@@ -203,7 +205,7 @@ PARTS: dict[str, Part] = {p.name: p for p in [
          _rules("speech", [
              (r"{P}conv1\.weight", "embed", "conv1", "S F*"), (r"{P}conv1\.bias", "embed", "conv1.bias", "S"),
              (r"{P}conv2\.weight", "embed", "conv2", "S S F*"), (r"{P}conv2\.bias", "embed", "conv2.bias", "S"),
-             (r"{P}embed_positions\.weight", "", NOT_COMPARED, "-"),
+             (r"{P}embed_positions\.weight", "embed", "!pos", "F:pos S"),
              (r"{P}layer_norm\.weight", "norm", "*final", "S"), (r"{P}layer_norm\.bias", "norm", "*final.bias", "S")]),
          r"{P}(?:conv1\.weight|layers\.\d+\.self_attn_layer_norm\.weight)"),
 ]}
@@ -361,8 +363,6 @@ def _slot_for(name: str, shape: tuple[int, ...], parts: list[_Compiled],
         for rx, comp, role, spec in c.rules:
             if not rx.fullmatch(name):
                 continue
-            if spec == "-":
-                return []
             family = c.part.family
             view = None
             if "F:merge" in spec:  # (units, merge * width) viewed as (units, merge, width)
@@ -374,7 +374,8 @@ def _slot_for(name: str, shape: tuple[int, ...], parts: list[_Compiled],
             axes = _axes(spec, family, len(view) if view else _squeezed_ndim(shape, want))
             if axes is None:
                 return None
-            return [Slot(name, comp, role.lstrip("*"), axes, is_norm=role.startswith("*"), view=view)]
+            return [Slot(name, comp, role.lstrip("*!"), axes, is_norm=role.startswith("*"), view=view,
+                         anchor_only=role.startswith("!"))]
     return None
 
 
@@ -406,9 +407,6 @@ def map_names(tensors: Iterable[tuple[str, tuple[int, ...]]], layout: str = AUTO
         slots = _slot_for(name, shape, parts, widths)
         if slots is None:
             unmatched.append(f"{name} {list(shape)}: no rule of layout {'+'.join(names)} matches")
-            continue
-        if not slots:
-            unmatched.append(f"{name} {list(shape)}: {NOT_COMPARED}")
             continue
         for s in slots:
             roles = comps.setdefault(s.component, {})
