@@ -393,38 +393,46 @@ def _permute_stream(sd: dict[str, torch.Tensor], family: str, perm: torch.Tensor
              for s in roles.values()}
     out = dict(sd)
     for name, s in slots.items():
-        assert s.view is None and len(s.axes) == sd[name].ndim, name
+        x = sd[name].reshape(s.view) if s.view else sd[name]  # a merger's input: (units, merge, width)
+        assert len(s.axes) == x.ndim, name
         for k, ax in enumerate(s.axes):
             if ax.kind == "stream" and ax.name == family:
-                out[name] = out[name].index_select(k, perm).contiguous()
+                x = x.index_select(k, perm)
+        out[name] = x.reshape(sd[name].shape).contiguous()
     return out
 
 
-@pytest.mark.parametrize("layout", ["siglip", "whisper"])
+@pytest.mark.parametrize("layout", ["siglip", "whisper", "qwen2-vl"])
 def test_an_encoder_permuted_in_its_residual_stream_is_aligned_and_dependent(models: dict[str, list[Path]],
                                                                               tmp_path: Path, layout: str) -> None:
     a = models[layout][0]
     sa = load_file(str(a / "model.safetensors"))
-    model = (transformers.SiglipVisionModel if layout == "siglip" else transformers.WhisperModel).from_pretrained(a)
-    family, width = ("vision", 32)
-    if layout == "whisper":
-        family = "speech"
-    perm = torch.randperm(width, generator=torch.Generator().manual_seed(9))
+    family = "speech" if layout == "whisper" else "vision"
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(9))  # every test encoder is 32 wide
     moved = _permute_stream(sa, family, perm)
     g = torch.Generator().manual_seed(10)
-    run = (lambda m: m(pixel_values=torch.rand(2, 3, 32, 32, generator=g)).last_hidden_state) if layout == "siglip" \
-        else (lambda m: m.encoder(torch.randn(2, 16, 128, generator=g)).last_hidden_state)
+    # what the encoder hands on: its output in the permuted stream, or the merger's (text-stream) output
+    if layout == "siglip":
+        model = transformers.SiglipVisionModel.from_pretrained(a)
+        run = lambda m: m(pixel_values=torch.rand(2, 3, 32, 32, generator=g)).last_hidden_state  # noqa: E731
+    elif layout == "whisper":
+        model = transformers.WhisperModel.from_pretrained(a)
+        run = lambda m: m.encoder(torch.randn(2, 16, 128, generator=g)).last_hidden_state  # noqa: E731
+    else:
+        model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(a)
+        run = lambda m: m.model.visual(torch.randn(16, 96, generator=g),  # noqa: E731
+                                       grid_thw=torch.tensor([[1, 4, 4]])).pooler_output
     with torch.no_grad():
         model.eval()
-        want = run(model)[..., perm]
+        want = run(model) if layout == "qwen2-vl" else run(model)[..., perm]  # the merger's output is not moved
         model.load_state_dict(moved, strict=False)
         g.manual_seed(10)
-        torch.testing.assert_close(run(model), want, atol=1e-4, rtol=1e-4)  # the same function, stream permuted
+        torch.testing.assert_close(run(model), want, atol=1e-4, rtol=1e-4)  # the same function
     cand = tmp_path / "perm.safetensors"
     save_file(moved, str(cand))
     res = {r.component: r for r in lineage(cand, [a], null_draws=DRAWS).results}
     blocks = [c for c in res if c.startswith(f"{family}.block.")]
-    for comp in [f"{family}.embed", *blocks]:
+    for comp in [f"{family}.embed", *blocks, *(["vision.projector"] if layout == "qwen2-vl" else [])]:
         assert res[comp].verdict == "dependent" and res[comp].p_value < 1e-6, res[comp].line()
     if layout == "whisper":  # the position table aligned the stream and was not compared
         assert "pos" not in res["speech.embed"].roles and f"pos: {NOT_COMPARED}" in res["speech.embed"].skipped
