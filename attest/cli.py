@@ -281,7 +281,7 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
         return 2
 
     given = {"alpha": args.alpha, "null_draws": args.null_draws, "seed": args.seed, "layout": args.layout,
-             "reference_layout": args.reference_layout,
+             "reference_layout": args.reference_layout, "match_layers": args.match_layers or None,
              "public_seeds": None if args.public_seed is None else (*PUBLIC_SEEDS, *args.public_seed)}
     opts = {k: v for k, v in given.items() if v is not None}  # unset: the defaults in attest/lineage/__init__.py
     if not args.reference and not args.reference_name:
@@ -335,6 +335,9 @@ def _add_lineage_parser(sub: argparse._SubParsersAction) -> None:
                     "detected from the names), kai, llama, qwen2, qwen2-vl, qwen2.5-vl, qwen2-vl-vision, siglip, "
                     "clip, vit, llava, whisper")
     ln.add_argument("--reference-layout", metavar="NAME", help="the same for every reference given by path")
+    ln.add_argument("--match-layers", action="store_true", help="match each candidate block to the most alike "
+                    "reference block even when both stacks are equally deep (layers moved to another depth); "
+                    "stacks of different depths are always matched")
     ln.set_defaults(func=_cmd_lineage)
 
 

@@ -440,3 +440,19 @@ def test_an_encoder_permuted_in_its_residual_stream_is_aligned_and_dependent(mod
     other = tmp_path / "other.safetensors"
     save_file(_permute_stream(load_file(str(models[layout][1] / "model.safetensors")), family, perm), str(other))
     assert lineage(other, [a], null_draws=DRAWS).dependent == []
+
+
+def test_layers_moved_to_other_depths_are_found_with_match_layers(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    deep = _saved(lambda: qwen2(layers=4), 7, tmp_path / "deep")
+    moved = tmp_path / "moved.safetensors"
+    save_file(_renumbered(load_file(str(deep / "model.safetensors")), [1, 0, 3, 2]), str(moved))
+    plain = {r.component: r for r in lineage(moved, [deep], null_draws=DRAWS).results}
+    assert all(plain[f"text.block.{i}"].verdict == "independent" for i in range(4))  # index to index: missed
+    rc = cli_main(["lineage", str(moved), "--reference", str(deep), "--match-layers", "--null-draws", str(DRAWS),
+                   "--json"])
+    rows = {r["component"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert rc == 1
+    for i, j in enumerate([1, 0, 3, 2]):
+        r = rows[f"text.block.{i}"]
+        assert r["verdict"] == "dependent" and r["matched"] == f"text.block.{j}", r

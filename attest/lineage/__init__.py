@@ -743,16 +743,19 @@ def _p_values(obs: float, null: np.ndarray) -> tuple[float, float, float, float,
 
 
 def _compare(cand: Weights, cmap: ModelMap, ref: Weights, rmap: ModelMap, label: str, control: bool,
-             null_draws: int, seed: int, max_units: int, only: set[str] | None = None) -> list[ComponentResult]:
+             null_draws: int, seed: int, max_units: int, only: set[str] | None = None,
+             match_layers: bool = False) -> list[ComponentResult]:
     rng = np.random.default_rng(seed)
     results: list[ComponentResult] = []
     # The candidate is brought into the reference's residual-stream coordinates first (fitted on the
     # anchors); the null then permutes the reference's streams as before, the candidate fixed.
     align = _fit_alignment(cand, cmap, ref, rmap)
-    # Stacks whose depths differ (a pruned or grown model): each candidate block is matched to the
-    # reference block it is most like, under the null too (`_Across`), not compared index to index.
+    # Stacks whose depths differ (a pruned or grown model), or every stack with `match_layers`: each
+    # candidate block is matched to the reference block it is most like, under the null too
+    # (`_Across`), not compared index to index.
     cb, rb = _blocks(cmap), _blocks(rmap)
-    across = {f for f in set(cb) & set(rb) if len(cb[f]) != len(rb[f]) and len(cb[f]) * len(rb[f]) <= MAX_ACROSS}
+    across = {f for f in set(cb) & set(rb) if (match_layers or len(cb[f]) != len(rb[f]))
+              and len(cb[f]) * len(rb[f]) <= MAX_ACROSS}
     plans: list[_Plan | _Across] = []
     for f in sorted(across):
         for comp in cb[f]:
@@ -876,10 +879,11 @@ def _shared_init(rows: list[ComponentResult], cand: Weights, cmap: ModelMap, ref
 def lineage(candidate: str | Path, references: Iterable[str | Path | Weights], alpha: float = DEFAULT_ALPHA,
             null_draws: int = DEFAULT_NULL_DRAWS, seed: int = DEFAULT_SEED,
             max_units: int = DEFAULT_MAX_UNITS, public_seeds: Iterable[int] = PUBLIC_SEEDS,
-            layout: str = AUTO, reference_layout: str = AUTO) -> LineageReport:
+            layout: str = AUTO, reference_layout: str = AUTO, match_layers: bool = False) -> LineageReport:
     """Test every component of `candidate` against every reference (and against its own genesis
     when the candidate is a bundle). A reference is a path or already opened `Weights` (a registry
-    entry); `layout` and `reference_layout` say how names are read (auto: detected per model)."""
+    entry); `layout` and `reference_layout` say how names are read (auto: detected per model);
+    `match_layers` matches blocks across depths even where both stacks are equally deep."""
     if null_draws < 9 or not 0 < alpha < 1:
         raise LineageInputError(f"null draws must be at least 9 (got {null_draws}) and alpha in (0, 1) (got {alpha})")
     for name in (layout, reference_layout):
@@ -901,7 +905,7 @@ def lineage(candidate: str | Path, references: Iterable[str | Path | Weights], a
         label = ref.label if ref.label not in labels and ref.label != cand.label else f"{ref.label}#{len(labels) + 1}"
         labels.append(label)
         unmatched[label] = ref.non_float() + rmap.unmatched
-        rows = _compare(cand, cmap, ref, rmap, label, False, null_draws, seed, max_units)
+        rows = _compare(cand, cmap, ref, rmap, label, False, null_draws, seed, max_units, match_layers=match_layers)
         pairs.append((ref, rmap, rows))
         results += rows
     if cand.genesis is not None:
