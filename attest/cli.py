@@ -18,6 +18,7 @@ import functools
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from attest import tool_version
 from attest.bundle import make_bundle
@@ -279,11 +280,23 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
         print(f"kai-attest: error: lineage needs {e.name} (pip install 'kai-train[lineage]')", file=sys.stderr)
         return 2
 
-    given = {"alpha": args.alpha, "null_draws": args.null_draws, "seed": args.seed,
+    given = {"alpha": args.alpha, "null_draws": args.null_draws, "seed": args.seed, "layout": args.layout,
+             "reference_layout": args.reference_layout, "match_layers": args.match_layers or None,
              "public_seeds": None if args.public_seed is None else (*PUBLIC_SEEDS, *args.public_seed)}
     opts = {k: v for k, v in given.items() if v is not None}  # unset: the defaults in attest/lineage/__init__.py
+    if not args.reference and not args.reference_name:
+        print("kai-attest: error: lineage needs --reference or --reference-name", file=sys.stderr)
+        return 2
+    if args.reference_name and not args.registry:
+        print("kai-attest: error: --reference-name needs --registry FILE.json", file=sys.stderr)
+        return 2
     try:
-        report = lineage(args.candidate, args.reference, **opts)
+        refs: list[Any] = list(args.reference or [])
+        if args.reference_name:
+            from attest.lineage.registry import open_references
+
+            refs += open_references(args.registry, args.reference_name, args.registry_root)
+        report = lineage(args.candidate, refs, **opts)
         if args.report:
             write_html(report, args.report)
     except (KaiError, OSError) as e:
@@ -302,8 +315,13 @@ def _add_lineage_parser(sub: argparse._SubParsersAction) -> None:
         "error or unreadable input.")
     ln.add_argument("candidate", help="safetensors file, folder of them, or a bundle (its release is tested, "
                     "its genesis is the positive control)")
-    ln.add_argument("--reference", nargs="+", action="extend", required=True, metavar="REF",
+    ln.add_argument("--reference", nargs="+", action="extend", metavar="REF",
                     help="reference model(s): safetensors files, folders or bundles")
+    ln.add_argument("--reference-name", nargs="+", action="extend", metavar="NAME",
+                    help="reference model(s) by their name in --registry (files checked against its sha256)")
+    ln.add_argument("--registry", metavar="FILE.json", help="a reference registry (docs/lineage.md)")
+    ln.add_argument("--registry-root", metavar="DIR", help="where the registry's files are, as DIR/NAME/FILE "
+                    "(default: the folder holding the registry)")
     ln.add_argument("--json", action="store_true", help="print the results as JSON")
     ln.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report")
     ln.add_argument("--alpha", type=float, help="family-wise level before Bonferroni (default 1e-3)")
@@ -313,6 +331,13 @@ def _add_lineage_parser(sub: argparse._SubParsersAction) -> None:
                     help="a kai-init/v2 genesis seed others may have started from too (repeatable; 1234 and "
                     "the seeds reference bundles record are always tried): a component both models inherit "
                     "from it reads 'shared initialisation', not dependent")
+    ln.add_argument("--layout", metavar="NAME", help="how the candidate's tensor names are read: auto (default: "
+                    "detected from the names), kai, llama, qwen2, qwen2-vl, qwen2.5-vl, qwen2-vl-vision, siglip, "
+                    "clip, vit, llava, whisper")
+    ln.add_argument("--reference-layout", metavar="NAME", help="the same for every reference given by path")
+    ln.add_argument("--match-layers", action="store_true", help="match each candidate block to the most alike "
+                    "reference block even when both stacks are equally deep (layers moved to another depth); "
+                    "stacks of different depths are always matched")
     ln.set_defaults(func=_cmd_lineage)
 
 

@@ -1,7 +1,7 @@
 """Calibration of `kai-attest lineage`: per-component false-positive rate on independent pairs and
 power on dependent pairs built by output-preserving transforms.
 
-    python bench/lineage_calibration.py [--models 25] [--bases 4] [--steps 40] [--draws 49] [--smoke]
+    python bench/lineage_calibration.py [--models 25] [--bases 4] [--steps 40] [--draws 49] [--match-layers] [--smoke]
 
 Independent pairs: a pool of `--models` tiny models (kai_train's `tiny` preset), each from its own
 genesis seed and trained `--steps` AdamW steps in-process on CPU; half the pool trains on one shared
@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--bases", type=int, default=4, help="pool models each transform is applied to")
     ap.add_argument("--steps", type=int, default=40, help="AdamW steps of every pool model")
     ap.add_argument("--draws", type=int, default=49, help="null draws per lineage run")
+    ap.add_argument("--match-layers", action="store_true", help="blocks matched across depths (lineage --match-layers)")
     ap.add_argument("--smoke", action="store_true", help="3 models, 1 base, 10 steps, 19 draws")
     args = ap.parse_args()
     if args.smoke:
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     runs = 0
     for i in range(args.models):
         for j in range(i + 1, args.models):
-            report = lineage(pool[i], [pool[j]], null_draws=args.draws)
+            report = lineage(pool[i], [pool[j]], null_draws=args.draws, match_layers=args.match_layers)
             runs += 1
             for stream, (fit, _, used) in stream_fits(pool[i], pool[j]).items():
                 fits[stream].append(fit)
@@ -173,7 +174,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
             path = work / f"dep{b}-{kind}.safetensors"
             moved = transformed(states[b], kind, seed=b + 1, steps=args.steps)
             save_file({k: v.contiguous() for k, v in moved.items()}, str(path))
-            for r in lineage(path, [pool[b]], null_draws=args.draws).results:
+            for r in lineage(path, [pool[b]], null_draws=args.draws, match_layers=args.match_layers).results:
                 if r.p_value is not None:
                     power[(kind, r.component)].append((r.verdict == "dependent", r.p_value))
             for stream, (fit, perm, _) in stream_fits(path, pool[b]).items():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import os
@@ -343,6 +344,18 @@ class Harness:
         if rng.random() < 0.3:
             self._verify_statement(rng)
             cand = str(self.bundle)
+        if path.is_file() and not path.is_symlink() and rng.random() < 0.2:
+            # the reference named in a registry (mutated or not), its file at ROOT/ref/
+            (self.out / "ref").mkdir(exist_ok=True)
+            os.replace(path, self.out / "ref" / "model.safetensors")
+            digest = hashlib.sha256((self.out / "ref" / "model.safetensors").read_bytes()).hexdigest()
+            entry = {"name": "ref", "layout": rng.choice(["auto", "qwen2", "kai"]), "source": "fuzz",
+                     "files": [{"path": "model.safetensors", "sha256": digest}]}
+            doc = {"format": "kai-lineage-registry/v1", "references": [entry]}
+            reg = self.out / "registry.json"
+            reg.write_text(json.dumps(mutate_json(doc, rng) if rng.random() < 0.7 else doc))
+            return ["lineage", cand, "--registry", str(reg), "--reference-name", "ref", "--null-draws", "9"], \
+                "lineage", False
         return ["lineage", cand, "--reference", str(path), "--null-draws", "9"], "lineage", False
 
     def _bundle(self, rng: random.Random) -> tuple[list[str], str, bool]:

@@ -54,7 +54,7 @@ from attest.chain import ChainError, read_chain
 from attest.digest import DigestError, TensorEntry, read_safetensors_index
 from attest.errors import KaiError
 from attest.layout import CHAIN_NAME, EXPORT_DIR, EXPORT_LLAMA_DIR
-from attest.lineage.names import Axis, ModelMap, Slot, component_sort_key, map_names
+from attest.lineage.names import AUTO, LAYOUTS, NOT_COMPARED, Axis, ModelMap, Slot, component_sort_key, map_names
 
 DEFAULT_ALPHA = 1e-3
 DEFAULT_NULL_DRAWS = 99
@@ -92,6 +92,9 @@ MAX_ALIGN_DIM = 8192  # wider streams are not aligned: three SVDs of d x d bound
 # fitted on them would carry learnt structure, not copying, into the blocks. A copy trained on for
 # 7.5x its base's steps still fits 0.79 (text).
 ROTATION_FIT = 0.7
+# Stacks of different depths are matched block to block when candidate x reference blocks is at most
+# this many (each pair is one comparison per null draw; its matrices are held at once).
+MAX_ACROSS = 4096
 
 _FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
@@ -112,6 +115,10 @@ class Weights:
     tensors: dict[str, tuple[Path, TensorEntry]]
     genesis: Weights | None = None  # a bundle's initial weights (the positive control)
     recipe: dict[str, Any] | None = None  # a bundle's genesis recipe (name, seed, model)
+    layout: str = AUTO  # how its names are read (attest.lineage.names.LAYOUTS; auto: detected)
+
+    def map(self) -> ModelMap:
+        return map_names(self.shapes(), self.layout)
 
     def shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         return [(n, e.shape) for n, (_, e) in self.tensors.items() if e.dtype in (*_FLOAT_DTYPES, "BF16")]
@@ -333,6 +340,8 @@ def _normalise_rows(x: np.ndarray) -> tuple[np.ndarray, int]:
 
 def _orient(x: np.ndarray, slot: Slot) -> tuple[np.ndarray, tuple[Axis, ...]]:
     """Squeeze leading 1s, cut a fused row range, move the unit axis (else axis 0) first."""
+    if slot.view is not None:
+        x = x.reshape(slot.view)
     x = x.reshape(x.shape[x.ndim - len(slot.axes):]) if x.ndim > len(slot.axes) else x
     if slot.rows is not None:
         x = x[slot.rows[0]:slot.rows[1]]
@@ -453,7 +462,7 @@ def stream_fits(candidate: str | Path, reference: str | Path) -> dict[str, tuple
     """Per residual stream the two models anchor: (held-out fit, whether the map is a signed
     permutation, whether the stream is aligned), as `lineage` fits it (for calibration)."""
     cw, rw = open_weights(candidate), open_weights(reference)
-    cmap, rmap = map_names(cw.shapes()), map_names(rw.shapes())
+    cmap, rmap = cw.map(), rw.map()
     fitted = _fit_alignment(cw, cmap, rw, rmap, rotation_fit=-math.inf)  # every fitted stream
     return {s: (m.fit, m.perm, m.perm or m.fit >= ROTATION_FIT) for s, m in fitted.items()}
 
@@ -520,6 +529,48 @@ class _Plan:
         return out
 
 
+@dataclass
+class _Across:
+    """A candidate block of a stack whose depth differs from the reference's (pruned or grown): its
+    statistic is the largest over every reference block of that stack, in every draw alike (so the
+    null is that of the maximum), and the block it was matched to is the one that gives it at draw 0."""
+
+    component: str
+    plans: list[tuple[str, _Plan]]  # (reference block, plan), each with terms
+    best: int = 0
+
+    def values(self, draws: list[dict[str, np.ndarray]]) -> np.ndarray:
+        per = np.stack([p.values(draws) for _, p in self.plans])  # (reference blocks, draws)
+        self.best = int(per[:, 0].argmax())  # draw 0 is the identity: the observed match
+        return per.max(axis=0)
+
+    def streams(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for _, p in self.plans:
+            out.update(p.streams())
+        return out
+
+    @property
+    def matched(self) -> str:
+        return self.plans[self.best][0]
+
+    # what the row reports is the matched plan's
+    roles = property(lambda self: self.plans[self.best][1].roles)
+    skipped = property(lambda self: self.plans[self.best][1].skipped)
+    raw_cosine = property(lambda self: self.plans[self.best][1].raw_cosine)
+    norm_only = property(lambda self: self.plans[self.best][1].norm_only)
+
+
+def _blocks(m: ModelMap) -> dict[str, list[str]]:
+    """family -> its block components, in layer order."""
+    out: dict[str, list[str]] = {}
+    for comp in sorted(m.components, key=component_sort_key):
+        family, _, rest = comp.partition(".")
+        if rest.startswith("block."):
+            out.setdefault(family, []).append(comp)
+    return out
+
+
 def _load(w: Weights, slot: Slot) -> np.ndarray:
     """The slot's tensor, or its parts (a block's experts) joined along the unit axis."""
     if not slot.parts:
@@ -546,6 +597,9 @@ def _plan_component(comp: str, cw: Weights, cs: dict[str, Slot], rw: Weights, rs
                 alt = _plan_component(comp, cw, cs, rw, rs, max_units, rng, align, keep)
                 plan.alt = alt if alt.terms else None
     for role in sorted((set(cs) | set(rs)) if roles is None else roles):
+        if role in cs and cs[role].anchor_only or role in rs and rs[role].anchor_only:
+            plan.skipped.append(f"{role}: {NOT_COMPARED}")
+            continue
         if role not in rs or role not in cs:
             plan.skipped.append(f"{role}: only in the {'candidate' if role in cs else 'reference'}")
             continue
@@ -613,6 +667,8 @@ class ComponentResult:
     skipped: list[str] = field(default_factory=list)
     reason: str = ""
     shared_init: str = ""  # the public genesis both models descend from ("kai-init/v2 seed 1234")
+    matched: str = ""  # the reference block it was matched to, when the two stacks' depths differ
+    null_values: list[float] = field(default_factory=list)  # the statistic under each null draw
 
     def line(self) -> str:
         ref = f"{self.reference}{' [control]' if self.control else ''}"
@@ -620,7 +676,8 @@ class ComponentResult:
             return f"{self.verdict:<15} {self.component:<20} ref={ref}  ({self.reason})"
         cos = f"  raw-cos={self.raw_cosine:.3f} (not used)" if self.raw_cosine is not None else ""
         shared = f"  ({self.reason})" if self.shared_init else ""
-        return (f"{self.verdict:<15} {self.component:<20} ref={ref}  p={self.p_value:.2e} "
+        comp = f"{self.component}~{self.matched.partition('.')[2]}" if self.matched else self.component
+        return (f"{self.verdict:<15} {comp:<20} ref={ref}  p={self.p_value:.2e} "
                 f"(threshold {self.threshold:.1e}, p_perm={self.p_perm:.3f})  stat={self.statistic:.4f} "
                 f"null={self.null_mean:.4f}±{self.null_sd:.4f} z={self.z:.1f}{cos}{shared}")
 
@@ -686,15 +743,34 @@ def _p_values(obs: float, null: np.ndarray) -> tuple[float, float, float, float,
 
 
 def _compare(cand: Weights, cmap: ModelMap, ref: Weights, rmap: ModelMap, label: str, control: bool,
-             null_draws: int, seed: int, max_units: int, only: set[str] | None = None) -> list[ComponentResult]:
+             null_draws: int, seed: int, max_units: int, only: set[str] | None = None,
+             match_layers: bool = False) -> list[ComponentResult]:
     rng = np.random.default_rng(seed)
     results: list[ComponentResult] = []
-    plans: list[_Plan] = []
     # The candidate is brought into the reference's residual-stream coordinates first (fitted on the
     # anchors); the null then permutes the reference's streams as before, the candidate fixed.
     align = _fit_alignment(cand, cmap, ref, rmap)
+    # Stacks whose depths differ (a pruned or grown model), or every stack with `match_layers`: each
+    # candidate block is matched to the reference block it is most like, under the null too
+    # (`_Across`), not compared index to index.
+    cb, rb = _blocks(cmap), _blocks(rmap)
+    across = {f for f in set(cb) & set(rb) if (match_layers or len(cb[f]) != len(rb[f]))
+              and len(cb[f]) * len(rb[f]) <= MAX_ACROSS}
+    plans: list[_Plan | _Across] = []
+    for f in sorted(across):
+        for comp in cb[f]:
+            if only is not None and comp not in only:
+                continue
+            pairs = [(r, _plan_component(comp, cand, cmap.components[comp], ref, rmap.components[r], max_units, rng,
+                                         align)) for r in rb[f]]
+            usable = [(r, p) for r, p in pairs if p.terms]
+            if usable:
+                plans.append(_Across(comp, usable))
+            else:
+                results.append(ComponentResult(comp, label, "not comparable", control, raw_cosine=pairs[0][1].raw_cosine,
+                                               skipped=pairs[0][1].skipped, reason=pairs[0][1].reason))
     for comp in sorted(set(cmap.components) | set(rmap.components), key=component_sort_key):
-        if only is not None and comp not in only:
+        if only is not None and comp not in only or comp.partition(".")[0] in across and ".block." in comp:
             continue
         if comp not in rmap.components or comp not in cmap.components:
             side = "reference" if comp not in rmap.components else "candidate"
@@ -723,7 +799,8 @@ def _compare(cand: Weights, cmap: ModelMap, ref: Weights, rmap: ModelMap, label:
         mean, sd, z, pv, pp = _p_values(obs[j], null[:, j])
         results.append(ComponentResult(
             p.component, label, "", control, statistic=float(obs[j]), null_mean=mean, null_sd=sd, z=z, p_value=pv,
-            p_perm=pp, raw_cosine=p.raw_cosine, norm_only=p.norm_only, roles=p.roles, skipped=p.skipped))
+            p_perm=pp, raw_cosine=p.raw_cosine, norm_only=p.norm_only, roles=p.roles, skipped=p.skipped,
+            matched=p.matched if isinstance(p, _Across) else "", null_values=[float(v) for v in null[:, j]]))
     return results
 
 
@@ -783,12 +860,14 @@ def _shared_init(rows: list[ComponentResult], cand: Weights, cmap: ModelMap, ref
             # the reference is compared only where the candidate is closer to the genesis than to it
             only = {comp for comp, row in todo.items() if descends(c_rows.get(comp), row)
                     and (c_rows[comp].statistic or 0.0) >= (row.statistic or 0.0)}
+            # (a block matched across depths is the reference's matched block there)
+            r_only = {todo[comp].matched or comp for comp in only}
             r_rows = {r.component: r for r in _compare(ref, rmap, gr, map_names(gr.shapes()), label, False,
-                                                       null_draws, seed, max_units, only)} if only else {}
+                                                       null_draws, seed, max_units, r_only)} if only else {}
         except ValueError:  # shapes no kai-init genesis can have: nothing shared with it
             continue
         for comp, row in list(todo.items()):
-            c, r = c_rows.get(comp), r_rows.get(comp)
+            c, r = c_rows.get(comp), r_rows.get(row.matched or comp)
             if comp in only and c is not None and r is not None and descends(r, row):
                 row.verdict, row.shared_init = SHARED, label
                 row.reason = (f"{SHARED} ({label}): both descend from this public genesis, candidate p={c.p_value:.1e} "
@@ -797,26 +876,36 @@ def _shared_init(rows: list[ComponentResult], cand: Weights, cmap: ModelMap, ref
                 del todo[comp]
 
 
-def lineage(candidate: str | Path, references: Iterable[str | Path], alpha: float = DEFAULT_ALPHA,
+def lineage(candidate: str | Path, references: Iterable[str | Path | Weights], alpha: float = DEFAULT_ALPHA,
             null_draws: int = DEFAULT_NULL_DRAWS, seed: int = DEFAULT_SEED,
-            max_units: int = DEFAULT_MAX_UNITS, public_seeds: Iterable[int] = PUBLIC_SEEDS) -> LineageReport:
+            max_units: int = DEFAULT_MAX_UNITS, public_seeds: Iterable[int] = PUBLIC_SEEDS,
+            layout: str = AUTO, reference_layout: str = AUTO, match_layers: bool = False) -> LineageReport:
     """Test every component of `candidate` against every reference (and against its own genesis
-    when the candidate is a bundle)."""
+    when the candidate is a bundle). A reference is a path or already opened `Weights` (a registry
+    entry); `layout` and `reference_layout` say how names are read (auto: detected per model);
+    `match_layers` matches blocks across depths even where both stacks are equally deep."""
     if null_draws < 9 or not 0 < alpha < 1:
         raise LineageInputError(f"null draws must be at least 9 (got {null_draws}) and alpha in (0, 1) (got {alpha})")
+    for name in (layout, reference_layout):
+        if name != AUTO and name not in LAYOUTS:
+            raise LineageInputError(f"unknown layout {name!r} (known: {AUTO}, {', '.join(LAYOUTS)})")
     cand = open_weights(candidate, with_genesis=True)
-    refs = [open_weights(r) for r in references]
-    cmap = map_names(cand.shapes())
+    cand.layout = layout
+    refs = [r if isinstance(r, Weights) else open_weights(r) for r in references]
+    for r in refs:
+        if r.layout == AUTO:
+            r.layout = reference_layout
+    cmap = cand.map()
     unmatched = {cand.label: cand.non_float() + cmap.unmatched}
     results: list[ComponentResult] = []
     labels: list[str] = []
     pairs: list[tuple[Weights, ModelMap, list[ComponentResult]]] = []
     for ref in refs:
-        rmap = map_names(ref.shapes())
+        rmap = ref.map()
         label = ref.label if ref.label not in labels and ref.label != cand.label else f"{ref.label}#{len(labels) + 1}"
         labels.append(label)
         unmatched[label] = ref.non_float() + rmap.unmatched
-        rows = _compare(cand, cmap, ref, rmap, label, False, null_draws, seed, max_units)
+        rows = _compare(cand, cmap, ref, rmap, label, False, null_draws, seed, max_units, match_layers=match_layers)
         pairs.append((ref, rmap, rows))
         results += rows
     if cand.genesis is not None:

@@ -12,10 +12,12 @@ dimension:
                 test aligns it by index, and its permutations are the null distribution;
 - `fixed:NAME`  an axis the outside world fixes (vocabulary, pixels, positions, mel bins).
 
-Layouts known: ours (kai_train/model.py), Llama/Qwen-style decoders (`model.layers.N.self_attn.
-q_proj`), CLIP/SigLIP (`vision_model.encoder.layers.N`), Hugging Face ViT (`vit.encoder.layer.N`),
-Qwen2-VL vision (`visual.blocks.N`, fused qkv split in thirds), LLaVA projectors and the Whisper
-encoder. A tensor no rule knows is returned in `unmatched`, never guessed at.
+A layout is a set of parts (`PARTS`): ours (kai_train/model.py), Llama/Qwen2-style decoders
+(`model.layers.N.self_attn.q_proj`), CLIP/SigLIP towers (`vision_model.encoder.layers.N`, or bare),
+Hugging Face ViT, the Qwen2-VL/Qwen2.5-VL vision tower (`visual.blocks.N`, fused qkv split in thirds,
+the patch merger as projector), LLaVA projectors and the Whisper encoder. The parts of a model are
+detected from its names, or named (`LAYOUTS`, `--layout`). A tensor no rule knows is returned in
+`unmatched`, never guessed at.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class Slot:
     rows: tuple[int, int] | None = None  # row range of a fused tensor (qkv)
     is_norm: bool = False  # a normalisation gain or bias (init 1 / 0: never a verdict by itself)
     parts: tuple[str, ...] = ()  # tensors joined along the unit axis (a block's experts), `tensor` the first
+    view: tuple[int, ...] | None = None  # the shape the tensor is read as (a merger's input: units, merge, width)
+    anchor_only: bool = False  # aligns its stream, never compared (NOT_COMPARED)
 
 
 # Axes of each block role; S is the family's stream, U:x a unit group of the block.
@@ -52,6 +56,7 @@ BLOCK_AXES = {
     "attn.q.bias": "U:q", "attn.k.bias": "U:k", "attn.v.bias": "U:v", "attn.o.bias": "S",
     "attn.qkv": "U:qkv S", "attn.qkv.bias": "U:qkv",
     "mlp.gate": "U:mlp S", "mlp.up": "U:mlp S", "mlp.down": "S U:mlp",
+    "mlp.gate.bias": "U:mlp", "mlp.up.bias": "U:mlp", "mlp.down.bias": "S",
     "mlp.fc1": "U:mlp S", "mlp.fc1.bias": "U:mlp", "mlp.fc2": "S U:mlp", "mlp.fc2.bias": "S",
 }
 NORM_ROLES = ("attn_norm", "attn_norm.bias", "mlp_norm", "mlp_norm.bias")
@@ -100,90 +105,156 @@ QWENVL_BLOCK = {
     "mlp.gate_proj.weight": "mlp.gate", "mlp.up_proj.weight": "mlp.up", "mlp.down_proj.weight": "mlp.down",
     "mlp.fc1.weight": "mlp.fc1", "mlp.fc1.bias": "mlp.fc1.bias",
     "mlp.fc2.weight": "mlp.fc2", "mlp.fc2.bias": "mlp.fc2.bias",
-    "norm1.weight": "attn_norm", "norm2.weight": "mlp_norm",
+    "mlp.gate_proj.bias": "mlp.gate.bias", "mlp.up_proj.bias": "mlp.up.bias", "mlp.down_proj.bias": "mlp.down.bias",
+    "norm1.weight": "attn_norm", "norm1.bias": "attn_norm.bias", "norm2.weight": "mlp_norm", "norm2.bias": "mlp_norm.bias",
 }
 
-# Llama-style wrappers: plain, LLaVA (`language_model.model.`), newer transformers (`model.language_model.`).
-_LM = r"(?:model\.language_model\.|language_model\.model\.|model\.)"
-_CLIP = r"(?:model\.)?(?:vision_tower\.)?vision_model\."
-_QWENVL = r"(?:model\.)?visual\."
-_WHISPER = r"(?:model\.)?encoder\."
+# A layout is the set of *parts* a checkpoint is made of (a decoder, a vision tower, a projector, a
+# speech encoder), each with the prefixes its tensors sit under, its block pattern (group i, the layer
+# index) with a suffix table, and its whole-name rules. `{P}` in a rule is the part's prefix. A part is
+# *detected* when a tensor matches its signature (a front end, or a block tensor no other part names
+# alike, so one shard of a sharded checkpoint is read too); `map_names` uses the detected parts only, so two
+# parts that name alike (a SigLIP tower and a Whisper encoder saved bare: `encoder.layers.N.self_attn.
+# q_proj`) never take each other's tensors. With none detected, every part is tried in order.
 
-# (family, per-layer prefix regex with group i, suffix table)
-BLOCK_LAYOUTS: list[tuple[str, str, dict[str, str]]] = [
-    *[(f, rf"{f}\.layers\.(?P<i>\d+)\.", OURS_BLOCK) for f in FAMILIES],
-    ("text", rf"{_LM}layers\.(?P<i>\d+)\.", LLAMA_BLOCK),
-    ("vision", rf"{_CLIP}encoder\.layers\.(?P<i>\d+)\.", CLIP_BLOCK),
-    ("vision", r"vit\.encoder\.layer\.(?P<i>\d+)\.", VIT_BLOCK),
-    ("vision", rf"{_QWENVL}blocks\.(?P<i>\d+)\.", QWENVL_BLOCK),
-    ("speech", rf"{_WHISPER}layers\.(?P<i>\d+)\.", WHISPER_BLOCK),
-]
 
-# Whole-name rules outside blocks: (regex, family, component, role, axes). "T" is the text stream,
-# "F*" every remaining dimension as fixed axes (conv kernels, pixels), "*" a role of a norm component.
-OTHER_RULES: list[tuple[str, str, str, str, str]] = [
-    # ours
-    (r"text\.tok_emb\.weight", "text", "text.embed", "tok", "F:vocab S"),
-    (r"text\.lm_head\.weight", "text", "text.lm_head", "head", "F:vocab S"),
-    (r"text\.norm\.weight", "text", "text.norm", "*final", "S"),
-    (r"absent_image", "text", "text.absent", "image", "T"),
-    (r"absent_audio", "text", "text.absent", "audio", "T"),
-    (r"vision\.patch_embed\.weight", "vision", "vision.embed", "patch", "S F*"),
-    (r"vision\.patch_embed\.bias", "vision", "vision.embed", "patch.bias", "S"),
-    (r"vision\.pos_emb", "vision", "vision.embed", "pos", "F:pos S"),
-    (r"speech\.conv1\.weight", "speech", "speech.embed", "conv1", "S F*"),
-    (r"speech\.conv1\.bias", "speech", "speech.embed", "conv1.bias", "S"),
-    (r"speech\.conv2\.weight", "speech", "speech.embed", "conv2", "S S F*"),
-    (r"speech\.conv2\.bias", "speech", "speech.embed", "conv2.bias", "S"),
-    (r"speech\.pos_emb", "speech", "speech.embed", "pos", "F:pos S"),
-    *[r for f in ("vision", "speech") for r in (
-        (rf"{f}\.norm\.weight", f, f"{f}.norm", "*final", "S"),
-        (rf"{f}\.proj\.0\.weight", f, f"{f}.projector", "in", "U:proj S"),
-        (rf"{f}\.proj\.0\.bias", f, f"{f}.projector", "in.bias", "U:proj"),
-        (rf"{f}\.proj\.2\.weight", f, f"{f}.projector", "out", "T U:proj"),
-        (rf"{f}\.proj\.2\.bias", f, f"{f}.projector", "out.bias", "T"),
-    )],
-    # Llama / Qwen decoders
-    (rf"{_LM}embed_tokens\.weight", "text", "text.embed", "tok", "F:vocab S"),
-    (r"(?:language_model\.)?lm_head\.weight", "text", "text.lm_head", "head", "F:vocab S"),
-    (rf"{_LM}norm\.weight", "text", "text.norm", "*final", "S"),
-    # CLIP / SigLIP vision towers
-    (rf"{_CLIP}embeddings\.patch_embedding\.weight", "vision", "vision.embed", "patch", "S F*"),
-    (rf"{_CLIP}embeddings\.patch_embedding\.bias", "vision", "vision.embed", "patch.bias", "S"),
-    (rf"{_CLIP}embeddings\.position_embedding\.weight", "vision", "vision.embed", "pos", "F:pos S"),
-    (rf"{_CLIP}embeddings\.class_embedding", "vision", "vision.embed", "cls", "S"),
-    (rf"{_CLIP}pre_layrnorm\.weight", "vision", "vision.norm", "*pre", "S"),
-    (rf"{_CLIP}pre_layrnorm\.bias", "vision", "vision.norm", "*pre.bias", "S"),
-    (rf"{_CLIP}post_layernorm\.weight", "vision", "vision.norm", "*final", "S"),
-    (rf"{_CLIP}post_layernorm\.bias", "vision", "vision.norm", "*final.bias", "S"),
-    # Hugging Face ViT
-    (r"vit\.embeddings\.patch_embeddings\.projection\.weight", "vision", "vision.embed", "patch", "S F*"),
-    (r"vit\.embeddings\.patch_embeddings\.projection\.bias", "vision", "vision.embed", "patch.bias", "S"),
-    (r"vit\.embeddings\.position_embeddings", "vision", "vision.embed", "pos", "F:pos S"),
-    (r"vit\.embeddings\.cls_token", "vision", "vision.embed", "cls", "S"),
-    (r"vit\.layernorm\.weight", "vision", "vision.norm", "*final", "S"),
-    (r"vit\.layernorm\.bias", "vision", "vision.norm", "*final.bias", "S"),
-    # Qwen2-VL vision (the patch merger's input mixes 4 tokens per row: left unmatched)
-    (rf"{_QWENVL}patch_embed\.proj\.weight", "vision", "vision.embed", "patch", "S F*"),
-    (rf"{_QWENVL}merger\.ln_q\.weight", "vision", "vision.norm", "*merger", "S"),
-    # LLaVA projector
-    (r"(?:model\.)?multi_modal_projector\.linear_1\.weight", "vision", "vision.projector", "in", "U:proj S"),
-    (r"(?:model\.)?multi_modal_projector\.linear_1\.bias", "vision", "vision.projector", "in.bias", "U:proj"),
-    (r"(?:model\.)?multi_modal_projector\.linear_2\.weight", "vision", "vision.projector", "out", "T U:proj"),
-    (r"(?:model\.)?multi_modal_projector\.linear_2\.bias", "vision", "vision.projector", "out.bias", "T"),
-    # Whisper encoder
-    (rf"{_WHISPER}conv1\.weight", "speech", "speech.embed", "conv1", "S F*"),
-    (rf"{_WHISPER}conv1\.bias", "speech", "speech.embed", "conv1.bias", "S"),
-    (rf"{_WHISPER}conv2\.weight", "speech", "speech.embed", "conv2", "S S F*"),
-    (rf"{_WHISPER}conv2\.bias", "speech", "speech.embed", "conv2.bias", "S"),
-    (rf"{_WHISPER}embed_positions\.weight", "speech", "speech.embed", "pos", "F:pos S"),
-    (rf"{_WHISPER}layer_norm\.weight", "speech", "speech.norm", "*final", "S"),
-    (rf"{_WHISPER}layer_norm\.bias", "speech", "speech.norm", "*final.bias", "S"),
-]
+@dataclass(frozen=True)
+class Part:
+    name: str
+    family: str
+    prefix: str  # regex of the prefixes (alternatives; may be empty)
+    block: str  # regex of one block after the prefix, with group i
+    table: dict[str, str]  # block suffix -> role
+    rules: tuple[tuple[str, str, str, str], ...]  # ({P}-regex, component, role, axes); "*role": a norm
+    signature: str  # {P}-regex: any tensor matching it marks the part present
 
-_BLOCK_RES = [(f, re.compile(prefix + r"(?P<suffix>.+)"), table) for f, prefix, table in BLOCK_LAYOUTS]
-_OTHER_RES: list[tuple[re.Pattern[str], str, str, str, str]] = [
-    (re.compile(rx), *rest) for rx, *rest in OTHER_RULES]  # type: ignore[misc]
+
+# A role marked "!" is an anchor only: it aligns its stream (a copier who permutes the stream must
+# permute it too) but is never compared (a fixed table, the same in every model of the layout).
+NOT_COMPARED = "a fixed table, the same in every model of the layout: used to align its stream, not compared"
+
+
+def _rules(family: str, rows: list[tuple[str, str, str, str]]) -> tuple[tuple[str, str, str, str], ...]:
+    return tuple((rx, comp if "." in comp else f"{family}.{comp}", role, spec) for rx, comp, role, spec in rows)
+
+
+_PROJ = [("in", "U:proj S"), ("in.bias", "U:proj"), ("out", "T U:proj"), ("out.bias", "T")]
+PARTS: dict[str, Part] = {p.name: p for p in [
+    *[Part(f"kai-{f}", f, "", rf"{f}\.layers\.(?P<i>\d+)\.", OURS_BLOCK, _rules(f, [
+        *([(r"text\.tok_emb\.weight", "embed", "tok", "F:vocab S"),
+           (r"text\.lm_head\.weight", "lm_head", "head", "F:vocab S"),
+           (r"absent_image", "absent", "image", "T"), (r"absent_audio", "absent", "audio", "T")]
+          if f == "text" else []),
+        *([(r"vision\.patch_embed\.weight", "embed", "patch", "S F*"),
+           (r"vision\.patch_embed\.bias", "embed", "patch.bias", "S"), (r"vision\.pos_emb", "embed", "pos", "F:pos S")]
+          if f == "vision" else []),
+        *([(r"speech\.conv1\.weight", "embed", "conv1", "S F*"), (r"speech\.conv1\.bias", "embed", "conv1.bias", "S"),
+           (r"speech\.conv2\.weight", "embed", "conv2", "S S F*"), (r"speech\.conv2\.bias", "embed", "conv2.bias", "S"),
+           (r"speech\.pos_emb", "embed", "pos", "F:pos S")] if f == "speech" else []),
+        (rf"{f}\.norm\.weight", "norm", "*final", "S"),
+        *([(rf"{f}\.proj\.{0 if r.startswith('in') else 2}\.{'bias' if r.endswith('bias') else 'weight'}",
+            "projector", r, spec) for r, spec in _PROJ] if f != "text" else []),
+    ]), rf"{f}\.(?:layers\.\d+\.attn\.wq\.weight|tok_emb\.weight|patch_embed\.weight|conv1\.weight)")
+      for f in FAMILIES],
+    # Llama, Qwen2, Mistral decoders: plain (`model.`), LLaVA (`language_model.model.`), newer
+    # transformers multimodal (`model.language_model.`), or a bare `LlamaModel`. A tied LM head is not
+    # saved: `text.lm_head` is then absent.
+    Part("llama", "text", r"(?:model\.language_model\.|language_model\.model\.|model\.|)", r"layers\.(?P<i>\d+)\.",
+         LLAMA_BLOCK, _rules("text", [
+             (r"{P}embed_tokens\.weight", "embed", "tok", "F:vocab S"),
+             (r"(?:language_model\.)?lm_head\.weight", "lm_head", "head", "F:vocab S"),
+             (r"{P}norm\.weight", "norm", "*final", "S")]),
+         r"{P}(?:embed_tokens\.weight|layers\.\d+\.mlp\.gate_proj\.weight)"),
+    # CLIP and SigLIP vision towers (`vision_model.` in CLIP/SigLIP checkpoints, `vision_tower.` in
+    # LLaVA, bare for a `SiglipVisionModel` saved by recent transformers)
+    Part("clip", "vision", r"(?:model\.)?(?:vision_tower\.)?(?:vision_model\.)?", r"encoder\.layers\.(?P<i>\d+)\.",
+         CLIP_BLOCK, _rules("vision", [
+             (r"{P}embeddings\.patch_embedding\.weight", "embed", "patch", "S F*"),
+             (r"{P}embeddings\.patch_embedding\.bias", "embed", "patch.bias", "S"),
+             (r"{P}embeddings\.position_embedding\.weight", "embed", "pos", "F:pos S"),
+             (r"{P}embeddings\.class_embedding", "embed", "cls", "S"),
+             (r"{P}pre_layrnorm\.weight", "norm", "*pre", "S"), (r"{P}pre_layrnorm\.bias", "norm", "*pre.bias", "S"),
+             (r"{P}post_layernorm\.weight", "norm", "*final", "S"),
+             (r"{P}post_layernorm\.bias", "norm", "*final.bias", "S")]),
+         r"{P}(?:embeddings\.patch_embedding\.weight|encoder\.layers\.\d+\.layer_norm1\.weight)"),
+    Part("vit", "vision", r"vit\.", r"encoder\.layer\.(?P<i>\d+)\.", VIT_BLOCK, _rules("vision", [
+        (r"{P}embeddings\.patch_embeddings\.projection\.weight", "embed", "patch", "S F*"),
+        (r"{P}embeddings\.patch_embeddings\.projection\.bias", "embed", "patch.bias", "S"),
+        (r"{P}embeddings\.position_embeddings", "embed", "pos", "F:pos S"),
+        (r"{P}embeddings\.cls_token", "embed", "cls", "S"),
+        (r"{P}layernorm\.weight", "norm", "*final", "S"), (r"{P}layernorm\.bias", "norm", "*final.bias", "S")]),
+        r"{P}embeddings\.patch_embeddings\.projection\.weight"),
+    # Qwen2-VL / Qwen2.5-VL vision tower: the Conv3d patch embedding's (C, t, p, p) taps are one fixed
+    # axis; the patch merger is the projector, its input rows read `merge` neighbouring tokens, so its
+    # columns are viewed as (merge, vision stream) (`MERGER`).
+    Part("qwen2-vl-vision", "vision", r"(?:model\.)?(?:visual\.)?", r"blocks\.(?P<i>\d+)\.", QWENVL_BLOCK,
+         _rules("vision", [
+             (r"{P}patch_embed\.proj\.weight", "embed", "patch", "S F*"),
+             (r"{P}merger\.ln_q\.weight", "norm", "*merger", "S"), (r"{P}merger\.ln_q\.bias", "norm", "*merger.bias", "S"),
+             (r"{P}merger\.mlp\.0\.weight", "projector", "in", "U:proj F:merge S"),
+             (r"{P}merger\.mlp\.0\.bias", "projector", "in.bias", "U:proj"),
+             (r"{P}merger\.mlp\.2\.weight", "projector", "out", "T U:proj"),
+             (r"{P}merger\.mlp\.2\.bias", "projector", "out.bias", "T")]),
+         r"{P}(?:patch_embed\.proj\.weight|blocks\.\d+\.attn\.qkv\.weight)"),
+    Part("llava-projector", "vision", r"(?:model\.)?multi_modal_projector\.", "$^", {}, _rules("vision", [
+        (rf"{{P}}linear_{1 if r.startswith('in') else 2}\.{'bias' if r.endswith('bias') else 'weight'}",
+         "projector", r, spec) for r, spec in _PROJ]), r"{P}linear_1\.weight"),
+    # Whisper: the encoder (`model.encoder.` in WhisperForConditionalGeneration, `encoder.` in
+    # WhisperModel, bare for a WhisperEncoder); the decoder is a text model of its own, left unmatched.
+    Part("whisper", "speech", r"(?:model\.)?(?:encoder\.)?", r"layers\.(?P<i>\d+)\.", WHISPER_BLOCK,
+         _rules("speech", [
+             (r"{P}conv1\.weight", "embed", "conv1", "S F*"), (r"{P}conv1\.bias", "embed", "conv1.bias", "S"),
+             (r"{P}conv2\.weight", "embed", "conv2", "S S F*"), (r"{P}conv2\.bias", "embed", "conv2.bias", "S"),
+             (r"{P}embed_positions\.weight", "embed", "!pos", "F:pos S"),
+             (r"{P}layer_norm\.weight", "norm", "*final", "S"), (r"{P}layer_norm\.bias", "norm", "*final.bias", "S")]),
+         r"{P}(?:conv1\.weight|layers\.\d+\.self_attn_layer_norm\.weight)"),
+]}
+
+# The names `--layout` accepts: each a tuple of parts (auto: the parts detected from the names).
+LAYOUTS: dict[str, tuple[str, ...]] = {
+    "kai": ("kai-text", "kai-vision", "kai-speech"),
+    "llama": ("llama",), "qwen2": ("llama",),
+    "qwen2-vl": ("llama", "qwen2-vl-vision"), "qwen2.5-vl": ("llama", "qwen2-vl-vision"),
+    "qwen2-vl-vision": ("qwen2-vl-vision",),
+    "siglip": ("clip",), "clip": ("clip",), "vit": ("vit",),
+    "llava": ("llama", "clip", "llava-projector"),
+    "whisper": ("whisper",),
+}
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    part: Part
+    block: re.Pattern[str]
+    rules: tuple[tuple[re.Pattern[str], str, str, str], ...]
+    signature: re.Pattern[str]
+
+
+def _compile(p: Part) -> _Compiled:
+    def sub(rx: str) -> str:
+        return rx.replace("{P}", f"(?:{p.prefix})")
+    return _Compiled(p, re.compile(f"(?:{p.prefix}){p.block}(?P<suffix>.+)"),
+                     tuple((re.compile(sub(rx)), comp, role, spec) for rx, comp, role, spec in p.rules),
+                     re.compile(sub(p.signature)))
+
+
+_COMPILED = {name: _compile(p) for name, p in PARTS.items()}
+
+
+def detect_parts(names: Iterable[str]) -> tuple[str, ...]:
+    """The parts whose signature some tensor name matches, in PARTS order."""
+    names = list(names)
+    return tuple(p for p, c in _COMPILED.items() if any(c.signature.fullmatch(n) for n in names))
+
+
+def layout_parts(layout: str, names: Iterable[str]) -> tuple[str, ...]:
+    """The parts `layout` stands for (`auto`: detected from the names, else every part)."""
+    if layout == AUTO:
+        return detect_parts(names) or tuple(PARTS)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r} (known: {AUTO}, {', '.join(LAYOUTS)})")
+    return LAYOUTS[layout]
 
 
 # Mixture-of-experts blocks (ours): the routed experts and the shared experts of block i are pooled
@@ -263,9 +334,11 @@ def _squeezed_ndim(shape: tuple[int, ...], want: int) -> int:
     return nd
 
 
-def _slot_for(name: str, shape: tuple[int, ...]) -> list[Slot] | None:
-    for family, rx, table in _BLOCK_RES:
-        m = rx.fullmatch(name)
+def _slot_for(name: str, shape: tuple[int, ...], parts: list[_Compiled],
+              widths: dict[str, int]) -> list[Slot] | None:
+    for c in parts:
+        family, table = c.part.family, c.part.table
+        m = c.block.fullmatch(name)
         if not m or m["suffix"] not in table:
             continue
         role, i = table[m["suffix"]], int(m["i"])
@@ -286,39 +359,54 @@ def _slot_for(name: str, shape: tuple[int, ...]) -> list[Slot] | None:
             return [Slot(name, comp, f"attn.{x}{tail}", (Axis("unit", x), *axes[1:]), (j * n // 3, (j + 1) * n // 3))
                     for j, x in enumerate("qkv")]
         return [Slot(name, comp, role, axes)]
-    for rx, family, comp, role, spec in _OTHER_RES:
-        if rx.fullmatch(name):
+    for c in parts:
+        for rx, comp, role, spec in c.rules:
+            if not rx.fullmatch(name):
+                continue
+            family = c.part.family
+            view = None
+            if "F:merge" in spec:  # (units, merge * width) viewed as (units, merge, width)
+                d = widths.get(family)
+                if len(shape) != 2 or not d or shape[1] % d:
+                    return None
+                view = (shape[0], shape[1] // d, d)
             want = len(spec.split()) if "F*" not in spec else len(shape)
-            axes = _axes(spec, family, _squeezed_ndim(shape, want))
+            axes = _axes(spec, family, len(view) if view else _squeezed_ndim(shape, want))
             if axes is None:
                 return None
-            is_norm = role.startswith("*")
-            return [Slot(name, comp, role.lstrip("*"), axes, is_norm=is_norm)]
+            return [Slot(name, comp, role.lstrip("*!"), axes, is_norm=role.startswith("*"), view=view,
+                         anchor_only=role.startswith("!"))]
     return None
 
 
 @dataclass
 class ModelMap:
-    """component -> role -> Slot, and the tensors no rule matched (name: why)."""
+    """component -> role -> Slot, the tensors no rule matched (name: why), and the parts used."""
 
     components: dict[str, dict[str, Slot]]
     unmatched: list[str]
+    parts: tuple[str, ...] = ()
 
 
-def map_names(tensors: Iterable[tuple[str, tuple[int, ...]]]) -> ModelMap:
-    """Map (name, shape) pairs onto components and roles."""
+def map_names(tensors: Iterable[tuple[str, tuple[int, ...]]], layout: str = AUTO) -> ModelMap:
+    """Map (name, shape) pairs onto components and roles, with the parts of `layout` (module docstring)."""
     comps: dict[str, dict[str, Slot]] = {}
     unmatched: list[str] = []
-    tensors = sorted(tensors)
-    pooled, covered = _expert_slots({n: tuple(s) for n, s in tensors})
+    tensors = sorted((n, tuple(s)) for n, s in tensors)
+    names = layout_parts(layout, (n for n, _ in tensors))
+    parts = [_COMPILED[p] for p in names]
+    pooled, covered = _expert_slots(dict(tensors)) if any(p.startswith("kai-") for p in names) else ([], set())
     for s in pooled:
         comps.setdefault(s.component, {})[s.role] = s
+    # each stream's width from its patch embedding (a patch merger's input is read through it)
+    widths = {s.axes[0].name: shape[0] for name, shape in tensors
+              for s in _slot_for(name, shape, parts, {}) or [] if s.role == "patch" and s.axes[0].kind == "stream"}
     for name, shape in tensors:
         if name in covered:
             continue
-        slots = _slot_for(name, tuple(shape))
+        slots = _slot_for(name, shape, parts, widths)
         if slots is None:
-            unmatched.append(f"{name} {list(shape)}: no layout rule matches")
+            unmatched.append(f"{name} {list(shape)}: no rule of layout {'+'.join(names)} matches")
             continue
         for s in slots:
             roles = comps.setdefault(s.component, {})
@@ -326,7 +414,7 @@ def map_names(tensors: Iterable[tuple[str, tuple[int, ...]]]) -> ModelMap:
                 unmatched.append(f"{name}: {s.component}/{s.role} already taken by {roles[s.role].tensor}")
                 continue
             roles[s.role] = s
-    return ModelMap(comps, unmatched)
+    return ModelMap(comps, unmatched, names)
 
 
 def component_sort_key(component: str) -> tuple[int, str, int, str]:

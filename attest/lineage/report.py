@@ -82,16 +82,54 @@ def _plot(report: LineageReport) -> str:
     return "\n".join(out)
 
 
+HIST_W, HIST_H, HIST_BINS = 220, 56, 24
+
+
+def _histogram(r: ComponentResult) -> str:
+    """The null draws of one row as a histogram, the observed statistic as a red line (inline SVG)."""
+    if r.statistic is None or not r.null_values:
+        return ""
+    obs, null = r.statistic, r.null_values
+    lo, hi = min(*null, obs), max(*null, obs)
+    span = (hi - lo) or 1.0
+    pad, base = 6.0, HIST_H - 14.0
+
+    def x(v: float) -> float:
+        return pad + (HIST_W - 2 * pad) * (v - lo) / span
+
+    counts = [0] * HIST_BINS
+    for v in null:
+        counts[min(HIST_BINS - 1, int((v - lo) / span * HIST_BINS))] += 1
+    top, bw = max(counts), (HIST_W - 2 * pad) / HIST_BINS
+    out = [f'<svg class="null" xmlns="http://www.w3.org/2000/svg" width="{HIST_W}" height="{HIST_H}" '
+           f'font-family="sans-serif" font-size="9" role="img" aria-label="null distribution and observed statistic">',
+           f"<title>{len(null)} null draws, mean {r.null_mean:.4f}; observed {obs:.4f} (z {r.z:.1f})</title>",
+           f'<line x1="{pad}" x2="{HIST_W - pad}" y1="{base}" y2="{base}" stroke="#999"/>']
+    for k, c in enumerate(counts):
+        if c:
+            h = (base - 4) * c / top
+            out.append(f'<rect class="bin" x="{pad + k * bw:.1f}" y="{base - h:.1f}" width="{max(bw - 1, 0.5):.1f}" '
+                       f'height="{h:.1f}" fill="#9ab"><title>{c} draw(s)</title></rect>')
+    out.append(f'<line class="observed" x1="{x(obs):.1f}" x2="{x(obs):.1f}" y1="2" y2="{base}" stroke="#d62728" '
+               f'stroke-width="2"><title>observed {obs:.4f}</title></line>')
+    out.append(f'<text x="{pad}" y="{HIST_H - 3}">{lo:.3f}</text>'
+               f'<text x="{HIST_W - pad}" y="{HIST_H - 3}" text-anchor="end">{hi:.3f}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
 def _row(r: ComponentResult) -> str:
     cls = {"dependent": "dep", "independent": "ind", "shared initialisation": "shared"}.get(r.verdict, "nc")
     compared = [f"compared {', '.join(r.roles)}"] if r.roles else []
+    matched = [f"matched to the reference's {r.matched} (the stacks' depths differ)"] if r.matched else []
     details = r.reason if r.verdict == "not comparable" else "; ".join(
-        ([r.reason] if r.shared_init else []) + compared + r.skipped)
+        matched + ([r.reason] if r.shared_init else []) + compared + r.skipped)
     cells = [r.component, r.reference + (" [control]" if r.control else ""), r.verdict,
              _fmt(r.p_value, ".2e"), _fmt(r.threshold, ".1e"), _fmt(r.p_perm, ".3f"), _fmt(r.statistic, ".4f"),
              "" if r.null_mean is None else f"{r.null_mean:.4f} ± {r.null_sd:.4f}", _fmt(r.z, ".1f"),
              _fmt(r.raw_cosine, ".3f"), details]
-    return f'<tr class="{cls}">' + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>"
+    return (f'<tr class="{cls}">' + "".join(f"<td>{_e(c)}</td>" for c in cells)
+            + f'<td class="hist">{_histogram(r)}</td></tr>')
 
 
 def render_html(report: LineageReport) -> str:
@@ -107,7 +145,7 @@ def render_html(report: LineageReport) -> str:
               f"({_e(', '.join(sorted({r.shared_init for r in inherited})))}): shared initialisation, not evidence "
               "of copying and not counted as dependent.</p>") if inherited else ""
     head = ["component", "reference", "verdict", "p", "threshold", "p_perm", "statistic", "null mean ± sd", "z",
-            "raw cosine (not used)", "details"]
+            "raw cosine (not used)", "details", "observed (red) against the null draws"]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>kai-attest lineage: {_e(report.candidate)}</title>
 <style>
