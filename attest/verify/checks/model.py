@@ -163,6 +163,39 @@ def _reported_lr(ctx: Context, e: Entry, sched: Schedule) -> Finding | None:
     return None
 
 
+WeightPair = tuple[tuple[Entry, int], tuple[Entry, int]]
+
+
+def _key(pair: WeightPair) -> tuple[int, int]:
+    return pair[0][0].lineno, pair[1][0].lineno
+
+
+def _delta(ctx: Context, pair: WeightPair) -> traj.SegmentDelta | str | None:
+    """The update statistics of one segment; a string says why they could not be measured, None that
+    its weights are held by the team (light bundle)."""
+    (a, _), (b, _) = pair
+    try:
+        return traj.segment_delta([ctx.files.path(f) for f in weights_files(a)],
+                                  [ctx.files.path(f) for f in weights_files(b)])
+    except FileNotFoundError as ex:
+        return None if ctx.light else str(ex)
+    except UNREADABLE as ex:
+        return str(ex)
+
+
+def trajectory_jobs(ctx: Context) -> list[tuple[int, Callable[[], None]]]:
+    """The trajectory check's bulk work, as (bytes read, job) for the verifier's hashing pool: each
+    job measures one segment into `ctx.computed["trajectory"]`, where the check finds it."""
+    sets = _weight_sets(ctx)
+    out = ctx.computed.setdefault("trajectory", {})
+
+    def job(pair: WeightPair) -> None:
+        out[_key(pair)] = _delta(ctx, pair)
+
+    return [(_bytes_of(ctx, pair[0][0]) + _bytes_of(ctx, pair[1][0]), lambda pair=pair: job(pair))
+            for pair in zip(sets, sets[1:])]
+
+
 def check_trajectory(ctx: Context) -> Iterator[Finding]:
     """Per segment W_k -> W_{k+1}: the update norm, streamed from the safetensors files, within what
     AdamW can move in that many steps, and not an outlier against the run's other segments."""
@@ -184,22 +217,14 @@ def check_trajectory(ctx: Context) -> Iterator[Finding]:
             bad += 1
             yield wrong
     pairs = list(zip(sets, sets[1:]))
-
-    def delta(pair: tuple[tuple[Entry, int], tuple[Entry, int]]) -> traj.SegmentDelta | str | None:
-        (a, _), (b, _) = pair
-        try:
-            return traj.segment_delta([ctx.files.path(f) for f in weights_files(a)],
-                                      [ctx.files.path(f) for f in weights_files(b)])
-        except FileNotFoundError as ex:
-            return None if ctx.light else str(ex)  # None: held by the team (light bundle)
-        except UNREADABLE as ex:
-            return str(ex)
-
-    if sum(_bytes_of(ctx, b) for _, (b, _) in pairs) > PARALLEL_BYTES:
+    done: dict[tuple[int, int], traj.SegmentDelta | str | None] = ctx.computed.pop("trajectory", {})
+    todo = [p for p in pairs if _key(p) not in done]  # all of them unless the verifier's pool measured them
+    if sum(_bytes_of(ctx, b) for _, (b, _) in todo) > PARALLEL_BYTES:
         with ThreadPoolExecutor(workers()) as pool:
-            deltas = list(pool.map(delta, pairs))
+            done.update(zip(map(_key, todo), pool.map(lambda p: _delta(ctx, p), todo)))
     else:
-        deltas = [delta(p) for p in pairs]
+        done.update((_key(p), _delta(ctx, p)) for p in todo)
+    deltas = [done[_key(p)] for p in pairs]
     rows: list[dict[str, Any]] = []
     genesis_failed = "genesis" in ctx.failed
     for ((a, sa), (b, sb)), d in zip(pairs, deltas):
