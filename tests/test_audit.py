@@ -18,7 +18,7 @@ from attest.digest import merkle_root, safetensors_leaves, sha256_file
 from attest.oms import sign_checkpoint_dir
 from conftest import kai_attest, must, prepared_data, resign, torchrun
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("audit")]  # one worker runs the module (its module fixture trains a 2-rank run once)
 
 SEGMENT_0, SEGMENT_1 = ("--replay", "1", "--replay-seed", "1"), ("--replay", "1", "--replay-seed", "0")
 AUDIT_ARGS = ["deepspeed=zero1", "train.steps=4", "train.ckpt_every=2", "train.micro_batch=2", "train.grad_accum=2",

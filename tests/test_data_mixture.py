@@ -23,6 +23,9 @@ MIXTURE = {"text": 5, "images": 3, "audio": 2}
 MIX = "sampler.mixture={text:5,images:3,audio:2}"
 
 
+pytestmark = pytest.mark.xdist_group("data_mixture")  # one worker runs the module (its module fixture trains a 2-rank run once)
+
+
 @pytest.fixture(scope="module")
 def mixed_run(data_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = prepared_data(tmp_path_factory.mktemp("mixture") / "run", data_run)

@@ -17,7 +17,7 @@ from attest.chain import read_chain
 from attest.cli import main
 from conftest import TRAIN_ARGS, kai_attest, must, prepared_data, resign, torchrun, verify_trusted
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("moe_training")]  # one worker runs the module (its module fixture trains a 2-rank run once)
 
 MOE = ["model=moe-cpu", "wandb.mode=disabled"]
 
