@@ -246,7 +246,11 @@ def key(demo_run: Path) -> Path:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that reads the trained demo (directly or through `bundle`/`key`) runs torchrun: slow."""
+    """A test that reads the trained demo (directly or through `bundle`/`key`) runs torchrun: slow.
+    The files with slow tests run first (whole, in file order otherwise): under pytest-xdist the
+    quick files then fill in at the end, and no worker waits alone on a long test started last."""
     for item in items:
         if "demo_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)
