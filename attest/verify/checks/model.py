@@ -209,10 +209,10 @@ def trajectory_jobs(ctx: Context) -> list[tuple[int, Callable[[], None]]]:
     sets = _weight_sets(ctx)
     out = ctx.computed.setdefault("trajectory", {})
 
-    def job(window: list[WeightPair]) -> None:
-        out.update(_deltas(ctx, window))
+    def job(window: list[WeightPair]) -> Callable[[], None]:
+        return lambda: out.update(_deltas(ctx, window))
 
-    return [(sum(_bytes_of(ctx, e) for e, _ in [w[0][0], *(b for _, b in w)]), lambda w=w: job(w))
+    return [(sum(_bytes_of(ctx, e) for e, _ in [w[0][0], *(b for _, b in w)]), job(w))
             for w in _windows(list(zip(sets, sets[1:])))]
 
 
