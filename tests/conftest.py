@@ -22,6 +22,11 @@ from attest.slsa import write_provenance
 from attest.statements import CHAIN_FIELDS
 
 REPO = Path(__file__).resolve().parent.parent
+# One math thread per process unless the caller sets a count: the models tests train in-process are
+# tiny (one thread is as fast), and pytest workers, torchrun ranks and replays, one per core already,
+# would otherwise each start a thread per core and spin against each other. Set before any test
+# module imports torch; the subprocesses inherit it (`env` below keeps the same default).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Small but real: the demo corpus, 2 ranks, a few steps, two checkpoints.
 TRAIN_ARGS = ["train.steps=4", "train.ckpt_every=2", "train.micro_batch=4", "train.log_every=1", "train.eval_every=2"]
 
