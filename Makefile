@@ -8,10 +8,7 @@ LIGHT  ?= .venv-light
 # normal build comes from PyPI. Override with `make TORCH_VERSION=...`.
 TORCH_VERSION ?= 2.13.0
 # pytest workers (pytest-xdist): one per core by default; JOBS=0 runs the suite in one process.
-# `--dist loadgroup`: the tests of a module marked xdist_group (a module fixture that trains or builds
-# a corpus) run on one worker, so the fixture is built once; those groups are handed out first.
 JOBS ?= auto
-DIST := --dist loadgroup
 
 .PHONY: demo test test-fast test-light bench-smoke lint install clean
 
@@ -28,11 +25,11 @@ demo: install
 
 # The whole suite, the light-install tier included (it reuses the session's trained demo bundle).
 test: install $(LIGHT)/.installed
-	PATH="$(abspath $(BIN)):$$PATH" KAI_LIGHT_VENV="$(abspath $(LIGHT))" $(BIN)/python -m pytest -q -ra -m "not bench" -n $(JOBS) $(DIST)
+	PATH="$(abspath $(BIN)):$$PATH" KAI_LIGHT_VENV="$(abspath $(LIGHT))" $(BIN)/python -m pytest -q -ra -m "not bench" -n $(JOBS)
 
 # The edit-test loop: everything but the real torchrun/DeepSpeed trainings (about two minutes).
 test-fast: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -ra -m "not slow" -n $(JOBS) $(DIST)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -ra -m "not slow" -n $(JOBS)
 
 # The smoke sizes of the benches that train (torchrun/DeepSpeed; the others run in `make test`).
 bench-smoke: install

@@ -16,9 +16,9 @@ import pytest
 
 from attest.digest import merkle_root, safetensors_leaves, sha256_file
 from attest.oms import sign_checkpoint_dir
-from conftest import kai_attest, must, prepared_data, resign, torchrun
+from conftest import built_once, kai_attest, must, prepared_data, resign, torchrun
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("audit")]  # one worker runs the module (its module fixture trains a 2-rank run once)
+pytestmark = pytest.mark.slow
 
 SEGMENT_0, SEGMENT_1 = ("--replay", "1", "--replay-seed", "1"), ("--replay", "1", "--replay-seed", "0")
 AUDIT_ARGS = ["deepspeed=zero1", "train.steps=4", "train.ckpt_every=2", "train.micro_batch=2", "train.grad_accum=2",
@@ -27,10 +27,12 @@ AUDIT_ARGS = ["deepspeed=zero1", "train.steps=4", "train.ckpt_every=2", "train.m
 
 @pytest.fixture(scope="module")
 def audit_run(data_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = prepared_data(tmp_path_factory.mktemp("audit") / "run", data_run)
-    must(torchrun(run_dir, 2, *AUDIT_ARGS))
-    must(kai_attest("bundle", str(run_dir)))
-    return run_dir
+    def train(folder: Path) -> None:
+        run_dir = prepared_data(folder / "run", data_run)
+        must(torchrun(run_dir, 2, *AUDIT_ARGS))
+        must(kai_attest("bundle", str(run_dir)))
+
+    return built_once(tmp_path_factory, "audit", train) / "run"
 
 
 @pytest.fixture

@@ -35,9 +35,6 @@ PROVENANCE = {"origin": "test corpus", "license": "CC-BY-4.0", "collection": "se
 ARGS = ["shards.rows=64", "pack.seq_len=32", "tokenizer.vocab_size=400"]
 
 
-pytestmark = pytest.mark.xdist_group("data_build")  # one worker runs the module (its module fixture builds a corpus once)
-
-
 def _doc(rng: np.random.Generator, vocab: list[str]) -> str:
     return " ".join(vocab[i] for i in rng.integers(len(vocab), size=60)) + "."
 

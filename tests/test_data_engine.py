@@ -29,9 +29,6 @@ LOCAL = ["executor.kind=local", "executor.tasks=3", "executor.workers=2"]
 HANGUL = "가나다라마바사아자차카타파하거너더러머버서어저처커터퍼허고노도로모보소오조초코토포호"
 
 
-pytestmark = pytest.mark.xdist_group("data_engine")  # one worker runs the module (its module fixture builds a corpus once)
-
-
 def make_korean(path: Path, n: int = 60, near: int = 8) -> list[tuple[str, str]]:
     """`n` Korean documents and `near` edited copies (two syllables changed) as JSONL; returns the
     (original id, copy id) pairs."""

@@ -32,9 +32,6 @@ SOURCE = {"name": "demo", "origin": "kai-train demo generator", "license": "CC0-
           "generator": "kai-train data_pipelines.demo_corpus (procedural, no model)"}
 
 
-pytestmark = pytest.mark.xdist_group("data_pipelines")  # one worker runs the module (its module fixture builds a corpus once)
-
-
 def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 

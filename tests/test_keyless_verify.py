@@ -31,9 +31,6 @@ from attest.signing import SignerError
 IDENTITY, ISSUER = "trainer@example.org", "https://oidc.example.org"
 
 
-pytestmark = pytest.mark.xdist_group("keyless_verify")  # one worker runs the module (its module fixture starts a signing instance once)
-
-
 @pytest.fixture(autouse=True)
 def test_deriver(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(verify.DERIVERS, DERIVER, "bundlefactory")

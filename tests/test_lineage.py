@@ -39,9 +39,6 @@ DRAWS = 49  # null draws per test run (the CLI default is 99); enough for p_perm
 STEPS, LR = 40, 3e-3  # enough AdamW steps that weights move well away from init (corr to genesis ~0.6-0.7)
 
 
-pytestmark = pytest.mark.xdist_group("lineage")  # one worker runs the module (its module fixture trains the model zoo once)
-
-
 def _batch(g: torch.Generator, B: int = 8, T: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Arithmetic token sequences (learnable), random images and audio."""
     start = torch.randint(0, CFG.vocab_size, (B, 1), generator=g)

@@ -28,9 +28,6 @@ KOREAN = "한국어 문장입니다. 날씨가 맑아요."
 KOREAN_NFD = unicodedata.normalize("NFD", KOREAN)
 
 
-pytestmark = pytest.mark.xdist_group("sources")  # one worker runs the module (its module fixture builds a corpus once)
-
-
 def spec(name: str, fmt: str, path: str, **extra: Any) -> dict[str, Any]:
     return {"name": name, "format": fmt, "path": path, **PROVENANCE, **extra}
 

@@ -22,9 +22,6 @@ CORPUS = "\n".join([
 ] * 50)
 
 
-pytestmark = pytest.mark.xdist_group("tokenizer_roundtrip")  # one worker runs the module (its module fixture trains tokenizers once)
-
-
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("spm")
