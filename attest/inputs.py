@@ -196,6 +196,9 @@ def read_text(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES,
         raise InputError(f"{where or os.fspath(path)}: not UTF-8 text (byte {e.start})") from None
 
 
+_READV = hasattr(os, "readv")
+
+
 class _Bounded(io.RawIOBase):
     """A raw reader over a descriptor that never returns more than `limit + 1` bytes in all."""
 
@@ -224,13 +227,17 @@ class _Bounded(io.RawIOBase):
             if n <= 0:
                 raise InputError(f"{self._label}: grew past its limit while read")
         try:
-            data = os.read(self._fd, n)
+            if _READV:  # straight into the caller's buffer: no bytes object allocated and copied per read
+                got = os.readv(self._fd, [memoryview(b)[:n]])
+            else:
+                data = os.read(self._fd, n)
+                got = len(data)
+                b[:got] = data
         except OSError as e:
             raise InputError(f"{self._label}: cannot read ({e.strerror})") from None
         if self._left is not None:
-            self._left -= len(data)
-        b[: len(data)] = data
-        return len(data)
+            self._left -= got
+        return got
 
     def close(self) -> None:
         if not self.closed:

@@ -13,8 +13,9 @@ Two figures, each with its goal:
   bundle of a genesis and checkpoints of random float32 tensors, each folder with its OpenSSF
   model-signing signature, divided by raw single-stream sha256 over the same bytes (page cache
   warm for both). Goal: ratio >= 0.8. The verifier hashes each file once (file sha256 and tensor
-  leaves in one read, in parallel across files), and the trajectory check streams every pair of
-  consecutive weight sets once more with numpy.
+  leaves in one read, in parallel across files; the export, a copy of the last weights, gets its
+  file sha256 alone), and the trajectory check streams each weight set once more with numpy
+  (consecutive sets in step), its jobs in the same thread pool as the hashing.
 """
 
 from __future__ import annotations

@@ -22,6 +22,11 @@ from attest.slsa import write_provenance
 from attest.statements import CHAIN_FIELDS
 
 REPO = Path(__file__).resolve().parent.parent
+# One math thread per process unless the caller sets a count: the models tests train in-process are
+# tiny (one thread is as fast), and pytest workers, torchrun ranks and replays, one per core already,
+# would otherwise each start a thread per core and spin against each other. Set before any test
+# module imports torch; the subprocesses inherit it (`env` below keeps the same default).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Small but real: the demo corpus, 2 ranks, a few steps, two checkpoints.
 TRAIN_ARGS = ["train.steps=4", "train.ckpt_every=2", "train.micro_batch=4", "train.log_every=1", "train.eval_every=2"]
 
@@ -94,22 +99,52 @@ def prepared_data(tmp: Path, template: Path | None = None) -> Path:
     return tmp
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder `build` fills once per test session: under pytest-xdist the workers share it (the
+    first to ask builds it under a file lock, the others wait and read it), so a session-wide
+    training runs once, not once per worker. Tests read it; what they change, they copy first."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp().parent  # the session's base folder, above each worker's own
+    folder = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / f"{name}.built").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build of another worker left
+            folder.mkdir()
+            build(folder)
+            (shared / f"{name}.built").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def data_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Key + demo shards + tokenizer, signed into a chain; no training yet."""
     pytest.importorskip("hydra", reason="kai-data needs the train extra; not on the evaluator's light install")
-    return prepared_data(tmp_path_factory.mktemp("data") / "run")
+    return built_once(tmp_path_factory, "data", lambda d: _prepare(d / "run")) / "run"
+
+
+def _prepare(run_dir: Path) -> None:
+    prepared_data(run_dir)
+
+
+def _train_demo(folder: Path, data: Path) -> None:
+    run_dir = prepared_data(folder / "run", data)
+    # a JIT build folder of its own: the demo must train without compiling anything into it
+    must(torchrun(run_dir, 2, "deepspeed=zero2", *TRAIN_ARGS,
+                  extra_env={"TORCH_EXTENSIONS_DIR": str(folder / "torch_extensions")}))
+    must(kai_attest("bundle", str(run_dir)))
 
 
 @pytest.fixture(scope="session")
 def demo_run(data_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo trained on 2 CPU ranks with DeepSpeed ZeRO-2, bundled."""
-    run_dir = prepared_data(tmp_path_factory.mktemp("demo") / "run", data_run)
-    # a JIT build folder of its own: the demo must train without compiling anything into it
-    must(torchrun(run_dir, 2, "deepspeed=zero2", *TRAIN_ARGS,
-                  extra_env={"TORCH_EXTENSIONS_DIR": str(run_dir.parent / "torch_extensions")}))
-    must(kai_attest("bundle", str(run_dir)))
-    return run_dir
+    return built_once(tmp_path_factory, "demo", lambda d: _train_demo(d, data_run)) / "run"
 
 
 def resign(b: Path, key: Path, mutate: Callable[[list[dict]], None]) -> None:
@@ -216,7 +251,11 @@ def key(demo_run: Path) -> Path:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that reads the trained demo (directly or through `bundle`/`key`) runs torchrun: slow."""
+    """A test that reads the trained demo (directly or through `bundle`/`key`) runs torchrun: slow.
+    The files with slow tests run first (whole, in file order otherwise): under pytest-xdist the
+    quick files then fill in at the end, and no worker waits alone on a long test started last."""
     for item in items:
         if "demo_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)

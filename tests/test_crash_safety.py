@@ -6,6 +6,8 @@ background worker that records checkpoints while training goes on."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from attest.chain import read_chain
+from attest.cli import main as kai_attest_main
 from attest.verify.checks.model import NO_RELEASE
-from conftest import env, free_port, kai_attest, must, prepared_data, run, torchrun
+from conftest import env, free_port, must, prepared_data, run, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +53,15 @@ def train(run_dir: Path, failpoint: str | None) -> int:
     return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent).returncode
 
 
+def kai_attest_here(*args: str) -> tuple[int, str]:
+    """`kai-attest ARGS` in this process (exit status, stdout): the kill loop bundles and verifies
+    twelve times, and a fresh interpreter each time would only add its start-up."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = kai_attest_main(list(args))
+    return rc, out.getvalue()
+
+
 def release_root(run_dir: Path) -> str | None:
     entries, _ = read_chain(run_dir / "chain.jsonl")
     return next((e.predicate["weights_root"] for e in entries if e.kind == "release"), None)
@@ -68,20 +80,21 @@ def test_kill_at_every_phase_then_verify_and_resume_gives_the_uninterrupted_resu
         entries, torn = read_chain(crashed / "chain.jsonl")
         assert len(entries) >= (whole_entries[-1] if whole_entries else 0), f"{point}: whole entries were lost"
         whole_entries.append(len(entries))
-        must(kai_attest("bundle", str(crashed), "--out", str(tmp_path / "b")))
-        p = kai_attest("verify", str(tmp_path / "b"), "--trust", str(crashed / "keys/signing-key.pub.pem"))
-        failed = {line.split()[1] for line in p.stdout.splitlines() if line.startswith("FAIL")}
+        rc, out = kai_attest_here("bundle", str(crashed), "--out", str(tmp_path / "b"))
+        assert rc == 0, out
+        rc, out = kai_attest_here("verify", str(tmp_path / "b"), "--trust", str(crashed / "keys/signing-key.pub.pem"))
+        failed = {line.split()[1] for line in out.splitlines() if line.startswith("FAIL")}
         if any(e.kind == "release" for e in entries):
-            assert p.returncode == 0, f"after a kill at {point}@{hit} the released chain does not verify:\n{p.stdout}"
+            assert rc == 0, f"after a kill at {point}@{hit} the released chain does not verify:\n{out}"
         elif any(e.kind == "genesis" for e in entries):
             # a prefix of a run still training: everything it wrote verifies; only the release it does
             # not have yet fails (no release, no from-scratch claim), and trajectory while there is no
             # checkpoint to judge
             allowed = {"release"} | (set() if any(e.kind == "checkpoint" for e in entries) else {"trajectory"})
-            assert "release" in failed and failed <= allowed and NO_RELEASE in p.stdout, \
-                f"after a kill at {point}@{hit} the chain prefix does not verify:\n{p.stdout}"
+            assert "release" in failed and failed <= allowed and NO_RELEASE in out, \
+                f"after a kill at {point}@{hit} the chain prefix does not verify:\n{out}"
         else:  # a run killed before its genesis proves nothing yet, but what it wrote is intact
-            assert failed <= {"statement-order", "genesis", "trajectory", "release"}, p.stdout
+            assert failed <= {"statement-order", "genesis", "trajectory", "release"}, out
             assert not (INTEGRITY & failed)
         if point == "release-recorded":
             break

@@ -16,7 +16,7 @@ pytest.importorskip("deepspeed", reason="the train extra; not on the evaluator's
 from attest.chain import read_chain
 from attest.runconfig import render_yaml
 from attest.sampling import Sampler
-from conftest import TRAIN_ARGS, kai_attest, must, prepared_data, resign, torchrun, verify_trusted
+from conftest import TRAIN_ARGS, built_once, kai_attest, must, prepared_data, resign, torchrun, verify_trusted
 
 QUIET = ["wandb.mode=disabled"]
 MIXTURE = {"text": 5, "images": 3, "audio": 2}
@@ -25,12 +25,14 @@ MIX = "sampler.mixture={text:5,images:3,audio:2}"
 
 @pytest.fixture(scope="module")
 def mixed_run(data_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = prepared_data(tmp_path_factory.mktemp("mixture") / "run", data_run)
-    must(torchrun(run, 2, "deepspeed=zero2", *TRAIN_ARGS, *QUIET, MIX, "train.stop_at=2"))
-    p = must(torchrun(run, 1, "deepspeed=zero2", *TRAIN_ARGS, *QUIET, MIX))
-    assert "resumed at step 2" in p.stdout and "world size 1" in p.stdout
-    must(kai_attest("bundle", str(run)))
-    return run
+    def train(folder: Path) -> None:
+        run = prepared_data(folder / "run", data_run)
+        must(torchrun(run, 2, "deepspeed=zero2", *TRAIN_ARGS, *QUIET, MIX, "train.stop_at=2"))
+        p = must(torchrun(run, 1, "deepspeed=zero2", *TRAIN_ARGS, *QUIET, MIX))
+        assert "resumed at step 2" in p.stdout and "world size 1" in p.stdout
+        must(kai_attest("bundle", str(run)))
+
+    return built_once(tmp_path_factory, "mixture", train) / "run"
 
 
 def statements(run: Path) -> list[dict[str, Any]]:

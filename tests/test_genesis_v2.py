@@ -61,7 +61,8 @@ def same_bits(x: np.ndarray, y: torch.Tensor) -> bool:
 # ------------------------------------------------------------------ the parameter list
 
 
-@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem in BIG else p for p in PRESETS],
+                         ids=lambda p: p.stem)
 def test_param_specs_equal_the_torch_model_for_every_preset(path: Path) -> None:
     cfg = preset(path)
     assert param_specs(cfg) == tensor_specs(cfg)

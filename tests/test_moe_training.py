@@ -16,7 +16,7 @@ pytest.importorskip("deepspeed", reason="the train extra; not on the evaluator's
 
 from attest.chain import read_chain
 from attest.cli import main
-from conftest import TRAIN_ARGS, kai_attest, must, prepared_data, resign, torchrun, verify_trusted
+from conftest import TRAIN_ARGS, built_once, kai_attest, must, prepared_data, resign, torchrun, verify_trusted
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +31,14 @@ def predicates(run_dir: Path, kind: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def moe_run(data_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """moe-cpu: steps 1-2 on 2 ranks (ZeRO-2, experts split over both), steps 3-4 resumed on 1 rank; bundled."""
-    run_dir = prepared_data(tmp_path_factory.mktemp("moe") / "run", data_run)
-    must(torchrun(run_dir, 2, "deepspeed=zero2", *TRAIN_ARGS, *MOE, "train.expert_parallel=2", "train.stop_at=2"))
-    p = must(torchrun(run_dir, 1, "deepspeed=zero2", *TRAIN_ARGS, *MOE))
-    assert "resumed at step 2" in p.stdout
-    must(kai_attest("bundle", str(run_dir)))
-    return run_dir
+    def train(folder: Path) -> None:
+        run_dir = prepared_data(folder / "run", data_run)
+        must(torchrun(run_dir, 2, "deepspeed=zero2", *TRAIN_ARGS, *MOE, "train.expert_parallel=2", "train.stop_at=2"))
+        p = must(torchrun(run_dir, 1, "deepspeed=zero2", *TRAIN_ARGS, *MOE))
+        assert "resumed at step 2" in p.stdout
+        must(kai_attest("bundle", str(run_dir)))
+
+    return built_once(tmp_path_factory, "moe", train) / "run"
 
 
 def test_moe_run_on_two_ranks_resumed_on_one_verifies_with_every_segment_replayed(moe_run: Path) -> None:

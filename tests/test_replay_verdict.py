@@ -190,18 +190,19 @@ def test_a_gpu_claim_does_not_choose_tolerance_the_honest_state_replays_exactly(
 def test_a_drifted_checkpoint_claiming_a_gpu_never_passes_even_with_a_loose_budget(demo_run: Path,
                                                                                    tmp_path: Path) -> None:
     """The insider moves the last checkpoint 0.6% of its segment's update toward foreign weights and
-    claims a GPU: exact replay does not reproduce it; tolerance measures the floor and fails it."""
+    claims a GPU: exact replay does not reproduce it; tolerance measures the floor and fails it, with
+    an evaluator's drift budget far above the drift (without a budget tolerance never passes at all:
+    test_tolerance_never_passes_without_an_evaluator_budget_and_never_above_it)."""
     from test_audit import _drift
 
     b = Path(shutil.copytree(demo_run / "bundle", tmp_path / "bundle"))
     key = demo_run / "keys/signing-key.pem"
     _drift(b, key, 4, 6e-3)
     resign(b, key, _claim_gpu)
-    for extra in ((), ("--max-drift", "0.05")):
-        rc, rep = attest_json(b, "--replay", "1", "--replay-seed", "0", *extra)
-        assert rc == 1 and rep["verdict"] == "fail", replay_findings(rep)
-        last = [x for x in rep["facts"]["replay"] if x["step"] == 4][0]
-        assert last["outcome"] == "fail" and last["tolerance"]["exceeding"]
+    rc, rep = attest_json(b, "--replay", "1", "--replay-seed", "0", "--max-drift", "0.05")
+    assert rc == 1 and rep["verdict"] == "fail", replay_findings(rep)
+    last = [x for x in rep["facts"]["replay"] if x["step"] == 4][0]
+    assert last["outcome"] == "fail" and last["tolerance"]["exceeding"] and last["tolerance"]["max_drift"] == 0.05
 
 
 @pytest.mark.slow
@@ -294,7 +295,8 @@ def test_an_honest_run_resumed_2_1_2_ranks_with_the_global_batch_kept_passes_rep
 def test_a_noisy_bf16_config_cannot_hide_a_drift_in_its_own_floor(data_run: Path, tmp_path: Path) -> None:
     """The team's config makes the noise: bf16 on CPU, grad_accum 4, lr 3e-3, and a GPU claim. The last
     checkpoint moved 0.6% of its update toward foreign weights is not bit-exact; within the wide floor
-    such a config measures it is at best INCOMPLETE, with or without a strict drift budget: never PASS."""
+    such a config measures it is at best INCOMPLETE, even with a strict drift budget: never PASS (without
+    a budget tolerance never passes: test_audit's honest run in tolerance mode is undecided)."""
     from test_audit import _drift
 
     r = prepared_data(tmp_path / "run", data_run)
@@ -306,11 +308,10 @@ def test_a_noisy_bf16_config_cannot_hide_a_drift_in_its_own_floor(data_run: Path
     key = r / "keys/signing-key.pem"
     _drift(b, key, 4, 6e-3)
     resign(b, key, _claim_gpu)
-    for extra in ((), ("--max-drift", "1e-3")):
-        rc, rep = attest_json(b, "--replay", "1", "--replay-seed", "0", *extra)
-        assert rc in (1, 4) and rep["verdict"] != "pass", replay_findings(rep)
-        last = [x for x in rep["facts"]["replay"] if x["step"] == 4][0]
-        assert last["outcome"] in ("fail", "undecided") and not last["bit_exact"], last
+    rc, rep = attest_json(b, "--replay", "1", "--replay-seed", "0", "--max-drift", "1e-3")
+    assert rc in (1, 4) and rep["verdict"] != "pass", replay_findings(rep)
+    last = [x for x in rep["facts"]["replay"] if x["step"] == 4][0]
+    assert last["outcome"] in ("fail", "undecided") and not last["bit_exact"] and last["tolerance"]["max_drift"] == 1e-3, last
 
 
 @pytest.mark.slow

@@ -4,15 +4,21 @@ Several checks need the same digests (subject-digest the file sha256, weights-di
 leaves of the same safetensors file, oms-signature the sha256 of every file of a checkpoint
 folder). `FileDigests` computes the file sha256 and, for safetensors, the tensor leaves in one
 sequential read (`attest.digest.hash_safetensors`), and caches both; `prefetch` fills the cache for
-many files with a small thread pool (hashlib and file reads release the GIL), so a full verify costs
-about one sha256 pass over the bundle's bytes per core.
+many files with a small thread pool (hashlib, numpy and file reads release the GIL), so a full
+verify costs about one sha256 pass over the bundle's bytes per core. Two refinements:
+
+- a weights file the chain declares with the same sha256 as another (the export is a copy of the
+  last checkpoint's weights) gets its file sha256 alone; when it matches the first copy's, the
+  bytes are the same and so are the leaves (otherwise the leaves are computed as for any file);
+- other bulk work (the trajectory check's update norms) joins the same pool, and the jobs start
+  largest first, so both cores stay busy until the last one ends.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -94,31 +100,60 @@ class FileDigests:
         got = self._by_path.get(str(path))
         return got if got is not None else sha256_file(path)
 
-    def prefetch(self, names: Iterable[str], progress: Callable[[int, int], None] | None = None) -> None:
-        """Hash many files in parallel; errors are left for the checks to report. `progress(done,
-        total)` hears the bytes hashed so far after each file."""
-        todo = sorted({n for n in names if n not in self._sha})
+    def _fill_copy(self, name: str, first: str) -> None:
+        """`name`, declared a copy of `first` (already hashed): its sha256, and `first`'s leaves
+        when the sha256 matches (same bytes); otherwise the leaves are computed from `name` itself."""
+        p = self.path(name)
+        sha = sha256_file(p)
+        with self._lock:
+            same = self._sha.get(first) == sha and first in self._leaves
+            if same:
+                self._leaves[name] = self._leaves[first]
+                self._sha[name] = sha
+                self._by_path[str(p)] = sha
+        if not same:
+            self._fill(name)
+
+    def prefetch(self, subjects: Iterable[tuple[str, str | None]],
+                 progress: Callable[[int, int], None] | None = None,
+                 jobs: Sequence[tuple[int, Callable[[], None]]] = ()) -> None:
+        """Hash many files in parallel; errors are left for the checks to report. `subjects`: (name,
+        declared sha256) pairs. `progress(done, total)` hears the bytes hashed so far after each file.
+        `jobs`: other bulk work as (bytes it reads, callable), run in the same pool."""
+        declared: dict[str, str | None] = {}
+        for n, sha in subjects:
+            if n not in self._sha:
+                declared.setdefault(n, sha)
         sizes: dict[str, int] = {}
-        for n in todo:
+        for n in declared:
             try:
                 sizes[n] = os.lstat(self.root / n).st_size
             except (OSError, ValueError):
                 pass
         total, done = sum(sizes.values()), [0]
 
-        def one(n: str) -> None:
-            try:
-                self._fill(n)
-            except (FileNotFoundError, KaiError, OSError):  # the checks name the problem
-                pass
-            if progress is not None:
-                with self._lock:
-                    done[0] += sizes.get(n, 0)
-                    progress(done[0], total)
+        def one(names: list[str]) -> None:
+            for i, n in enumerate(names):
+                try:
+                    self._fill_copy(n, names[0]) if i else self._fill(n)
+                except (FileNotFoundError, KaiError, OSError):  # the checks name the problem
+                    pass
+                if progress is not None:
+                    with self._lock:
+                        done[0] += sizes.get(n, 0)
+                        progress(done[0], total)
 
-        if len(todo) <= 1 or total < PARALLEL_BYTES:
-            for n in todo:
-                one(n)
+        # Weights files declared with one sha256 form one group: the first is hashed in full, then
+        # the copies; every other file is a group of its own.
+        groups: dict[str, list[str]] = {}
+        for n in sorted(declared):
+            sha = declared[n]
+            groups.setdefault(f"sha256 {sha}" if sha and n.endswith(".safetensors") else f"name {n}", []).append(n)
+        work = [(sum(sizes.get(n, 0) for n in g), lambda g=g: one(g)) for g in groups.values()] + list(jobs)
+        work.sort(key=lambda w: -w[0])  # largest first: no long job starts last
+        if len(work) <= 1 or sum(w[0] for w in work) < PARALLEL_BYTES:
+            for _, job in work:
+                job()
             return
         with ThreadPoolExecutor(workers()) as pool:
-            list(pool.map(one, todo))
+            list(pool.map(lambda w: w[1](), work))

@@ -107,6 +107,7 @@ class Context:
     facts: dict[str, Any] = field(default_factory=dict)  # what checks measured: --json, --report
     files: FileDigests = field(init=False)
     failed: set[str] = field(default_factory=set)  # checks that failed so far (for dependent checks)
+    computed: dict[str, Any] = field(default_factory=dict)  # bulk results measured ahead (verifier's pool)
 
     def __post_init__(self) -> None:
         self.files = FileDigests(self.root, self.policy.limits["max_file_bytes"])

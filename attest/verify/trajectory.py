@@ -19,10 +19,11 @@ Neither proves that a segment *was* trained on the declared data: replay does (a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from io import BufferedReader
@@ -128,24 +129,35 @@ def _chunks(f: BufferedReader, e: TensorEntry, numel: int) -> Iterator[np.ndarra
             yield a if e.dtype in ("F32", "F64") else a.astype(np.float32)
 
 
-def _tensor_delta(prev: tuple[Path, TensorEntry], nxt: tuple[Path, TensorEntry]) -> TensorDelta:
-    (pp, pe), (np_, ne) = prev, nxt
-    numel = math.prod(ne.shape)
-    diff_sq = diff_max = a_max = a_sq = 0.0
-    d = np.empty(min(numel, CHUNK_ELEMS), dtype=np.float64 if ne.dtype == "F64" else np.float32)
-    with inputs.open_file(pp) as fa, inputs.open_file(np_) as fb, np.errstate(all="ignore"):
-        for a, b in zip(_chunks(fa, pe, numel), _chunks(fb, ne, numel)):
-            dd = d[: len(a)]
-            np.subtract(b, a, out=dd)
-            diff_sq += float(np.dot(dd, dd))
-            diff_max = max(diff_max, float(dd.max()), -float(dd.min()))
-            a_max = max(a_max, float(a.max()), -float(a.min()))
-            a_sq += float(np.dot(a, a))
-    # A non-finite weight or difference is a jump of its own (nothing trains to inf or NaN and back).
-    if not all(math.isfinite(x) for x in (diff_sq, diff_max, a_max, a_sq)):
-        return TensorDelta(ne.name, ne.dtype, numel, math.inf, math.inf, math.inf, math.inf)
-    # |W_k+1| <= |W_k| + |ΔW|: bounds on the larger of the two weights without a third pass.
-    return TensorDelta(ne.name, ne.dtype, numel, diff_sq, diff_max, a_max + diff_max, (math.sqrt(a_sq) + math.sqrt(diff_sq)) ** 2)
+def _tensor_deltas(members: list[tuple[Path, TensorEntry]]) -> list[TensorDelta]:
+    """Update statistics of one tensor between each two consecutive weight sets of `members` (same
+    name, shape and dtype in each), streaming every set's bytes once, all sets in step."""
+    numel = math.prod(members[0][1].shape)
+    dtype = members[0][1].dtype
+    pairs = len(members) - 1
+    diff_sq, diff_max, a_max, a_sq = [0.0] * pairs, [0.0] * pairs, [0.0] * pairs, [0.0] * pairs
+    d = np.empty(min(numel, CHUNK_ELEMS), dtype=np.float64 if dtype == "F64" else np.float32)
+    with contextlib.ExitStack() as stack, np.errstate(all="ignore"):
+        files = [stack.enter_context(inputs.open_file(p)) for p, _ in members]
+        for chunks in zip(*(_chunks(f, e, numel) for f, (_, e) in zip(files, members))):
+            for j in range(pairs):
+                a, dd = chunks[j], d[: len(chunks[j])]
+                np.subtract(chunks[j + 1], a, out=dd)
+                diff_sq[j] += float(np.dot(dd, dd))
+                diff_max[j] = max(diff_max[j], float(dd.max()), -float(dd.min()))
+                a_max[j] = max(a_max[j], float(a.max()), -float(a.min()))
+                a_sq[j] += float(np.dot(a, a))
+    name = members[-1][1].name
+    out = []
+    for j in range(pairs):
+        # A non-finite weight or difference is a jump of its own (nothing trains to inf or NaN and back).
+        if not all(math.isfinite(x) for x in (diff_sq[j], diff_max[j], a_max[j], a_sq[j])):
+            out.append(TensorDelta(name, dtype, numel, math.inf, math.inf, math.inf, math.inf))
+            continue
+        # |W_k+1| <= |W_k| + |ΔW|: bounds on the larger of the two weights without a third pass.
+        out.append(TensorDelta(name, dtype, numel, diff_sq[j], diff_max[j], a_max[j] + diff_max[j],
+                               (math.sqrt(a_sq[j]) + math.sqrt(diff_sq[j])) ** 2))
+    return out
 
 
 def _index(files: Iterable[Path]) -> dict[str, tuple[Path, TensorEntry]]:
@@ -160,22 +172,45 @@ def segment_delta(prev_files: Iterable[str | os.PathLike[str]], next_files: Iter
     """Per-tensor update statistics between two weight sets (each one or more safetensors files).
 
     Raises attest.digest.DigestError on an unreadable file (weights-digest reports those)."""
-    prev, nxt = _index(map(Path, prev_files)), _index(map(Path, next_files))
-    seg = SegmentDelta()
-    seg.structural = sorted(set(prev) ^ set(nxt))
-    for name in sorted(set(prev) & set(nxt)):
-        (_, pe), (_, ne) = prev[name], nxt[name]
-        if pe.shape != ne.shape or pe.dtype != ne.dtype:
-            seg.structural.append(f"{name} {pe.dtype}{list(pe.shape)} -> {ne.dtype}{list(ne.shape)}")
-            continue
-        if ne.dtype not in FLOAT_DTYPES:
-            continue
-        itemsize = np.dtype(FLOAT_DTYPES[ne.dtype]).itemsize
-        for path, e in (prev[name], nxt[name]):
-            if math.prod(e.shape) * itemsize != e.end - e.start or any(d < 0 for d in e.shape):
-                raise DigestError(f"{path}: tensor {name!r} shape {list(e.shape)} does not match its {e.end - e.start} data bytes")
-        seg.tensors.append(_tensor_delta(prev[name], nxt[name]))
-    return seg
+    return chain_deltas([prev_files, next_files])[0]
+
+
+def chain_deltas(sets: Sequence[Iterable[str | os.PathLike[str]]]) -> list[SegmentDelta]:
+    """`segment_delta` of every two consecutive weight sets of `sets`, reading each set once: a
+    tensor is streamed from all the sets in step (memory: one chunk per set), so a weight set in the
+    middle of the run is read once, not once as the end and once as the start of a segment.
+
+    Raises attest.digest.DigestError on an unreadable file (weights-digest reports those)."""
+    index = [_index(map(Path, files)) for files in sets]
+    segs = [SegmentDelta() for _ in index[1:]]
+    compared: list[list[str]] = [[] for _ in segs]  # per segment, the tensors measured, by name
+    for k, seg in enumerate(segs):
+        prev, nxt = index[k], index[k + 1]
+        seg.structural = sorted(set(prev) ^ set(nxt))
+        for name in sorted(set(prev) & set(nxt)):
+            (_, pe), (_, ne) = prev[name], nxt[name]
+            if pe.shape != ne.shape or pe.dtype != ne.dtype:
+                seg.structural.append(f"{name} {pe.dtype}{list(pe.shape)} -> {ne.dtype}{list(ne.shape)}")
+                continue
+            if ne.dtype not in FLOAT_DTYPES:
+                continue
+            itemsize = np.dtype(FLOAT_DTYPES[ne.dtype]).itemsize
+            for path, e in (prev[name], nxt[name]):
+                if math.prod(e.shape) * itemsize != e.end - e.start or any(d < 0 for d in e.shape):
+                    raise DigestError(f"{path}: tensor {name!r} shape {list(e.shape)} does not match its {e.end - e.start} data bytes")
+            compared[k].append(name)
+    measured: dict[tuple[str, int], TensorDelta] = {}
+    for name in sorted({n for names in compared for n in names}):
+        ks = [k for k, names in enumerate(compared) if name in names]  # ascending
+        while ks:  # each run of consecutive segments that measure this tensor, all its sets in step
+            run = [ks.pop(0)]
+            while ks and ks[0] == run[-1] + 1:
+                run.append(ks.pop(0))
+            members = [index[k][name] for k in range(run[0], run[-1] + 2)]
+            measured.update(((name, k), t) for k, t in zip(run, _tensor_deltas(members)))
+    for k, seg in enumerate(segs):
+        seg.tensors = [measured[(name, k)] for name in compared[k]]
+    return segs
 
 
 def robust_outliers(values: list[float]) -> list[tuple[int, float]]:

@@ -54,6 +54,7 @@ from attest.verify.checks.model import (
     check_replay,
     check_trajectory,
     replay_segments,
+    trajectory_jobs,
 )
 from attest.verify.findings import HELD, UNDECIDED, BundleUnreadable, Context, Finding, as_dict, skipped, subjects_of
 from attest.layout import CHAIN_NAME, KEYS_DIR
@@ -339,8 +340,11 @@ def verify_bundle(bundle: str | Path, trust: list[str] | None = None, policy: Po
                                         "failed, and no bulk work is done on unauthenticated input"))
                 continue
             if not prefetched:  # hash every subject in the background while the checks start
+                # the trajectory check's update norms share the pool (both cores busy to the end)
+                jobs = trajectory_jobs(ctx) if check_trajectory in (checks if checks is not None else CHECKS) else []
                 with Progress("hashing", 0, "bytes", progress) as hashing:
-                    ctx.files.prefetch((s["name"] for e in entries for s in subjects_of(e)), hashing.update)
+                    ctx.files.prefetch(((s["name"], s["sha256"]) for e in entries for s in subjects_of(e)),
+                                       hashing.update, jobs)
                 prefetched = True
         bar = _replay_progress(ctx, progress) if check is check_replay else None
         shown: dict[str, int] = {}

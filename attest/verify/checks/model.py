@@ -163,6 +163,59 @@ def _reported_lr(ctx: Context, e: Entry, sched: Schedule) -> Finding | None:
     return None
 
 
+WeightPair = tuple[tuple[Entry, int], tuple[Entry, int]]
+
+
+def _key(pair: WeightPair) -> tuple[int, int]:
+    return pair[0][0].lineno, pair[1][0].lineno
+
+
+def _delta(ctx: Context, pair: WeightPair) -> traj.SegmentDelta | str | None:
+    """The update statistics of one segment; a string says why they could not be measured, None that
+    its weights are held by the team (light bundle)."""
+    return _deltas(ctx, [pair])[_key(pair)]
+
+
+def _deltas(ctx: Context, window: list[WeightPair]) -> dict[tuple[int, int], traj.SegmentDelta | str | None]:
+    """`_delta` of consecutive segments, each weight set read once (attest.verify.trajectory.chain_deltas);
+    when a file is missing or unreadable, segment by segment, so that each names its own problem."""
+    try:
+        sets = [window[0][0], *(b for _, b in window)]
+        got = traj.chain_deltas([[ctx.files.path(f) for f in weights_files(e)] for e, _ in sets])
+        return {_key(p): d for p, d in zip(window, got)}
+    except (FileNotFoundError, *UNREADABLE) as ex:
+        if len(window) == 1:
+            return {_key(window[0]): None if isinstance(ex, FileNotFoundError) and ctx.light else str(ex)}
+    return {k: d for p in window for k, d in _deltas(ctx, [p]).items()}
+
+
+WINDOW = 8  # segments measured in step: one chunk per weight set in memory
+
+
+def _windows(pairs: list[WeightPair]) -> list[list[WeightPair]]:
+    """Runs of at most WINDOW segments, each starting where the one before it ends."""
+    out: list[list[WeightPair]] = []
+    for p in pairs:
+        if out and len(out[-1]) < WINDOW and out[-1][-1][1][0] is p[0][0]:
+            out[-1].append(p)
+        else:
+            out.append([p])
+    return out
+
+
+def trajectory_jobs(ctx: Context) -> list[tuple[int, Callable[[], None]]]:
+    """The trajectory check's bulk work, as (bytes read, job) for the verifier's hashing pool: each
+    job measures a few consecutive segments into `ctx.computed["trajectory"]`, where the check finds them."""
+    sets = _weight_sets(ctx)
+    out = ctx.computed.setdefault("trajectory", {})
+
+    def job(window: list[WeightPair]) -> Callable[[], None]:
+        return lambda: out.update(_deltas(ctx, window))
+
+    return [(sum(_bytes_of(ctx, e) for e, _ in [w[0][0], *(b for _, b in w)]), job(w))
+            for w in _windows(list(zip(sets, sets[1:])))]
+
+
 def check_trajectory(ctx: Context) -> Iterator[Finding]:
     """Per segment W_k -> W_{k+1}: the update norm, streamed from the safetensors files, within what
     AdamW can move in that many steps, and not an outlier against the run's other segments."""
@@ -184,22 +237,17 @@ def check_trajectory(ctx: Context) -> Iterator[Finding]:
             bad += 1
             yield wrong
     pairs = list(zip(sets, sets[1:]))
-
-    def delta(pair: tuple[tuple[Entry, int], tuple[Entry, int]]) -> traj.SegmentDelta | str | None:
-        (a, _), (b, _) = pair
-        try:
-            return traj.segment_delta([ctx.files.path(f) for f in weights_files(a)],
-                                      [ctx.files.path(f) for f in weights_files(b)])
-        except FileNotFoundError as ex:
-            return None if ctx.light else str(ex)  # None: held by the team (light bundle)
-        except UNREADABLE as ex:
-            return str(ex)
-
-    if sum(_bytes_of(ctx, b) for _, (b, _) in pairs) > PARALLEL_BYTES:
+    done: dict[tuple[int, int], traj.SegmentDelta | str | None] = ctx.computed.pop("trajectory", {})
+    todo = [p for p in pairs if _key(p) not in done]  # all of them unless the verifier's pool measured them
+    windows = _windows(todo)
+    if len(windows) > 1 and sum(_bytes_of(ctx, b) for _, (b, _) in todo) > PARALLEL_BYTES:
         with ThreadPoolExecutor(workers()) as pool:
-            deltas = list(pool.map(delta, pairs))
+            for got in pool.map(lambda w: _deltas(ctx, w), windows):
+                done.update(got)
     else:
-        deltas = [delta(p) for p in pairs]
+        for w in windows:
+            done.update(_deltas(ctx, w))
+    deltas = [done[_key(p)] for p in pairs]
     rows: list[dict[str, Any]] = []
     genesis_failed = "genesis" in ctx.failed
     for ((a, sa), (b, sb)), d in zip(pairs, deltas):
