@@ -58,26 +58,16 @@ def collect_share(engine, rank: int, world: int, with_optimizer: bool
     """This rank's share of the float32 master weights and AdamW moments, as CPU tensors.
 
     Every rank calls it and walks the parameters in the same (sorted) order. Each tensor's owner
-    assembles it from the pieces the ZeRO partitions hold (`_pieces`): every other rank holding a
+    assembles it from the pieces the ZeRO partitions hold (`_layout`): every other rank holding a
     piece sends it to the owner alone (point to point), so a rank sends about 1/world of the state
     per checkpoint and receives its own share, not the whole model as an all-reduce per tensor
     would make it. Peak memory per rank: its share plus one tensor being assembled."""
-    from kai_train import expert_parallel
     from kai_train.engine import _link_optimizer_state
 
     params = dict(sorted(engine.module.named_parameters()))
-    ep = expert_parallel.of(engine.module)
-    if ep > 1:  # this rank holds some experts only: owners come from every tensor of the model
-        from kai_train.engine import canonical_shapes
-
-        cfg = engine.module.cfg
-        sizes = {n: math.prod(s) for n, s in canonical_shapes(cfg).items()}
-        owner = assign(sizes, world, {n: expert_parallel.holders(n, cfg, ep, world) for n in sizes})
-    else:
-        owner = assign({n: p.ds_numel if hasattr(p, "ds_numel") else p.numel() for n, p in params.items()}, world)
     if with_optimizer:
         _link_optimizer_state(engine)
-    layout = _pieces(engine, params, world)
+    owner, layout = _layout(engine, params, world)
     weights: dict[str, torch.Tensor] = {}
     moments: dict[str, torch.Tensor] = {}
     for name, p in params.items():
@@ -95,13 +85,8 @@ def collect_share(engine, rank: int, world: int, with_optimizer: bool
 
 
 def _local_piece(p: torch.nn.Parameter) -> tuple[int, int]:
-    """(start, numel) of the flat fp32 master tensor that this rank's ZeRO partition holds (numel 0: none)."""
-    if hasattr(p, "ds_tensor"):  # ZeRO-3: partition r of the parameter's group holds [r·size, (r+1)·size), padded
-        size = p.ds_tensor.numel()
-        r = torch.distributed.get_rank(group=p.ds_process_group)
-        start = min(r * size, p.ds_numel)
-        return start, min((r + 1) * size, p.ds_numel) - start
-    mapping = getattr(p, "_hp_mapping", None)  # ZeRO 1/2: a fragment of the flat parameter, or none
+    """(start, numel) of the flat fp32 master tensor that this rank's ZeRO 1/2 partition holds (numel 0: none)."""
+    mapping = getattr(p, "_hp_mapping", None)  # a fragment of the flat parameter, or none
     if mapping is None:
         return 0, 0
     return int(mapping.lp_fragment_address.start), int(mapping.lp_fragment_address.numel)
@@ -117,18 +102,39 @@ def _piece_data(p: torch.nn.Parameter, key: str | None, numel: int) -> torch.Ten
     return p._hp_mapping.get_hp_fragment(key).reshape(-1)  # type: ignore[union-attr]
 
 
-def _pieces(engine, params: Mapping[str, torch.nn.Parameter], world: int) -> dict[str, dict[int, tuple[int, int]]]:
-    """For every parameter, the ranks holding a piece of it: {rank: (start, numel)}. The ZeRO layout
-    is fixed for the engine's life, so it is exchanged (one gather of small tuples) once per engine."""
+def _layout(engine, params: Mapping[str, torch.nn.Parameter], world: int
+            ) -> tuple[dict[str, int], dict[str, dict[int, tuple[int, int]]]]:
+    """Each tensor's owner rank, and for every parameter this rank holds, the ranks holding a piece
+    of it: {rank: (start, numel)}. Both are fixed for the engine's life, so they are computed once
+    per engine. ZeRO-3 pieces follow from the partition size (every rank holds one of every
+    tensor); ZeRO 1/2 pieces, a few per rank, are exchanged in one gather of small tuples."""
     import torch.distributed as dist
 
-    cached = getattr(engine, "_kai_pieces", None)
+    from kai_train import expert_parallel
+
+    cached = getattr(engine, "_kai_layout", None)
     if cached is not None:
         return cached
-    mine = {name: piece for name, p in params.items() if (piece := _local_piece(p))[1] > 0}
+    ep = expert_parallel.of(engine.module)
+    if ep > 1:  # this rank holds some experts only: owners come from every tensor of the model
+        from kai_train.engine import canonical_shapes
+
+        cfg = engine.module.cfg
+        sizes = {n: math.prod(s) for n, s in canonical_shapes(cfg).items()}
+        owner = assign(sizes, world, {n: expert_parallel.holders(n, cfg, ep, world) for n in sizes})
+    else:
+        owner = assign({n: p.ds_numel if hasattr(p, "ds_numel") else p.numel() for n, p in params.items()}, world)
+    out: dict[str, dict[int, tuple[int, int]]] = {}
+    for name, p in params.items():
+        if hasattr(p, "ds_tensor"):
+            size, group = p.ds_tensor.numel(), p.ds_process_group
+            for i, r in enumerate(dist.get_process_group_ranks(group) if group is not None else range(world)):
+                if (start := min(i * size, p.ds_numel)) < p.ds_numel:
+                    out.setdefault(name, {})[r] = (start, min((i + 1) * size, p.ds_numel) - start)
+    mine = {name: piece for name, p in params.items()
+            if not hasattr(p, "ds_tensor") and (piece := _local_piece(p))[1] > 0}
     every: list[Any] = [None] * world
     dist.all_gather_object(every, mine)
-    out: dict[str, dict[int, tuple[int, int]]] = {}
     for r, pieces in enumerate(every):
         for name, piece in pieces.items():
             out.setdefault(name, {})[r] = tuple(piece)  # type: ignore[assignment]
@@ -137,8 +143,8 @@ def _pieces(engine, params: Mapping[str, torch.nn.Parameter], world: int) -> dic
         got = sorted(out.get(name, {}).values())
         if sum(n for _, n in got) != numel or any(a + n != b for (a, n), (b, _) in zip(got, got[1:])):
             raise RuntimeError(f"the ZeRO partitions of {name} do not cover its {numel} elements once: {got[:4]}")
-    engine._kai_pieces = out
-    return out
+    engine._kai_layout = owner, out
+    return owner, out
 
 
 def _assemble(p: torch.nn.Parameter, key: str | None, pieces: Mapping[int, tuple[int, int]], owner: int,

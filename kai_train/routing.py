@@ -72,17 +72,25 @@ def gather_steps(mine: np.ndarray, world: int, device: torch.device) -> list[lis
     by micro-step. Returns per step one digest per layer, the same on every rank: the rows of
     micro-step m on rank r hold positions [P + (m·world + r)·micro, … + micro)
     (kai_train.data.Batches), so ordering the gathered row digests by (micro-step, rank, row) is
-    position order."""
+    position order. The steps are gathered a few at a time, so that no rank holds more than
+    GATHER_BYTES of every rank's row digests at once, however long the segment or large the world."""
     import torch.distributed as dist
 
-    if world > 1:
-        t = torch.from_numpy(np.ascontiguousarray(mine)).to(device)
+    if world == 1:
+        return [[step_digest(layer.reshape(-1, 32)) for layer in step] for step in mine]
+    per_step = max(1, mine[0].nbytes * world) if len(mine) else 1
+    chunk = max(1, GATHER_BYTES // per_step)
+    out: list[list[str]] = []
+    for s in range(0, len(mine), chunk):
+        t = torch.from_numpy(np.ascontiguousarray(mine[s:s + chunk])).to(device)
         parts = [torch.empty_like(t) for _ in range(world)]
         dist.all_gather(parts, t)
         every = np.stack([p.cpu().numpy() for p in parts], axis=3)  # (steps, layers, accum, world, micro, 32)
-    else:
-        every = mine[:, :, :, None]
-    return [[step_digest(layer.reshape(-1, 32)) for layer in step] for step in every]
+        out += [[step_digest(layer.reshape(-1, 32)) for layer in step] for step in every]
+    return out
+
+
+GATHER_BYTES = 64 << 20  # every rank's row digests held at once while a segment's are gathered
 
 
 class RoutingLog:

@@ -196,3 +196,30 @@ def test_a_hashing_error_reaches_the_training_thread() -> None:
     with pytest.raises(RuntimeError, match="do not split into 3 rows"):
         log.segment()
     log.close()
+
+
+def test_a_segments_routing_gathered_a_few_steps_at_a_time_equals_one_gather(tmp_path: Path) -> None:
+    """Two gloo ranks: the segment's row digests gathered step by step (GATHER_BYTES tiny) give the
+    digests of one gather and of the on-the-spot step digest."""
+    import subprocess
+    import sys
+
+    from conftest import env, free_port
+
+    script = tmp_path / "gather.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "import kai_train.routing as R\n"
+        "dist.init_process_group('gloo'); r = dist.get_rank()\n"
+        "g = torch.Generator().manual_seed(r)\n"
+        "steps = [[torch.randint(0, 16, (2, 20, 4), generator=g, dtype=torch.int32) for _ in range(2)] for _ in range(5)]\n"
+        "def run():\n"
+        "    log = R.RoutingLog(4, 2, torch.device('cpu'))\n"
+        "    for s in steps: log.add(['a', 'b'], s)\n"
+        "    out = log.segment(); log.close(); return out\n"
+        "whole = run(); R.GATHER_BYTES = 1; chunked = run()\n"
+        "ref = [R.step_routing(s, 4, 2, torch.device('cpu')) for s in steps]\n"
+        "assert whole == chunked and whole[1] == ref and len(set(d for s in ref for d in s)) == 10, (whole, chunked)\n")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), str(script)], env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
