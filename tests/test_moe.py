@@ -219,7 +219,8 @@ def test_a_segments_routing_gathered_a_few_steps_at_a_time_equals_one_gather(tmp
         "    out = log.segment(); log.close(); return out\n"
         "whole = run(); R.GATHER_BYTES = 1; chunked = run()\n"
         "ref = [R.step_routing(s, 4, 2, torch.device('cpu')) for s in steps]\n"
-        "assert whole == chunked and whole[1] == ref and len(set(d for s in ref for d in s)) == 10, (whole, chunked)\n")
+        "assert whole == chunked and whole[1] == ref and len(set(d for s in ref for d in s)) == 10, (whole, chunked)\n"
+        "dist.barrier(); dist.destroy_process_group()\n")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                         str(free_port()), str(script)], env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
